@@ -1,0 +1,175 @@
+"""The `vitpipe` command line: parse, load config, call one function per command.
+
+Exit codes: 0 ok, 1 runtime failure, 2 usage or config error (one line, no traceback),
+75 (EX_TEMPFAIL) training stopped by a signal after checkpointing: rerun with --resume auto.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from vitpipe.config import CONFIG_KINDS, ConfigError, IngestConfig, dump_yaml, load_config
+
+app = typer.Typer(help=__doc__.splitlines()[0], no_args_is_help=True, add_completion=False,
+                  pretty_exceptions_enable=False, rich_markup_mode="rich")
+shards_app = typer.Typer(help="Inspect and check shard sets.", no_args_is_help=True)
+config_app = typer.Typer(help="Show resolved configs.", no_args_is_help=True)
+pretrain_app = typer.Typer(help="Self-supervised pretraining of a ViT.", no_args_is_help=True)
+app.add_typer(shards_app, name="shards")
+app.add_typer(config_app, name="config")
+app.add_typer(pretrain_app, name="pretrain")
+
+EXIT_USAGE = 2
+
+
+def _err(message: str) -> None:
+    typer.echo(f"error: {message}", err=True)
+
+
+def user_errors(command):
+    """Turn the errors a user can fix (bad config, paths, inputs) into one line and exit code 2."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except ConfigError as err:
+            _err(str(err))
+            raise typer.Exit(EXIT_USAGE) from None
+
+    return wrapper
+
+
+# ---------------------------------------------------------------------------------------------
+# ingest
+# ---------------------------------------------------------------------------------------------
+
+
+@app.command()
+@user_errors
+def ingest(
+    source: Annotated[str, typer.Argument(help="URL list (.csv .tsv .txt .parquet .jsonl[.gz]), image folder, "
+                                               "hf:PATH, idx:IMAGES[,LABELS] or fashion-mnist[:train|:test]")],
+    out: Annotated[Path, typer.Option("--out", help="Output directory for shards and manifest.")],
+    config: Annotated[Optional[Path], typer.Option("--config", help="YAML with ingest settings.")] = None,
+    image_size: Annotated[Optional[int], typer.Option(help="Resize to fit N pixels (0 keeps sizes).")] = None,
+    url_col: Annotated[Optional[str], typer.Option(help="URL column of a URL list.")] = None,
+    caption_col: Annotated[Optional[str], typer.Option(help="Caption column of a URL list.")] = None,
+    shard_size: Annotated[Optional[int], typer.Option(help="Samples per shard.")] = None,
+    val_fraction: Annotated[Optional[float], typer.Option(help="Carve a validation split.")] = None,
+    processes: Annotated[Optional[int], typer.Option(help="Download processes (URL lists).")] = None,
+    threads: Annotated[Optional[int], typer.Option(help="Download threads per process.")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an earlier ingest in --out.")] = False,
+    overrides: Annotated[Optional[list[str]], typer.Argument(help="key=value ingest settings.",
+                                                             show_default=False)] = None,
+) -> None:
+    """Turn a source into verified WebDataset shards + sizes.json + manifest.json."""
+    from vitpipe.pipeline.ingest import ingest as run_ingest
+
+    options = dict(image_size=image_size, url_col=url_col, caption_col=caption_col, shard_size=shard_size,
+                   val_fraction=val_fraction, processes=processes, threads=threads)
+    cfg = load_config(IngestConfig, config, overrides, {k: v for k, v in options.items() if v is not None})
+    manifest = run_ingest(source, out, cfg, overwrite=overwrite)
+    _print_ingest_summary(manifest, out)
+
+
+def _print_ingest_summary(manifest: dict, out: Path) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(stderr=False, soft_wrap=True)
+    if manifest.get("resumed_nothing_to_do"):
+        console.print(f"{out}: this ingest is already complete; nothing to do.")
+    table = Table(title=f"ingest -> {out}", show_header=True)
+    table.add_column("what")
+    table.add_column("count", justify="right")
+    table.add_row("rows read", str(manifest["rows"]))
+    table.add_row("samples written", str(manifest["written"]))
+    for reason, count in manifest["failures"].items():
+        table.add_row(f"failed: {reason}", str(count))
+    for reason, count in manifest["filtered"].items():
+        table.add_row(f"filtered: {reason}", str(count))
+    table.add_row("duplicates removed", str(manifest["duplicates"]))
+    for name, split in manifest["splits"].items():
+        size = sum(s["bytes"] for s in split["shards"])
+        table.add_row(f"split {name}", f"{split['written']} in {len(split['shards'])} shards, {size / 1e6:.1f} MB")
+    table.add_row("throughput", f"{manifest['images_per_second']} img/s")
+    console.print(table)
+
+
+# ---------------------------------------------------------------------------------------------
+# shards
+# ---------------------------------------------------------------------------------------------
+
+
+@shards_app.command("verify")
+@user_errors
+def shards_verify(directory: Annotated[Path, typer.Argument(help="Directory written by vitpipe ingest.")]) -> None:
+    """Read every sample, decode every image, check sha256 and counts. Exit 1 on any problem."""
+    from vitpipe.pipeline.verify import verify
+
+    report = verify(directory)
+    for problem in report.problems:
+        typer.echo(f"problem: {problem}")
+    for shard in report.shards:
+        for problem in shard.problems:
+            typer.echo(f"problem: {shard.path}: {problem}")
+    bad = sum(bool(s.problems) for s in report.shards)
+    typer.echo(f"{len(report.shards)} shards, {report.samples} samples read, {bad} shards with problems")
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+# ---------------------------------------------------------------------------------------------
+# config
+# ---------------------------------------------------------------------------------------------
+
+
+@config_app.command("show")
+@user_errors
+def config_show(
+    config: Annotated[Path, typer.Argument(help="YAML config file.")],
+    overrides: Annotated[Optional[list[str]], typer.Argument(help="key=value overrides.")] = None,
+    kind: Annotated[str, typer.Option(help="Schema: pretrain | ingest.")] = "pretrain",
+) -> None:
+    """Print the resolved config (defaults <- file <- overrides)."""
+    if kind not in CONFIG_KINDS:
+        raise ConfigError(f"--kind must be one of {', '.join(CONFIG_KINDS)}")
+    typer.echo(dump_yaml(load_config(CONFIG_KINDS[kind], config, overrides)), nl=False)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; also callable from tests as ``main([...])`` returning the exit code."""
+    try:
+        # without standalone mode click returns the exit code of typer.Exit instead of exiting
+        result = app(args=argv, prog_name="vitpipe", standalone_mode=False)
+        code = result if isinstance(result, int) else 0
+    except typer.Exit as exit_:
+        code = exit_.exit_code
+    except SystemExit as exit_:
+        code = exit_.code if isinstance(exit_.code, int) else 1
+    except ConfigError as err:
+        _err(str(err))
+        code = EXIT_USAGE
+    except (typer.BadParameter, typer.Abort) as err:
+        _err(str(err))
+        code = EXIT_USAGE
+    except Exception as err:
+        import click
+
+        if isinstance(err, click.exceptions.UsageError):
+            err.show()
+            code = EXIT_USAGE
+        elif isinstance(err, click.exceptions.ClickException):
+            err.show()
+            code = err.exit_code
+        else:
+            raise
+    if argv is None:
+        sys.exit(code)
+    return code

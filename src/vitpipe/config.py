@@ -1,0 +1,429 @@
+"""Typed configuration: dataclass schemas, YAML files, dotted ``key=value`` overrides.
+
+Each field carries a docstring right below it. Unknown keys are an error that lists the valid
+ones, and every section validates itself in ``__post_init__``. The resolved config is saved
+with every run (``save_config``) so a run can always be reproduced.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad config file, key or value. The CLI prints it as one line and exits with code 2."""
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+# ---------------------------------------------------------------------------------------------
+# Ingest
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class IngestConfig:
+    image_size: int = 0
+    """Resize so the image fits this size (pixels); 0 keeps the original size."""
+    resize_mode: str = "border"
+    """img2dataset resize mode for URL lists and local sources: no | keep_ratio | center_crop | border."""
+    encode_format: str = "auto"
+    """Stored image format: jpg | png | webp | auto (png for sources that are lossless, jpg for URLs)."""
+    encode_quality: int = 95
+    """JPEG/WebP quality (PNG ignores it)."""
+    shard_size: int = 10_000
+    """Samples per shard."""
+    url_col: str = "url"
+    """Column holding the image URL in a URL list."""
+    caption_col: str | None = None
+    """Column holding a caption in a URL list; stored as `txt`."""
+    processes: int = 1
+    """img2dataset download processes."""
+    threads: int = 16
+    """img2dataset download threads per process."""
+    timeout: float = 10.0
+    """Seconds before a download is given up."""
+    retries: int = 0
+    """Extra attempts for a failed download."""
+    max_download_bytes: int = 20_000_000
+    """Largest accepted download body; larger bodies are counted as failures."""
+    max_pixels: int = 40_000_000
+    """Largest accepted decoded image (width x height); guards against decompression bombs."""
+    allow_schemes: list[str] = field(default_factory=lambda: ["http", "https"])
+    """URL schemes that are fetched; anything else is counted as a failure (`bad_scheme`)."""
+    min_size: int = 0
+    """Drop images whose shorter side (original size) is below this many pixels."""
+    max_aspect: float = 0.0
+    """Drop images whose long/short side ratio exceeds this; 0 disables the filter."""
+    dedup: bool = True
+    """Drop exact duplicates (same decoded-image bytes hash)."""
+    val_fraction: float = 0.0
+    """Fraction of samples carved out as a validation split (by key hash, so stable across reruns)."""
+    seed: int = 0
+    """Seed of the train/val split."""
+    image_col: str = "image"
+    """Hugging Face datasets: image column."""
+    label_col: str | None = "label"
+    """Hugging Face datasets: label column (ignored when missing)."""
+    text_col: str | None = None
+    """Hugging Face datasets: caption column."""
+
+    def __post_init__(self) -> None:
+        _check(self.image_size >= 0, "ingest.image_size must be >= 0")
+        _check(self.resize_mode in ("no", "keep_ratio", "center_crop", "border"),
+               "ingest.resize_mode must be one of no|keep_ratio|center_crop|border")
+        _check(self.encode_format in ("auto", "jpg", "png", "webp"), "ingest.encode_format must be auto|jpg|png|webp")
+        _check(1 <= self.encode_quality <= 100, "ingest.encode_quality must be in 1..100")
+        _check(self.shard_size >= 1, "ingest.shard_size must be >= 1")
+        _check(self.processes >= 1 and self.threads >= 1, "ingest.processes and ingest.threads must be >= 1")
+        _check(self.timeout > 0, "ingest.timeout must be > 0")
+        _check(self.retries >= 0, "ingest.retries must be >= 0")
+        _check(self.max_pixels > 0 and self.max_download_bytes > 0, "ingest size bounds must be > 0")
+        _check(0.0 <= self.val_fraction < 1.0, "ingest.val_fraction must be in [0, 1)")
+        _check(self.max_aspect == 0 or self.max_aspect >= 1, "ingest.max_aspect must be 0 (off) or >= 1")
+
+
+# ---------------------------------------------------------------------------------------------
+# Pretraining
+# ---------------------------------------------------------------------------------------------
+
+MODEL_PRESETS: dict[str, dict[str, int]] = {
+    # CPU sizes for tests and laptop runs
+    "micro": dict(embed_dim=64, depth=2, num_heads=2),
+    "mini": dict(embed_dim=128, depth=4, num_heads=4),
+    # the usual ViT sizes (timm names: vit_tiny/small/base/large_patchN_R)
+    "tiny": dict(embed_dim=192, depth=12, num_heads=3),
+    "small": dict(embed_dim=384, depth=12, num_heads=6),
+    "base": dict(embed_dim=768, depth=12, num_heads=12),
+    "large": dict(embed_dim=1024, depth=24, num_heads=16),
+}
+
+
+@dataclass
+class DataConfig:
+    shards: str = ""
+    """Training shards: a directory written by `vitpipe ingest`, a brace pattern or a list file."""
+    image_size: int = 32
+    """Side of the square crops fed to the model."""
+    channels: int = 3
+    """Image channels given to the model (1 = greyscale, 3 = RGB)."""
+    num_workers: int = 2
+    """DataLoader worker processes per rank (0 = load in the training process)."""
+    shuffle_buffer: int = 2000
+    """Samples held in the shuffle buffer of each worker."""
+    samples_per_epoch: int = 0
+    """Samples per epoch and rank; 0 = the dataset's size (from sizes.json) divided by the world size."""
+    resampled: bool = False
+    """Draw shards with replacement (infinite stream; for multi-node runs with few shards)."""
+    max_error_rate: float = 0.05
+    """Abort when more than this fraction of samples fails to decode (after 100 samples)."""
+    crop_scale_min: float = 0.2
+    """Lower bound of RandomResizedCrop's area scale."""
+    hflip: bool = True
+    """Random horizontal flips."""
+    mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
+    """Per-channel mean used to normalize images."""
+    std: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
+    """Per-channel std used to normalize images."""
+
+    def __post_init__(self) -> None:
+        _check(self.image_size >= 4, "data.image_size must be >= 4")
+        _check(self.channels in (1, 3), "data.channels must be 1 or 3")
+        _check(self.num_workers >= 0, "data.num_workers must be >= 0")
+        _check(self.shuffle_buffer >= 0, "data.shuffle_buffer must be >= 0")
+        _check(self.samples_per_epoch >= 0, "data.samples_per_epoch must be >= 0")
+        _check(0 <= self.max_error_rate <= 1, "data.max_error_rate must be in [0, 1]")
+        _check(0 < self.crop_scale_min <= 1, "data.crop_scale_min must be in (0, 1]")
+        _check(len(self.mean) == len(self.std) == 3, "data.mean and data.std need 3 values")
+
+
+@dataclass
+class ModelConfig:
+    size: str = "tiny"
+    """Preset: micro | mini | tiny | small | base | large (sets embed_dim, depth, num_heads)."""
+    patch_size: int = 4
+    """Side of a square patch in pixels."""
+    embed_dim: int = 0
+    """Token width; 0 = from the preset."""
+    depth: int = 0
+    """Transformer blocks; 0 = from the preset."""
+    num_heads: int = 0
+    """Attention heads; 0 = from the preset."""
+    mlp_ratio: float = 4.0
+    """MLP hidden width / token width."""
+    class_token: bool = True
+    """Prepend a CLS token."""
+    pool: str = "cls"
+    """Pooled feature: cls | gap (mean of patch tokens) | map (attention pooling)."""
+    pos_embed: str = "sincos"
+    """Position embedding: sincos (fixed 2D) | learned."""
+    conv_stem: bool = False
+    """Replace the patchify projection by a small convolutional stem (early convolutions)."""
+    drop_path: float = 0.0
+    """Stochastic depth rate of the last block (linearly increasing)."""
+
+    def __post_init__(self) -> None:
+        _check(self.size in MODEL_PRESETS, f"model.size must be one of {', '.join(MODEL_PRESETS)}")
+        preset = MODEL_PRESETS[self.size]
+        self.embed_dim = self.embed_dim or preset["embed_dim"]
+        self.depth = self.depth or preset["depth"]
+        self.num_heads = self.num_heads or preset["num_heads"]
+        _check(self.patch_size >= 1, "model.patch_size must be >= 1")
+        _check(self.embed_dim % self.num_heads == 0, "model.embed_dim must be divisible by model.num_heads")
+        _check(self.pool in ("cls", "gap", "map"), "model.pool must be cls|gap|map")
+        _check(self.pool != "cls" or self.class_token, "model.pool=cls needs model.class_token=true")
+        _check(self.pos_embed in ("sincos", "learned"), "model.pos_embed must be sincos|learned")
+        _check(0 <= self.drop_path < 1, "model.drop_path must be in [0, 1)")
+
+
+@dataclass
+class MAEConfig:
+    mask_ratio: float = 0.75
+    """Fraction of patches hidden from the encoder."""
+    decoder_dim: int = 128
+    """Decoder token width."""
+    decoder_depth: int = 2
+    """Decoder blocks."""
+    decoder_heads: int = 4
+    """Decoder attention heads."""
+    norm_pix_loss: bool = True
+    """Regress per-patch normalized pixels (mean 0, std 1 per patch)."""
+
+    def __post_init__(self) -> None:
+        _check(0 < self.mask_ratio < 1, "mae.mask_ratio must be in (0, 1)")
+        _check(self.decoder_dim % self.decoder_heads == 0, "mae.decoder_dim must be divisible by mae.decoder_heads")
+        _check(self.decoder_depth >= 1, "mae.decoder_depth must be >= 1")
+
+
+@dataclass
+class OptimConfig:
+    base_lr: float = 1.5e-4
+    """Learning rate per 256 samples: lr = base_lr * global_batch / 256."""
+    lr: float = 0.0
+    """Absolute learning rate; when > 0 it replaces the base_lr scaling."""
+    min_lr: float = 0.0
+    """Learning rate at the end of the cosine decay."""
+    weight_decay: float = 0.05
+    """AdamW weight decay (not applied to norms, biases, position embeddings and tokens)."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    """AdamW betas."""
+    warmup_steps: int = 0
+    """Linear warmup steps; when 0, warmup_fraction of max_steps is used."""
+    warmup_fraction: float = 0.05
+    """Warmup length as a fraction of train.max_steps (used when warmup_steps is 0)."""
+    clip_grad: float = 0.0
+    """Clip the global gradient norm to this value; 0 disables clipping."""
+
+    def __post_init__(self) -> None:
+        _check(self.base_lr > 0 or self.lr > 0, "optim.base_lr or optim.lr must be > 0")
+        _check(self.weight_decay >= 0 and self.min_lr >= 0, "optim.weight_decay and optim.min_lr must be >= 0")
+        _check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "optim.betas needs two values in [0, 1)")
+        _check(self.warmup_steps >= 0 and 0 <= self.warmup_fraction < 1, "bad warmup settings")
+        _check(self.clip_grad >= 0, "optim.clip_grad must be >= 0")
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 1000
+    """Optimizer steps to train for (schedules are defined in steps)."""
+    batch_size: int = 64
+    """Samples per process per micro-batch; global batch = batch_size * grad_accum * world size."""
+    grad_accum: int = 1
+    """Micro-batches accumulated per optimizer step."""
+    precision: str = "auto"
+    """fp32 | bf16 | fp16 | auto (bf16 on GPUs that support it, fp32 on CPU)."""
+    compile: bool = False
+    """torch.compile the objective (no gain on CPU; worth it on GPUs)."""
+    seed: int = 0
+    """Seed for parameters, masks, augmentation and data order."""
+    log_every: int = 10
+    """Log metrics every N steps."""
+    ckpt_every_steps: int = 500
+    """Checkpoint every N steps (0 = only at the end and on signals)."""
+    ckpt_every_minutes: float = 30.0
+    """Also checkpoint when this many minutes passed since the last one (0 = off)."""
+    keep_checkpoints: int = 2
+    """Complete checkpoints kept; older ones are pruned after a new one is written."""
+    nan_policy: str = "error"
+    """On a NaN/Inf loss: error (stop, exit 1) | skip (drop the step, stop after 10 in a row)."""
+    tensorboard: bool = True
+    """Write TensorBoard event files under RUN/tb."""
+    wandb: bool = False
+    """Also log to Weights & Biases (needs `pip install wandb` and a login)."""
+    deterministic: bool = False
+    """Use deterministic algorithms (for bitwise-reproducible resume tests)."""
+
+    def __post_init__(self) -> None:
+        _check(self.max_steps >= 1, "train.max_steps must be >= 1")
+        _check(self.batch_size >= 1 and self.grad_accum >= 1, "train.batch_size and train.grad_accum must be >= 1")
+        _check(self.precision in ("auto", "fp32", "bf16", "fp16"), "train.precision must be auto|fp32|bf16|fp16")
+        _check(self.log_every >= 1, "train.log_every must be >= 1")
+        _check(self.ckpt_every_steps >= 0 and self.ckpt_every_minutes >= 0, "checkpoint intervals must be >= 0")
+        _check(self.keep_checkpoints >= 1, "train.keep_checkpoints must be >= 1")
+        _check(self.nan_policy in ("error", "skip"), "train.nan_policy must be error|skip")
+
+
+@dataclass
+class PretrainConfig:
+    objective: str = "mae"
+    """Objective name from the registry (mae, ...)."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Shards and augmentation."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """ViT encoder."""
+    mae: MAEConfig = field(default_factory=MAEConfig)
+    """MAE objective settings."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """Optimizer and learning-rate schedule."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Loop, precision, checkpoints and logging."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading, overriding, saving
+# ---------------------------------------------------------------------------------------------
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _coerce(value: Any, kind: Any, key: str) -> Any:
+    """Check ``value`` against the annotated type, converting int->float and scalars in lists."""
+    origin = typing.get_origin(kind)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(kind)
+        if value is None and type(None) in options:
+            return None
+        last: ConfigError | None = None
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(value, option, key)
+            except ConfigError as err:
+                last = err
+        raise last or ConfigError(f"{key}: bad value {value!r}")
+    if origin is list:
+        (item,) = typing.get_args(kind)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(v, item, key) for v in value]
+    if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if kind is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if kind is bool and isinstance(value, bool):
+        return value
+    if kind is str and isinstance(value, str):
+        return value
+    if kind is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)  # YAML turns `size: 16` into an int; a string field still wants it
+    raise ConfigError(f"{key}: expected {getattr(kind, '__name__', kind)}, got {value!r}")
+
+
+def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    """Build dataclass ``cls`` from a nested dict, rejecting unknown keys and wrong types."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
+    kinds = _field_types(cls)
+    unknown = sorted(set(data) - set(kinds))
+    if unknown:
+        raise ConfigError(
+            f"unknown config key {prefix}{unknown[0]!s}; valid keys here: {', '.join(prefix + k for k in kinds)}"
+        )
+    values = {}
+    for name, value in data.items():
+        kind = kinds[name]
+        if dataclasses.is_dataclass(kind):
+            values[name] = from_dict(kind, value, f"{prefix}{name}.")
+        else:
+            values[name] = _coerce(value, kind, prefix + name)
+    return cls(**values)
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """``["train.max_steps=10", "data.mean=[0.5,0.5,0.5]"]`` -> nested dict (values parsed as YAML)."""
+    nested: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as err:
+            raise ConfigError(f"override {item!r}: {err}") from None
+        node = nested
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r} conflicts with another override")
+        node[parts[-1]] = value
+    return nested
+
+
+def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping")
+    return data
+
+
+def load_config(cls: type, path: str | Path | None = None, overrides: list[str] | None = None,
+                extra: dict[str, Any] | None = None) -> Any:
+    """Defaults <- YAML file <- ``extra`` (from CLI options) <- ``key=value`` overrides."""
+    data: dict[str, Any] = read_yaml(path) if path else {}
+    if extra:
+        data = merge(data, extra)
+    data = merge(data, parse_overrides(overrides or []))
+    try:
+        return from_dict(cls, data)
+    except TypeError as err:  # e.g. a section given as a scalar
+        raise ConfigError(str(err)) from None
+
+
+def dump_yaml(config: Any) -> str:
+    return yaml.safe_dump(to_dict(config), sort_keys=False)
+
+
+def save_config(config: Any, path: str | Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(dump_yaml(config))
+    tmp.replace(path)
+
+
+CONFIG_KINDS: dict[str, type] = {"pretrain": PretrainConfig, "ingest": IngestConfig}

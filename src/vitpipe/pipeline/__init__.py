@@ -1,0 +1,1 @@
+"""Data stage: sources -> WebDataset shards (ingest), manifest, verification, the shard loader."""

@@ -1,0 +1,220 @@
+"""Sources -> WebDataset shards + sizes.json + manifest.json, resumable and fully accounted.
+
+Accounting invariant (checked by the tests): rows = written + failed + filtered + duplicates.
+Shards are written to a temporary file, fsynced and renamed, so a shard file that exists is
+complete; a rerun after a crash writes only the shards that are missing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+from vitpipe.config import ConfigError, IngestConfig, to_dict
+from vitpipe.pipeline import manifest as manifest_io
+from vitpipe.pipeline.sources import (
+    FASHION_MNIST_CLASSES, Failure, Record, Sample, SourceSpec, folder_label_map, iter_fashion_mnist,
+    iter_folder, iter_hf, iter_idx, parse_source,
+)
+from vitpipe.pipeline.tario import write_tar_atomic
+
+WORK_DIR = "_work"
+MAX_EXAMPLES_PER_REASON = 20
+
+
+def split_of_key(key: str, val_fraction: float, seed: int) -> str:
+    """Stable train/val assignment from the key alone, so reruns and resumes agree."""
+    digest = hashlib.sha256(f"{seed}:{key}".encode()).digest()
+    return "val" if int.from_bytes(digest[:8], "big") / 2**64 < val_fraction else "train"
+
+
+@dataclass
+class SplitWriter:
+    """Groups samples of one split into fixed-size shards; skips shards that already exist."""
+
+    directory: Path
+    shard_size: int
+    shards: list[dict[str, Any]] = field(default_factory=list)
+    buffer: list[Sample] = field(default_factory=list)
+    written: int = 0
+    skipped_existing: int = 0
+
+    def add(self, sample: Sample) -> None:
+        self.buffer.append(sample)
+        if len(self.buffer) == self.shard_size:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.buffer:
+            return
+        name = f"{len(self.shards):05d}.tar"
+        path = self.directory / name
+        stats_path = self.directory / f"{len(self.shards):05d}_stats.json"
+        if path.exists() and stats_path.exists():
+            entry = json.loads(stats_path.read_text())
+            keys = [s.key for s in self.buffer]
+            if entry.get("first_key") != keys[0] or entry.get("samples") != len(keys):
+                raise ConfigError(f"{path} does not hold the samples this ingest would write there; "
+                                  "rerun with --overwrite")
+            self.skipped_existing += 1
+        else:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            size, digest = write_tar_atomic(path, (_to_wds(s) for s in self.buffer))
+            labels = Counter(s.label for s in self.buffer if s.label is not None)
+            entry = {
+                "file": name, "samples": len(self.buffer), "bytes": size, "sha256": digest,
+                "first_key": self.buffer[0].key, "last_key": self.buffer[-1].key,
+                "labels": {str(k): v for k, v in sorted(labels.items())},
+                "captions": sum(s.text is not None for s in self.buffer),
+            }
+            manifest_io.write_json_atomic(stats_path, entry)
+        self.shards.append(entry)
+        self.written += len(self.buffer)
+        self.buffer = []
+
+
+def _to_wds(sample: Sample) -> dict[str, bytes]:
+    meta = {"key": sample.key, "sha256": sample.content_hash, "original_width": sample.original_size[0],
+            "original_height": sample.original_size[1], **sample.meta}
+    item = {"__key__": sample.key, sample.ext: sample.image, "json": json.dumps(meta).encode()}
+    if sample.label is not None:
+        item["cls"] = str(sample.label).encode()
+    if sample.text is not None:
+        item["txt"] = sample.text.encode()
+    return item
+
+
+def _records(spec: SourceSpec, work: Path, config: IngestConfig) -> Iterator[Record]:
+    if spec.kind == "url_list":
+        from vitpipe.pipeline import web
+
+        yield from web.iter_downloaded(web.download(Path(spec.location), work, config))
+    elif spec.kind == "folder":
+        yield from iter_folder(Path(spec.location), config)
+    elif spec.kind == "hf":
+        yield from iter_hf(spec.location, config)
+    elif spec.kind == "idx":
+        yield from iter_idx(spec.location, spec.extra.get("labels"), config, split=None, prefix="")
+    elif spec.kind == "fashion-mnist":
+        yield from iter_fashion_mnist(spec.extra["split"], config)
+    else:  # parse_source only makes the kinds above
+        raise ConfigError(f"unknown source kind {spec.kind}")
+
+
+def _filter_reason(sample: Sample, config: IngestConfig) -> str | None:
+    width, height = sample.original_size
+    if config.min_size and width and height and min(width, height) < config.min_size:
+        return "min_size"
+    if config.max_aspect and width and height and max(width, height) / min(width, height) > config.max_aspect:
+        return "max_aspect"
+    return None
+
+
+def _prepare_output(out: Path, settings: dict[str, Any], overwrite: bool) -> dict[str, Any] | None:
+    """Return the finished manifest when this exact ingest already completed (nothing to do)."""
+    work = out / WORK_DIR
+    settings_path = work / "settings.json"
+    if out.exists() and any(out.iterdir()):
+        previous = json.loads(settings_path.read_text()) if settings_path.exists() else None
+        finished = manifest_io.read_manifest(out) if (out / "manifest.json").exists() else None
+        if previous is None and finished is None:
+            raise ConfigError(f"{out} exists and was not written by vitpipe ingest; choose another --out "
+                              "(--overwrite only replaces earlier ingests)")
+        elif overwrite:
+            shutil.rmtree(out)
+        elif (previous or (finished or {}).get("settings_full")) != settings:
+            raise ConfigError(f"{out} holds an ingest with other settings; pass --overwrite to replace it")
+        elif finished is not None:
+            return finished
+    work.mkdir(parents=True, exist_ok=True)
+    manifest_io.write_json_atomic(settings_path, settings)
+    return None
+
+
+def ingest(source: str, out: Path, config: IngestConfig, *, overwrite: bool = False,
+           progress: bool | None = None) -> dict[str, Any]:
+    """Ingest ``source`` into ``out``; returns the manifest (also written to out/manifest.json)."""
+    spec = parse_source(source)
+    out = Path(out)
+    settings = {"source": spec.describe(), "ingest": to_dict(config)}
+    done = _prepare_output(out, settings, overwrite)
+    if done is not None:
+        done["resumed_nothing_to_do"] = True
+        return done
+    flat = config.val_fraction == 0 and not (spec.kind == "fashion-mnist" and spec.extra["split"] == "all")
+    writers: dict[str, SplitWriter] = {}
+    failures: Counter[str] = Counter()
+    filtered: Counter[str] = Counter()
+    examples: dict[str, list[dict[str, str]]] = {}
+    seen: dict[str, set[str]] = {}
+    duplicates = rows = 0
+    start = time.monotonic()
+
+    records: Iterable[Record] = _records(spec, out / WORK_DIR, config)
+    if progress is None:
+        progress = sys.stderr.isatty()
+    if progress:
+        from tqdm import tqdm
+
+        records = tqdm(records, desc="ingest", unit="img", dynamic_ncols=True)
+    for record in records:
+        rows += 1
+        if isinstance(record, Failure):
+            failures[record.reason] += 1
+            bucket = examples.setdefault(record.reason, [])
+            if len(bucket) < MAX_EXAMPLES_PER_REASON:
+                bucket.append({"ref": record.ref, "detail": record.detail[:300]})
+            continue
+        reason = _filter_reason(record, config)
+        if reason:
+            filtered[reason] += 1
+            continue
+        split = record.split or (split_of_key(record.key, config.val_fraction, config.seed)
+                                 if config.val_fraction else "train")
+        if config.dedup and split != "test":  # an official test split is kept as it is
+            group = seen.setdefault("train+val", set())
+            if record.content_hash in group:
+                duplicates += 1
+                continue
+            group.add(record.content_hash)
+        if split not in writers:
+            writers[split] = SplitWriter(out if flat else out / split, config.shard_size)
+        writers[split].add(record)
+    for writer in writers.values():
+        writer.flush()
+
+    elapsed = time.monotonic() - start
+    written = sum(w.written for w in writers.values())
+    label_map = _label_map(spec)
+    splits = {}
+    for name, writer in writers.items():
+        manifest_io.write_json_atomic(writer.directory / "sizes.json",
+                                      {s["file"]: s["samples"] for s in writer.shards})
+        splits[name] = {
+            "dir": "." if flat else name, "written": writer.written, "shards": writer.shards,
+            "shards_reused": writer.skipped_existing,
+        }
+    manifest = manifest_io.build_manifest(
+        source=spec.describe(), settings=to_dict(config), settings_full=settings, rows=rows, written=written,
+        failures=dict(failures), filtered=dict(filtered), duplicates=duplicates, splits=splits,
+        failure_examples=examples, label_map=label_map, seconds=elapsed,
+    )
+    if rows != written + sum(failures.values()) + sum(filtered.values()) + duplicates:
+        raise RuntimeError("ingest accounting does not add up; this is a bug")  # never silently
+    manifest_io.write_json_atomic(out / "manifest.json", manifest)
+    return manifest
+
+
+def _label_map(spec: SourceSpec) -> dict[str, int] | None:
+    if spec.kind == "fashion-mnist":
+        return {name: index for index, name in enumerate(FASHION_MNIST_CLASSES)}
+    if spec.kind == "folder":
+        return folder_label_map(Path(spec.location)) or None
+    return None

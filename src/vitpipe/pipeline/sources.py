@@ -1,0 +1,289 @@
+"""Sources: each yields records (a sample or a classified failure) in a deterministic order.
+
+URL lists go through img2dataset (``vitpipe.pipeline.web``); this module holds the local sources
+(image folders, Hugging Face datasets on disk, IDX files) and the parsing of a SOURCE argument.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import re
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from vitpipe.config import ConfigError, IngestConfig
+from vitpipe.pipeline.images import EXTENSIONS, ImageRejected, encode, open_bounded, resize_to_fit, to_rgb
+
+FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+                         "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+URL_LIST_SUFFIXES = (".csv", ".tsv", ".txt", ".parquet", ".jsonl")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+
+@dataclass
+class Sample:
+    key: str
+    image: bytes
+    ext: str
+    content_hash: str
+    """sha256 of the source bytes (or raw pixels) for exact-duplicate removal."""
+    original_size: tuple[int, int]
+    """(width, height) before any resize."""
+    label: int | None = None
+    text: str | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+    split: str | None = None
+    """Official split this sample belongs to (IDX train/test); None = assign by val_fraction."""
+
+
+@dataclass
+class Failure:
+    reason: str
+    ref: str
+    detail: str = ""
+
+
+Record = Sample | Failure
+
+
+@dataclass
+class SourceSpec:
+    kind: str
+    """url_list | folder | hf | idx | fashion-mnist"""
+    location: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": self.kind, "location": self.location, **self.extra}
+
+
+def parse_source(text: str) -> SourceSpec:
+    """Turn the SOURCE argument into a spec, or raise ConfigError with one clear line."""
+    if text == "fashion-mnist" or text.startswith("fashion-mnist:"):
+        split = text.partition(":")[2] or "all"
+        if split not in ("train", "test", "all"):
+            raise ConfigError("fashion-mnist split must be train, test or omitted (both)")
+        if not (FASHION_MNIST_DIR / "train-images-idx3-ubyte.gz").is_file():
+            raise ConfigError(f"fashion-mnist not found in {FASHION_MNIST_DIR}; "
+                              "install it with: apt-get install -y dataset-fashion-mnist")
+        return SourceSpec("fashion-mnist", str(FASHION_MNIST_DIR), {"split": split})
+    if text.startswith("hf:"):
+        path = Path(text[3:])
+        if not path.exists():
+            raise ConfigError(f"Hugging Face dataset not found: {path}")
+        return SourceSpec("hf", str(path))
+    if text.startswith("idx:"):
+        images, _, labels = text[4:].partition(",")
+        for item in filter(None, (images, labels)):
+            if not Path(item).is_file():
+                raise ConfigError(f"IDX file not found: {item}")
+        return SourceSpec("idx", images, {"labels": labels or None})
+    path = Path(text)
+    if path.is_dir():
+        return SourceSpec("folder", str(path))
+    name = path.name.lower().removesuffix(".gz")
+    if not any(name.endswith(s) for s in URL_LIST_SUFFIXES):
+        if not path.exists():
+            raise ConfigError(f"source not found: {text}")
+        raise ConfigError(f"unknown source format: {text} (expected {', '.join(URL_LIST_SUFFIXES)} "
+                          "optionally .gz, a folder, hf:PATH, idx:IMAGES[,LABELS] or fashion-mnist)")
+    if not path.is_file():
+        raise ConfigError(f"URL list not found: {text}")
+    if path.stat().st_size == 0:
+        raise ConfigError(f"URL list is empty: {text}")
+    return SourceSpec("url_list", str(path))
+
+
+def sanitize_key(text: str) -> str:
+    """WebDataset splits keys at the first dot; keep keys to a safe alphabet."""
+    return re.sub(r"[^A-Za-z0-9_-]+", "_", text).strip("_") or "sample"
+
+
+def make_sample(data: bytes, key: str, config: IngestConfig, source_ext: str | None, *,
+                label: int | None = None, text: str | None = None, meta: dict | None = None,
+                content_hash: str | None = None) -> Sample:
+    """Validate and (only when needed) re-encode one local image. Raises ImageRejected."""
+    image = open_bounded(data, config.max_pixels)
+    original_size = image.size
+    target_ext = config.encode_format if config.encode_format != "auto" else "png"
+    keep_bytes = (
+        config.image_size == 0 and source_ext in EXTENSIONS and image.mode in ("RGB", "L")
+        and config.encode_format in ("auto", source_ext)
+    )
+    if keep_bytes:
+        payload, ext = data, source_ext
+    else:
+        converted = image if image.mode in ("RGB", "L") else to_rgb(image)
+        converted = resize_to_fit(converted, config.image_size, config.resize_mode)
+        payload, ext = encode(converted, target_ext, config.encode_quality), target_ext
+    return Sample(key=key, image=payload, ext=ext, original_size=original_size, label=label, text=text,
+                  content_hash=content_hash or hashlib.sha256(data).hexdigest(), meta=meta or {})
+
+
+# ---------------------------------------------------------------------------------------------
+# Image folders
+# ---------------------------------------------------------------------------------------------
+
+
+def folder_label_map(root: Path) -> dict[str, int]:
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    return {name: index for index, name in enumerate(classes)}
+
+
+def iter_folder(root: Path, config: IngestConfig) -> Iterator[Record]:
+    """Every file below ``root`` is a row: images become samples, anything else a failure.
+
+    Labels come from the first-level sub-folder (when there are sub-folders); a sidecar
+    ``name.txt`` next to ``name.jpg`` becomes the caption.
+    """
+    labels = folder_label_map(root)
+    seen_keys: set[str] = set()
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        relative = path.relative_to(root)
+        if any(part.startswith(".") for part in relative.parts):
+            continue
+        suffix = path.suffix.lower()
+        if suffix == ".txt" and any(path.with_suffix(s).exists() for s in IMAGE_SUFFIXES):
+            continue  # a caption sidecar, read with its image
+        label = labels.get(relative.parts[0]) if len(relative.parts) > 1 else None
+        key = sanitize_key(str(relative.with_suffix("")))
+        while key in seen_keys:
+            key += "_"
+        seen_keys.add(key)
+        if suffix not in IMAGE_SUFFIXES:
+            yield Failure("not_an_image", str(relative), f"unsupported file type {suffix or '(none)'}")
+            continue
+        caption_path = path.with_suffix(".txt")
+        caption = caption_path.read_text(errors="replace").strip() if caption_path.exists() else None
+        ext = {"jpeg": "jpg"}.get(suffix[1:], suffix[1:])
+        try:
+            yield make_sample(path.read_bytes(), key, config, ext, label=label, text=caption,
+                              meta={"source": str(relative)})
+        except ImageRejected as err:
+            yield Failure(err.reason, str(relative), str(err))
+
+
+# ---------------------------------------------------------------------------------------------
+# IDX (MNIST format)
+# ---------------------------------------------------------------------------------------------
+
+
+def _open_maybe_gz(path: str | Path):
+    path = Path(path)
+    with open(path, "rb") as handle:
+        magic = handle.read(2)
+    return gzip.open(path, "rb") if magic == b"\x1f\x8b" else open(path, "rb")
+
+
+def read_idx(path: str | Path) -> np.ndarray:
+    """Read an IDX file (optionally gzipped) into an array; raises ConfigError on a bad header."""
+    with _open_maybe_gz(path) as handle:
+        header = handle.read(4)
+        if len(header) != 4 or header[:2] != b"\x00\x00" or header[2] != 0x08:
+            raise ConfigError(f"{path}: not an unsigned-byte IDX file")
+        ndim = header[3]
+        shape = struct.unpack(f">{ndim}I", handle.read(4 * ndim))
+        data = np.frombuffer(handle.read(), dtype=np.uint8)
+    if data.size != int(np.prod(shape)):
+        raise ConfigError(f"{path}: truncated IDX file ({data.size} of {int(np.prod(shape))} values)")
+    return data.reshape(shape)
+
+
+def iter_idx(images_path: str, labels_path: str | None, config: IngestConfig, split: str | None,
+             prefix: str) -> Iterator[Record]:
+    images = read_idx(images_path)
+    labels = read_idx(labels_path) if labels_path else None
+    if labels is not None and len(labels) != len(images):
+        raise ConfigError(f"{labels_path}: {len(labels)} labels for {len(images)} images")
+    from PIL import Image
+
+    for index, pixels in enumerate(images):
+        image = Image.fromarray(pixels, "L")
+        resized = resize_to_fit(image, config.image_size, config.resize_mode)
+        ext = config.encode_format if config.encode_format != "auto" else "png"
+        yield Sample(
+            key=f"{prefix}{index:06d}", image=encode(resized, ext, config.encode_quality), ext=ext,
+            content_hash=hashlib.sha256(pixels.tobytes()).hexdigest(), original_size=image.size,
+            label=None if labels is None else int(labels[index]), split=split,
+            meta={"source": f"{Path(images_path).name}[{index}]"},
+        )
+
+
+def iter_fashion_mnist(split: str, config: IngestConfig) -> Iterator[Record]:
+    files = {"train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+             "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")}
+    for name in (["train", "test"] if split == "all" else [split]):
+        images, labels = files[name]
+        yield from iter_idx(str(FASHION_MNIST_DIR / images), str(FASHION_MNIST_DIR / labels), config,
+                            split=name, prefix=f"{name}_")
+
+
+# ---------------------------------------------------------------------------------------------
+# Hugging Face datasets (local only)
+# ---------------------------------------------------------------------------------------------
+
+
+def iter_hf(location: str, config: IngestConfig) -> Iterator[Record]:
+    """A dataset saved with ``save_to_disk`` (or a DatasetDict: every split is ingested)."""
+    import datasets
+
+    try:
+        loaded = datasets.load_from_disk(location)
+    except FileNotFoundError as err:
+        raise ConfigError(f"{location}: not a dataset saved with save_to_disk ({err})") from None
+    splits = loaded.items() if isinstance(loaded, datasets.DatasetDict) else [(None, loaded)]
+    for split_name, dataset in splits:
+        columns = dataset.column_names
+        if config.image_col not in columns:
+            raise ConfigError(f"{location}: no image column {config.image_col!r}; columns: {', '.join(columns)}")
+        if config.image_col in dataset.features and isinstance(dataset.features[config.image_col], datasets.Image):
+            dataset = dataset.cast_column(config.image_col, datasets.Image(decode=False))
+        has_label = config.label_col is not None and config.label_col in columns
+        has_text = config.text_col is not None and config.text_col in columns
+        prefix = f"{split_name}_" if split_name else ""
+        for index, row in enumerate(dataset):
+            ref = f"{prefix}{index}"
+            value = row[config.image_col]
+            data, ext = _hf_image_bytes(value)
+            if data is None:
+                yield Failure("not_an_image", ref, f"unsupported image value {type(value).__name__}")
+                continue
+            try:
+                yield make_sample(
+                    data, f"{prefix}{index:09d}", config, ext,
+                    label=int(row[config.label_col]) if has_label and row[config.label_col] is not None else None,
+                    text=str(row[config.text_col]) if has_text and row[config.text_col] is not None else None,
+                    meta={"source": ref},
+                )
+            except ImageRejected as err:
+                yield Failure(err.reason, ref, str(err))
+
+
+def _hf_image_bytes(value: Any) -> tuple[bytes | None, str | None]:
+    import io
+
+    if isinstance(value, dict):
+        if value.get("bytes"):
+            path = value.get("path") or ""
+            return value["bytes"], _ext_of(path)
+        if value.get("path") and Path(value["path"]).is_file():
+            return Path(value["path"]).read_bytes(), _ext_of(value["path"])
+        return None, None
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value), None
+    if hasattr(value, "save"):  # a PIL image
+        buffer = io.BytesIO()
+        value.save(buffer, format="PNG")
+        return buffer.getvalue(), "png"
+    return None, None
+
+
+def _ext_of(path: str) -> str | None:
+    suffix = Path(path).suffix.lower().lstrip(".")
+    return {"jpeg": "jpg"}.get(suffix, suffix) or None

@@ -1,0 +1,227 @@
+"""URL lists through img2dataset, with the bounds img2dataset lacks.
+
+img2dataset reads whole response bodies with no size or total-time bound, follows redirects to
+any scheme urllib knows and fetches ``file://`` URLs. We keep img2dataset for everything else
+(reading the list, thread pools, resizing, webdataset output, incremental resume) and swap in a
+bounded fetch function inside its download processes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import io
+import os
+import tarfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Iterator
+from urllib.parse import urlparse
+
+import pyarrow.parquet as pq
+
+from vitpipe.config import ConfigError, IngestConfig
+from vitpipe.pipeline.sources import Failure, Record, Sample
+
+USER_AGENT = "vitpipe/0.1 (+img2dataset)"
+
+
+class _SchemeCheckingRedirects(urllib.request.HTTPRedirectHandler):
+    def __init__(self, allowed: tuple[str, ...]) -> None:
+        self.allowed = allowed
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        scheme = urlparse(newurl).scheme.lower()
+        if scheme not in self.allowed:
+            raise urllib.error.URLError(f"bad_redirect: redirect to scheme {scheme!r} refused")
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+def bounded_fetch(url: str, timeout: float, max_bytes: int, allowed: tuple[str, ...]) -> bytes:
+    """Fetch ``url`` with a scheme allow-list, a size bound and a total deadline (not per read)."""
+    scheme = urlparse(url).scheme.lower()
+    if scheme not in allowed:
+        raise ValueError(f"bad_scheme: {scheme or 'no'} scheme not allowed")
+    opener = urllib.request.build_opener(_SchemeCheckingRedirects(allowed))
+    deadline = time.monotonic() + timeout
+    request = urllib.request.Request(url, headers={"User-Agent": USER_AGENT})
+    with opener.open(request, timeout=timeout) as response:
+        declared = response.headers.get("Content-Length")
+        if declared and declared.isdigit() and int(declared) > max_bytes:
+            raise ValueError(f"too_large: Content-Length {declared} > {max_bytes}")
+        chunks, size = [], 0
+        while True:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"timeout: body not complete after {timeout}s")
+            chunk = response.read(64 * 1024)
+            if not chunk:
+                break
+            size += len(chunk)
+            if size > max_bytes:
+                raise ValueError(f"too_large: body exceeds {max_bytes} bytes")
+            chunks.append(chunk)
+    body = b"".join(chunks)
+    if not body:
+        raise ValueError("empty_file: zero-byte body")
+    return body
+
+
+def fetch_with_retry(row, timeout, retries, user_agent_token, disallowed_header_directives, *,
+                      max_bytes, allowed):
+    """Drop-in for img2dataset.downloader.download_image_with_retry (same signature and result)."""
+    key, url = row
+    error = None
+    for _ in range(retries + 1):
+        try:
+            return key, io.BytesIO(bounded_fetch(url, timeout, max_bytes, allowed)), None
+        except Exception as err:  # every failure is classified from its message later
+            error = str(err)
+            if error.startswith(("bad_scheme", "too_large", "bad_redirect")):
+                break  # retrying cannot help
+    return key, None, error
+
+
+def _input_format(path: Path) -> str:
+    name = path.name.lower()
+    gz = name.endswith(".gz")
+    base = name.removesuffix(".gz").rsplit(".", 1)[-1]
+    if base == "parquet" and gz:
+        raise ConfigError(f"{path}: gzipped parquet is not supported (parquet compresses itself)")
+    return base + (".gz" if gz else "")
+
+
+def check_url_list(path: Path, url_col: str, caption_col: str | None) -> None:
+    """Fail fast, with one line, on a list img2dataset would choke on deep inside its workers."""
+    fmt = _input_format(path)
+    if fmt.startswith("txt"):
+        if caption_col:
+            raise ConfigError(f"{path}: a .txt URL list has no columns; drop --caption-col")
+        return
+    import pandas as pd
+
+    try:
+        if fmt == "parquet":
+            columns = pq.read_schema(path).names
+        elif fmt.startswith("jsonl"):
+            columns = list(pd.read_json(path, lines=True, nrows=5).columns)
+        else:
+            columns = list(pd.read_csv(path, sep="\t" if fmt.startswith("tsv") else ",", nrows=5).columns)
+    except Exception as err:  # pandas/pyarrow raise many kinds
+        raise ConfigError(f"{path}: cannot read URL list ({str(err).splitlines()[0]})") from None
+    for column in filter(None, (url_col, caption_col)):
+        if column not in columns:
+            raise ConfigError(f"{path}: no column {column!r}; columns: {', '.join(map(str, columns))}")
+
+
+@contextlib.contextmanager
+def _bounded_img2dataset(config: IngestConfig):
+    import img2dataset.main as i2d_main
+
+    from vitpipe.pipeline.bounded_downloader import BoundedDownloader
+
+    original = i2d_main.Downloader
+    i2d_main.Downloader = functools.partial(
+        BoundedDownloader, max_bytes=config.max_download_bytes, allowed=tuple(config.allow_schemes))
+    previous_env = os.environ.get("CV_IO_MAX_IMAGE_PIXELS")
+    # OpenCV refuses to allocate beyond this during imdecode: the decompression-bomb bound
+    os.environ["CV_IO_MAX_IMAGE_PIXELS"] = str(config.max_pixels)
+    try:
+        yield
+    finally:
+        i2d_main.Downloader = original
+        if previous_env is None:
+            os.environ.pop("CV_IO_MAX_IMAGE_PIXELS", None)
+        else:
+            os.environ["CV_IO_MAX_IMAGE_PIXELS"] = previous_env
+
+
+def img2dataset_kwargs(url_list: Path, output_folder: Path, config: IngestConfig) -> dict:
+    """The img2dataset arguments for our settings (also used by the benchmark's direct call)."""
+    encode_format = "jpg" if config.encode_format == "auto" else config.encode_format
+    return dict(
+        url_list=str(url_list),
+        output_folder=str(output_folder),
+        input_format=_input_format(url_list),
+        output_format="webdataset",
+        url_col=config.url_col,
+        caption_col=config.caption_col,
+        image_size=config.image_size or 256,
+        resize_mode=config.resize_mode if config.image_size else "no",
+        encode_format=encode_format,
+        encode_quality=config.encode_quality,
+        processes_count=config.processes,
+        thread_count=config.threads,
+        number_sample_per_shard=config.shard_size,
+        timeout=config.timeout,
+        retries=config.retries,
+        max_image_area=float(config.max_pixels),
+        incremental_mode="incremental",
+        compute_hash="sha256",
+        disallowed_header_directives=[],
+        enable_wandb=False,
+    )
+
+
+def download(url_list: Path, work_dir: Path, config: IngestConfig) -> Path:
+    """Run img2dataset (resumable) into ``work_dir/img2dataset`` and return that folder."""
+    check_url_list(url_list, config.url_col, config.caption_col)
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations phones home on import
+    from img2dataset import download as i2d_download
+
+    output = work_dir / "img2dataset"
+    output.mkdir(parents=True, exist_ok=True)
+    with _bounded_img2dataset(config), contextlib.redirect_stdout(io.StringIO()):
+        i2d_download(**img2dataset_kwargs(url_list, output, config))
+    return output
+
+
+REASON_PATTERNS = [
+    ("bad_scheme", "bad_scheme"), ("bad_redirect", "bad_redirect"), ("redirection to url", "bad_redirect"),
+    ("too_large", "too_large"), ("empty_file", "empty_file"), ("timed out", "timeout"),
+    ("timeout", "timeout"), ("http error 4", "http_4xx"), ("http error 5", "http_5xx"),
+    ("image area too large", "too_many_pixels"), ("exceeds limit", "too_many_pixels"),
+    ("connection refused", "connection_error"), ("remote end closed", "connection_error"),
+    ("connection reset", "connection_error"), ("name or service", "connection_error"),
+    ("incompleteread", "truncated_body"), ("image decoding error", "not_an_image"),
+    ("unknown url type", "bad_scheme"),
+]
+
+
+def classify(error_message: str | None) -> str:
+    text = (error_message or "").lower()
+    for pattern, reason in REASON_PATTERNS:
+        if pattern in text:
+            return reason
+    return "other_error"
+
+
+def iter_downloaded(output: Path) -> Iterator[Record]:
+    """Every row img2dataset processed, as samples and classified failures, in key order."""
+    for table_path in sorted(output.glob("*.parquet")):
+        rows = pq.read_table(table_path).to_pylist()
+        tar_path = table_path.with_suffix(".tar")
+        members: dict[str, dict[str, bytes]] = {}
+        if tar_path.exists():
+            with tarfile.open(tar_path) as tar:
+                for member in tar:
+                    if not member.isfile():
+                        continue
+                    key, _, ext = Path(member.name).name.partition(".")
+                    members.setdefault(key, {})[ext] = tar.extractfile(member).read()
+        for row in sorted(rows, key=lambda r: r["key"]):
+            key, url = row["key"], row.get("url") or ""
+            if row["status"] != "success":
+                yield Failure(classify(row.get("error_message")), url, row.get("error_message") or "")
+                continue
+            files = members.get(key, {})
+            ext = next((e for e in ("jpg", "png", "webp") if e in files), None)
+            if ext is None:
+                yield Failure("missing_in_shard", url, f"{tar_path.name}:{key}")
+                continue
+            yield Sample(
+                key=key, image=files[ext], ext=ext, content_hash=row.get("sha256") or "",
+                original_size=(row.get("original_width") or 0, row.get("original_height") or 0),
+                text=row.get("caption"), meta={"source": url, "width": row.get("width"), "height": row.get("height")},
+            )
