@@ -117,8 +117,10 @@ def check_url_list(path: Path, url_col: str, caption_col: str | None) -> None:
 
 @contextlib.contextmanager
 def _bounded_img2dataset(config: IngestConfig):
-    import img2dataset.main as i2d_main
+    import importlib
 
+    # `img2dataset.main` the attribute is a function; the module is only reachable by name
+    i2d_main = importlib.import_module("img2dataset.main")
     from vitpipe.pipeline.bounded_downloader import BoundedDownloader
 
     original = i2d_main.Downloader
@@ -172,7 +174,7 @@ def download(url_list: Path, work_dir: Path, config: IngestConfig) -> Path:
 
     output = work_dir / "img2dataset"
     output.mkdir(parents=True, exist_ok=True)
-    with _bounded_img2dataset(config), contextlib.redirect_stdout(io.StringIO()):
+    with _bounded_img2dataset(config):
         i2d_download(**img2dataset_kwargs(url_list, output, config))
     return output
 

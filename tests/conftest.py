@@ -1,0 +1,125 @@
+"""Shared fixtures: a loopback image server that injects failures, tiny shard sets written on the fly."""
+
+from __future__ import annotations
+
+import http.server
+import io
+import os
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+
+def make_image(index: int, size: int = 24, mode: str = "RGB") -> Image.Image:
+    """A distinct, deterministic image per index (so exact-duplicate removal has nothing to remove)."""
+    rng = np.random.default_rng(index)
+    array = rng.integers(0, 256, size=(size, size, 3), dtype=np.uint8)
+    image = Image.fromarray(array, "RGB")
+    return image if mode == "RGB" else image.convert(mode)
+
+
+def encode_image(image: Image.Image, fmt: str = "PNG") -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+class ImageHandler(http.server.BaseHTTPRequestHandler):
+    """Routes: /img/N.png|jpg, /cmyk.jpg, /gray.png, /rgba.png, /404, /500, /slow, /to-file,
+    /not-image, /truncated.jpg, /bomb.png, /empty, /big, /redirect/N.png."""
+
+    big_bytes = 3_000_000
+
+    def log_message(self, *args) -> None:  # keep test output clean
+        pass
+
+    def _send(self, body: bytes, content_type: str = "image/png", status: int = 200) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server API)
+        path = self.path.split("?")[0]
+        if path.startswith("/img/"):
+            name = path.rsplit("/", 1)[1]
+            index, _, ext = name.partition(".")
+            fmt = {"png": "PNG", "jpg": "JPEG"}[ext]
+            self._send(encode_image(make_image(int(index)), fmt), f"image/{ext}")
+        elif path.startswith("/redirect/"):
+            self.send_response(302)
+            self.send_header("Location", "/img/" + path.rsplit("/", 1)[1])
+            self.end_headers()
+        elif path == "/cmyk.jpg":
+            self._send(encode_image(make_image(1001, mode="CMYK"), "JPEG"), "image/jpeg")
+        elif path == "/gray.png":
+            self._send(encode_image(make_image(1002, mode="L")))
+        elif path == "/rgba.png":
+            self._send(encode_image(make_image(1003, mode="RGBA")))
+        elif path == "/404":
+            self._send(b"missing", "text/plain", 404)
+        elif path == "/500":
+            self._send(b"boom", "text/plain", 500)
+        elif path == "/slow":
+            body = encode_image(make_image(1004))
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            for byte in body[:20]:  # drip: each read succeeds, the whole never arrives in time
+                self.wfile.write(bytes([byte]))
+                self.wfile.flush()
+                time.sleep(0.25)
+        elif path == "/to-file":
+            self.send_response(302)
+            self.send_header("Location", "file:///etc/passwd")
+            self.end_headers()
+        elif path == "/not-image":
+            self._send(b"<html>hello</html>", "text/html")
+        elif path == "/truncated.jpg":
+            self._send(encode_image(make_image(1005, size=64), "JPEG")[:300], "image/jpeg")
+        elif path == "/bomb.png":
+            self._send(encode_image(Image.new("L", (3000, 3000))))
+        elif path == "/empty":
+            self._send(b"", "image/png")
+        elif path == "/big":
+            self._send(b"\0" * self.big_bytes, "image/png")
+        else:
+            self._send(b"no route", "text/plain", 404)
+
+
+@pytest.fixture(scope="session")
+def image_server():
+    """Base URL of a threaded HTTP server on 127.0.0.1 (loopback only)."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), ImageHandler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def write_image_folder(root: Path, per_class: int = 3, classes=("cat", "dog")) -> Path:
+    for label, name in enumerate(classes):
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            make_image(label * 100 + i).save(root / name / f"{i}.png")
+    return root
+
+
+@pytest.fixture
+def tiny_shards(tmp_path):
+    """A labelled shard set (5 uneven shards, 23 samples) written through the real ingest."""
+    from vitpipe.config import IngestConfig
+    from vitpipe.pipeline.ingest import ingest
+
+    folder = write_image_folder(tmp_path / "images", per_class=23, classes=("a",))
+    # sizes 5,5,5,5,3
+    ingest(str(folder), tmp_path / "shards", IngestConfig(shard_size=5), progress=False)
+    return tmp_path / "shards"
