@@ -1,0 +1,329 @@
+"""The shard loader every stage reads from.
+
+shards -> (epoch-seeded shard shuffle | resampling) -> split by rank, then by worker -> tar
+samples -> seeded shuffle buffer -> batches of raw samples -> decode + transform -> tensors.
+
+Decoding happens after batching, so resuming at a data position skips batches without decoding
+them, and each batch reseeds the augmentation RNG from (seed, epoch, rank, worker, batch index):
+the same position always gives the same tensors, whatever happened before.
+
+Training mode yields exactly ``samples_per_epoch // batch_size`` batches per rank and epoch
+(workers loop over their shards as needed). Evaluation mode yields each sample exactly once
+across all ranks and workers, with no shuffle and a partial last batch.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import braceexpand
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from vitpipe.config import ConfigError
+from vitpipe.pipeline.images import EXTENSIONS, ImageRejected, decode_rgb
+from vitpipe.pipeline.tario import iter_tar_samples
+from vitpipe.pipeline.transforms import TransformSpec, build_transform
+
+MIN_SAMPLES_BEFORE_ERROR_CHECK = 100
+
+
+class DataError(RuntimeError):
+    """Too many samples failed to decode."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Finding shards
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ShardSet:
+    urls: list[str]
+    sizes: dict[str, int] = field(default_factory=dict)
+    directory: Path | None = None
+    """Local directory of the shards (for manifest lookup); None for remote or mixed sets."""
+
+    @property
+    def total(self) -> int | None:
+        if not self.sizes:
+            return None
+        return sum(self.sizes.get(Path(u).name, 0) for u in self.urls)
+
+
+def _is_remote(url: str) -> bool:
+    return bool(re.match(r"^https?://", url))
+
+
+def resolve_shards(spec: str | Path, split: str | None = None) -> ShardSet:
+    """A directory (shards in it, or in its ``train``/``split`` sub-folder), a brace pattern
+    (``dir/{00000..00009}.tar``), one tar, or an http(s) URL pattern."""
+    text = str(spec)
+    if not text:
+        raise ConfigError("no shards given (--data / data.shards)")
+    if _is_remote(text):
+        urls = list(braceexpand.braceexpand(text))
+        sizes = _remote_sizes(urls)
+        return ShardSet(urls, sizes)
+    path = Path(text)
+    if path.is_dir():
+        if split:
+            path = path / split
+        elif not list(path.glob("*.tar")) and (path / "train").is_dir():
+            path = path / "train"
+        urls = sorted(str(p) for p in path.glob("*.tar"))
+        if not urls:
+            raise ConfigError(f"no .tar shards in {path}")
+    else:
+        urls = list(braceexpand.braceexpand(text))
+        missing = [u for u in urls if not Path(u).is_file()]
+        if missing:
+            raise ConfigError(f"shard not found: {missing[0]}" + (f" (+{len(missing) - 1} more)" if len(missing) > 1 else ""))
+        path = Path(urls[0]).parent
+    sizes_path = path / "sizes.json"
+    sizes = json.loads(sizes_path.read_text()) if sizes_path.is_file() else {}
+    return ShardSet(urls, sizes, path)
+
+
+def _remote_sizes(urls: list[str]) -> dict[str, int]:
+    base = urls[0].rsplit("/", 1)[0]
+    try:
+        with urllib.request.urlopen(f"{base}/sizes.json", timeout=10) as response:
+            return json.loads(response.read())
+    except (OSError, ValueError):
+        return {}
+
+
+def open_shard(url: str):
+    if _is_remote(url):
+        return urllib.request.urlopen(url, timeout=60)
+    return open(url, "rb")
+
+
+# ---------------------------------------------------------------------------------------------
+# The dataset
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LoaderSpec:
+    shards: ShardSet
+    batch_size: int
+    transform: TransformSpec
+    train: bool = True
+    """Training: shuffle, repeat, fixed batches per epoch, drop last. Eval: each sample once."""
+    fields: tuple[str, ...] = ("image",)
+    """Batch fields: image, label, text, key."""
+    seed: int = 0
+    shuffle_buffer: int = 1000
+    samples_per_epoch: int = 0
+    """Per rank, training mode; 0 = dataset size / world size (needs sizes.json)."""
+    resampled: bool = False
+    max_error_rate: float = 0.05
+    rank: int = 0
+    world_size: int = 1
+    batch_hook: Callable[[dict[str, Any], torch.Generator], dict[str, Any]] | None = None
+    """Adds objective-specific fields to a finished batch (e.g. masks), in the worker."""
+
+
+class ShardDataset(IterableDataset):
+    def __init__(self, spec: LoaderSpec) -> None:
+        super().__init__()
+        self.spec = spec
+        self.epoch = 0
+        self.skip_batches = 0
+        self.transform = build_transform(spec.transform)
+        if spec.train:
+            per_rank = spec.samples_per_epoch or (spec.shards.total or 0) // spec.world_size
+            if per_rank < spec.batch_size:
+                raise ConfigError(
+                    f"{per_rank} samples per epoch and rank is less than one batch of {spec.batch_size}"
+                    + ("" if spec.shards.total else " (no sizes.json: set data.samples_per_epoch)"))
+            self.batches_per_epoch = per_rank // spec.batch_size
+        else:
+            self.batches_per_epoch = None
+
+    def set_position(self, epoch: int, skip_batches: int = 0) -> None:
+        """Start at batch ``skip_batches`` of ``epoch`` (call before iterating)."""
+        self.epoch, self.skip_batches = epoch, skip_batches
+
+    def __len__(self) -> int:
+        if self.batches_per_epoch is None:
+            raise TypeError("an evaluation stream has no fixed length")
+        return self.batches_per_epoch
+
+    # -- per worker ------------------------------------------------------------------------
+
+    def _slot(self) -> tuple[int, int]:
+        info = get_worker_info()
+        return (info.id, info.num_workers) if info else (0, 1)
+
+    def _shard_order(self, rng: random.Random, worker: int, workers: int) -> tuple[list[str], int, int]:
+        """Shards for this worker, plus (offset, stride) for sample-level splitting when there are
+        fewer shards than reader slots (every sample still goes to exactly one slot)."""
+        spec = self.spec
+        urls = list(spec.shards.urls)
+        if spec.train and not spec.resampled:
+            random.Random(spec.seed * 1_000_003 + self.epoch).shuffle(urls)  # same order on every rank
+        slots = spec.world_size * workers
+        slot = spec.rank * workers + worker
+        if len(urls) >= slots:
+            return urls[spec.rank::spec.world_size][worker::workers], 0, 1
+        return urls, slot, slots
+
+    def _raw_samples(self, worker: int, workers: int, rng: random.Random) -> Iterator[dict[str, bytes]]:
+        spec = self.spec
+        rounds = 0
+        while True:
+            if spec.resampled:
+                urls, offset, stride = [rng.choice(spec.shards.urls) for _ in range(len(spec.shards.urls))], 0, 1
+            else:
+                urls, offset, stride = self._shard_order(rng, worker, workers)
+            produced = False
+            index = 0
+            for url in urls:
+                for sample in self._read_shard(url):
+                    if index % stride == offset:
+                        produced = True
+                        yield sample
+                    index += 1
+            rounds += 1
+            if not spec.train:
+                return
+            if not produced:
+                raise DataError(f"rank {spec.rank} worker {worker}: its shards hold no samples")
+
+    def _read_shard(self, url: str) -> Iterator[dict[str, bytes]]:
+        try:
+            with open_shard(url) as handle:
+                yield from iter_tar_samples(handle)
+        except Exception as err:  # a corrupt or truncated tar ends that shard, counted, no sleep
+            self.shard_errors += 1
+            self.last_error = f"{url}: {err}"
+
+    def _shuffled(self, samples: Iterator, rng: random.Random) -> Iterator:
+        size = self.spec.shuffle_buffer if self.spec.train else 0
+        if size <= 1:
+            yield from samples
+            return
+        buffer: list = []
+        for sample in samples:
+            if len(buffer) < size:
+                buffer.append(sample)
+                continue
+            index = rng.randrange(size)
+            buffer[index], sample = sample, buffer[index]
+            yield sample
+        rng.shuffle(buffer)
+        yield from buffer
+
+    def _decode(self, raw: dict[str, bytes]) -> dict[str, Any] | None:
+        ext = next((e for e in EXTENSIONS if e in raw), None)
+        try:
+            if ext is None:
+                raise ImageRejected("no_image")
+            item: dict[str, Any] = {}
+            if "image" in self.spec.fields:
+                item["image"] = self.transform(decode_rgb(raw[ext]))
+            if "label" in self.spec.fields:
+                if "cls" not in raw:
+                    raise ConfigError(f"sample {raw['__key__']} has no label (cls); this command needs labelled shards")
+                item["label"] = int(raw["cls"])
+            if "text" in self.spec.fields:
+                item["text"] = raw.get("txt", b"").decode("utf-8", errors="replace")
+            if "key" in self.spec.fields:
+                item["key"] = raw["__key__"]
+            return item
+        except (ImageRejected, ValueError, OSError) as err:
+            if isinstance(err, ConfigError):
+                raise
+            self.last_error = f"{raw.get('__key__')}: {err}"
+            return None
+
+    def _collate(self, items: list[dict[str, Any]]) -> dict[str, Any]:
+        batch: dict[str, Any] = {}
+        for name in self.spec.fields:
+            values = [item[name] for item in items]
+            if name == "image":
+                batch[name] = torch.stack(values)
+            elif name == "label":
+                batch[name] = torch.tensor(values, dtype=torch.long)
+            else:
+                batch[name] = values
+        return batch
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        spec = self.spec
+        worker, workers = self._slot()
+        base_seed = hash((spec.seed, self.epoch, spec.rank, worker)) & 0xFFFF_FFFF
+        rng = random.Random(base_seed)
+        self.shard_errors, self.last_error = 0, ""
+        self.seen = self.errors = reported = 0
+        samples = self._shuffled(self._raw_samples(worker, workers, rng), rng)
+        if spec.train:
+            budget = len(range(worker, self.batches_per_epoch, workers))
+            skip = len(range(worker, self.skip_batches, workers))
+        else:
+            budget, skip = None, 0
+        produced = 0
+        while budget is None or produced < budget:
+            raw_batch = _take(samples, spec.batch_size)
+            if not raw_batch or (spec.train and len(raw_batch) < spec.batch_size):
+                return
+            batch_index = produced
+            produced += 1
+            if batch_index < skip:
+                continue
+            # per-batch seed: the same data position always gives the same augmentations
+            batch_seed = hash((base_seed, batch_index)) & 0x7FFF_FFFF
+            torch.manual_seed(batch_seed)
+            items = [item for item in map(self._decode_counted, raw_batch) if item is not None]
+            while spec.train and len(items) < spec.batch_size:
+                refill = _take(samples, 1)  # replace corrupt samples so training batches stay full
+                if not refill:
+                    return
+                item = self._decode_counted(refill[0])
+                if item is not None:
+                    items.append(item)
+            if not items:
+                continue
+            batch = self._collate(items)
+            total_errors = self.errors + self.shard_errors
+            batch["decode_errors"] = total_errors - reported
+            reported = total_errors
+            if spec.batch_hook is not None:
+                batch = spec.batch_hook(batch, torch.Generator().manual_seed(batch_seed))
+            yield batch
+
+    def _decode_counted(self, raw: dict[str, bytes]) -> dict[str, Any] | None:
+        item = self._decode(raw)
+        self.seen += 1
+        if item is None:
+            self.errors += 1
+            if (self.seen >= MIN_SAMPLES_BEFORE_ERROR_CHECK
+                    and self.errors > self.spec.max_error_rate * self.seen):
+                raise DataError(f"{self.errors} of {self.seen} samples failed to decode (more than "
+                                f"data.max_error_rate={self.spec.max_error_rate}); last: {self.last_error}")
+        return item
+
+
+def _take(iterator: Iterator, count: int) -> list:
+    out = []
+    for item in iterator:
+        out.append(item)
+        if len(out) == count:
+            break
+    return out
+
+
+def make_loader(spec: LoaderSpec, num_workers: int) -> tuple[ShardDataset, DataLoader]:
+    dataset = ShardDataset(spec)
+    loader = DataLoader(dataset, batch_size=None, num_workers=num_workers,
+                        persistent_workers=False, prefetch_factor=4 if num_workers else None)
+    return dataset, loader

@@ -1,0 +1,45 @@
+"""torchvision v2 presets, named so configs can declare them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torchvision.transforms import v2
+
+
+@dataclass(frozen=True)
+class TransformSpec:
+    preset: str
+    """mae (RandomResizedCrop + flip) | finetune (stronger crop) | eval (resize + center crop) | none."""
+    image_size: int
+    channels: int = 3
+    crop_scale_min: float = 0.2
+    hflip: bool = True
+    mean: tuple[float, ...] = (0.5, 0.5, 0.5)
+    std: tuple[float, ...] = (0.5, 0.5, 0.5)
+
+
+PRESETS = ("mae", "finetune", "eval", "none")
+
+
+def build_transform(spec: TransformSpec) -> v2.Compose:
+    if spec.preset not in PRESETS:
+        raise ValueError(f"unknown transform preset {spec.preset!r}; choose from {', '.join(PRESETS)}")
+    size = spec.image_size
+    steps: list = [v2.ToImage()]
+    if spec.channels == 1:
+        steps.append(v2.Grayscale(1))
+    if spec.preset in ("mae", "finetune"):
+        scale = (spec.crop_scale_min, 1.0) if spec.preset == "mae" else (0.08, 1.0)
+        steps.append(v2.RandomResizedCrop(size, scale=scale, interpolation=v2.InterpolationMode.BICUBIC,
+                                          antialias=True))
+        if spec.hflip:
+            steps.append(v2.RandomHorizontalFlip())
+    else:
+        steps += [v2.Resize(size, interpolation=v2.InterpolationMode.BICUBIC, antialias=True), v2.CenterCrop(size)]
+    steps.append(v2.ToDtype(torch.float32, scale=True))
+    if spec.preset != "none":
+        mean, std = list(spec.mean)[: spec.channels], list(spec.std)[: spec.channels]
+        steps.append(v2.Normalize(mean, std))
+    return v2.Compose(steps)

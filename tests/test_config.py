@@ -1,0 +1,50 @@
+import pytest
+
+from vitpipe.cli import main
+from vitpipe.config import ConfigError, IngestConfig, PretrainConfig, load_config, parse_overrides
+
+
+def test_overrides_nest_and_parse_values():
+    assert parse_overrides(["train.max_steps=10", "data.mean=[0.1,0.2,0.3]", "model.pool=gap"]) == {
+        "train": {"max_steps": 10}, "data": {"mean": [0.1, 0.2, 0.3]}, "model": {"pool": "gap"}}
+
+
+def test_yaml_then_overrides_win(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  max_steps: 50\n  batch_size: 8\nmodel:\n  size: micro\n")
+    cfg = load_config(PretrainConfig, path, ["train.max_steps=7"])
+    assert cfg.train.max_steps == 7 and cfg.train.batch_size == 8
+    assert cfg.model.embed_dim == 64  # filled from the preset
+
+
+def test_unknown_key_lists_valid_ones():
+    with pytest.raises(ConfigError, match=r"unknown config key train\.max_step;.*train\.max_steps"):
+        load_config(PretrainConfig, None, ["train.max_step=3"])
+
+
+@pytest.mark.parametrize("override", ["train.max_steps=zero", "model.size=huge", "train.batch_size=0",
+                                      "optim.betas=[0.9]", "train", "data=3"])
+def test_bad_values_are_config_errors(override):
+    with pytest.raises(ConfigError):
+        load_config(PretrainConfig, None, [override])
+
+
+def test_int_for_float_is_accepted():
+    assert load_config(IngestConfig, None, ["val_fraction=0"]).val_fraction == 0.0
+
+
+def test_config_show_cli(tmp_path, capsys):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  max_steps: 5\n")
+    assert main(["config", "show", str(path), "train.seed=3"]) == 0
+    out = capsys.readouterr().out
+    assert "max_steps: 5" in out and "seed: 3" in out
+
+
+@pytest.mark.parametrize("content", ["train: [1, 2", "- a list\n", "train:\n  nope: 1\n"])
+def test_malformed_config_exit_2(tmp_path, capsys, content):
+    path = tmp_path / "c.yaml"
+    path.write_text(content)
+    assert main(["config", "show", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and len(err.strip().splitlines()) == 1

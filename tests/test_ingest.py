@@ -1,0 +1,266 @@
+"""Ingest from every source kind into the one shard format, with full accounting."""
+
+import gzip
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import encode_image, make_image, write_image_folder
+from vitpipe.cli import main
+from vitpipe.config import IngestConfig
+from vitpipe.pipeline.ingest import ingest
+from vitpipe.pipeline.tario import iter_tar_samples
+from vitpipe.pipeline.verify import verify
+
+
+def read_all(directory: Path) -> dict[str, dict[str, bytes]]:
+    samples = {}
+    for shard in sorted(directory.glob("*.tar")):
+        with open(shard, "rb") as handle:
+            for sample in iter_tar_samples(handle):
+                samples[sample["__key__"]] = sample
+    return samples
+
+
+def assert_accounting(manifest):
+    assert manifest["rows"] == (manifest["written"] + manifest["failed"] + sum(manifest["filtered"].values())
+                                + manifest["duplicates"])
+    assert manifest["failed"] == sum(manifest["failures"].values())
+
+
+FAILURE_ROUTES = {
+    "/404": "http_4xx", "/500": "http_5xx", "/slow": "timeout", "/to-file": "bad_redirect",
+    "/not-image": "not_an_image", "/truncated.jpg": "not_an_image", "/bomb.png": "too_many_pixels",
+    "/empty": "empty_file", "/big": "too_large",
+}
+
+
+@pytest.fixture
+def url_list(tmp_path, image_server):
+    good = [f"/img/{i}.png" for i in range(12)] + ["/img/12.jpg", "/redirect/13.png", "/cmyk.jpg", "/gray.png",
+                                                    "/rgba.png"]
+    rows = [("url", "caption")]
+    rows += [(image_server + p, f"a photo number {i}") for i, p in enumerate(good)]
+    rows += [(image_server + "/img/3.png", "duplicate of three")]
+    rows += [(image_server + p, "bad") for p in FAILURE_ROUTES]
+    rows += [("file:///etc/passwd", "local file"), ("ftp://127.0.0.1/x.png", "ftp")]
+    path = tmp_path / "urls.csv"
+    path.write_text("\n".join(",".join(r) for r in rows) + "\n")
+    return path
+
+
+def web_config(**kw):
+    base = dict(caption_col="caption", timeout=1.5, max_pixels=1_000_000, max_download_bytes=1_000_000,
+                image_size=16, shard_size=6, threads=8)
+    return IngestConfig(**{**base, **kw})
+
+
+def test_url_list_through_img2dataset(tmp_path, url_list):
+    manifest = ingest(str(url_list), tmp_path / "out", web_config(), progress=False)
+    assert_accounting(manifest)
+    assert manifest["written"] == 17 and manifest["duplicates"] == 1
+    expected = {}
+    for reason in list(FAILURE_ROUTES.values()) + ["bad_scheme", "bad_scheme"]:
+        expected[reason] = expected.get(reason, 0) + 1
+    assert manifest["failures"] == expected
+    samples = read_all(tmp_path / "out")
+    assert len(samples) == 17
+    for sample in samples.values():
+        assert sample["txt"].decode().startswith("a photo number")
+        image = Image.open(__import__("io").BytesIO(sample["jpg"]))
+        assert image.mode in ("RGB", "L") and max(image.size) == 16  # greyscale stays greyscale
+        meta = json.loads(sample["json"])
+        assert meta["source"].startswith("http://127.0.0.1") and len(meta["sha256"]) == 64
+    assert verify(tmp_path / "out").ok
+    sizes = json.loads((tmp_path / "out" / "sizes.json").read_text())
+    assert sum(sizes.values()) == 17
+
+
+@pytest.mark.parametrize("suffix", [".tsv", ".jsonl", ".parquet", ".txt", ".csv.gz"])
+def test_url_list_formats(tmp_path, image_server, suffix):
+    urls = [f"{image_server}/img/{i}.png" for i in range(4)]
+    path = tmp_path / f"list{suffix}"
+    if suffix == ".tsv":
+        path.write_text("url\tcaption\n" + "".join(f"{u}\tcap {i}\n" for i, u in enumerate(urls)))
+    elif suffix == ".jsonl":
+        path.write_text("".join(json.dumps({"url": u, "caption": f"cap {i}"}) + "\n" for i, u in enumerate(urls)))
+    elif suffix == ".parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+        pq.write_table(pa.table({"url": urls, "caption": [f"cap {i}" for i in range(4)]}), path)
+    elif suffix == ".txt":
+        path.write_text("\n".join(urls) + "\n")
+    else:
+        path.write_bytes(gzip.compress(("url,caption\n" + "".join(f"{u},cap {i}\n" for i, u in enumerate(urls))).encode()))
+    config = web_config(caption_col=None if suffix == ".txt" else "caption")
+    manifest = ingest(str(path), tmp_path / "out", config, progress=False)
+    assert manifest["written"] == 4 and manifest["failed"] == 0
+
+
+def test_image_folder_labels_captions_and_bad_files(tmp_path):
+    root = write_image_folder(tmp_path / "imgs", per_class=3, classes=("cat", "dog"))
+    (root / "cat" / "0.txt").write_text("a cat")
+    (root / "dog" / "notes.md").write_text("not an image")
+    (root / "dog" / "zero.png").write_bytes(b"")
+    (root / "dog" / "broken.png").write_bytes(encode_image(make_image(7))[:60])
+    make_image(9, mode="CMYK").save(root / "dog" / "cmyk.jpg")
+    make_image(0).save(root / "dog" / "dup.png")  # same pixels as cat/0.png
+    manifest = ingest(str(root), tmp_path / "out", IngestConfig(shard_size=4), progress=False)
+    assert_accounting(manifest)
+    assert manifest["label_map"] == {"cat": 0, "dog": 1}
+    assert manifest["failures"] == {"empty_file": 1, "not_an_image": 1, "truncated_image": 1}
+    assert manifest["duplicates"] == 1 and manifest["written"] == 7
+    samples = read_all(tmp_path / "out")
+    assert samples["cat_0"]["txt"] == b"a cat" and samples["cat_0"]["cls"] == b"0"
+    assert samples["dog_cmyk"]["cls"] == b"1"
+    assert Image.open(__import__("io").BytesIO(samples["dog_cmyk"]["png"])).mode == "RGB"
+
+
+def test_filters_and_val_split(tmp_path):
+    root = tmp_path / "imgs"
+    root.mkdir()
+    for i in range(40):
+        make_image(i, size=24).save(root / f"{i}.png")
+    Image.new("RGB", (8, 8), (1, 2, 3)).save(root / "small.png")
+    Image.new("RGB", (90, 10), (4, 5, 6)).save(root / "wide.png")
+    config = IngestConfig(min_size=10, max_aspect=3.0, val_fraction=0.25, seed=1, shard_size=8)
+    manifest = ingest(str(root), tmp_path / "out", config, progress=False)
+    assert_accounting(manifest)
+    assert manifest["filtered"] == {"max_aspect": 1, "min_size": 1}
+    train, val = read_all(tmp_path / "out" / "train"), read_all(tmp_path / "out" / "val")
+    assert len(train) + len(val) == 40 and 4 <= len(val) <= 18 and not set(train) & set(val)
+    again = ingest(str(root), tmp_path / "out2", config, progress=False)
+    assert again["splits"]["val"]["written"] == len(val)  # split is stable
+
+
+def test_idx_and_hf_sources(tmp_path):
+    images = np.random.default_rng(0).integers(0, 255, size=(10, 8, 8), dtype=np.uint8)
+    labels = np.arange(10, dtype=np.uint8) % 3
+    def idx(array, path):
+        header = b"\x00\x00\x08" + bytes([array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+        path.write_bytes(gzip.compress(header + array.tobytes()))
+    idx(images, tmp_path / "img.gz")
+    idx(labels, tmp_path / "lab.gz")
+    manifest = ingest(f"idx:{tmp_path / 'img.gz'},{tmp_path / 'lab.gz'}", tmp_path / "idx_out", IngestConfig(),
+                      progress=False)
+    assert manifest["written"] == 10
+    samples = read_all(tmp_path / "idx_out")
+    assert [int(samples[k]["cls"]) for k in sorted(samples)] == labels.tolist()
+    pixels = np.asarray(Image.open(__import__("io").BytesIO(samples["000003"]["png"])))
+    assert np.array_equal(pixels, images[3])
+
+    import datasets
+    ds = datasets.Dataset.from_dict({"image": [make_image(i) for i in range(5)], "label": [0, 1, 0, 1, 1],
+                                     "text": [f"t{i}" for i in range(5)]}, features=datasets.Features({
+        "image": datasets.Image(), "label": datasets.Value("int64"), "text": datasets.Value("string")}))
+    ds.save_to_disk(tmp_path / "hf")
+    manifest = ingest(f"hf:{tmp_path / 'hf'}", tmp_path / "hf_out", IngestConfig(text_col="text"), progress=False)
+    assert manifest["written"] == 5
+    samples = read_all(tmp_path / "hf_out")
+    assert samples["000000004"]["txt"] == b"t4" and samples["000000004"]["cls"] == b"1"
+
+
+@pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist").is_dir(), reason="dataset-fashion-mnist")
+def test_fashion_mnist_keeps_official_split(tmp_path):
+    manifest = ingest("fashion-mnist:test", tmp_path / "fm", IngestConfig(shard_size=4000), progress=False)
+    assert manifest["written"] == 10_000 and len(manifest["label_map"]) == 10
+    assert verify(tmp_path / "fm").ok
+
+
+def test_rerun_is_safe_and_overwrite_protected(tmp_path):
+    root = write_image_folder(tmp_path / "imgs")
+    out = tmp_path / "out"
+    first = ingest(str(root), out, IngestConfig(shard_size=2), progress=False)
+    again = ingest(str(root), out, IngestConfig(shard_size=2), progress=False)
+    assert again.get("resumed_nothing_to_do") and again["written"] == first["written"]
+    assert main(["ingest", str(root), "--out", str(out), "--shard-size", "3"]) == 2
+    assert main(["ingest", str(root), "--out", str(out), "--shard-size", "3", "--overwrite"]) == 0
+    stranger = tmp_path / "stranger"
+    stranger.mkdir()
+    (stranger / "keep.txt").write_text("mine")
+    assert main(["ingest", str(root), "--out", str(stranger), "--overwrite"]) == 2
+    assert (stranger / "keep.txt").exists()
+
+
+@pytest.mark.parametrize("args,message", [
+    (["ingest", "/nope/list.csv", "--out", "X"], "URL list not found"),
+    (["ingest", "EMPTY", "--out", "X"], "empty"),
+    (["ingest", "NOCOL", "--out", "X"], "no column 'url'"),
+    (["ingest", "WEIRD", "--out", "X"], "unknown source format"),
+    (["ingest", "/nope/dir/", "--out", "X"], "not found"),
+])
+def test_bad_sources_exit_2(tmp_path, capsys, args, message):
+    (tmp_path / "empty.csv").write_text("")
+    (tmp_path / "nocol.csv").write_text("link,caption\nhttp://127.0.0.1/a.png,x\n")
+    (tmp_path / "weird.xyz").write_text("x")
+    replace = {"EMPTY": str(tmp_path / "empty.csv"), "NOCOL": str(tmp_path / "nocol.csv"),
+               "WEIRD": str(tmp_path / "weird.xyz"), "X": str(tmp_path / "out")}
+    assert main([replace.get(a, a) for a in args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+RESUME_SCRIPT = """
+import sys, time
+from vitpipe.pipeline import ingest as ingest_mod
+from vitpipe.config import IngestConfig
+original = ingest_mod.SplitWriter.flush
+def slow_flush(self):
+    original(self)
+    print("flushed", flush=True)
+    time.sleep(0.3)
+ingest_mod.SplitWriter.flush = slow_flush
+if __name__ == "__main__":
+    ingest_mod.ingest(sys.argv[1], sys.argv[2], IngestConfig(shard_size=3), progress=False)
+"""
+
+
+def test_kill_9_then_rerun_finishes_missing_shards_only(tmp_path):
+    root = tmp_path / "imgs"
+    root.mkdir()
+    for i in range(30):
+        make_image(i).save(root / f"{i:02d}.png")
+    reference = ingest(str(root), tmp_path / "ref", IngestConfig(shard_size=3), progress=False)
+    script = tmp_path / "slow_ingest.py"
+    script.write_text(RESUME_SCRIPT)
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, str(script), str(root), str(out)], stdout=subprocess.PIPE, text=True)
+    for _ in range(3):
+        assert proc.stdout.readline().strip() == "flushed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "manifest.json").exists()
+    before = {p.name: p.stat().st_mtime_ns for p in out.glob("*.tar")}
+    assert 3 <= len(before) < 10
+    manifest = ingest(str(root), out, IngestConfig(shard_size=3), progress=False)
+    split = manifest["splits"]["train"]
+    assert split["shards_reused"] == len(before)
+    assert all((out / name).stat().st_mtime_ns == mtime for name, mtime in before.items())
+    assert set(read_all(out)) == set(read_all(tmp_path / "ref")) and manifest["written"] == reference["written"]
+    assert verify(out).ok
+
+
+def test_url_ingest_resumes_after_kill(tmp_path, image_server):
+    urls = tmp_path / "urls.txt"
+    urls.write_text("".join(f"{image_server}/img/{i}.png\n" for i in range(20)))
+    config = web_config(caption_col=None, shard_size=5)
+    reference = ingest(str(urls), tmp_path / "ref", config, progress=False)
+    out = tmp_path / "out"
+    ingest(str(urls), out, config, progress=False)
+    # simulate a crash after img2dataset finished two of its shards: drop the rest and our outputs
+    work = out / "_work" / "img2dataset"
+    for path in list(work.glob("0000[23]*")) + list(out.glob("*.tar")) + [out / "manifest.json"]:
+        path.unlink()
+    kept = {p.name: p.stat().st_mtime_ns for p in work.glob("0000[01].tar")}
+    manifest = ingest(str(urls), out, config, progress=False)
+    assert {p.name: p.stat().st_mtime_ns for p in work.glob("0000[01].tar")} == kept  # not downloaded again
+    assert set(read_all(out)) == set(read_all(tmp_path / "ref")) and manifest["written"] == reference["written"] == 20
