@@ -13,16 +13,14 @@ from typing import Annotated, Optional
 
 import typer
 
-from vitpipe.config import CONFIG_KINDS, ConfigError, IngestConfig, dump_yaml, load_config
+from vitpipe.config import CONFIG_KINDS, ConfigError, IngestConfig, PretrainConfig, dump_yaml, load_config
 
 app = typer.Typer(help=__doc__.splitlines()[0], no_args_is_help=True, add_completion=False,
                   pretty_exceptions_enable=False, rich_markup_mode="rich")
 shards_app = typer.Typer(help="Inspect and check shard sets.", no_args_is_help=True)
 config_app = typer.Typer(help="Show resolved configs.", no_args_is_help=True)
-pretrain_app = typer.Typer(help="Self-supervised pretraining of a ViT.", no_args_is_help=True)
 app.add_typer(shards_app, name="shards")
 app.add_typer(config_app, name="config")
-app.add_typer(pretrain_app, name="pretrain")
 
 EXIT_USAGE = 2
 
@@ -123,6 +121,63 @@ def shards_verify(directory: Annotated[Path, typer.Argument(help="Directory writ
     typer.echo(f"{len(report.shards)} shards, {report.samples} samples read, {bad} shards with problems")
     if not report.ok:
         raise typer.Exit(1)
+
+
+# ---------------------------------------------------------------------------------------------
+# pretrain, export
+# ---------------------------------------------------------------------------------------------
+
+
+@app.command()
+@user_errors
+def pretrain(
+    objective: Annotated[str, typer.Argument(help="Objective from the registry: mae, ...")],
+    data: Annotated[Optional[str], typer.Option("--data", help="Shards: ingest directory, brace pattern or URL.")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Run directory.")] = None,
+    config: Annotated[Optional[Path], typer.Option("--config", help="YAML config (see configs/).")] = None,
+    resume: Annotated[Optional[str], typer.Option(help="auto (latest checkpoint, if any) | never | CHECKPOINT_DIR.")] = None,
+    overrides: Annotated[Optional[list[str]], typer.Argument(help="key=value config overrides.", show_default=False)] = None,
+) -> None:
+    """Pretrain a ViT with a self-supervised objective. Exit 75 = stopped by a signal after
+    checkpointing (rerun with --resume auto)."""
+    from vitpipe.pipeline.loader import DataError
+    from vitpipe.ssl.registry import OBJECTIVES, build_objective
+    from vitpipe.ssl.trainer import EXIT_PREEMPTED, Preempted, Trainer, TrainingError
+
+    if objective not in OBJECTIVES:
+        raise ConfigError(f"unknown objective {objective!r}; available: {', '.join(OBJECTIVES)}")
+    if out is None:
+        raise ConfigError("--out RUN_DIR is required")
+    extra = {"objective": objective, **({"data": {"shards": data}} if data else {})}
+    cfg = load_config(PretrainConfig, config, overrides, extra)
+    if not cfg.data.shards:
+        raise ConfigError("no shards: pass --data SHARDS (or data.shards in the config)")
+    try:
+        summary = Trainer(cfg, out, build_objective, resume=resume).run()
+    except Preempted as stop:
+        typer.echo(f"stopped: {stop}; rerun with --resume auto (exit {EXIT_PREEMPTED})", err=True)
+        raise typer.Exit(EXIT_PREEMPTED) from None
+    except (TrainingError, DataError) as err:
+        _err(str(err))
+        raise typer.Exit(1) from None
+    if summary.run_dir is not None:
+        loss = "n/a" if summary.final_loss is None else f"{summary.final_loss:.4f}"
+        typer.echo(f"done: {summary.steps} steps, final loss {loss}, {summary.seconds:.1f}s this session, "
+                   f"{summary.images_per_second:.0f} img/s; run {summary.run_dir}, checkpoint {summary.checkpoint}")
+
+
+@app.command()
+@user_errors
+def export(
+    run: Annotated[Path, typer.Argument(help="Run directory or checkpoint directory.")],
+    out: Annotated[Path, typer.Option("--out", help="Output directory.")],
+    format: Annotated[str, typer.Option("--format", help="timm | vitpipe")] = "timm",
+) -> None:
+    """Export the encoder as model.safetensors + config.json (timm hub format)."""
+    from vitpipe.export import export as run_export
+
+    path = run_export(run, out, format)
+    typer.echo(f"exported {path / 'model.safetensors'} and {path / 'config.json'}")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -161,8 +161,12 @@ class ShardDataset(IterableDataset):
     # -- per worker ------------------------------------------------------------------------
 
     def _slot(self) -> tuple[int, int]:
+        """(logical worker, workers). The DataLoader takes batches round-robin starting at worker
+        0, so after skipping k batches worker i plays the part of worker (i + k) % workers."""
         info = get_worker_info()
-        return (info.id, info.num_workers) if info else (0, 1)
+        if info is None:
+            return 0, 1
+        return (info.id + self.skip_batches) % info.num_workers, info.num_workers
 
     def _shard_order(self, rng: random.Random, worker: int, workers: int) -> tuple[list[str], int, int]:
         """Shards for this worker, plus (offset, stride) for sample-level splitting when there are
@@ -282,15 +286,16 @@ class ShardDataset(IterableDataset):
                 continue
             # per-batch seed: the same data position always gives the same augmentations
             batch_seed = hash((base_seed, batch_index)) & 0x7FFF_FFFF
-            torch.manual_seed(batch_seed)
-            items = [item for item in map(self._decode_counted, raw_batch) if item is not None]
-            while spec.train and len(items) < spec.batch_size:
-                refill = _take(samples, 1)  # replace corrupt samples so training batches stay full
-                if not refill:
-                    return
-                item = self._decode_counted(refill[0])
-                if item is not None:
-                    items.append(item)
+            with torch.random.fork_rng(devices=[]):  # leave the caller's RNG alone (num_workers=0)
+                torch.manual_seed(batch_seed)
+                items = [item for item in map(self._decode_counted, raw_batch) if item is not None]
+                while spec.train and len(items) < spec.batch_size:
+                    refill = _take(samples, 1)  # replace corrupt samples so training batches stay full
+                    if not refill:
+                        return
+                    item = self._decode_counted(refill[0])
+                    if item is not None:
+                        items.append(item)
             if not items:
                 continue
             batch = self._collate(items)

@@ -1,0 +1,98 @@
+"""Export a run's encoder: safetensors + a timm hub-style config.json.
+
+``timm.create_model(cfg["architecture"], **cfg["model_args"])`` followed by a strict
+``load_state_dict(safetensors.torch.load_file("model.safetensors"))`` gives the same features as
+vitpipe's own forward.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from einops import rearrange
+
+from vitpipe.config import ConfigError, PretrainConfig, load_config
+from vitpipe.ssl.vit import ViTArgs, VisionTransformer
+
+TIMM_NAMES = {"micro": "vit_tiny", "mini": "vit_tiny", "tiny": "vit_tiny", "small": "vit_small", "base": "vit_base",
+              "large": "vit_large"}
+TIMM_POOL = {"cls": "token", "gap": "avg", "map": "map"}
+
+
+def load_run_encoder(run_or_checkpoint: Path) -> tuple[VisionTransformer, PretrainConfig, Path]:
+    """The encoder of a run directory (its encoder.safetensors or latest checkpoint) or a checkpoint dir."""
+    from safetensors.torch import load_file
+
+    from vitpipe.ssl.registry import build_objective
+    from vitpipe.ssl.trainer import list_checkpoints
+
+    path = Path(run_or_checkpoint)
+    if (path / "state.json").is_file():  # a checkpoint directory
+        run_dir, checkpoint = path.parent.parent, path
+    elif (path / "config.yaml").is_file():
+        run_dir, checkpoint = path, None
+    else:
+        raise ConfigError(f"{path} is neither a run directory nor a checkpoint")
+    config = load_config(PretrainConfig, run_dir / "config.yaml")
+    if checkpoint is None and (run_dir / "encoder.safetensors").is_file():
+        encoder = VisionTransformer(ViTArgs.from_config(config.model, config.data.image_size, config.data.channels))
+        encoder.load_state_dict(load_file(run_dir / "encoder.safetensors"))
+        return encoder.eval(), config, run_dir / "encoder.safetensors"
+    checkpoint = checkpoint or (list_checkpoints(run_dir) or [None])[-1]
+    if checkpoint is None:
+        raise ConfigError(f"{run_dir} has no checkpoint yet")
+    objective = build_objective(config)
+    objective.load_state_dict(load_file(checkpoint / "model.safetensors"))
+    return objective.encoder().eval(), config, checkpoint
+
+
+def timm_state_dict(encoder: VisionTransformer) -> dict[str, torch.Tensor]:
+    if encoder.args.conv_stem:
+        raise ConfigError("a convolutional-stem encoder has no timm VisionTransformer equivalent; "
+                          "export it with --format vitpipe")
+    state = {k: v.detach().cpu().contiguous() for k, v in encoder.state_dict().items()}
+    patch = encoder.patch_size
+    weight = state["patch_embed.proj.weight"]  # [D, p*p*C] over (p1 p2 c) -> conv kernel [D, C, p, p]
+    state["patch_embed.proj.weight"] = rearrange(weight, "d (p1 p2 c) -> d c p1 p2", p1=patch, p2=patch).contiguous()
+    return state
+
+
+def timm_config(encoder: VisionTransformer, size: str) -> dict[str, Any]:
+    args = encoder.args
+    architecture = f"{TIMM_NAMES[size]}_patch16_224"
+    return {
+        "architecture": architecture,
+        "model_args": {
+            "img_size": args.image_size, "patch_size": args.patch_size, "in_chans": args.in_chans,
+            "embed_dim": args.embed_dim, "depth": args.depth, "num_heads": args.num_heads,
+            "mlp_ratio": args.mlp_ratio, "class_token": args.class_token, "global_pool": TIMM_POOL[args.pool],
+            "fc_norm": False, "num_classes": 0,
+        },
+        "num_features": args.embed_dim,
+        "pretrained_cfg": {"input_size": [args.in_chans, args.image_size, args.image_size]},
+    }
+
+
+def export(run: Path, out: Path, fmt: str = "timm") -> Path:
+    from safetensors.torch import save_file
+
+    if fmt not in ("timm", "vitpipe"):
+        raise ConfigError(f"unknown export format {fmt!r}; choose timm or vitpipe")
+    encoder, config, source = load_run_encoder(run)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if fmt == "timm":
+        state, cfg = timm_state_dict(encoder), timm_config(encoder, config.model.size)
+    else:
+        state = {k: v.detach().cpu().contiguous() for k, v in encoder.state_dict().items()}
+        cfg = {"architecture": "vitpipe.VisionTransformer", "model_args": dict(encoder.args.__dict__)}
+    cfg["vitpipe"] = {"objective": config.objective, "source": str(source), "mean": config.data.mean,
+                      "std": config.data.std}
+    save_file(state, out / "model.safetensors.tmp")
+    os.replace(out / "model.safetensors.tmp", out / "model.safetensors")
+    (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    return out

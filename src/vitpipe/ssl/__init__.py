@@ -1,0 +1,1 @@
+"""Self-supervised learning: the ViT backbone, objectives, their registry and the trainer."""

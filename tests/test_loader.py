@@ -1,0 +1,130 @@
+"""The shard loader: exactly-once evaluation, fixed-length training epochs, corrupt samples, resume."""
+
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import encode_image, make_image
+from vitpipe.config import ConfigError
+from vitpipe.pipeline.loader import DataError, LoaderSpec, make_loader, resolve_shards
+from vitpipe.pipeline.tario import write_tar_atomic
+from vitpipe.pipeline.transforms import TransformSpec
+
+SHARD_SIZES = [7, 3, 5, 1, 4]  # five uneven shards, 20 samples
+
+
+def write_shards(directory: Path, sizes=SHARD_SIZES, corrupt_every: int = 0) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    index = 0
+    for shard, count in enumerate(sizes):
+        samples = []
+        for _ in range(count):
+            image = encode_image(make_image(index, size=12))
+            if corrupt_every and index % corrupt_every == 0:
+                image = image[:40]
+            samples.append({"__key__": f"s{index:04d}", "png": image, "cls": str(index % 3).encode()})
+            index += 1
+        write_tar_atomic(directory / f"{shard:05d}.tar", samples)
+    (directory / "sizes.json").write_text(json.dumps({f"{i:05d}.tar": n for i, n in enumerate(sizes)}))
+    return directory
+
+
+def eval_keys(directory, rank, world, workers, batch_size=3):
+    spec = LoaderSpec(resolve_shards(directory), batch_size, TransformSpec("eval", 8), train=False,
+                      fields=("image", "key"), rank=rank, world_size=world)
+    _, loader = make_loader(spec, workers)
+    return [k for batch in loader for k in batch["key"]]
+
+
+@pytest.mark.parametrize("world,workers", [(1, 0), (2, 2), (3, 2), (4, 2)])
+def test_eval_mode_reads_each_sample_exactly_once(tmp_path, world, workers):
+    directory = write_shards(tmp_path / "shards")
+    keys = [k for rank in range(world) for k in eval_keys(directory, rank, world, workers)]
+    assert sorted(keys) == [f"s{i:04d}" for i in range(20)]
+
+
+def train_batches(directory, epoch=0, skip=0, workers=2, seed=0, rank=0, world=1, batch_size=4, fields=("image", "key")):
+    spec = LoaderSpec(resolve_shards(directory), batch_size, TransformSpec("mae", 8), train=True, fields=fields,
+                      seed=seed, shuffle_buffer=6, rank=rank, world_size=world)
+    dataset, loader = make_loader(spec, workers)
+    dataset.set_position(epoch, skip)
+    return list(loader)
+
+
+def test_training_epoch_has_fixed_length_and_is_deterministic(tmp_path):
+    directory = write_shards(tmp_path / "shards")
+    first = train_batches(directory)
+    assert len(first) == 5 and all(b["image"].shape == (4, 3, 8, 8) for b in first)
+    again = train_batches(directory)
+    assert [b["key"] for b in first] == [b["key"] for b in again]
+    assert all(torch.equal(a["image"], b["image"]) for a, b in zip(first, again))
+    other_epoch = train_batches(directory, epoch=1)
+    assert [b["key"] for b in first] != [b["key"] for b in other_epoch]
+
+
+def test_resume_position_gives_identical_batches(tmp_path):
+    directory = write_shards(tmp_path / "shards")
+    full = train_batches(directory)
+    resumed = train_batches(directory, skip=3)
+    assert len(resumed) == 2
+    for a, b in zip(full[3:], resumed):
+        assert a["key"] == b["key"] and torch.equal(a["image"], b["image"])
+
+
+def test_training_ranks_read_disjoint_samples(tmp_path):
+    directory = write_shards(tmp_path / "shards", sizes=[5] * 8)
+    keys = [set(k for b in train_batches(directory, rank=r, world=2, workers=1) for k in b["key"]) for r in range(2)]
+    assert keys[0] and keys[1] and not keys[0] & keys[1]
+
+
+def test_corrupt_samples_are_skipped_and_counted(tmp_path):
+    directory = write_shards(tmp_path / "shards", sizes=[10, 10], corrupt_every=10)  # 2 of 20 corrupt
+    spec = LoaderSpec(resolve_shards(directory), 4, TransformSpec("eval", 8), train=False, fields=("image", "key"))
+    _, loader = make_loader(spec, 0)
+    batches = list(loader)
+    assert sum(len(b["key"]) for b in batches) == 18 and sum(b["decode_errors"] for b in batches) == 2
+
+
+def test_error_rate_above_limit_aborts(tmp_path):
+    directory = write_shards(tmp_path / "shards", sizes=[60, 60], corrupt_every=5)  # 20% corrupt
+    spec = LoaderSpec(resolve_shards(directory), 4, TransformSpec("eval", 8), train=False, fields=("image",),
+                      max_error_rate=0.05)
+    _, loader = make_loader(spec, 0)
+    with pytest.raises(DataError, match="failed to decode"):
+        list(loader)
+
+
+def test_truncated_tar_is_counted_not_fatal(tmp_path):
+    directory = write_shards(tmp_path / "shards", sizes=[6, 6])
+    shard = directory / "00001.tar"
+    shard.write_bytes(shard.read_bytes()[:1500])
+    spec = LoaderSpec(resolve_shards(directory), 100, TransformSpec("eval", 8), train=False, fields=("key",))
+    _, loader = make_loader(spec, 0)
+    batches = list(loader)
+    assert 6 <= sum(len(b["key"]) for b in batches) < 12
+    assert sum(b["decode_errors"] for b in batches) >= 1
+
+
+def test_labels_required_when_asked(tmp_path):
+    directory = tmp_path / "nolabel"
+    directory.mkdir()
+    write_tar_atomic(directory / "00000.tar", [{"__key__": "a", "png": encode_image(make_image(1))}])
+    spec = LoaderSpec(resolve_shards(directory), 1, TransformSpec("eval", 8), train=False, fields=("image", "label"))
+    _, loader = make_loader(spec, 0)
+    with pytest.raises(ConfigError, match="no label"):
+        list(loader)
+
+
+def test_resolve_shards_forms(tmp_path):
+    directory = write_shards(tmp_path / "root" / "train")
+    assert len(resolve_shards(tmp_path / "root").urls) == 5  # picks train/
+    assert len(resolve_shards(str(directory / "{00000..00002}.tar")).urls) == 3
+    assert resolve_shards(directory).total == 20
+    with pytest.raises(ConfigError):
+        resolve_shards(str(directory / "{00000..00009}.tar"))
+    with pytest.raises(ConfigError):
+        resolve_shards(tmp_path / "empty_dir_that_does_not_exist")
