@@ -160,7 +160,7 @@ def pretrain(
     except (TrainingError, DataError) as err:
         _err(str(err))
         raise typer.Exit(1) from None
-    if summary.run_dir is not None:
+    if summary.is_main:
         loss = "n/a" if summary.final_loss is None else f"{summary.final_loss:.4f}"
         typer.echo(f"done: {summary.steps} steps, final loss {loss}, {summary.seconds:.1f}s this session, "
                    f"{summary.images_per_second:.0f} img/s; run {summary.run_dir}, checkpoint {summary.checkpoint}")

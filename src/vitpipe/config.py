@@ -262,6 +262,9 @@ class TrainConfig:
     """Also log to Weights & Biases (needs `pip install wandb` and a login)."""
     deterministic: bool = False
     """Use deterministic algorithms (for bitwise-reproducible resume tests)."""
+    record_keys: bool = False
+    """Audit: write the sample keys each process trained on (RUN/audit/rank*.jsonl) and a final
+    parameter fingerprint per process."""
 
     def __post_init__(self) -> None:
         _check(self.max_steps >= 1, "train.max_steps must be >= 1")

@@ -178,6 +178,7 @@ class RunSummary:
     checkpoint: Path | None
     resumed_from: int | None = None
     metrics: dict[str, float] = field(default_factory=dict)
+    is_main: bool = True
 
 
 def git_revision() -> str | None:
@@ -246,7 +247,8 @@ class Trainer:
         shards = resolve_shards(data.shards)
         transform = TransformSpec(objective.transform_preset, data.image_size, data.channels, data.crop_scale_min,
                                   data.hflip, tuple(data.mean), tuple(data.std))
-        spec = LoaderSpec(shards, train.batch_size, transform, train=True, fields=objective.batch_fields,
+        fields = tuple(objective.batch_fields) + (("key",) if train.record_keys and "key" not in objective.batch_fields else ())
+        spec = LoaderSpec(shards, train.batch_size, transform, train=True, fields=fields,
                           seed=train.seed, shuffle_buffer=data.shuffle_buffer,
                           samples_per_epoch=data.samples_per_epoch, resampled=data.resampled,
                           max_error_rate=data.max_error_rate, rank=rank, world_size=world,
@@ -361,6 +363,10 @@ class Trainer:
             self._write_run_info(accelerator, precision, global_batch, lr, warmup, resumed_from)
             accelerator.init_trackers("pretrain", config=_flat(to_dict(config)))
         metrics_file = open(self.run_dir / "metrics.jsonl", "a") if accelerator.is_main_process else None
+        audit_file = None
+        if train.record_keys:
+            (self.run_dir / "audit").mkdir(parents=True, exist_ok=True)
+            audit_file = open(self.run_dir / "audit" / f"rank{accelerator.process_index}.jsonl", "a")
         stop = StopFlag()
         stop.install()
         bar = None
@@ -382,6 +388,9 @@ class Trainer:
                 dataset.set_position(state.epoch, state.batches_in_epoch)
                 for batch in loader:
                     decode_errors += int(batch.pop("decode_errors", 0))
+                    if audit_file is not None:
+                        keys = batch["key"] if "key" in objective.batch_fields else batch.pop("key")
+                        _log_line(audit_file, {"step": state.step + 1, "keys": keys})
                     batch = send_to_device(batch, accelerator.device)
                     with accelerator.accumulate(model):
                         output = model(batch)
@@ -454,15 +463,21 @@ class Trainer:
             stop.restore()
             if bar is not None:
                 bar.close()
-            if metrics_file is not None:
-                metrics_file.close()
+            for handle in (metrics_file, audit_file):
+                if handle is not None:
+                    handle.close()
             accelerator.end_training()
         seconds = time.monotonic() - session_start
         images = (state.samples_seen - (resumed_from or 0) * global_batch) / max(seconds, 1e-9)
+        if train.record_keys:
+            fingerprint = sum(p.detach().double().abs().sum().item() for p in accelerator.unwrap_model(model).parameters())
+            (self.run_dir / "audit" / f"rank{accelerator.process_index}.final.json").write_text(
+                json.dumps({"param_abs_sum": fingerprint, "global_batch": global_batch,
+                            "world_size": accelerator.num_processes}))
         if accelerator.is_main_process:
             self._export_encoder(accelerator.unwrap_model(model))
         return RunSummary(self.run_dir, state.step, last_loss, seconds, images, last_checkpoint, resumed_from,
-                          {"decode_errors": decode_errors})
+                          {"decode_errors": decode_errors}, accelerator.is_main_process)
 
     def _export_encoder(self, objective: Objective) -> None:
         """The encoder alone, for eval and export (the decoder/heads are training-only)."""

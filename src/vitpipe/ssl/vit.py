@@ -190,8 +190,19 @@ class VisionTransformer(nn.Module):
         return {"cls_token", "pos_embed"}
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
-        """[B, C, H, W] -> patch tokens with positions [B, N, D] (no prefix token yet)."""
-        return self.patch_embed(images) + self.pos_embed[:, self.num_prefix_tokens:]
+        """[B, C, H, W] -> patch tokens with positions [B, N, D] (no prefix token yet).
+
+        Another input resolution gets the position table interpolated on the fly (bicubic)."""
+        grid = (images.shape[-2] // self.patch_size, images.shape[-1] // self.patch_size)
+        return self.patch_embed(images) + self._patch_positions(grid)
+
+    def _patch_positions(self, grid: tuple[int, int]) -> torch.Tensor:
+        table = self.pos_embed[:, self.num_prefix_tokens:]
+        if grid == self.grid:
+            return table
+        table = rearrange(table, "1 (h w) d -> 1 d h w", h=self.grid[0], w=self.grid[1])
+        table = F.interpolate(table, size=grid, mode="bicubic", align_corners=False)
+        return rearrange(table, "1 d h w -> 1 (h w) d")
 
     def add_prefix(self, tokens: torch.Tensor) -> torch.Tensor:
         if self.cls_token is None:
@@ -234,14 +245,11 @@ class VisionTransformer(nn.Module):
         return self.pool(self.forward_features(images))
 
     def resize_pos_embed(self, image_size: int) -> None:
-        """Bicubic interpolation of the position table for another input resolution (fine-tuning)."""
+        """Make ``image_size`` the native resolution: store the interpolated position table."""
         grid = (image_size // self.patch_size,) * 2
         if grid == self.grid:
             return
-        prefix, table = self.pos_embed[:, : self.num_prefix_tokens], self.pos_embed[:, self.num_prefix_tokens:]
-        table = rearrange(table, "1 (h w) d -> 1 d h w", h=self.grid[0], w=self.grid[1])
-        table = F.interpolate(table, size=grid, mode="bicubic", align_corners=False)
-        table = rearrange(table, "1 d h w -> 1 (h w) d")
-        self.pos_embed = nn.Parameter(torch.cat([prefix, table], dim=1), requires_grad=self.pos_embed.requires_grad)
+        table = torch.cat([self.pos_embed[:, : self.num_prefix_tokens], self._patch_positions(grid)], dim=1)
+        self.pos_embed = nn.Parameter(table.detach(), requires_grad=self.pos_embed.requires_grad)
         self.grid, self.num_patches = grid, grid[0] * grid[1]
         self.args = ViTArgs(**{**self.args.__dict__, "image_size": image_size})

@@ -1,0 +1,153 @@
+"""Backbone and objectives: the registry-wide contract, MAE's stages, timm-compatible export."""
+
+import json
+
+import pytest
+import torch
+
+from vitpipe.config import PretrainConfig, load_config
+from vitpipe.ssl.mae import MAE
+from vitpipe.ssl.registry import OBJECTIVES, build_objective
+from vitpipe.ssl.vit import ViTArgs, VisionTransformer, patchify, unpatchify
+
+TINY = ["model.size=micro", "data.image_size=16", "model.patch_size=4", "mae.decoder_dim=32", "mae.decoder_heads=2",
+        "mae.decoder_depth=1"]
+
+
+def tiny_config(*overrides) -> PretrainConfig:
+    return load_config(PretrainConfig, None, [*TINY, *overrides])
+
+
+@pytest.mark.parametrize("name", sorted(OBJECTIVES))
+def test_every_objective_trains(name):
+    """Finite loss, gradients reach every trainable parameter, nothing assumes a device."""
+    torch.manual_seed(0)
+    config = tiny_config(f"objective={name}")
+    objective = build_objective(config)
+    batch = {"image": torch.randn(4, 3, 16, 16), "label": torch.tensor([0, 1, 0, 1]),
+             "text": ["a", "b", "c", "d"], "key": ["k0", "k1", "k2", "k3"]}
+    hook = objective.batch_hook()
+    if hook is not None:
+        batch = hook(batch, torch.Generator().manual_seed(0))
+    output = objective(batch)
+    assert output.loss.ndim == 0 and torch.isfinite(output.loss)
+    output.loss.backward()
+    missing = [n for n, p in objective.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.abs().sum())]
+    assert not missing, f"no gradient: {missing}"
+    assert all(p.device.type == "cpu" for p in objective.parameters())
+    encoder = objective.encoder()
+    assert isinstance(encoder, VisionTransformer)
+    assert encoder(batch["image"]).shape == (4, encoder.embed_dim)
+
+
+def test_patchify_round_trip():
+    images = torch.randn(2, 3, 16, 12)
+    patches = patchify(images, 4)
+    assert patches.shape == (2, 12, 48)
+    assert torch.equal(unpatchify(patches, 4, 3, (4, 3)), images)
+    # patch 1 of row 0 is the pixels [0:4, 4:8]
+    assert torch.equal(patches[0, 1].reshape(4, 4, 3).permute(2, 0, 1), images[0, :, 0:4, 4:8])
+
+
+def make_mae(**overrides):
+    torch.manual_seed(0)
+    return build_objective(tiny_config(*[f"{k}={v}" for k, v in overrides.items()]))
+
+
+def test_mask_ratio_is_exact_per_sample():
+    mae = make_mae()
+    keep_idx, mask, restore_idx = mae.random_masking(8, torch.device("cpu"))
+    assert keep_idx.shape == (8, 4) and mask.shape == (8, 16)
+    assert torch.all(mask.sum(dim=1) == 12)
+    for row in range(8):  # kept patches are exactly the unmasked ones
+        assert set(keep_idx[row].tolist()) == set(torch.nonzero(mask[row] == 0).flatten().tolist())
+    assert not torch.equal(keep_idx[0], keep_idx[1])  # per-sample, not one mask for the batch
+
+
+def test_only_visible_tokens_reach_the_encoder():
+    mae = make_mae()
+    seen = {}
+    def record(module, inputs, output):
+        seen["tokens"] = inputs[0].shape[1]
+
+    mae.backbone.blocks[0].register_forward_hook(record)
+    mae({"image": torch.randn(2, 3, 16, 16)})
+    assert seen["tokens"] == 1 + 4  # CLS + 25% of 16 patches
+
+    # and changing hidden pixels does not change the encoder output
+    images = torch.randn(1, 3, 16, 16)
+    keep_idx, mask, _ = mae.random_masking(1, torch.device("cpu"))
+    changed = images.clone()
+    hidden = torch.nonzero(mask[0]).flatten()
+    patches = patchify(changed, 4)
+    patches[0, hidden] += 5.0
+    changed = unpatchify(patches, 4, 3, (4, 4))
+    with torch.no_grad():
+        assert torch.allclose(mae.forward_encoder(images, keep_idx), mae.forward_encoder(changed, keep_idx))
+
+
+def test_loss_only_counts_masked_patches():
+    mae = make_mae()
+    images = torch.randn(2, 3, 16, 16)
+    keep_idx, mask, restore_idx = mae.random_masking(2, torch.device("cpu"))
+    with torch.no_grad():
+        pred = mae.forward_decoder(mae.forward_encoder(images, keep_idx), restore_idx)
+    target = mae.target(images)
+    perfect_on_masked = torch.where(mask.bool().unsqueeze(-1), target, torch.randn_like(target) * 100)
+    assert mae.forward_loss(images, perfect_on_masked, mask).item() < 1e-10
+    assert mae.forward_loss(images, pred, mask).item() > 0
+
+
+def test_norm_pix_target_is_per_patch_normalized():
+    mae = make_mae()
+    target = mae.target(torch.rand(2, 3, 16, 16))
+    assert torch.allclose(target.mean(-1), torch.zeros(2, 16), atol=1e-5)
+    assert torch.allclose(target.std(-1), torch.ones(2, 16), atol=1e-2)
+
+
+@pytest.mark.parametrize("pool,class_token", [("cls", True), ("gap", True), ("gap", False), ("map", True)])
+def test_pooling_and_intermediate_layers(pool, class_token):
+    vit = VisionTransformer(ViTArgs(image_size=16, patch_size=4, embed_dim=64, depth=3, num_heads=2, pool=pool,
+                                    class_token=class_token))
+    x = torch.randn(2, 3, 16, 16)
+    assert vit(x).shape == (2, 64)
+    layers = vit.intermediate_layers(x, [0, 1, -1])
+    assert len(layers) == 3 and all(t.shape == (2, 16 + int(class_token), 64) for t in layers)
+    assert torch.allclose(layers[-1], vit.forward_features(x), atol=1e-6)
+
+
+def test_position_embedding_interpolation_keeps_original_resolution():
+    vit = VisionTransformer(ViTArgs(image_size=16, patch_size=4, embed_dim=64, depth=2, num_heads=2,
+                                    pos_embed="learned")).eval()
+    x, big = torch.randn(2, 3, 16, 16), torch.randn(2, 3, 32, 32)
+    before = vit(x)
+    on_the_fly = vit(big)  # 8x8 grid from the 4x4 table
+    assert on_the_fly.shape == (2, 64)
+    assert torch.equal(vit(x), before)  # the original resolution is untouched
+    vit.resize_pos_embed(32)
+    assert vit.pos_embed.shape == (1, 1 + 64, 64)
+    assert torch.allclose(vit(big), on_the_fly, atol=1e-6)
+
+
+@pytest.mark.parametrize("size,pool,class_token", [("micro", "cls", True), ("micro", "gap", False),
+                                                    ("micro", "map", True)])
+def test_timm_export_loads_strictly_and_matches(tmp_path, size, pool, class_token):
+    timm = pytest.importorskip("timm")
+    from safetensors.torch import load_file, save_file
+
+    from vitpipe.config import save_config
+    from vitpipe.export import export
+
+    config = tiny_config(f"model.size={size}", f"model.pool={pool}", f"model.class_token={str(class_token).lower()}")
+    run = tmp_path / "run"
+    save_config(config, run / "config.yaml")
+    encoder = VisionTransformer(ViTArgs.from_config(config.model, 16, 3)).eval()
+    save_file({k: v.contiguous() for k, v in encoder.state_dict().items()}, run / "encoder.safetensors")
+    out = export(run, tmp_path / "export", "timm")
+    cfg = json.loads((out / "config.json").read_text())
+    model = timm.create_model(cfg["architecture"], **cfg["model_args"])
+    model.load_state_dict(load_file(out / "model.safetensors"), strict=True)
+    model.eval()
+    x = torch.randn(3, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.allclose(model(x), encoder(x), atol=1e-5)
