@@ -181,27 +181,31 @@ class ShardDataset(IterableDataset):
             return urls[spec.rank::spec.world_size][worker::workers], 0, 1
         return urls, slot, slots
 
-    def _raw_samples(self, worker: int, workers: int, rng: random.Random) -> Iterator[dict[str, bytes]]:
+    def _samples(self, worker: int, workers: int, rng: random.Random) -> Iterator[dict[str, bytes]]:
+        """Raw samples of this worker, round after round in training mode. The shuffle buffer is
+        drained at the end of each round, so one round never holds a sample twice."""
         spec = self.spec
-        rounds = 0
         while True:
             if spec.resampled:
                 urls, offset, stride = [rng.choice(spec.shards.urls) for _ in range(len(spec.shards.urls))], 0, 1
             else:
                 urls, offset, stride = self._shard_order(rng, worker, workers)
             produced = False
-            index = 0
-            for url in urls:
-                for sample in self._read_shard(url):
-                    if index % stride == offset:
-                        produced = True
-                        yield sample
-                    index += 1
-            rounds += 1
+            for sample in self._shuffled(self._round(urls, offset, stride), rng):
+                produced = True
+                yield sample
             if not spec.train:
                 return
             if not produced:
                 raise DataError(f"rank {spec.rank} worker {worker}: its shards hold no samples")
+
+    def _round(self, urls: list[str], offset: int, stride: int) -> Iterator[dict[str, bytes]]:
+        index = 0
+        for url in urls:
+            for sample in self._read_shard(url):
+                if index % stride == offset:
+                    yield sample
+                index += 1
 
     def _read_shard(self, url: str) -> Iterator[dict[str, bytes]]:
         try:
@@ -269,7 +273,7 @@ class ShardDataset(IterableDataset):
         rng = random.Random(base_seed)
         self.shard_errors, self.last_error = 0, ""
         self.seen = self.errors = reported = 0
-        samples = self._shuffled(self._raw_samples(worker, workers, rng), rng)
+        samples = self._samples(worker, workers, rng)
         if spec.train:
             budget = len(range(worker, self.batches_per_epoch, workers))
             skip = len(range(worker, self.skip_batches, workers))
@@ -329,6 +333,9 @@ def _take(iterator: Iterator, count: int) -> list:
 
 def make_loader(spec: LoaderSpec, num_workers: int) -> tuple[ShardDataset, DataLoader]:
     dataset = ShardDataset(spec)
-    loader = DataLoader(dataset, batch_size=None, num_workers=num_workers,
-                        persistent_workers=False, prefetch_factor=4 if num_workers else None)
+    # its own generator: creating an iterator must not draw from the global RNG, or a resumed run
+    # (which restores that RNG) would diverge from an uninterrupted one
+    loader = DataLoader(dataset, batch_size=None, num_workers=num_workers, persistent_workers=False,
+                        prefetch_factor=4 if num_workers else None,
+                        generator=torch.Generator().manual_seed(spec.seed))
     return dataset, loader
