@@ -15,39 +15,13 @@ from typing import Any
 import torch
 from einops import rearrange
 
-from vitpipe.config import ConfigError, PretrainConfig, load_config
-from vitpipe.ssl.vit import ViTArgs, VisionTransformer
+from vitpipe.config import ConfigError
+from vitpipe.ssl.runs import load_run_encoder
+from vitpipe.ssl.vit import VisionTransformer
 
 TIMM_NAMES = {"micro": "vit_tiny", "mini": "vit_tiny", "tiny": "vit_tiny", "small": "vit_small", "base": "vit_base",
               "large": "vit_large"}
 TIMM_POOL = {"cls": "token", "gap": "avg", "map": "map"}
-
-
-def load_run_encoder(run_or_checkpoint: Path) -> tuple[VisionTransformer, PretrainConfig, Path]:
-    """The encoder of a run directory (its encoder.safetensors or latest checkpoint) or a checkpoint dir."""
-    from safetensors.torch import load_file
-
-    from vitpipe.ssl.registry import build_objective
-    from vitpipe.ssl.trainer import list_checkpoints
-
-    path = Path(run_or_checkpoint)
-    if (path / "state.json").is_file():  # a checkpoint directory
-        run_dir, checkpoint = path.parent.parent, path
-    elif (path / "config.yaml").is_file():
-        run_dir, checkpoint = path, None
-    else:
-        raise ConfigError(f"{path} is neither a run directory nor a checkpoint")
-    config = load_config(PretrainConfig, run_dir / "config.yaml")
-    if checkpoint is None and (run_dir / "encoder.safetensors").is_file():
-        encoder = VisionTransformer(ViTArgs.from_config(config.model, config.data.image_size, config.data.channels))
-        encoder.load_state_dict(load_file(run_dir / "encoder.safetensors"))
-        return encoder.eval(), config, run_dir / "encoder.safetensors"
-    checkpoint = checkpoint or (list_checkpoints(run_dir) or [None])[-1]
-    if checkpoint is None:
-        raise ConfigError(f"{run_dir} has no checkpoint yet")
-    objective = build_objective(config)
-    objective.load_state_dict(load_file(checkpoint / "model.safetensors"))
-    return objective.encoder().eval(), config, checkpoint
 
 
 def timm_state_dict(encoder: VisionTransformer) -> dict[str, torch.Tensor]:

@@ -1,0 +1,1 @@
+"""Downstream evaluation: cached features, linear probe, k-NN, FAISS retrieval, fine-tuning."""

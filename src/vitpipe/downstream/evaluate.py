@@ -1,0 +1,205 @@
+"""One function per `vitpipe eval` command: features -> numbers -> RUN/eval/<name>[.baseline].json."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from vitpipe import __version__
+from vitpipe.config import ConfigError, to_dict
+from vitpipe.downstream.features import PIXELS, EncoderSource, FeatureSet, extract, layer_names
+from vitpipe.downstream.probe import ProbeSettings, linear_probe
+from vitpipe.downstream.retrieval import (
+    IndexSettings, build_index, knn_classify, load_index, recall_at_k, save_index, search,
+)
+from vitpipe.pipeline.loader import resolve_shards
+from vitpipe.pipeline.manifest import manifest_hash
+from vitpipe.ssl.trainer import git_revision
+
+
+def run_dir_of(run: Path) -> Path:
+    run = Path(run)
+    return run.parent.parent if (run / "state.json").is_file() else run
+
+
+def source_for(run: Path, init: str, pixels: bool) -> EncoderSource:
+    if pixels and init != "trained":
+        raise ConfigError("--pixels and --init random are separate baselines; pass one")
+    return EncoderSource.resolve(run, "pixels" if pixels else init)
+
+
+def _data_id(spec: str) -> dict[str, Any]:
+    shards = resolve_shards(spec)
+    return {"shards": spec, "manifest_sha256": manifest_hash(shards.directory) if shards.directory else None,
+            "samples": shards.total}
+
+
+def write_result(source: EncoderSource, name: str, payload: dict[str, Any], data: dict[str, str],
+                 seconds: float) -> Path:
+    run_dir = run_dir_of(source.run)
+    result = {
+        "task": name, "baseline": {"trained": None, "random": "random-init", "pixels": "raw-pixels"}[source.kind],
+        **payload,
+        "seconds": round(seconds, 2),
+        "provenance": {
+            "encoder": str(source.weights) if source.weights else source.kind,
+            "config": to_dict(source.config), "data": {k: _data_id(v) for k, v in data.items()},
+            "git_revision": git_revision(), "vitpipe_version": __version__,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        },
+    }
+    path = run_dir / "eval" / f"{name}{source.baseline_suffix}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def _features(source: EncoderSource, spec: str, layers: list[int] | None, pool: str | None, workers: int,
+              need_labels: bool = True) -> FeatureSet:
+    cache = run_dir_of(source.run) / "eval" / "cache"
+    features = extract(source, spec, layers=layers, pool=pool, num_workers=workers, cache_dir=cache,
+                       need_labels=need_labels)
+    return features
+
+
+def _names(source: EncoderSource, layers: list[int] | None) -> list[str]:
+    return [PIXELS] if source.kind == "pixels" else layer_names(layers)
+
+
+def eval_linear_probe(source: EncoderSource, train: str, test: str, layers: list[int] | None = None,
+                      pool: str | None = None, settings: ProbeSettings = ProbeSettings(),
+                      workers: int = 2) -> tuple[Path, dict[str, Any]]:
+    start = time.monotonic()
+    train_set, test_set = _features(source, train, layers, pool, workers), _features(source, test, layers, pool, workers)
+    per_layer = {}
+    for name in _names(source, layers):
+        result = linear_probe(train_set.features[name], train_set.labels, test_set.features[name], test_set.labels,
+                              settings)
+        per_layer[name] = asdict(result)
+    best_layer = max(per_layer, key=lambda n: per_layer[n]["val_top1"])
+    best = per_layer[best_layer]
+    payload = {"top1": best["top1"], "top5": best["top5"], "val_top1": best["val_top1"], "layer": best_layer,
+               "lr": best["lr"], "weight_decay": best["weight_decay"], "pool": pool or source.config.model.pool,
+               "per_layer": per_layer, "settings": asdict(settings),
+               "train_samples": len(train_set.keys), "test_samples": len(test_set.keys)}
+    path = write_result(source, "linear-probe", payload, {"train": train, "test": test}, time.monotonic() - start)
+    return path, payload
+
+
+def eval_knn(source: EncoderSource, train: str, test: str, ks: tuple[int, ...] = (10, 20, 200),
+             temperature: float = 0.07, pool: str | None = None, workers: int = 2) -> tuple[Path, dict[str, Any]]:
+    start = time.monotonic()
+    train_set, test_set = _features(source, train, None, pool, workers), _features(source, test, None, pool, workers)
+    name = _names(source, None)[0]
+    accuracy = knn_classify(train_set.features[name], train_set.labels, test_set.features[name], test_set.labels,
+                            ks, temperature)
+    best_k = 20 if 20 in accuracy else max(accuracy, key=accuracy.get)
+    payload = {"top1": accuracy[best_k], "k": best_k, "per_k": {str(k): v for k, v in accuracy.items()},
+               "temperature": temperature, "pool": pool or source.config.model.pool,
+               "train_samples": len(train_set.keys), "test_samples": len(test_set.keys)}
+    path = write_result(source, "knn", payload, {"train": train, "test": test}, time.monotonic() - start)
+    return path, payload
+
+
+def eval_retrieval(source: EncoderSource, index_shards: str, settings: IndexSettings = IndexSettings(),
+                   pool: str | None = None, workers: int = 2) -> tuple[Path, dict[str, Any]]:
+    """Build (and save) the index over ``index_shards``; report label-match recall@1/5/10 when labelled."""
+    start = time.monotonic()
+    shards = resolve_shards(index_shards)
+    labelled = _has_labels(shards.urls[0])
+    features = _features(source, index_shards, None, pool, workers, need_labels=labelled)
+    name = _names(source, None)[0]
+    index = build_index(features.features[name], settings)
+    directory = run_dir_of(source.run) / "eval" / f"retrieval{source.baseline_suffix}"
+    save_index(index, features.keys, features.labels, directory,
+               {"shards": index_shards, "settings": asdict(settings), "pool": pool or source.config.model.pool,
+                "source": source.kind})
+    recall = recall_at_k(index, features.features[name], features.labels) if labelled else {}
+    payload = {"recall": {str(k): v for k, v in recall.items()}, "index": str(directory / "index.faiss"),
+               "index_type": settings.kind, "size": index.ntotal, "labelled": labelled}
+    path = write_result(source, "retrieval", payload, {"index": index_shards}, time.monotonic() - start)
+    return path, payload
+
+
+def query_image(source: EncoderSource, image_path: Path, top_k: int, pool: str | None = None) -> list[tuple[str, float]]:
+    """Nearest keys of one image in the saved index (built by eval_retrieval with the same source)."""
+    import torch
+
+    from vitpipe.pipeline.images import ImageRejected, decode_rgb
+    from vitpipe.pipeline.transforms import TransformSpec, build_transform
+
+    directory = run_dir_of(source.run) / "eval" / f"retrieval{source.baseline_suffix}"
+    index, ids = load_index(directory)
+    if not Path(image_path).is_file():
+        raise ConfigError(f"query image not found: {image_path}")
+    try:
+        image = decode_rgb(Path(image_path).read_bytes())
+    except ImageRejected as err:
+        raise ConfigError(f"query image {image_path}: {err}") from None
+    config = source.config
+    transform = build_transform(TransformSpec("eval", config.data.image_size, config.data.channels,
+                                              mean=tuple(config.data.mean), std=tuple(config.data.std)))
+    tensor = transform(image).unsqueeze(0)
+    encoder = source.build()
+    with torch.no_grad():
+        feature = tensor.flatten(1) if encoder is None else encoder.pool(encoder.forward_features(tensor),
+                                                                           pool or ids.get("pool"))
+    similarity, neighbours = search(index, feature.numpy(), min(top_k, index.ntotal))
+    return [(ids["keys"][i], float(s)) for i, s in zip(neighbours[0], similarity[0]) if i >= 0]
+
+
+def _has_labels(shard_url: str) -> bool:
+    from vitpipe.pipeline.loader import open_shard
+    from vitpipe.pipeline.tario import iter_tar_samples
+
+    with open_shard(shard_url) as handle:
+        for sample in iter_tar_samples(handle):
+            return "cls" in sample
+    return False
+
+
+def hit_grid(query_path: Path, hits: list[tuple[str, float]], shard_spec: str, out: Path) -> Path:
+    """A PNG: the query, then its hits with their similarity."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    from vitpipe.pipeline.images import EXTENSIONS, decode_rgb
+    from vitpipe.pipeline.loader import open_shard
+    from vitpipe.pipeline.tario import iter_tar_samples
+
+    wanted = {key for key, _ in hits}
+    images: dict[str, Image.Image] = {}
+    for url in resolve_shards(shard_spec).urls:
+        with open_shard(url) as handle:
+            for sample in iter_tar_samples(handle):
+                if sample["__key__"] in wanted:
+                    ext = next(e for e in EXTENSIONS if e in sample)
+                    images[sample["__key__"]] = decode_rgb(sample[ext])
+        if len(images) == len(wanted):
+            break
+    fig, axes = plt.subplots(1, len(hits) + 1, figsize=(1.6 * (len(hits) + 1), 2.0))
+    axes = np.atleast_1d(axes)
+    axes[0].imshow(decode_rgb(Path(query_path).read_bytes()))
+    axes[0].set_title("query", fontsize=8)
+    for axis, (key, similarity) in zip(axes[1:], hits):
+        if key in images:
+            axis.imshow(images[key])
+        axis.set_title(f"{key}\n{similarity:.3f}", fontsize=6)
+    for axis in axes:
+        axis.axis("off")
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out

@@ -1,0 +1,164 @@
+"""Frozen features, extracted once and cached on disk.
+
+The cache key covers the encoder weights (their sha256), the data (manifest hash, shard list),
+the layer, the pooling and the input transform, so a stale cache is never read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from vitpipe.config import ConfigError, PretrainConfig
+from vitpipe.pipeline.loader import LoaderSpec, ShardSet, make_loader, resolve_shards
+from vitpipe.pipeline.manifest import manifest_hash
+from vitpipe.pipeline.transforms import TransformSpec
+from vitpipe.ssl.runs import load_run_encoder
+from vitpipe.ssl.vit import ViTArgs, VisionTransformer
+
+PIXELS = "pixels"
+
+
+@dataclass
+class FeatureSet:
+    features: dict[str, np.ndarray]
+    """Layer name ("last", "block3", or "pixels") -> [N, D] float32."""
+    labels: np.ndarray | None
+    """[N] int64, or None when the shards have no labels."""
+    keys: list[str]
+
+
+@dataclass(frozen=True)
+class EncoderSource:
+    """What produces features: a trained encoder, a random one of the same shape, or raw pixels."""
+
+    kind: str
+    """trained | random | pixels"""
+    config: PretrainConfig
+    """The run's resolved config (shape, image size, normalization)."""
+    run: Path
+    """Run directory or checkpoint directory."""
+    weights: Path | None = None
+    """File holding the trained encoder (identifies the cache)."""
+    seed: int = 0
+
+    @classmethod
+    def resolve(cls, run: Path, kind: str = "trained", seed: int = 0) -> "EncoderSource":
+        if kind not in ("trained", "random", "pixels"):
+            raise ConfigError(f"unknown encoder source {kind!r}")
+        _, config, weights = load_run_encoder(run)
+        return cls(kind, config, Path(run), weights if kind == "trained" else None, seed)
+
+    @property
+    def baseline_suffix(self) -> str:
+        return {"trained": "", "random": ".random", "pixels": ".pixels"}[self.kind]
+
+    def identity(self) -> str:
+        if self.kind == "trained":
+            return _sha256_file(self.weights)
+        if self.kind == "random":
+            args = ViTArgs.from_config(self.config.model, self.config.data.image_size, self.config.data.channels)
+            return f"random-{self.seed}-{json.dumps(args.__dict__, sort_keys=True)}"
+        return "pixels"
+
+    def build(self) -> VisionTransformer | None:
+        if self.kind == "pixels":
+            return None
+        if self.kind == "trained":
+            return load_run_encoder(self.run)[0]
+        torch.manual_seed(self.seed)
+        args = ViTArgs.from_config(self.config.model, self.config.data.image_size, self.config.data.channels)
+        return VisionTransformer(args).eval()
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def layer_names(layers: list[int] | None) -> list[str]:
+    return ["last"] if not layers else [f"block{layer}" for layer in layers]
+
+
+def cache_key(source: EncoderSource, shards: ShardSet, layers: list[int] | None, pool: str, image_size: int) -> str:
+    data_id = manifest_hash(shards.directory) if shards.directory else None
+    payload = json.dumps({"encoder": source.identity(), "data": data_id, "shards": [Path(u).name for u in shards.urls],
+                          "layers": layers, "pool": pool, "image_size": image_size,
+                          "mean": source.config.data.mean, "std": source.config.data.std}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:24]
+
+
+@torch.no_grad()
+def extract(source: EncoderSource, shard_spec: str, *, layers: list[int] | None = None, pool: str | None = None,
+            batch_size: int = 256, num_workers: int = 2, cache_dir: Path | None = None,
+            need_labels: bool = True, device: str | None = None) -> FeatureSet:
+    """Features of every sample of ``shard_spec`` (each exactly once, in a fixed order)."""
+    config = source.config
+    pool = pool or config.model.pool
+    shards = resolve_shards(shard_spec)
+    names = [PIXELS] if source.kind == "pixels" else layer_names(layers)
+    cache_path = None
+    if cache_dir is not None:
+        cache_path = Path(cache_dir) / f"{cache_key(source, shards, layers, pool, config.data.image_size)}.npz"
+        if cache_path.is_file():
+            return _load_cache(cache_path)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    encoder = source.build()
+    if encoder is not None:
+        encoder.to(device)
+        if pool == "map" and encoder.attn_pool is None:
+            raise ConfigError("--pool map needs an encoder trained with model.pool=map")
+    fields = ("image", "label", "key") if need_labels else ("image", "key")
+    transform = TransformSpec("eval", config.data.image_size, config.data.channels, mean=tuple(config.data.mean),
+                              std=tuple(config.data.std))
+    spec = LoaderSpec(shards, batch_size, transform, train=False, fields=fields, max_error_rate=0.0)
+    _, loader = make_loader(spec, num_workers)
+    chunks: dict[str, list[np.ndarray]] = {name: [] for name in names}
+    labels, keys = [], []
+    for batch in loader:
+        images = batch["image"].to(device)
+        if encoder is None:
+            chunks[PIXELS].append(images.flatten(1).cpu().numpy())
+        elif not layers:
+            chunks["last"].append(encoder.pool(encoder.forward_features(images), pool).cpu().numpy())
+        else:
+            for name, tokens in zip(names, encoder.intermediate_layers(images, layers)):
+                chunks[name].append(encoder.pool(tokens, "gap" if pool == "map" else pool).cpu().numpy())
+        if need_labels:
+            labels.append(batch["label"].numpy())
+        keys.extend(batch["key"])
+    if not keys:
+        raise ConfigError(f"no samples in {shard_spec}")
+    result = FeatureSet({name: np.concatenate(parts).astype(np.float32) for name, parts in chunks.items()},
+                        np.concatenate(labels).astype(np.int64) if need_labels else None, keys)
+    if cache_path is not None:
+        _save_cache(cache_path, result)
+    return result
+
+
+def _save_cache(path: Path, features: FeatureSet) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp.npz")
+    arrays = {f"feat__{k}": v for k, v in features.features.items()}
+    if features.labels is not None:
+        arrays["labels"] = features.labels
+    arrays["keys"] = np.array(features.keys)  # a unicode array; never an object array (no pickle)
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path)
+
+
+def _load_cache(path: Path) -> FeatureSet:
+    with np.load(path, allow_pickle=False) as data:
+        features = {name[len("feat__"):]: data[name] for name in data.files if name.startswith("feat__")}
+        labels = data["labels"] if "labels" in data.files else None
+        keys = data["keys"].tolist()
+    return FeatureSet(features, labels, keys)

@@ -1,0 +1,121 @@
+"""Linear probe on cached features: a sweep of heads trained together in one pass.
+
+Each head is BatchNorm without affine + Linear (the MAE protocol). BatchNorm has no parameters,
+so one shared BatchNorm computes exactly what each head's own would; every head has its own
+parameters and its own optimizer group (learning rate, weight decay), and the summed loss gives
+each head the gradient it would get alone. One pass over the features trains the whole sweep.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+DEFAULT_LRS = (0.01, 0.03, 0.1, 0.3, 1.0)
+DEFAULT_WDS = (0.0, 1e-4, 1e-3)
+
+
+@dataclass
+class ProbeSettings:
+    lrs: tuple[float, ...] = DEFAULT_LRS
+    """Learning rates of the sweep (SGD, momentum 0.9, cosine decay)."""
+    weight_decays: tuple[float, ...] = DEFAULT_WDS
+    """Weight decays of the sweep (every lr x every wd is one head)."""
+    epochs: int = 30
+    batch_size: int = 256
+    val_fraction: float = 0.1
+    """Held out from train to pick the head; the test split is only used for the report."""
+    seed: int = 0
+
+
+@dataclass
+class ProbeResult:
+    top1: float
+    top5: float
+    val_top1: float
+    lr: float
+    weight_decay: float
+    sweep: list[dict[str, float]] = field(default_factory=list)
+
+
+class LinearHeads(nn.Module):
+    """K independent heads over the same normalized features: [B, D] -> [K, B, C]."""
+
+    def __init__(self, dim: int, classes: int, count: int) -> None:
+        super().__init__()
+        self.norm = nn.BatchNorm1d(dim, affine=False)
+        # zero init: a convex problem needs no symmetry breaking, and a head then starts the same
+        # whatever else is in the sweep
+        self.weights = nn.ParameterList(nn.Parameter(torch.zeros(dim, classes)) for _ in range(count))
+        self.biases = nn.ParameterList(nn.Parameter(torch.zeros(classes)) for _ in range(count))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        normed = self.norm(features)
+        return torch.stack([normed @ w + b for w, b in zip(self.weights, self.biases)])
+
+
+def train_heads(features: np.ndarray, labels: np.ndarray, classes: int, lrs: list[float], wds: list[float],
+                epochs: int, batch_size: int, seed: int) -> LinearHeads:
+    """Heads i = (lrs[i], wds[i]) trained together on the same batches in the same order."""
+    x = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32))
+    y = torch.from_numpy(labels.astype(np.int64))
+    heads = LinearHeads(x.shape[1], classes, len(lrs))
+    groups = [{"params": [w, b], "lr": lr, "weight_decay": wd}
+              for w, b, lr, wd in zip(heads.weights, heads.biases, lrs, wds)]
+    optimizer = torch.optim.SGD(groups, momentum=0.9)
+    steps_per_epoch = max(1, len(x) // batch_size)
+    total = epochs * steps_per_epoch
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / total)))
+    order_rng = torch.Generator().manual_seed(seed)
+    heads.train()
+    for _ in range(epochs):
+        order = torch.randperm(len(x), generator=order_rng)
+        for step in range(steps_per_epoch):
+            index = order[step * batch_size:(step + 1) * batch_size]
+            logits = heads(x[index])
+            # sum over heads: each head's gradient is exactly what it would be alone
+            loss = sum(F.cross_entropy(head_logits, y[index]) for head_logits in logits)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+    return heads.eval()
+
+
+@torch.no_grad()
+def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, k: int) -> float:
+    k = min(k, logits.shape[-1])
+    top = logits.topk(k, dim=-1).indices
+    return (top == labels.unsqueeze(-1)).any(dim=-1).float().mean().item()
+
+
+def split_train_val(count: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    order = np.random.default_rng(seed).permutation(count)
+    cut = max(1, int(round(count * fraction))) if fraction > 0 else 0
+    return np.sort(order[cut:]), np.sort(order[:cut])
+
+
+def linear_probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray,
+                 settings: ProbeSettings = ProbeSettings()) -> ProbeResult:
+    classes = int(max(train_y.max(), test_y.max())) + 1
+    grid = [(lr, wd) for lr in settings.lrs for wd in settings.weight_decays]
+    fit_idx, val_idx = split_train_val(len(train_x), settings.val_fraction, settings.seed)
+    heads = train_heads(train_x[fit_idx], train_y[fit_idx], classes, [g[0] for g in grid], [g[1] for g in grid],
+                        settings.epochs, settings.batch_size, settings.seed)
+    with torch.no_grad():
+        val_logits = heads(torch.from_numpy(train_x[val_idx].astype(np.float32)))
+        test_logits = heads(torch.from_numpy(test_x.astype(np.float32)))
+    val_y = torch.from_numpy(train_y[val_idx].astype(np.int64))
+    test_labels = torch.from_numpy(test_y.astype(np.int64))
+    sweep = []
+    for index, (lr, wd) in enumerate(grid):
+        sweep.append({"lr": lr, "weight_decay": wd, "val_top1": topk_accuracy(val_logits[index], val_y, 1),
+                      "test_top1": topk_accuracy(test_logits[index], test_labels, 1)})
+    best = max(range(len(grid)), key=lambda i: (sweep[i]["val_top1"], -i))
+    return ProbeResult(top1=sweep[best]["test_top1"], top5=topk_accuracy(test_logits[best], test_labels, 5),
+                       val_top1=sweep[best]["val_top1"], lr=grid[best][0], weight_decay=grid[best][1], sweep=sweep)

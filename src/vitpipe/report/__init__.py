@@ -1,0 +1,1 @@
+"""Pictures and pages for runs (matplotlib, no network assets)."""

@@ -1,0 +1,155 @@
+"""Downstream evaluation against brute-force references, and the eval CLI end to end."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from vitpipe.cli import main
+from vitpipe.downstream.probe import ProbeSettings, linear_probe, train_heads
+from vitpipe.downstream.retrieval import (IndexSettings, build_index, knn_classify, load_index, recall_at_k,
+                                          save_index, search)
+
+
+def separable(n=600, dim=16, classes=4, seed=0):
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(size=(classes, dim)) * 4
+    labels = rng.integers(0, classes, size=n)
+    return (centers[labels] + rng.normal(size=(n, dim))).astype(np.float32), labels
+
+
+def test_linear_probe_separable_reaches_100():
+    x, y = separable(n=800, seed=0)
+    result = linear_probe(x[:600], y[:600], x[600:], y[600:], ProbeSettings(epochs=10, batch_size=64))
+    assert result.top1 >= 0.99 and result.top5 == 1.0
+    assert len(result.sweep) == 15
+
+
+def test_sweep_in_one_pass_equals_each_head_alone():
+    x, y = separable(n=300)
+    lrs, wds = [0.01, 0.1, 1.0], [0.0, 1e-3, 1e-4]
+    together = train_heads(x, y, 4, lrs, wds, epochs=3, batch_size=32, seed=7)
+    for index, (lr, wd) in enumerate(zip(lrs, wds)):
+        alone = train_heads(x, y, 4, [lr], [wd], epochs=3, batch_size=32, seed=7)
+        assert torch.allclose(alone.weights[0], together.weights[index], atol=1e-6)
+        assert torch.allclose(alone.biases[0], together.biases[index], atol=1e-6)
+    assert not torch.allclose(together.weights[0], together.weights[2])
+
+
+def brute_knn(train_x, train_y, test_x, k, temperature, classes):
+    a = train_x / np.linalg.norm(train_x, axis=1, keepdims=True)
+    b = test_x / np.linalg.norm(test_x, axis=1, keepdims=True)
+    sims = b @ a.T
+    preds = []
+    for row in sims:
+        top = np.argsort(-row, kind="stable")[:k]
+        votes = np.zeros(classes)
+        for j in top:
+            votes[train_y[j]] += np.exp(row[j] / temperature)
+        preds.append(votes.argmax())
+    return np.array(preds)
+
+
+def test_knn_matches_numpy_brute_force():
+    train_x, train_y = separable(n=400, seed=2)
+    train_x += np.random.default_rng(3).normal(size=train_x.shape).astype(np.float32) * 3  # make it imperfect
+    test_x, test_y = separable(n=100, seed=4)
+    result = knn_classify(train_x, train_y, test_x, test_y, ks=(10, 20, 200), temperature=0.07)
+    for k in (10, 20, 200):
+        expected = (brute_knn(train_x, train_y, test_x, k, 0.07, 4) == test_y).mean()
+        assert result[k] == pytest.approx(expected)
+
+
+def test_retrieval_index_save_load_and_recall(tmp_path):
+    x, y = separable(n=300, seed=6)
+    index = build_index(x)
+    save_index(index, [f"k{i}" for i in range(300)], y, tmp_path / "idx", {"pool": "cls"})
+    loaded, ids = load_index(tmp_path / "idx")
+    s1, n1 = search(index, x[:20], 5)
+    s2, n2 = search(loaded, x[:20], 5)
+    assert np.array_equal(n1, n2) and np.allclose(s1, s2) and ids["keys"][7] == "k7"
+    normed = x / np.linalg.norm(x, axis=1, keepdims=True)
+    sims = normed @ normed.T
+    np.fill_diagonal(sims, -np.inf)
+    order = np.argsort(-sims, axis=1)
+    recall = recall_at_k(index, x, y, ks=(1, 5))
+    for k in (1, 5):
+        expected = np.mean([np.any(y[order[i, :k]] == y[i]) for i in range(300)])
+        assert recall[k] == pytest.approx(expected)
+    for kind in ("ivf", "hnsw"):
+        approx = build_index(x, IndexSettings(kind=kind, nlist=4, nprobe=4))
+        assert recall_at_k(approx, x, y, ks=(1,))[1] > 0.9
+
+
+@pytest.fixture
+def tiny_run(tmp_path, tiny_labelled_shards):
+    run = tmp_path / "run"
+    args = ["model.size=micro", "data.image_size=16", "mae.decoder_dim=32", "mae.decoder_heads=2",
+            "mae.decoder_depth=1", "train.batch_size=8", "train.max_steps=3", "data.num_workers=0",
+            "train.tensorboard=false"]
+    assert main(["pretrain", "mae", "--data", str(tiny_labelled_shards / "train"), "--out", str(run), *args]) == 0
+    return run
+
+
+@pytest.fixture
+def tiny_labelled_shards(tmp_path):
+    from conftest import write_image_folder
+    from vitpipe.config import IngestConfig
+    from vitpipe.pipeline.ingest import ingest
+
+    folder = write_image_folder(tmp_path / "imgs", per_class=20, classes=("a", "b", "c"))
+    ingest(str(folder), tmp_path / "shards", IngestConfig(shard_size=16, val_fraction=0.3, image_size=16),
+           progress=False)
+    return tmp_path / "shards"
+
+
+def test_eval_cli_with_baselines(tiny_run, tiny_labelled_shards, tmp_path, capsys):
+    train, test = str(tiny_labelled_shards / "train"), str(tiny_labelled_shards / "val")
+    common = ["--train", train, "--test", test, "--workers", "0"]
+    assert main(["eval", "linear-probe", str(tiny_run), *common, "--epochs", "2"]) == 0
+    assert main(["eval", "linear-probe", str(tiny_run), *common, "--epochs", "2", "--init", "random"]) == 0
+    assert main(["eval", "linear-probe", str(tiny_run), *common, "--epochs", "2", "--pixels"]) == 0
+    assert main(["eval", "linear-probe", str(tiny_run), *common, "--epochs", "2", "--layers", "0,1"]) == 0
+    assert main(["eval", "knn", str(tiny_run), *common]) == 0
+    assert main(["eval", "knn", str(tiny_run), *common, "--pixels"]) == 0
+    names = sorted(p.name for p in (tiny_run / "eval").glob("*.json"))
+    assert names == ["knn.json", "knn.pixels.json", "linear-probe.json", "linear-probe.pixels.json",
+                     "linear-probe.random.json"]
+    result = json.loads((tiny_run / "eval" / "linear-probe.json").read_text())
+    assert 0 <= result["top1"] <= 1 and set(result["per_layer"]) == {"block0", "block1"}
+    assert result["provenance"]["data"]["train"]["manifest_sha256"]
+    assert result["provenance"]["encoder"].endswith("encoder.safetensors")
+    assert list((tiny_run / "eval" / "cache").glob("*.npz"))
+
+    query = next((tmp_path / "imgs" / "a").glob("*.png"))
+    assert main(["eval", "retrieval", str(tiny_run), "--index", train, "--workers", "0"]) == 0
+    retrieval = json.loads((tiny_run / "eval" / "retrieval.json").read_text())
+    assert set(retrieval["recall"]) == {"1", "5", "10"}
+    capsys.readouterr()
+    assert main(["eval", "retrieval", str(tiny_run), "--index", train, "--query", str(query), "--top-k", "3",
+                 "--workers", "0"]) == 0
+    lines = [l for l in capsys.readouterr().out.splitlines() if l[:1].isdigit()]
+    assert len(lines) == 3 and lines[0].split("\t")[1].startswith("a_")
+    assert list((tiny_run / "eval" / "retrieval").glob("query_*.png"))
+
+
+def test_eval_bad_inputs_exit_2(tiny_run, tiny_labelled_shards, tmp_path, capsys):
+    from vitpipe.pipeline.tario import write_tar_atomic
+    from conftest import encode_image, make_image
+
+    unlabeled = tmp_path / "unlabeled"
+    unlabeled.mkdir()
+    write_tar_atomic(unlabeled / "00000.tar", [{"__key__": "x", "png": encode_image(make_image(1, size=16))}])
+    train = str(tiny_labelled_shards / "train")
+    cases = [
+        (["eval", "knn", str(tmp_path / "missing"), "--train", train, "--test", train], "neither a run"),
+        (["eval", "linear-probe", str(tiny_run), "--train", str(unlabeled), "--test", train, "--workers", "0"], "no label"),
+        (["eval", "knn", str(tiny_run), "--train", train, "--test", train, "--pool", "max"], "--pool"),
+        (["eval", "retrieval", str(tiny_run), "--index", train, "--index-type", "lsh"], "index-type"),
+    ]
+    for args, message in cases:
+        assert main(args) == 2, args
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err
