@@ -153,3 +153,43 @@ def test_eval_bad_inputs_exit_2(tiny_run, tiny_labelled_shards, tmp_path, capsys
         assert main(args) == 2, args
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err
+
+
+def test_freezing_really_freezes():
+    from vitpipe.config import FinetuneConfig
+    from vitpipe.ssl.classify import Classifier
+    from vitpipe.ssl.trainer import param_groups
+    from vitpipe.ssl.vit import ViTArgs, VisionTransformer
+
+    torch.manual_seed(0)
+    encoder = VisionTransformer(ViTArgs(image_size=16, patch_size=4, embed_dim=64, depth=3, num_heads=2))
+    model = Classifier(encoder, FinetuneConfig(num_classes=3, freeze_blocks=2, freeze_patch_embed=True))
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters()
+              if n.startswith(("backbone.patch_embed", "backbone.blocks.0.", "backbone.blocks.1.", "backbone.cls_token"))}
+    optimizer = torch.optim.AdamW(param_groups(model, 0.05, 1e-2))
+    for _ in range(3):
+        out = model({"image": torch.randn(4, 3, 16, 16), "label": torch.tensor([0, 1, 2, 0])})
+        optimizer.zero_grad()
+        out.loss.backward()
+        optimizer.step()
+    params = dict(model.named_parameters())
+    for name, before in frozen.items():
+        assert params[name].grad is None and torch.equal(params[name], before), name
+    assert not torch.equal(params["backbone.blocks.2.attn.qkv.weight"], torch.zeros(1))
+    assert params["backbone.blocks.2.attn.qkv.weight"].grad is not None
+    scales = {model.lr_scale(n) for n, p in model.named_parameters() if p.requires_grad}
+    assert max(scales) == 1.0 and min(scales) == pytest.approx(0.75 ** 1)  # block 2 of 3
+
+
+def test_finetune_cli_trained_and_scratch(tiny_run, tiny_labelled_shards):
+    train, test = str(tiny_labelled_shards / "train"), str(tiny_labelled_shards / "val")
+    common = ["--train", train, "--test", test, "--steps", "4", "--batch-size", "8", "--workers", "0",
+              "train.tensorboard=false", "data.num_workers=0"]
+    assert main(["eval", "finetune", str(tiny_run), *common, "--image-size", "24"]) == 0
+    assert main(["eval", "finetune", str(tiny_run), *common, "--init", "random", "--label-fraction", "0.5"]) == 0
+    result = json.loads((tiny_run / "eval" / "finetune.json").read_text())
+    assert 0 <= result["top1"] <= 1 and result["steps"] == 4 and result["test_samples"] > 0
+    scratch = json.loads((tiny_run / "eval" / "finetune-labels0.5.random.json").read_text())
+    assert scratch["baseline"] == "random-init" and scratch["label_fraction"] == 0.5
+    # rerunning resumes the finished run instead of training again
+    assert main(["eval", "finetune", str(tiny_run), *common, "--image-size", "24"]) == 0

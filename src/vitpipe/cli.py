@@ -288,11 +288,62 @@ def eval_retrieval(
         typer.echo(f"wrote {grid}")
 
 
+@eval_app.command("finetune")
+@user_errors
+def eval_finetune(
+    run: RunArg,
+    train: Annotated[str, typer.Option("--train", help="Labelled training shards.")],
+    test: Annotated[str, typer.Option("--test", help="Labelled test shards.")],
+    label_fraction: Annotated[float, typer.Option("--label-fraction", help="Use this fraction of the labels.")] = 1.0,
+    init: InitOpt = "trained",
+    steps: Annotated[int, typer.Option(help="Optimizer steps.")] = 1000,
+    batch_size: Annotated[int, typer.Option(help="Batch size.")] = 128,
+    lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 1e-3,
+    layer_decay: Annotated[float, typer.Option(help="Layer-wise lr decay (1 = off).")] = 0.75,
+    drop_path: Annotated[float, typer.Option(help="Stochastic depth.")] = 0.1,
+    label_smoothing: Annotated[float, typer.Option(help="Label smoothing.")] = 0.1,
+    freeze_blocks: Annotated[int, typer.Option(help="Freeze the first K blocks.")] = 0,
+    freeze_patch_embed: Annotated[bool, typer.Option(help="Freeze the patch embedding.")] = False,
+    image_size: Annotated[int, typer.Option(help="Fine-tuning resolution (0 = pretraining's).")] = 0,
+    num_classes: Annotated[int, typer.Option(help="Classes (0 = from the manifest).")] = 0,
+    seed: Annotated[int, typer.Option(help="Seed (label subset, init, order).")] = 0,
+    workers: WorkersOpt = 2,
+    overrides: Annotated[Optional[list[str]], typer.Argument(help="key=value overrides of the fine-tuning run config.")] = None,
+) -> None:
+    """Fine-tune (full or partly frozen) with layer-wise lr decay; --init random trains from scratch."""
+    from vitpipe.downstream.evaluate import source_for
+    from vitpipe.downstream.finetune import FinetuneSettings, finetune
+    from vitpipe.ssl.trainer import EXIT_PREEMPTED, Preempted
+
+    if not 0 < label_fraction <= 1:
+        raise ConfigError("--label-fraction must be in (0, 1]")
+    settings = FinetuneSettings(label_fraction=label_fraction, steps=steps, batch_size=batch_size, lr=lr,
+                                layer_decay=layer_decay, drop_path=drop_path, label_smoothing=label_smoothing,
+                                freeze_blocks=freeze_blocks, freeze_patch_embed=freeze_patch_embed,
+                                image_size=image_size, num_classes=num_classes, seed=seed, workers=workers)
+    try:
+        path, result = finetune(source_for(run, init, False), train, test, settings, overrides)
+    except Preempted as stop:
+        typer.echo(f"stopped: {stop}; rerun the same command to resume (exit {EXIT_PREEMPTED})", err=True)
+        raise typer.Exit(EXIT_PREEMPTED) from None
+    _print_result("fine-tune", [("top1", f"{result['top1']:.4f}"), ("labels", f"{label_fraction:g}"),
+                                ("steps", str(result["steps"])), ("train seconds", str(result["train_seconds"]))], path)
+
+
 def _floats(text: str) -> tuple[float, ...]:
     try:
         return tuple(float(x) for x in text.split(",") if x.strip())
     except ValueError:
         raise ConfigError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+@app.command()
+@user_errors
+def report(run: Annotated[Path, typer.Argument(help="Pretraining run directory.")]) -> None:
+    """Write RUN/report/index.html: curves, reconstructions, attention, positions, retrieval, evals."""
+    from vitpipe.report.html import build_report
+
+    typer.echo(f"wrote {build_report(run)}")
 
 
 # ---------------------------------------------------------------------------------------------

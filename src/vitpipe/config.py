@@ -74,7 +74,7 @@ class IngestConfig:
     image_col: str = "image"
     """Hugging Face datasets: image column."""
     label_col: str | None = "label"
-    """Hugging Face datasets: label column (ignored when missing)."""
+    """Integer label column of a URL list or Hugging Face dataset (ignored when missing)."""
     text_col: str | None = None
     """Hugging Face datasets: caption column."""
 
@@ -127,6 +127,8 @@ class DataConfig:
     """Draw shards with replacement (infinite stream; for multi-node runs with few shards)."""
     max_error_rate: float = 0.05
     """Abort when more than this fraction of samples fails to decode (after 100 samples)."""
+    subset_fraction: float = 1.0
+    """Use only this fraction of the samples (a fixed subset chosen by key hash and train.seed)."""
     crop_scale_min: float = 0.2
     """Lower bound of RandomResizedCrop's area scale."""
     hflip: bool = True
@@ -143,6 +145,7 @@ class DataConfig:
         _check(self.shuffle_buffer >= 0, "data.shuffle_buffer must be >= 0")
         _check(self.samples_per_epoch >= 0, "data.samples_per_epoch must be >= 0")
         _check(0 <= self.max_error_rate <= 1, "data.max_error_rate must be in [0, 1]")
+        _check(0 < self.subset_fraction <= 1, "data.subset_fraction must be in (0, 1]")
         _check(0 < self.crop_scale_min <= 1, "data.crop_scale_min must be in (0, 1]")
         _check(len(self.mean) == len(self.std) == 3, "data.mean and data.std need 3 values")
 
@@ -203,6 +206,26 @@ class MAEConfig:
         _check(0 < self.mask_ratio < 1, "mae.mask_ratio must be in (0, 1)")
         _check(self.decoder_dim % self.decoder_heads == 0, "mae.decoder_dim must be divisible by mae.decoder_heads")
         _check(self.decoder_depth >= 1, "mae.decoder_depth must be >= 1")
+
+
+@dataclass
+class FinetuneConfig:
+    num_classes: int = 10
+    """Classes of the labelled data."""
+    label_smoothing: float = 0.1
+    """Cross-entropy label smoothing."""
+    layer_decay: float = 0.75
+    """Layer-wise lr decay: block i of D gets lr * decay^(D - i); 1 disables it."""
+    freeze_blocks: int = 0
+    """Freeze the first K transformer blocks."""
+    freeze_patch_embed: bool = False
+    """Freeze the patch embedding."""
+
+    def __post_init__(self) -> None:
+        _check(self.num_classes >= 2, "finetune.num_classes must be >= 2")
+        _check(0 <= self.label_smoothing < 1, "finetune.label_smoothing must be in [0, 1)")
+        _check(0 < self.layer_decay <= 1, "finetune.layer_decay must be in (0, 1]")
+        _check(self.freeze_blocks >= 0, "finetune.freeze_blocks must be >= 0")
 
 
 @dataclass
@@ -286,6 +309,8 @@ class PretrainConfig:
     """ViT encoder."""
     mae: MAEConfig = field(default_factory=MAEConfig)
     """MAE objective settings."""
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    """Classification settings (objective `classify`, used by `vitpipe eval finetune`)."""
     optim: OptimConfig = field(default_factory=OptimConfig)
     """Optimizer and learning-rate schedule."""
     train: TrainConfig = field(default_factory=TrainConfig)

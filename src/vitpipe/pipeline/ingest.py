@@ -95,7 +95,7 @@ def _records(spec: SourceSpec, work: Path, config: IngestConfig) -> Iterator[Rec
     if spec.kind == "url_list":
         from vitpipe.pipeline import web
 
-        yield from web.iter_downloaded(web.download(Path(spec.location), work, config))
+        yield from web.iter_downloaded(web.download(Path(spec.location), work, config), config.label_col)
     elif spec.kind == "folder":
         yield from iter_folder(Path(spec.location), config)
     elif spec.kind == "hf":

@@ -14,6 +14,7 @@ across all ranks and workers, with no shuffle and a partial last batch.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import re
@@ -125,6 +126,8 @@ class LoaderSpec:
     samples_per_epoch: int = 0
     """Per rank, training mode; 0 = dataset size / world size (needs sizes.json)."""
     resampled: bool = False
+    subset_fraction: float = 1.0
+    """Keep a fixed subset of samples (by hash of seed and key), e.g. 1% of the labels."""
     max_error_rate: float = 0.05
     rank: int = 0
     world_size: int = 1
@@ -140,7 +143,7 @@ class ShardDataset(IterableDataset):
         self.skip_batches = 0
         self.transform = build_transform(spec.transform)
         if spec.train:
-            per_rank = spec.samples_per_epoch or (spec.shards.total or 0) // spec.world_size
+            per_rank = spec.samples_per_epoch or int((spec.shards.total or 0) * spec.subset_fraction) // spec.world_size
             if per_rank < spec.batch_size:
                 raise ConfigError(
                     f"{per_rank} samples per epoch and rank is less than one batch of {spec.batch_size}"
@@ -203,9 +206,16 @@ class ShardDataset(IterableDataset):
         index = 0
         for url in urls:
             for sample in self._read_shard(url):
-                if index % stride == offset:
+                if index % stride == offset and self._in_subset(sample["__key__"]):
                     yield sample
                 index += 1
+
+    def _in_subset(self, key: str) -> bool:
+        fraction = self.spec.subset_fraction
+        if fraction >= 1:
+            return True
+        digest = hashlib.sha256(f"{self.spec.seed}:{key}".encode()).digest()
+        return int.from_bytes(digest[:8], "big") / 2**64 < fraction
 
     def _read_shard(self, url: str) -> Iterator[dict[str, bytes]]:
         try:

@@ -92,13 +92,14 @@ def _input_format(path: Path) -> str:
     return base + (".gz" if gz else "")
 
 
-def check_url_list(path: Path, url_col: str, caption_col: str | None) -> None:
-    """Fail fast, with one line, on a list img2dataset would choke on deep inside its workers."""
+def check_url_list(path: Path, url_col: str, caption_col: str | None) -> list[str]:
+    """Fail fast, with one line, on a list img2dataset would choke on deep inside its workers.
+    Returns the list's column names."""
     fmt = _input_format(path)
     if fmt.startswith("txt"):
         if caption_col:
             raise ConfigError(f"{path}: a .txt URL list has no columns; drop --caption-col")
-        return
+        return ["url"]
     import pandas as pd
 
     try:
@@ -113,6 +114,7 @@ def check_url_list(path: Path, url_col: str, caption_col: str | None) -> None:
     for column in filter(None, (url_col, caption_col)):
         if column not in columns:
             raise ConfigError(f"{path}: no column {column!r}; columns: {', '.join(map(str, columns))}")
+    return [str(c) for c in columns]
 
 
 @contextlib.contextmanager
@@ -139,7 +141,8 @@ def _bounded_img2dataset(config: IngestConfig):
             os.environ["CV_IO_MAX_IMAGE_PIXELS"] = previous_env
 
 
-def img2dataset_kwargs(url_list: Path, output_folder: Path, config: IngestConfig) -> dict:
+def img2dataset_kwargs(url_list: Path, output_folder: Path, config: IngestConfig,
+                       extra_columns: list[str] | None = None) -> dict:
     """The img2dataset arguments for our settings (also used by the benchmark's direct call)."""
     encode_format = "jpg" if config.encode_format == "auto" else config.encode_format
     return dict(
@@ -163,19 +166,21 @@ def img2dataset_kwargs(url_list: Path, output_folder: Path, config: IngestConfig
         compute_hash="sha256",
         disallowed_header_directives=[],
         enable_wandb=False,
+        save_additional_columns=extra_columns or None,
     )
 
 
 def download(url_list: Path, work_dir: Path, config: IngestConfig) -> Path:
     """Run img2dataset (resumable) into ``work_dir/img2dataset`` and return that folder."""
-    check_url_list(url_list, config.url_col, config.caption_col)
+    columns = check_url_list(url_list, config.url_col, config.caption_col)
+    extra = [config.label_col] if config.label_col and config.label_col in columns else None
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations phones home on import
     from img2dataset import download as i2d_download
 
     output = work_dir / "img2dataset"
     output.mkdir(parents=True, exist_ok=True)
     with _bounded_img2dataset(config):
-        i2d_download(**img2dataset_kwargs(url_list, output, config))
+        i2d_download(**img2dataset_kwargs(url_list, output, config, extra))
     return output
 
 
@@ -199,8 +204,9 @@ def classify(error_message: str | None) -> str:
     return "other_error"
 
 
-def iter_downloaded(output: Path) -> Iterator[Record]:
-    """Every row img2dataset processed, as samples and classified failures, in key order."""
+def iter_downloaded(output: Path, label_col: str | None = None) -> Iterator[Record]:
+    """Every row img2dataset processed, as samples and classified failures, in key order.
+    An integer ``label_col`` of the URL list (kept by img2dataset) becomes the sample's label."""
     for table_path in sorted(output.glob("*.parquet")):
         rows = pq.read_table(table_path).to_pylist()
         tar_path = table_path.with_suffix(".tar")
@@ -222,8 +228,10 @@ def iter_downloaded(output: Path) -> Iterator[Record]:
             if ext is None:
                 yield Failure("missing_in_shard", url, f"{tar_path.name}:{key}")
                 continue
+            label = row.get(label_col) if label_col else None
             yield Sample(
                 key=key, image=files[ext], ext=ext, content_hash=row.get("sha256") or "",
+                label=int(label) if label is not None and str(label).lstrip("-").isdigit() else None,
                 original_size=(row.get("original_width") or 0, row.get("original_height") or 0),
                 text=row.get("caption"), meta={"source": url, "width": row.get("width"), "height": row.get("height")},
             )

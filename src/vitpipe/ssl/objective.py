@@ -44,6 +44,10 @@ class Objective(nn.Module):
         """The backbone kept after pretraining (exported, evaluated)."""
         raise NotImplementedError
 
+    def lr_scale(self, name: str) -> float:
+        """Multiplier of the learning rate for parameter ``name`` (layer-wise decay)."""
+        return 1.0
+
     def no_weight_decay(self) -> set[str]:
         """Parameter names (full dotted names) excluded from weight decay besides norms and biases."""
         return set()

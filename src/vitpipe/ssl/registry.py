@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Callable
 
 from vitpipe.config import ConfigError, PretrainConfig
+from vitpipe.ssl.classify import Classifier
 from vitpipe.ssl.mae import MAE
 from vitpipe.ssl.objective import Objective
 from vitpipe.ssl.vit import ViTArgs, VisionTransformer
@@ -18,8 +19,13 @@ def _mae(config: PretrainConfig) -> Objective:
     return MAE(build_encoder(config), config.mae)
 
 
+def _classify(config: PretrainConfig) -> Objective:
+    return Classifier(build_encoder(config), config.finetune)
+
+
 OBJECTIVES: dict[str, Callable[[PretrainConfig], Objective]] = {
     "mae": _mae,
+    "classify": _classify,
 }
 
 

@@ -88,15 +88,18 @@ def check_launch(num_processes: int) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def param_groups(model: Objective, weight_decay: float) -> list[dict[str, Any]]:
-    """No decay for norms, biases (1-D parameters), position embeddings and tokens."""
+def param_groups(model: Objective, weight_decay: float, lr: float) -> list[dict[str, Any]]:
+    """No decay for norms, biases (1-D parameters), position embeddings and tokens; per-parameter
+    learning-rate scales from the objective (layer-wise decay) become separate groups."""
     skip = model.no_weight_decay()
-    decay, no_decay = [], []
+    groups: dict[tuple[bool, float], list[nn.Parameter]] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        (no_decay if param.ndim <= 1 or name in skip or name.endswith("token") else decay).append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        decay = not (param.ndim <= 1 or name in skip or name.endswith("token"))
+        groups.setdefault((decay, model.lr_scale(name)), []).append(param)
+    return [{"params": params, "weight_decay": weight_decay if decay else 0.0, "lr": lr * scale}
+            for (decay, scale), params in sorted(groups.items(), key=lambda item: (not item[0][0], -item[0][1]))]
 
 
 def lr_factor(step: int, max_steps: int, warmup: int, min_ratio: float) -> float:
@@ -249,6 +252,7 @@ class Trainer:
                                   data.hflip, tuple(data.mean), tuple(data.std))
         fields = tuple(objective.batch_fields) + (("key",) if train.record_keys and "key" not in objective.batch_fields else ())
         spec = LoaderSpec(shards, train.batch_size, transform, train=True, fields=fields,
+                          subset_fraction=data.subset_fraction,
                           seed=train.seed, shuffle_buffer=data.shuffle_buffer,
                           samples_per_epoch=data.samples_per_epoch, resampled=data.resampled,
                           max_error_rate=data.max_error_rate, rank=rank, world_size=world,
@@ -344,7 +348,7 @@ class Trainer:
         dataset, loader = self._loader(objective, accelerator.process_index, accelerator.num_processes)
         global_batch = train.batch_size * train.grad_accum * accelerator.num_processes
         lr = peak_lr(config, global_batch)
-        optimizer = torch.optim.AdamW(param_groups(objective, config.optim.weight_decay), lr=lr,
+        optimizer = torch.optim.AdamW(param_groups(objective, config.optim.weight_decay, lr), lr=lr,
                                       betas=tuple(config.optim.betas))
         warmup = config.optim.warmup_steps or int(config.optim.warmup_fraction * train.max_steps)
         min_ratio = config.optim.min_lr / lr

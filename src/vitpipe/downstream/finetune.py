@@ -1,0 +1,131 @@
+"""Fine-tuning a pretrained (or random-init) encoder with the same trainer as pretraining."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vitpipe.config import ConfigError, PretrainConfig, from_dict, merge, parse_overrides, to_dict
+from vitpipe.downstream.evaluate import run_dir_of, write_result
+from vitpipe.downstream.features import EncoderSource
+from vitpipe.pipeline.loader import LoaderSpec, make_loader, resolve_shards
+from vitpipe.pipeline.manifest import find_manifest
+from vitpipe.pipeline.transforms import TransformSpec
+from vitpipe.ssl.classify import Classifier
+from vitpipe.ssl.trainer import Trainer, list_checkpoints
+from vitpipe.ssl.vit import ViTArgs, VisionTransformer
+
+
+@dataclass
+class FinetuneSettings:
+    label_fraction: float = 1.0
+    """Fraction of the training labels used (fixed subset by key hash and seed)."""
+    steps: int = 1000
+    batch_size: int = 128
+    lr: float = 1e-3
+    """Peak learning rate (AdamW, warmup then cosine)."""
+    weight_decay: float = 0.05
+    layer_decay: float = 0.75
+    drop_path: float = 0.1
+    label_smoothing: float = 0.1
+    freeze_blocks: int = 0
+    freeze_patch_embed: bool = False
+    image_size: int = 0
+    """Fine-tuning resolution; 0 = the pretraining one (other sizes interpolate positions)."""
+    num_classes: int = 0
+    """0 = from the training shards' manifest label map."""
+    seed: int = 0
+    workers: int = 2
+
+
+def _num_classes(train: str) -> int:
+    shards = resolve_shards(train)
+    path = find_manifest(shards.directory) if shards.directory else None
+    label_map = json.loads(path.read_text()).get("label_map") if path else None
+    if not label_map:
+        raise ConfigError("cannot tell the number of classes from the shards' manifest; pass --num-classes")
+    return len(label_map)
+
+
+def finetune_config(source: EncoderSource, train: str, settings: FinetuneSettings,
+                    overrides: list[str] | None = None) -> PretrainConfig:
+    base = to_dict(source.config)
+    base.update(objective="classify")
+    base["data"].update(shards=train, subset_fraction=settings.label_fraction,
+                        image_size=settings.image_size or source.config.data.image_size)
+    base["model"].update(drop_path=settings.drop_path)
+    base["finetune"] = dict(num_classes=settings.num_classes or _num_classes(train),
+                            label_smoothing=settings.label_smoothing, layer_decay=settings.layer_decay,
+                            freeze_blocks=settings.freeze_blocks, freeze_patch_embed=settings.freeze_patch_embed)
+    base["optim"] = dict(base_lr=settings.lr, lr=settings.lr, weight_decay=settings.weight_decay,
+                         betas=[0.9, 0.999], warmup_fraction=0.1, min_lr=1e-6, clip_grad=0.0, warmup_steps=0)
+    base["train"].update(max_steps=settings.steps, batch_size=settings.batch_size, grad_accum=1, seed=settings.seed,
+                         ckpt_every_steps=max(100, settings.steps // 4), record_keys=False)
+    return from_dict(PretrainConfig, merge(base, parse_overrides(overrides or [])))
+
+
+def classifier_builder(source: EncoderSource):
+    """Build the classifier with the source's weights loaded at the pretraining resolution, then
+    its positions interpolated to the fine-tuning one."""
+    pretrain = source.config
+
+    def build(config: PretrainConfig) -> Classifier:
+        args = ViTArgs.from_config(config.model, pretrain.data.image_size, pretrain.data.channels)
+        torch.manual_seed(config.train.seed)
+        encoder = VisionTransformer(args)
+        if source.kind == "trained":
+            encoder.load_state_dict(source.build().state_dict())
+        encoder.resize_pos_embed(config.data.image_size)
+        return Classifier(encoder, config.finetune)
+
+    return build
+
+
+@torch.no_grad()
+def evaluate_classifier(model: Classifier, config: PretrainConfig, test: str, workers: int) -> dict[str, float]:
+    model.eval()
+    transform = TransformSpec("eval", config.data.image_size, config.data.channels, mean=tuple(config.data.mean),
+                              std=tuple(config.data.std))
+    spec = LoaderSpec(resolve_shards(test), 256, transform, train=False, fields=("image", "label"),
+                      max_error_rate=0.0)
+    _, loader = make_loader(spec, workers)
+    correct = total = 0
+    for batch in loader:
+        predictions = model.logits(batch["image"]).argmax(dim=-1)
+        correct += (predictions == batch["label"]).sum().item()
+        total += len(predictions)
+    if not total:
+        raise ConfigError(f"no test samples in {test}")
+    return {"top1": correct / total, "test_samples": total}
+
+
+def finetune(source: EncoderSource, train: str, test: str, settings: FinetuneSettings,
+             overrides: list[str] | None = None) -> tuple[Path, dict[str, Any]]:
+    """Train (resumable, under RUN/finetune/<tag>/), then evaluate top-1 on ``test``."""
+    if source.kind == "pixels":
+        raise ConfigError("fine-tuning needs an encoder; use --init random for the from-scratch baseline")
+    start = time.monotonic()
+    config = finetune_config(source, train, settings, overrides)
+    tag = f"{source.kind}-labels{settings.label_fraction:g}-seed{settings.seed}"
+    out = run_dir_of(source.run) / "finetune" / tag
+    build = classifier_builder(source)
+    summary = Trainer(config, out, build, resume="auto").run()
+    model = build(config)
+    from safetensors.torch import load_file
+
+    model.load_state_dict(load_file(list_checkpoints(out)[-1] / "model.safetensors"))
+    scores = evaluate_classifier(model, config, test, settings.workers)
+    payload = {**scores, "label_fraction": settings.label_fraction, "steps": summary.steps,
+               "train_seconds": round(summary.seconds, 1), "run": str(out), "settings": dataclasses.asdict(settings)}
+    path = write_result(source, "finetune", payload, {"train": train, "test": test}, time.monotonic() - start)
+    if settings.label_fraction != 1.0:  # keep one file per label fraction
+        renamed = path.with_name(path.name.replace("finetune", f"finetune-labels{settings.label_fraction:g}", 1))
+        path.replace(renamed)
+        path = renamed
+    return path, payload

@@ -1,0 +1,183 @@
+"""`vitpipe report RUN`: one self-contained HTML page plus its PNGs under RUN/report/."""
+
+from __future__ import annotations
+
+import html
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vitpipe.config import ConfigError, PretrainConfig, load_config
+from vitpipe.pipeline.images import EXTENSIONS, decode_rgb
+from vitpipe.pipeline.loader import LoaderSpec, make_loader, open_shard, resolve_shards
+from vitpipe.pipeline.tario import iter_tar_samples
+from vitpipe.pipeline.transforms import TransformSpec, build_transform
+from vitpipe.report import figures
+from vitpipe.report.plots import last_per_step, loss_curve, read_metrics
+from vitpipe.ssl.runs import load_run_encoder
+
+SAMPLE_IMAGES = 6
+
+
+def _sample_batch(config: PretrainConfig, shards: str, count: int) -> torch.Tensor:
+    transform = TransformSpec("eval", config.data.image_size, config.data.channels, mean=tuple(config.data.mean),
+                              std=tuple(config.data.std))
+    spec = LoaderSpec(resolve_shards(shards), count, transform, train=False, fields=("image",))
+    _, loader = make_loader(spec, 0)
+    return next(iter(loader))["image"][:count]
+
+
+def _load_objective(run_dir: Path, config: PretrainConfig):
+    from safetensors.torch import load_file
+
+    from vitpipe.ssl.registry import build_objective
+    from vitpipe.ssl.trainer import list_checkpoints
+
+    checkpoints = list_checkpoints(run_dir)
+    if not checkpoints:
+        return None
+    objective = build_objective(config)
+    objective.load_state_dict(load_file(checkpoints[-1] / "model.safetensors"))
+    return objective.eval()
+
+
+def _images_by_key(shard_spec: str, keys: set[str]) -> dict[str, Any]:
+    found = {}
+    for url in resolve_shards(shard_spec).urls:
+        with open_shard(url) as handle:
+            for sample in iter_tar_samples(handle):
+                if sample["__key__"] in keys:
+                    ext = next(e for e in EXTENSIONS if e in sample)
+                    found[sample["__key__"]] = decode_rgb(sample[ext])
+        if len(found) == len(keys):
+            break
+    return found
+
+
+def _retrieval_section(run_dir: Path, config: PretrainConfig, encoder, out_dir: Path) -> Path | None:
+    from vitpipe.downstream.retrieval import load_index, search
+
+    directory = run_dir / "eval" / "retrieval"
+    if not (directory / "index.faiss").is_file():
+        return None
+    index, ids = load_index(directory)
+    keys = ids["keys"]
+    query_keys = keys[:: max(1, len(keys) // 5)][:5]
+    images = _images_by_key(ids["shards"], set(query_keys))
+    transform = build_transform(TransformSpec("eval", config.data.image_size, config.data.channels,
+                                              mean=tuple(config.data.mean), std=tuple(config.data.std)))
+    batch = torch.stack([transform(images[k]) for k in query_keys])
+    with torch.no_grad():
+        features = encoder.pool(encoder.forward_features(batch), ids.get("pool"))
+    similarity, neighbours = search(index, features.numpy(), min(7, index.ntotal))
+    hit_keys = {keys[i] for row in neighbours for i in row if i >= 0}
+    hit_images = _images_by_key(ids["shards"], hit_keys)
+    import numpy as np
+
+    rows = []
+    for query, sims, ids_row in zip(query_keys, similarity, neighbours):
+        rows.append([(np.asarray(hit_images[keys[i]]), keys[i], float(s))
+                     for i, s in zip(ids_row, sims) if i >= 0 and keys[i] != query][:6])
+    return figures.retrieval_grid([np.asarray(images[k]) for k in query_keys], rows, out_dir / "retrieval.png")
+
+
+def _eval_rows(run_dir: Path) -> list[dict[str, Any]]:
+    rows = []
+    for path in sorted((run_dir / "eval").glob("*.json")):
+        result = json.loads(path.read_text())
+        if "recall" in result:
+            metric = ", ".join(f"R@{k} {v:.3f}" for k, v in result["recall"].items()) or "(unlabelled)"
+        else:
+            metric = f"top-1 {result['top1']:.4f}"
+        rows.append({"task": result.get("task", path.stem), "baseline": result.get("baseline") or "pretrained",
+                     "metric": metric, "seconds": result.get("seconds"), "file": path.name})
+    return rows
+
+
+def build_report(run_dir: Path) -> Path:
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file() or not (run_dir / "metrics.jsonl").is_file():
+        raise ConfigError(f"{run_dir} is not a pretraining run (no config.yaml / metrics.jsonl)")
+    config = load_config(PretrainConfig, run_dir / "config.yaml")
+    out_dir = run_dir / "report"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    sections: list[tuple[str, str, str | None]] = []  # (title, caption, png name)
+    curve = loss_curve(run_dir, out_dir / "curves.png", f"{config.objective} loss")
+    sections.append(("Training", "Loss, learning rate and throughput per logged step.", curve.name))
+
+    encoder, _, weights = load_run_encoder(run_dir)
+    images = _sample_batch(config, config.data.shards, SAMPLE_IMAGES)
+    mean, std = config.data.mean, config.data.std
+    objective = _load_objective(run_dir, config)
+    if config.objective == "mae" and objective is not None:
+        png = figures.mae_reconstructions(objective, images, mean, std, out_dir / "reconstructions.png")
+        sections.append(("MAE reconstructions", "original | 75% of patches hidden | decoder output | output with the "
+                         "visible patches pasted back.", png.name))
+    png = figures.cls_attention(encoder, images[:4], mean, std, out_dir / "attention.png")
+    if png is not None:
+        sections.append(("CLS attention", "Last block: attention of the CLS token to each patch, per head.", png.name))
+    png = figures.position_similarity(encoder, out_dir / "positions.png")
+    sections.append(("Position embeddings", "For each patch position, cosine similarity of its embedding to every "
+                     "other position.", png.name))
+    distances = figures.mean_attention_distance(encoder, images)
+    png = figures.attention_distance_plot(distances, out_dir / "attention_distance.png")
+    sections.append(("Attention distance", "Mean attention distance (pixels) per head and block, averaged over "
+                     "sample images: local heads sit low, global heads high.", png.name))
+    png = _retrieval_section(run_dir, config, encoder, out_dir)
+    if png is not None:
+        sections.append(("Retrieval", "Queries from the indexed set and their nearest neighbours (cosine).", png.name))
+
+    records = last_per_step(read_metrics(run_dir))
+    info = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").exists() else {}
+    page = _render(run_dir, config, records, info, sections, _eval_rows(run_dir), weights)
+    path = out_dir / "index.html"
+    tmp = path.with_name("index.html.tmp")
+    tmp.write_text(page)
+    tmp.replace(path)
+    return path
+
+
+def _render(run_dir, config, records, info, sections, eval_rows, weights) -> str:
+    esc = html.escape
+    last = records[-1] if records else {}
+    facts = [("objective", config.objective), ("steps", last.get("step")), ("final loss", _fmt(last.get("loss"))),
+             ("samples seen", last.get("samples")), ("model", f"{config.model.size} / patch {config.model.patch_size} "
+                                                           f"/ {config.data.image_size} px"),
+             ("global batch", info.get("global_batch")), ("processes", info.get("world_size")),
+             ("device / precision", f"{info.get('device')} / {info.get('precision')}"),
+             ("data manifest sha256", (info.get("data_manifest_sha256") or "")[:16]),
+             ("git revision", (info.get("git_revision") or "")[:12]), ("encoder", weights)]
+    fact_rows = "".join(f"<tr><th>{esc(str(k))}</th><td>{esc(str(v))}</td></tr>" for k, v in facts)
+    if eval_rows:
+        body = "".join(f"<tr><td>{esc(r['task'])}</td><td>{esc(r['baseline'])}</td><td>{esc(r['metric'])}</td>"
+                       f"<td>{esc(str(r['seconds']))}</td><td>{esc(r['file'])}</td></tr>" for r in eval_rows)
+        evals = ("<table><tr><th>task</th><th>encoder</th><th>result</th><th>seconds</th><th>file</th></tr>"
+                 f"{body}</table>")
+    else:
+        evals = "<p>No evaluations yet: run <code>vitpipe eval ...</code> on this run.</p>"
+    figures_html = "".join(
+        f"<section><h2>{esc(title)}</h2><p>{esc(caption)}</p><img src=\"{esc(png)}\" alt=\"{esc(title)}\"></section>"
+        for title, caption, png in sections)
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>vitpipe report: {esc(run_dir.name)}</title>
+<style>
+body {{ font-family: system-ui, sans-serif; max-width: 1100px; margin: 2em auto; color: #222; }}
+table {{ border-collapse: collapse; margin: 0.5em 0 1.5em; }}
+th, td {{ border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: left; font-size: 0.9em; }}
+img {{ max-width: 100%; border: 1px solid #eee; }}
+section {{ margin-bottom: 2em; }}
+</style></head><body>
+<h1>vitpipe report: {esc(str(run_dir))}</h1>
+<p>Generated {time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}.</p>
+<table>{fact_rows}</table>
+<h2>Evaluation</h2>{evals}
+{figures_html}
+</body></html>
+"""
+
+
+def _fmt(value) -> str:
+    return "n/a" if value is None else f"{value:.4f}"

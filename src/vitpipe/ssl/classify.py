@@ -1,0 +1,64 @@
+"""Supervised classification on top of the ViT: the objective used for fine-tuning."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vitpipe.config import FinetuneConfig
+from vitpipe.ssl.objective import Objective, Output
+from vitpipe.ssl.vit import VisionTransformer
+
+
+class Classifier(Objective):
+    transform_preset = "finetune"
+    batch_fields = ("image", "label")
+
+    def __init__(self, encoder: VisionTransformer, config: FinetuneConfig) -> None:
+        super().__init__()
+        self.backbone = encoder
+        self.config = config
+        self.head = nn.Linear(encoder.embed_dim, config.num_classes)
+        nn.init.trunc_normal_(self.head.weight, std=2e-5)
+        nn.init.zeros_(self.head.bias)
+        self._freeze()
+
+    def _freeze(self) -> None:
+        frozen = []
+        if self.config.freeze_patch_embed:
+            frozen.append(self.backbone.patch_embed)
+        frozen += list(self.backbone.blocks[: self.config.freeze_blocks])
+        for module in frozen:
+            for param in module.parameters():
+                param.requires_grad_(False)
+        if self.config.freeze_blocks and self.backbone.cls_token is not None:
+            self.backbone.cls_token.requires_grad_(False)  # it only reaches the first block
+
+    def encoder(self) -> VisionTransformer:
+        return self.backbone
+
+    def no_weight_decay(self) -> set[str]:
+        return {f"backbone.{n}" for n in self.backbone.no_weight_decay()}
+
+    def lr_scale(self, name: str) -> float:
+        """Layer-wise decay: the head gets 1, block i gets decay^(depth - i), embeddings decay^(depth + 1)."""
+        depth = len(self.backbone.blocks)
+        decay = self.config.layer_decay
+        if name.startswith("backbone.blocks."):
+            return decay ** (depth - int(name.split(".")[2]))
+        if name.startswith(("backbone.patch_embed", "backbone.cls_token", "backbone.pos_embed")):
+            return decay ** (depth + 1)
+        return 1.0
+
+    def logits(self, images: torch.Tensor) -> torch.Tensor:
+        """[B, C, H, W] -> [B, classes]."""
+        return self.head(self.backbone(images))
+
+    def forward(self, batch: dict[str, Any]) -> Output:
+        logits = self.logits(batch["image"])
+        loss = F.cross_entropy(logits, batch["label"], label_smoothing=self.config.label_smoothing)
+        accuracy = (logits.argmax(dim=-1) == batch["label"]).float().mean()
+        return Output(loss, {"train_top1": accuracy})
