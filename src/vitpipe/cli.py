@@ -346,6 +346,29 @@ def report(run: Annotated[Path, typer.Argument(help="Pretraining run directory."
     typer.echo(f"wrote {build_report(run)}")
 
 
+@app.command()
+@user_errors
+def demo(
+    out: Annotated[Path, typer.Option("--out", help="Where everything goes.")] = Path("runs/demo"),
+    config: Annotated[Optional[Path], typer.Option("--config", help="Pretraining config (default configs/demo.yaml).")] = None,
+    train_images: Annotated[int, typer.Option(help="Fashion-MNIST training images to serve.")] = 6000,
+    test_images: Annotated[int, typer.Option(help="Fashion-MNIST test images to serve.")] = 1000,
+    overrides: Annotated[Optional[list[str]], typer.Argument(help="key=value overrides of the pretraining config.")] = None,
+) -> None:
+    """End to end on real images: loopback URL list -> ingest -> MAE -> probes vs random init -> report."""
+    from vitpipe.demo import run_demo
+
+    headline = run_demo(out, main, config, train_images, test_images, overrides, echo=typer.echo)
+    typer.echo("")
+    typer.echo(f"linear probe top-1: {headline['linear_probe_top1']:.4f} (random init "
+               f"{headline['linear_probe_top1_random_init']:.4f})")
+    typer.echo(f"k-NN top-1 (k=20):  {headline['knn_top1']:.4f} (random init {headline['knn_top1_random_init']:.4f})")
+    typer.echo(f"retrieval recall@1: {headline['retrieval_recall_at_1']:.4f}")
+    typer.echo(f"report:  {headline['report']}")
+    typer.echo(f"run:     {headline['run']}   shards: {headline['shards']}")
+    typer.echo(f"total:   {headline['seconds']:.0f} s")
+
+
 # ---------------------------------------------------------------------------------------------
 # config
 # ---------------------------------------------------------------------------------------------

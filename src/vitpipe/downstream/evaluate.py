@@ -172,22 +172,11 @@ def hit_grid(query_path: Path, hits: list[tuple[str, float]], shard_spec: str, o
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from PIL import Image
 
-    from vitpipe.pipeline.images import EXTENSIONS, decode_rgb
-    from vitpipe.pipeline.loader import open_shard
-    from vitpipe.pipeline.tario import iter_tar_samples
+    from vitpipe.pipeline.images import decode_rgb
+    from vitpipe.pipeline.loader import images_by_key
 
-    wanted = {key for key, _ in hits}
-    images: dict[str, Image.Image] = {}
-    for url in resolve_shards(shard_spec).urls:
-        with open_shard(url) as handle:
-            for sample in iter_tar_samples(handle):
-                if sample["__key__"] in wanted:
-                    ext = next(e for e in EXTENSIONS if e in sample)
-                    images[sample["__key__"]] = decode_rgb(sample[ext])
-        if len(images) == len(wanted):
-            break
+    images = images_by_key(shard_spec, {key for key, _ in hits})
     fig, axes = plt.subplots(1, len(hits) + 1, figsize=(1.6 * (len(hits) + 1), 2.0))
     axes = np.atleast_1d(axes)
     axes[0].imshow(decode_rgb(Path(query_path).read_bytes()))

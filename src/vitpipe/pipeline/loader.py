@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import braceexpand
+from PIL import Image
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
@@ -105,6 +106,20 @@ def open_shard(url: str):
     if _is_remote(url):
         return urllib.request.urlopen(url, timeout=60)
     return open(url, "rb")
+
+
+def images_by_key(shard_spec: str, keys: set[str]) -> dict[str, Image.Image]:
+    """Decoded RGB images of the given sample keys (a scan over the shards; for small lookups)."""
+    found = {}
+    for url in resolve_shards(shard_spec).urls:
+        with open_shard(url) as handle:
+            for sample in iter_tar_samples(handle):
+                ext = next((e for e in EXTENSIONS if e in sample), None)
+                if sample["__key__"] in keys and ext is not None:
+                    found[sample["__key__"]] = decode_rgb(sample[ext])
+        if len(found) == len(keys):
+            break
+    return found
 
 
 # ---------------------------------------------------------------------------------------------

@@ -11,9 +11,7 @@ from typing import Any
 import torch
 
 from vitpipe.config import ConfigError, PretrainConfig, load_config
-from vitpipe.pipeline.images import EXTENSIONS, decode_rgb
-from vitpipe.pipeline.loader import LoaderSpec, make_loader, open_shard, resolve_shards
-from vitpipe.pipeline.tario import iter_tar_samples
+from vitpipe.pipeline.loader import LoaderSpec, images_by_key, make_loader, resolve_shards
 from vitpipe.pipeline.transforms import TransformSpec, build_transform
 from vitpipe.report import figures
 from vitpipe.report.plots import last_per_step, loss_curve, read_metrics
@@ -44,19 +42,6 @@ def _load_objective(run_dir: Path, config: PretrainConfig):
     return objective.eval()
 
 
-def _images_by_key(shard_spec: str, keys: set[str]) -> dict[str, Any]:
-    found = {}
-    for url in resolve_shards(shard_spec).urls:
-        with open_shard(url) as handle:
-            for sample in iter_tar_samples(handle):
-                if sample["__key__"] in keys:
-                    ext = next(e for e in EXTENSIONS if e in sample)
-                    found[sample["__key__"]] = decode_rgb(sample[ext])
-        if len(found) == len(keys):
-            break
-    return found
-
-
 def _retrieval_section(run_dir: Path, config: PretrainConfig, encoder, out_dir: Path) -> Path | None:
     from vitpipe.downstream.retrieval import load_index, search
 
@@ -66,7 +51,7 @@ def _retrieval_section(run_dir: Path, config: PretrainConfig, encoder, out_dir: 
     index, ids = load_index(directory)
     keys = ids["keys"]
     query_keys = keys[:: max(1, len(keys) // 5)][:5]
-    images = _images_by_key(ids["shards"], set(query_keys))
+    images = images_by_key(ids["shards"], set(query_keys))
     transform = build_transform(TransformSpec("eval", config.data.image_size, config.data.channels,
                                               mean=tuple(config.data.mean), std=tuple(config.data.std)))
     batch = torch.stack([transform(images[k]) for k in query_keys])
@@ -74,7 +59,7 @@ def _retrieval_section(run_dir: Path, config: PretrainConfig, encoder, out_dir: 
         features = encoder.pool(encoder.forward_features(batch), ids.get("pool"))
     similarity, neighbours = search(index, features.numpy(), min(7, index.ntotal))
     hit_keys = {keys[i] for row in neighbours for i in row if i >= 0}
-    hit_images = _images_by_key(ids["shards"], hit_keys)
+    hit_images = images_by_key(ids["shards"], hit_keys)
     import numpy as np
 
     rows = []

@@ -1,0 +1,140 @@
+"""`vitpipe demo`: real images served over loopback as a URL list -> shards -> MAE -> evals -> report.
+
+Every step is a public command (printed before it runs), so the demo doubles as a walkthrough.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import functools
+import http.server
+import json
+import shlex
+import threading
+import time
+from importlib import resources
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+from PIL import Image
+
+from vitpipe.config import ConfigError
+from vitpipe.pipeline.sources import FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, read_idx
+
+def default_config() -> Path:
+    """configs/demo.yaml of the working directory, else of the source checkout vitpipe runs from."""
+    for candidate in (Path("configs/demo.yaml"), Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"):
+        if candidate.is_file():
+            return candidate
+    raise ConfigError("configs/demo.yaml not found: run from the vitpipe checkout or pass --config")
+
+
+def fashion_mnist(train_count: int, test_count: int) -> tuple[dict[str, np.ndarray], str]:
+    """(arrays, origin): the Debian package when installed, else the subset shipped with vitpipe."""
+    if (FASHION_MNIST_DIR / "train-images-idx3-ubyte.gz").is_file():
+        arrays = {
+            "train_images": read_idx(FASHION_MNIST_DIR / "train-images-idx3-ubyte.gz")[:train_count],
+            "train_labels": read_idx(FASHION_MNIST_DIR / "train-labels-idx1-ubyte.gz")[:train_count],
+            "test_images": read_idx(FASHION_MNIST_DIR / "t10k-images-idx3-ubyte.gz")[:test_count],
+            "test_labels": read_idx(FASHION_MNIST_DIR / "t10k-labels-idx1-ubyte.gz")[:test_count],
+        }
+        return arrays, str(FASHION_MNIST_DIR)
+    with resources.as_file(resources.files("vitpipe") / "data" / "fashion_mnist_subset.npz") as path:
+        with np.load(path) as data:
+            arrays = {"train_images": data["train_images"][:train_count], "train_labels": data["train_labels"][:train_count],
+                      "test_images": data["test_images"][:test_count], "test_labels": data["test_labels"][:test_count]}
+    return arrays, "subset shipped with vitpipe"
+
+
+def write_web_folder(web: Path, arrays: dict[str, np.ndarray]) -> None:
+    """PNG files plus, per split, a CSV URL list template (url filled in once the port is known)."""
+    for split in ("train", "test"):
+        folder = web / split
+        folder.mkdir(parents=True, exist_ok=True)
+        for index, pixels in enumerate(arrays[f"{split}_images"]):
+            path = folder / f"{index:05d}.png"
+            if not path.exists():
+                Image.fromarray(pixels, "L").save(path)
+
+
+def write_url_list(web: Path, split: str, labels: np.ndarray, base_url: str) -> Path:
+    path = web / f"{split}.csv"
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["url", "caption", "label"])
+        for index, label in enumerate(labels):
+            writer.writerow([f"{base_url}/{split}/{index:05d}.png", f"a photo of a {FASHION_MNIST_CLASSES[label].lower()}",
+                             int(label)])
+    return path
+
+
+@contextlib.contextmanager
+def serve(directory: Path) -> Iterator[str]:
+    """A static file server on 127.0.0.1 (a free port) for the duration of the block."""
+    handler = functools.partial(_QuietHandler, directory=str(directory))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args) -> None:
+        pass
+
+
+def run_demo(out: Path, run_command: Callable[[list[str]], int], config: Path | None = None,
+             train_images: int = 6000, test_images: int = 1000, overrides: list[str] | None = None,
+             echo: Callable[[str], None] = print) -> dict:
+    out = Path(out).resolve()
+    config = Path(config) if config else default_config()
+    if not config.is_file():
+        raise ConfigError(f"demo config not found: {config}")
+    start = time.monotonic()
+    arrays, origin = fashion_mnist(train_images, test_images)
+    web, shards, run = out / "web", out / "shards", out / "mae"
+    write_web_folder(web, arrays)
+    echo(f"demo: {len(arrays['train_images'])} train + {len(arrays['test_images'])} test Fashion-MNIST images "
+         f"({origin}), served from {web}")
+
+    def step(args: list[str]) -> None:
+        echo("$ vitpipe " + " ".join(shlex.quote(a) for a in args))
+        code = run_command(args)
+        if code != 0:
+            raise RuntimeError(f"demo step failed with exit code {code}: vitpipe {' '.join(args)}")
+
+    with serve(web) as base_url:
+        for split in ("train", "test"):
+            url_list = write_url_list(web, split, arrays[f"{split}_labels"], base_url)
+            step(["ingest", str(url_list), "--out", str(shards / split), "--caption-col", "caption",
+                  "--shard-size", "2000", "--threads", "16", "encode_format=png", "timeout=20"])
+    step(["shards", "verify", str(shards / "train")])
+    step(["pretrain", "mae", "--config", str(config), "--data", str(shards / "train"), "--out", str(run),
+          "--resume", "auto", *(overrides or [])])
+    common = ["--train", str(shards / "train"), "--test", str(shards / "test")]
+    for baseline in ([], ["--init", "random"]):
+        step(["eval", "linear-probe", str(run), *common, *baseline])
+        step(["eval", "knn", str(run), *common, *baseline])
+    step(["eval", "retrieval", str(run), "--index", str(shards / "test")])
+    step(["report", str(run)])
+
+    results = {path.name: json.loads(path.read_text()) for path in sorted((run / "eval").glob("*.json"))}
+    headline = {
+        "linear_probe_top1": results["linear-probe.json"]["top1"],
+        "linear_probe_top1_random_init": results["linear-probe.random.json"]["top1"],
+        "knn_top1": results["knn.json"]["top1"],
+        "knn_top1_random_init": results["knn.random.json"]["top1"],
+        "retrieval_recall_at_1": results["retrieval.json"]["recall"].get("1"),
+        "seconds": round(time.monotonic() - start, 1),
+        "report": str(run / "report" / "index.html"),
+        "run": str(run), "shards": str(shards),
+    }
+    (out / "demo.json").write_text(json.dumps(headline, indent=2) + "\n")
+    return headline

@@ -1,0 +1,68 @@
+"""The report renders in a real browser with every image loaded; the demo runs end to end."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from vitpipe.cli import main
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def check_in_browser(page_path: Path, screenshot: Path) -> None:
+    playwright = pytest.importorskip("playwright.sync_api")
+    errors: list[str] = []
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+            "--disable-sync", "--no-first-run", "--disable-quic"])
+        page = browser.new_page(viewport={"width": 1200, "height": 900})
+        page.on("console", lambda message: errors.append(message.text) if message.type == "error" else None)
+        page.on("pageerror", lambda error: errors.append(str(error)))
+        page.on("requestfailed", lambda request: errors.append(f"failed: {request.url}"))
+        page.goto(page_path.resolve().as_uri(), wait_until="load")
+        images = page.evaluate("Array.from(document.images).map(i => [i.src, i.complete && i.naturalWidth > 0])")
+        page.screenshot(path=str(screenshot), full_page=True)
+        browser.close()
+    assert images and all(ok for _, ok in images), images
+    assert not errors, errors
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (scripts/setup.sh installs it)")
+def test_report_page_loads_every_image(tmp_path, tiny_shards):
+    run = tmp_path / "run"
+    args = ["model.size=micro", "data.image_size=16", "mae.decoder_dim=32", "mae.decoder_heads=2",
+            "mae.decoder_depth=1", "train.batch_size=8", "train.max_steps=4", "data.num_workers=0",
+            "train.tensorboard=false", "train.log_every=1"]
+    assert main(["pretrain", "mae", "--data", str(tiny_shards), "--out", str(run), *args]) == 0
+    assert main(["eval", "retrieval", str(run), "--index", str(tiny_shards), "--workers", "0"]) == 0
+    assert main(["report", str(run)]) == 0
+    page = run / "report" / "index.html"
+    text = page.read_text()
+    for section in ("MAE reconstructions", "CLS attention", "Position embeddings", "Attention distance", "Retrieval"):
+        assert section in text
+    assert "http://" not in text and "https://" not in text  # no network assets
+    check_in_browser(page, tmp_path / "report.png")
+    artifacts = Path(__file__).parent.parent / "test-artifacts"  # kept by CI, ignored by git
+    artifacts.mkdir(exist_ok=True)
+    shutil.copy(tmp_path / "report.png", artifacts / "report.png")
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (scripts/setup.sh installs it)")
+def test_demo_end_to_end(tmp_path):
+    out = tmp_path / "demo"
+    code = main(["demo", "--out", str(out), "--train-images", "600", "--test-images", "200",
+                 "train.max_steps=20", "train.batch_size=32", "model.size=micro", "data.num_workers=0"])
+    assert code == 0
+    headline = json.loads((out / "demo.json").read_text())
+    assert 0 <= headline["linear_probe_top1"] <= 1 and 0 <= headline["knn_top1_random_init"] <= 1
+    manifest = json.loads((out / "shards" / "train" / "manifest.json").read_text())
+    assert manifest["written"] == 600 and manifest["source"]["kind"] == "url_list"
+    sample_labels = manifest["splits"]["train"]["shards"][0]["labels"]
+    assert sum(sample_labels.values()) == 600  # labels came through the URL list
+    check_in_browser(out / "mae" / "report" / "index.html", tmp_path / "demo.png")
+    artifacts = Path(__file__).parent.parent / "test-artifacts"
+    artifacts.mkdir(exist_ok=True)
+    shutil.copy(tmp_path / "demo.png", artifacts / "demo-report.png")
