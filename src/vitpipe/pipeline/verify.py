@@ -9,7 +9,7 @@ from pathlib import Path
 
 from vitpipe.pipeline.images import EXTENSIONS, ImageRejected, decode_rgb
 from vitpipe.pipeline.manifest import read_manifest
-from vitpipe.pipeline.tario import iter_tar_samples, sha256_file
+from vitpipe.pipeline.tario import TarFormatError, iter_tar_samples, sha256_file
 
 
 @dataclass
@@ -54,7 +54,7 @@ def verify_shard(path: Path, expected_sha256: str | None, expected_samples: int 
                     report.problems.append(f"{sample['__key__']}: {err}")
                 if "cls" in sample and not sample["cls"].strip().lstrip(b"-").isdigit():
                     report.problems.append(f"{sample['__key__']}: cls is not an integer")
-    except (tarfile.TarError, OSError, EOFError) as err:
+    except (TarFormatError, tarfile.TarError, OSError, EOFError) as err:
         report.problems.append(f"corrupt or truncated tar after {report.samples} samples: {err}")
     if expected_samples is not None and report.samples != expected_samples:
         report.problems.append(f"{report.samples} samples, sizes.json says {expected_samples}")

@@ -12,7 +12,6 @@ import contextlib
 import functools
 import io
 import os
-import tarfile
 import time
 import urllib.error
 import urllib.request
@@ -24,6 +23,7 @@ import pyarrow.parquet as pq
 
 from vitpipe.config import ConfigError, IngestConfig
 from vitpipe.pipeline.sources import Failure, Record, Sample
+from vitpipe.pipeline.tario import iter_tar_samples
 
 USER_AGENT = "vitpipe/0.1 (+img2dataset)"
 
@@ -205,33 +205,35 @@ def classify(error_message: str | None) -> str:
 
 
 def iter_downloaded(output: Path, label_col: str | None = None) -> Iterator[Record]:
-    """Every row img2dataset processed, as samples and classified failures, in key order.
+    """Every row img2dataset processed, as samples and classified failures, in shard and key order.
     An integer ``label_col`` of the URL list (kept by img2dataset) becomes the sample's label."""
     for table_path in sorted(output.glob("*.parquet")):
-        rows = pq.read_table(table_path).to_pylist()
-        tar_path = table_path.with_suffix(".tar")
-        members: dict[str, dict[str, bytes]] = {}
-        if tar_path.exists():
-            with tarfile.open(tar_path) as tar:
-                for member in tar:
-                    if not member.isfile():
-                        continue
-                    key, _, ext = Path(member.name).name.partition(".")
-                    members.setdefault(key, {})[ext] = tar.extractfile(member).read()
-        for row in sorted(rows, key=lambda r: r["key"]):
-            key, url = row["key"], row.get("url") or ""
-            if row["status"] != "success":
-                yield Failure(classify(row.get("error_message")), url, row.get("error_message") or "")
-                continue
-            files = members.get(key, {})
-            ext = next((e for e in ("jpg", "png", "webp") if e in files), None)
-            if ext is None:
-                yield Failure("missing_in_shard", url, f"{tar_path.name}:{key}")
-                continue
-            label = row.get(label_col) if label_col else None
-            yield Sample(
-                key=key, image=files[ext], ext=ext, content_hash=row.get("sha256") or "",
-                label=int(label) if label is not None and str(label).lstrip("-").isdigit() else None,
-                original_size=(row.get("original_width") or 0, row.get("original_height") or 0),
-                text=row.get("caption"), meta={"source": url, "width": row.get("width"), "height": row.get("height")},
-            )
+        yield from shard_records(table_path, label_col)
+
+
+def shard_records(table_path: Path, label_col: str | None = None) -> Iterator[Record]:
+    """One img2dataset shard: its parquet rows (status, error) joined with its tar members."""
+    rows = pq.read_table(table_path).to_pylist()
+    tar_path = table_path.with_suffix(".tar")
+    members: dict[str, dict[str, bytes]] = {}
+    if tar_path.exists():
+        with open(tar_path, "rb") as handle:
+            for sample in iter_tar_samples(handle):
+                members[sample.pop("__key__").rsplit("/", 1)[-1]] = sample
+    for row in sorted(rows, key=lambda r: r["key"]):
+        key, url = row["key"], row.get("url") or ""
+        if row["status"] != "success":
+            yield Failure(classify(row.get("error_message")), url, row.get("error_message") or "")
+            continue
+        files = members.get(key, {})
+        ext = next((e for e in ("jpg", "png", "webp") if e in files), None)
+        if ext is None:
+            yield Failure("missing_in_shard", url, f"{tar_path.name}:{key}")
+            continue
+        label = row.get(label_col) if label_col else None
+        yield Sample(
+            key=key, image=files[ext], ext=ext, content_hash=row.get("sha256") or "",
+            label=int(label) if label is not None and str(label).lstrip("-").isdigit() else None,
+            original_size=(row.get("original_width") or 0, row.get("original_height") or 0),
+            text=row.get("caption"), meta={"source": url, "width": row.get("width"), "height": row.get("height")},
+        )
