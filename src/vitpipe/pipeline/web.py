@@ -39,12 +39,17 @@ class _SchemeCheckingRedirects(urllib.request.HTTPRedirectHandler):
         return super().redirect_request(req, fp, code, msg, headers, newurl)
 
 
+@functools.lru_cache(maxsize=8)
+def _opener(allowed: tuple[str, ...]) -> urllib.request.OpenerDirector:
+    return urllib.request.build_opener(_SchemeCheckingRedirects(allowed))
+
+
 def bounded_fetch(url: str, timeout: float, max_bytes: int, allowed: tuple[str, ...]) -> bytes:
     """Fetch ``url`` with a scheme allow-list, a size bound and a total deadline (not per read)."""
     scheme = urlparse(url).scheme.lower()
     if scheme not in allowed:
         raise ValueError(f"bad_scheme: {scheme or 'no'} scheme not allowed")
-    opener = urllib.request.build_opener(_SchemeCheckingRedirects(allowed))
+    opener = _opener(allowed)
     deadline = time.monotonic() + timeout
     request = urllib.request.Request(url, headers={"User-Agent": USER_AGENT})
     with opener.open(request, timeout=timeout) as response:
@@ -155,7 +160,8 @@ def img2dataset_kwargs(url_list: Path, output_folder: Path, config: IngestConfig
         image_size=config.image_size or 256,
         resize_mode=config.resize_mode if config.image_size else "no",
         encode_format=encode_format,
-        encode_quality=config.encode_quality,
+        # img2dataset reads "quality" as the zlib level (0-9) for PNG; use PIL's default level
+        encode_quality=6 if encode_format == "png" else config.encode_quality,
         processes_count=config.processes,
         thread_count=config.threads,
         number_sample_per_shard=config.shard_size,
