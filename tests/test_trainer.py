@@ -49,6 +49,10 @@ def test_pretrain_cli_smoke(tiny_shards, tmp_path):
                  "train.max_steps=6"]) == 0
     assert main(["export", str(run), "--out", str(tmp_path / "exp"), "--format", "timm"]) == 0
     assert (tmp_path / "exp" / "model.safetensors").is_file()
+    assert main(["export", str(run), "--out", str(tmp_path / "hf"), "--format", "hf"]) == 0
+    card = (tmp_path / "hf" / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: timm") and "timm.create_model" in card and "steps: 6" in card
+    assert info["data_manifest_sha256"] in card
 
 
 @pytest.mark.parametrize("args,message", [

@@ -173,13 +173,13 @@ def pretrain(
 def export(
     run: Annotated[Path, typer.Argument(help="Run directory or checkpoint directory.")],
     out: Annotated[Path, typer.Option("--out", help="Output directory.")],
-    format: Annotated[str, typer.Option("--format", help="timm | vitpipe")] = "timm",
+    format: Annotated[str, typer.Option("--format", help="timm | hf | vitpipe")] = "timm",
 ) -> None:
-    """Export the encoder as model.safetensors + config.json (timm hub format)."""
+    """Export the encoder: model.safetensors + config.json (timm hub format) + a model card README.md."""
     from vitpipe.export import export as run_export
 
     path = run_export(run, out, format)
-    typer.echo(f"exported {path / 'model.safetensors'} and {path / 'config.json'}")
+    typer.echo(f"exported {path / 'model.safetensors'}, {path / 'config.json'} and {path / 'README.md'}")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -51,15 +51,21 @@ def timm_config(encoder: VisionTransformer, size: str) -> dict[str, Any]:
     }
 
 
+FORMATS = ("timm", "hf", "vitpipe")
+
+
 def export(run: Path, out: Path, fmt: str = "timm") -> Path:
+    """``timm``: timm hub layout (config.json + model.safetensors) + model card; ``hf``: the same
+    layout with Hugging Face Hub metadata in the card, ready for ``huggingface-cli upload``;
+    ``vitpipe``: vitpipe's own parameter layout (any encoder, conv stems included)."""
     from safetensors.torch import save_file
 
-    if fmt not in ("timm", "vitpipe"):
-        raise ConfigError(f"unknown export format {fmt!r}; choose timm or vitpipe")
+    if fmt not in FORMATS:
+        raise ConfigError(f"unknown export format {fmt!r}; choose {', '.join(FORMATS)}")
     encoder, config, source = load_run_encoder(run)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    if fmt == "timm":
+    if fmt in ("timm", "hf"):
         state, cfg = timm_state_dict(encoder), timm_config(encoder, config.model.size)
     else:
         state = {k: v.detach().cpu().contiguous() for k, v in encoder.state_dict().items()}
@@ -69,4 +75,50 @@ def export(run: Path, out: Path, fmt: str = "timm") -> Path:
     save_file(state, out / "model.safetensors.tmp")
     os.replace(out / "model.safetensors.tmp", out / "model.safetensors")
     (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    (out / "README.md").write_text(model_card(Path(run), config, cfg, fmt))
     return out
+
+
+def model_card(run: Path, config, cfg: dict[str, Any], fmt: str) -> str:
+    """A model card: data manifest, objective, steps, eval results, and how to load it."""
+    run_dir = run.parent.parent if (run / "state.json").is_file() else run
+    info = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").is_file() else {}
+    steps = None
+    if (run_dir / "metrics.jsonl").is_file():
+        records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+        steps = max((r["step"] for r in records if "loss" in r), default=None)
+    evals = []
+    for path in sorted((run_dir / "eval").glob("*.json")) if (run_dir / "eval").is_dir() else []:
+        result = json.loads(path.read_text())
+        value = (f"top-1 {result['top1']:.4f}" if "top1" in result
+                 else ", ".join(f"recall@{k} {v:.4f}" for k, v in result.get("recall", {}).items()))
+        evals.append(f"| {result.get('task', path.stem)} | {result.get('baseline') or 'this model'} | {value} |")
+    front = ""
+    if fmt == "hf":
+        front = "---\nlibrary_name: timm\ntags:\n- image-feature-extraction\n- timm\n- vitpipe\n" \
+                f"- {config.objective}\nlicense: other\n---\n\n"
+    args = cfg["model_args"]
+    load = ("```python\nimport json, timm, safetensors.torch\n"
+            "cfg = json.load(open(\"config.json\"))\n"
+            "model = timm.create_model(cfg[\"architecture\"], **cfg[\"model_args\"]); "
+            "model.load_state_dict(safetensors.torch.load_file(\"model.safetensors\"), strict=True)\n```\n"
+            if fmt != "vitpipe" else
+            "```python\nfrom vitpipe.ssl.vit import ViTArgs, VisionTransformer\n"
+            "model = VisionTransformer(ViTArgs(**cfg[\"model_args\"])); "
+            "model.load_state_dict(safetensors.torch.load_file(\"model.safetensors\"))\n```\n")
+    lines = [
+        f"{front}# {run_dir.name}: ViT encoder pretrained with {config.objective.upper()} by vitpipe\n",
+        f"- architecture: `{cfg['architecture']}` with {args.get('embed_dim')} wide, {args.get('depth')} blocks, "
+        f"{args.get('num_heads')} heads, patch {args.get('patch_size')}, {args.get('img_size', args.get('image_size'))} px input",
+        f"- objective: {config.objective}; steps: {steps}; global batch: {info.get('global_batch')}; "
+        f"peak lr: {info.get('peak_lr')}",
+        f"- training data: `{config.data.shards}` (manifest sha256 `{info.get('data_manifest_sha256')}`)",
+        f"- input normalization: mean {config.data.mean}, std {config.data.std}",
+        f"- vitpipe {info.get('vitpipe_version')}, git revision `{info.get('git_revision')}`\n",
+        "## Load it\n", load,
+        "Pooled features (`num_classes=0`) are what vitpipe's probes evaluated.\n",
+        "## Evaluation\n",
+        *(["| task | encoder | result |", "|---|---|---|", *evals] if evals else ["No evaluations were run."]),
+        "",
+    ]
+    return "\n".join(lines)
