@@ -23,6 +23,8 @@ app.add_typer(shards_app, name="shards")
 app.add_typer(config_app, name="config")
 eval_app = typer.Typer(help="How good is the representation: probes, k-NN, retrieval.", no_args_is_help=True)
 app.add_typer(eval_app, name="eval")
+slurm_app = typer.Typer(help="Run vitpipe commands as SLURM jobs that survive preemption.", no_args_is_help=True)
+app.add_typer(slurm_app, name="slurm")
 
 EXIT_USAGE = 2
 
@@ -367,6 +369,64 @@ def demo(
     typer.echo(f"report:  {headline['report']}")
     typer.echo(f"run:     {headline['run']}   shards: {headline['shards']}")
     typer.echo(f"total:   {headline['seconds']:.0f} s")
+
+
+# ---------------------------------------------------------------------------------------------
+# slurm
+# ---------------------------------------------------------------------------------------------
+
+CommandArg = Annotated[list[str], typer.Argument(help="After --: the vitpipe command line to run.")]
+
+
+NodesOpt = Annotated[int, typer.Option(help="Nodes.")]
+GpusOpt = Annotated[int, typer.Option(help="GPUs per node (0 = CPU job).")]
+ProcsOpt = Annotated[int, typer.Option(help="CPU training processes per node (CPU jobs).")]
+CpusOpt = Annotated[int, typer.Option(help="CPUs per node task.")]
+TimeOpt = Annotated[str, typer.Option(help="Time limit, HH:MM:SS.")]
+TextOpt = Annotated[Optional[str], typer.Option()]
+SignalOpt = Annotated[int, typer.Option(help="USR1 to the batch shell this many seconds before the limit.")]
+
+
+@slurm_app.command("render")
+@user_errors
+def slurm_render(
+    command: CommandArg, nodes: NodesOpt = 1, gpus_per_node: GpusOpt = 0, processes_per_node: ProcsOpt = 1,
+    cpus_per_task: CpusOpt = 2, time: TimeOpt = "01:00:00", partition: TextOpt = None, account: TextOpt = None,
+    job_name: Annotated[str, typer.Option()] = "vitpipe", signal_seconds: SignalOpt = 90, output: TextOpt = None,
+) -> None:
+    """Print the sbatch script for a vitpipe command (requeue, append logs, USR1 to the batch shell)."""
+    from vitpipe.cluster.slurm import JobSpec, render
+
+    spec = JobSpec(nodes, gpus_per_node, processes_per_node, cpus_per_task, time, partition, account, job_name,
+                   signal_seconds, output)
+    typer.echo(render(spec, command), nl=False)
+
+
+@slurm_app.command("submit")
+@user_errors
+def slurm_submit(
+    command: CommandArg, nodes: NodesOpt = 1, gpus_per_node: GpusOpt = 0, processes_per_node: ProcsOpt = 1,
+    cpus_per_task: CpusOpt = 2, time: TimeOpt = "01:00:00", partition: TextOpt = None, account: TextOpt = None,
+    job_name: Annotated[str, typer.Option()] = "vitpipe", signal_seconds: SignalOpt = 90, output: TextOpt = None,
+    sweep: Annotated[Optional[list[str]], typer.Option("--sweep", help="One array task per value: its key=value overrides.")] = None,
+    pipeline: Annotated[bool, typer.Option("--pipeline", help="Stages separated by :: run as a chain of dependent jobs.")] = False,
+) -> None:
+    """Render and submit; print the job id(s). --sweep makes an array job; --pipeline a dependent chain."""
+    import shlex
+
+    from vitpipe.cluster.slurm import JobSpec, render, sbatch, split_pipeline
+
+    spec = JobSpec(nodes, gpus_per_node, processes_per_node, cpus_per_task, time, partition, account, job_name,
+                   signal_seconds, output)
+    if pipeline:
+        if sweep:
+            raise ConfigError("--pipeline and --sweep do not combine")
+        previous = None
+        for stage in split_pipeline(command):
+            previous = sbatch(render(spec, stage), dependency=f"afterok:{previous}" if previous else None)
+            typer.echo(previous)
+        return
+    typer.echo(sbatch(render(spec, command, [shlex.split(item) for item in sweep] if sweep else None)))
 
 
 # ---------------------------------------------------------------------------------------------

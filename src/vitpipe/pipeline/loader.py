@@ -73,6 +73,8 @@ def resolve_shards(spec: str | Path, split: str | None = None) -> ShardSet:
         urls = list(braceexpand.braceexpand(text))
         sizes = _remote_sizes(urls)
         return ShardSet(urls, sizes)
+    if _is_fsspec(text):
+        return _resolve_fsspec(text, split)
     path = Path(text)
     if path.is_dir():
         if split:
@@ -93,6 +95,32 @@ def resolve_shards(spec: str | Path, split: str | None = None) -> ShardSet:
     return ShardSet(urls, sizes, path)
 
 
+def _is_fsspec(url: str) -> bool:
+    return bool(re.match(r"^[a-z][a-z0-9+.-]*://", url)) and not _is_remote(url) and not url.startswith("file://")
+
+
+def _resolve_fsspec(text: str, split: str | None) -> ShardSet:
+    """Shards on any fsspec filesystem (s3://, gs://, hdfs://, ...): a folder or a brace pattern."""
+    import fsspec
+
+    try:
+        fs, path = fsspec.core.url_to_fs(text)
+    except (ImportError, ValueError) as err:
+        raise ConfigError(f"cannot open {text}: {err}") from None
+    protocol = text.split("://", 1)[0]
+    if fs.isdir(path):
+        folder = f"{path}/{split}" if split else path
+        urls = [f"{protocol}://{p}" for p in sorted(fs.glob(f"{folder}/*.tar"))]
+        sizes_path = f"{folder}/sizes.json"
+    else:
+        urls = list(braceexpand.braceexpand(text))
+        sizes_path = f"{path.rsplit('/', 1)[0]}/sizes.json"
+    if not urls:
+        raise ConfigError(f"no .tar shards at {text}")
+    sizes = json.loads(fs.cat(sizes_path)) if fs.exists(sizes_path) else {}
+    return ShardSet(urls, sizes)
+
+
 def _remote_sizes(urls: list[str]) -> dict[str, int]:
     base = urls[0].rsplit("/", 1)[0]
     try:
@@ -105,7 +133,11 @@ def _remote_sizes(urls: list[str]) -> dict[str, int]:
 def open_shard(url: str):
     if _is_remote(url):
         return urllib.request.urlopen(url, timeout=60)
-    return open(url, "rb")
+    if _is_fsspec(url):
+        import fsspec
+
+        return fsspec.open(url, "rb").open()
+    return open(url.removeprefix("file://"), "rb")
 
 
 def images_by_key(shard_spec: str, keys: set[str]) -> dict[str, Image.Image]:

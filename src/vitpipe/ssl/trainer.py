@@ -192,6 +192,51 @@ def git_revision() -> str | None:
         return None
 
 
+def requeue_slurm_job() -> bool:
+    """Under SLURM, ask it to requeue this job (exiting non-zero alone marks it FAILED)."""
+    job = os.environ.get("SLURM_JOB_ID")
+    if os.environ.get("SLURM_ARRAY_JOB_ID") and os.environ.get("SLURM_ARRAY_TASK_ID"):
+        job = f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
+    if not job or shutil.which("scontrol") is None:
+        return False
+    result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
+    if result.returncode != 0:
+        print(f"vitpipe: scontrol requeue {job} failed: {result.stderr.strip()}", file=sys.stderr)
+    return result.returncode == 0
+
+
+class RunLock:
+    """One writer per run directory: a second job on the same run gets a clear error."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.path = run_dir / ".lock"
+        self.handle = None
+
+    def acquire(self) -> None:
+        import fcntl
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.handle = open(self.path, "a+")
+        try:
+            fcntl.flock(self.handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.handle.seek(0)
+            holder = self.handle.read().strip() or "another process"
+            self.handle.close()
+            self.handle = None
+            raise ConfigError(f"{self.path.parent} is being written by {holder}; one job per run directory") from None
+        self.handle.seek(0)
+        self.handle.truncate()
+        self.handle.write(f"pid {os.getpid()} on {os.uname().nodename}"
+                          + (f", SLURM job {os.environ['SLURM_JOB_ID']}" if "SLURM_JOB_ID" in os.environ else ""))
+        self.handle.flush()
+
+    def release(self) -> None:
+        if self.handle is not None:
+            self.handle.close()
+            self.handle = None
+
+
 class StopFlag:
     """SIGTERM/SIGUSR1 set a flag; the loop checkpoints at the next step boundary."""
 
@@ -336,12 +381,21 @@ class Trainer:
     # -- the loop --------------------------------------------------------------------------
 
     def run(self) -> RunSummary:
+        accelerator, precision = self._accelerator()
+        if self.config.train.deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        lock = RunLock(self.run_dir)
+        if accelerator.is_main_process:
+            lock.acquire()
+        try:
+            return self._run(accelerator, precision)
+        finally:
+            lock.release()
+
+    def _run(self, accelerator, precision: str) -> RunSummary:
         from accelerate.utils import send_to_device, set_seed
 
         config, train = self.config, self.config.train
-        accelerator, precision = self._accelerator()
-        if train.deterministic:
-            torch.use_deterministic_algorithms(True, warn_only=True)
         start_checkpoint = self._prepare_run_dir(accelerator.is_main_process)
         set_seed(train.seed)  # identical initial parameters on every rank
         objective = self.build_objective(config)
@@ -456,6 +510,10 @@ class Trainer:
                         last_checkpoint = self.save_checkpoint(accelerator, model, optimizer, scheduler, state)
                         last_ckpt_time = time.monotonic()
                     if signalled and state.step < train.max_steps:
+                        if accelerator.is_main_process and "SLURM_JOB_ID" in os.environ:
+                            requeued = requeue_slurm_job()
+                            _log_line(metrics_file, {"step": state.step, "event": "preempted",
+                                                     "slurm_requeued": requeued})
                         raise Preempted(state.step, last_checkpoint)
                     if state.step >= train.max_steps:
                         break
