@@ -1,0 +1,72 @@
+"""Representation quality on Fashion-MNIST: MAE-pretrained ViT vs random init vs raw pixels.
+
+    python benchmarks/quality.py --out /work/bench/quality --config configs/mae_fashion_mnist.yaml \
+        --pretrain-steps 850 --finetune-steps 600
+
+Pretrains on the train split only, probes/fine-tunes on train, reports on the official test split.
+Every row is produced by the public commands (printed as they run) and timed. Prints a Markdown
+table and writes OUT/quality.json. Reruns resume: finished runs and cached features are reused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from vitpipe.cli import main as vitpipe
+
+
+def step(args: list[str]) -> float:
+    print("$ vitpipe " + " ".join(args), flush=True)
+    start = time.monotonic()
+    code = vitpipe(args)
+    if code != 0:
+        raise SystemExit(f"failed ({code}): vitpipe {' '.join(args)}")
+    return time.monotonic() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--config", default="configs/mae_fashion_mnist.yaml")
+    parser.add_argument("--pretrain-steps", type=int, default=850)
+    parser.add_argument("--finetune-steps", type=int, default=600)
+    parser.add_argument("--fractions", default="0.01,0.1,1.0")
+    parser.add_argument("--pool", default=None, help="probe pooling (default: the model's)")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides of the pretraining config")
+    args = parser.parse_args()
+    out = args.out
+    shards, run = out / "shards", out / "mae"
+    rows: list[dict] = []
+    if not (shards / "manifest.json").exists():
+        step(["ingest", "fashion-mnist", "--out", str(shards), "--shard-size", "5000"])
+    train, test = str(shards / "train"), str(shards / "test")
+    seconds = step(["pretrain", "mae", "--config", args.config, "--data", train, "--out", str(run), "--resume", "auto",
+                    f"train.max_steps={args.pretrain_steps}", *args.overrides])
+    rows.append({"row": "MAE pretraining", "steps": args.pretrain_steps, "seconds": round(seconds)})
+    pool = ["--pool", args.pool] if args.pool else []
+    for task in ("linear-probe", "knn"):
+        for name, flags in (("MAE", []), ("random init", ["--init", "random"]), ("raw pixels", ["--pixels"])):
+            seconds = step(["eval", task, str(run), "--train", train, "--test", test, *flags, *pool])
+            suffix = {"MAE": "", "random init": ".random", "raw pixels": ".pixels"}[name]
+            result = json.loads((run / "eval" / f"{task}{suffix}.json").read_text())
+            rows.append({"row": f"{task}: {name}", "top1": result["top1"], "seconds": round(seconds)})
+    for fraction in [float(f) for f in args.fractions.split(",")]:
+        for name, flags in (("from MAE", []), ("from scratch", ["--init", "random"])):
+            seconds = step(["eval", "finetune", str(run), "--train", train, "--test", test, "--label-fraction",
+                            str(fraction), "--steps", str(args.finetune_steps), *flags])
+            stem = "finetune" if fraction == 1.0 else f"finetune-labels{fraction:g}"
+            result = json.loads((run / "eval" / f"{stem}{'.random' if flags else ''}.json").read_text())
+            rows.append({"row": f"fine-tune {fraction:g} labels: {name}", "top1": result["top1"],
+                         "seconds": round(seconds)})
+    (out / "quality.json").write_text(json.dumps(rows, indent=2) + "\n")
+    print("\n| row | top-1 | wall-clock s |\n|---|---:|---:|")
+    for row in rows:
+        top1 = f"{row['top1']:.4f}" if "top1" in row else "—"
+        print(f"| {row['row']} | {top1} | {row['seconds']} |")
+
+
+if __name__ == "__main__":
+    main()
