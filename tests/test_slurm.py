@@ -4,6 +4,7 @@ array sweeps; plus shards streamed over loopback HTTP and the run-directory lock
 import functools
 import http.server
 import json
+import os
 import threading
 import time
 from pathlib import Path
@@ -70,7 +71,13 @@ def slurm(tmp_path_factory):
     if not ensure_installed():
         pytest.skip("slurm-wlm and munge are not installed and cannot be installed here")
     cluster = SlurmCluster(tmp_path_factory.mktemp("slurm")).start()
+    previous = os.environ.get("SLURM_CONF")
+    os.environ["SLURM_CONF"] = str(cluster.conf)  # for sbatch run by `vitpipe slurm submit` in-process
     yield cluster
+    if previous is None:
+        os.environ.pop("SLURM_CONF", None)
+    else:
+        os.environ["SLURM_CONF"] = previous
     cluster.stop()
 
 

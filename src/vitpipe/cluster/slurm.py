@@ -65,7 +65,7 @@ def vitpipe_command(command: list[str]) -> list[str]:
 
 def _quote(part: str) -> str:
     """Shell-quote, but let ``%a`` (as in sbatch's --output) become the array task id at run time."""
-    return shlex.quote(part).replace("%a", "'\"${SLURM_ARRAY_TASK_ID:-0}\"'")
+    return '"${SLURM_ARRAY_TASK_ID:-0}"'.join(shlex.quote(piece) if piece else "" for piece in part.split("%a"))
 
 
 def launcher(spec: JobSpec, command: list[str]) -> str:
@@ -116,7 +116,7 @@ def render(spec: JobSpec, command: list[str], array: list[list[str]] | None = No
         cases = "\n".join(f"  {i}) OVERRIDES=({' '.join(shlex.quote(o) for o in overrides)}) ;;"
                           for i, overrides in enumerate(array))
         lines += ["case \"$SLURM_ARRAY_TASK_ID\" in", cases, "esac"]
-        launch += ' "${OVERRIDES[@]}"'
+        launch += ' "$@"'  # bash arrays do not cross into the step: pass them as arguments
     lines += [
         "",
         "# the trainer checkpoints on USR1/TERM, requeues the job with scontrol and exits 75;",
@@ -124,7 +124,8 @@ def render(spec: JobSpec, command: list[str], array: list[list[str]] | None = No
         f"forward() {{ echo \"vitpipe: got $1, sending {forwarded} to the job step\"; kill -{forwarded} \"$STEP\" 2>/dev/null; }}",
         "trap 'forward USR1' USR1",
         "trap 'forward TERM' TERM",
-        f"srun --kill-on-bad-exit=1 bash -c {shlex.quote(launch)} &",
+        f"srun --kill-on-bad-exit=1 bash -c {shlex.quote(launch)}" + (' vitpipe "${OVERRIDES[@]}"' if array else "")
+        + " &",
         "STEP=$!",
         "while true; do",
         '  wait "$STEP"; CODE=$?',
