@@ -40,28 +40,33 @@ def main() -> None:
     out = args.out
     shards, run = out / "shards", out / "mae"
     rows: list[dict] = []
+
+    def record(row: dict) -> None:  # saved after every row: a long run that is cut off keeps what it measured
+        rows.append(row)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "quality.json").write_text(json.dumps(rows, indent=2) + "\n")
+
     if not (shards / "manifest.json").exists():
         step(["ingest", "fashion-mnist", "--out", str(shards), "--shard-size", "5000"])
     train, test = str(shards / "train"), str(shards / "test")
     seconds = step(["pretrain", "mae", "--config", args.config, "--data", train, "--out", str(run), "--resume", "auto",
                     f"train.max_steps={args.pretrain_steps}", *args.overrides])
-    rows.append({"row": "MAE pretraining", "steps": args.pretrain_steps, "seconds": round(seconds)})
+    record({"row": "MAE pretraining", "steps": args.pretrain_steps, "seconds": round(seconds)})
     pool = ["--pool", args.pool] if args.pool else []
     for task in ("linear-probe", "knn"):
         for name, flags in (("MAE", []), ("random init", ["--init", "random"]), ("raw pixels", ["--pixels"])):
             seconds = step(["eval", task, str(run), "--train", train, "--test", test, *flags, *pool])
             suffix = {"MAE": "", "random init": ".random", "raw pixels": ".pixels"}[name]
             result = json.loads((run / "eval" / f"{task}{suffix}.json").read_text())
-            rows.append({"row": f"{task}: {name}", "top1": result["top1"], "seconds": round(seconds)})
+            record({"row": f"{task}: {name}", "top1": result["top1"], "seconds": round(seconds)})
     for fraction in [float(f) for f in args.fractions.split(",")]:
         for name, flags in (("from MAE", []), ("from scratch", ["--init", "random"])):
             seconds = step(["eval", "finetune", str(run), "--train", train, "--test", test, "--label-fraction",
                             str(fraction), "--steps", str(args.finetune_steps), *flags])
             stem = "finetune" if fraction == 1.0 else f"finetune-labels{fraction:g}"
             result = json.loads((run / "eval" / f"{stem}{'.random' if flags else ''}.json").read_text())
-            rows.append({"row": f"fine-tune {fraction:g} labels: {name}", "top1": result["top1"],
-                         "seconds": round(seconds)})
-    (out / "quality.json").write_text(json.dumps(rows, indent=2) + "\n")
+            record({"row": f"fine-tune {fraction:g} labels: {name}", "top1": result["top1"],
+                    "seconds": round(seconds)})
     print("\n| row | top-1 | wall-clock s |\n|---|---:|---:|")
     for row in rows:
         top1 = f"{row['top1']:.4f}" if "top1" in row else "—"
