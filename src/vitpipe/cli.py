@@ -7,6 +7,7 @@ Exit codes: 0 ok, 1 runtime failure, 2 usage or config error (one line, no trace
 from __future__ import annotations
 
 import functools
+import json
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -278,7 +279,8 @@ def eval_retrieval(
     source = source_for(run, init, pixels)
     settings = IndexSettings(kind=index_type, nlist=nlist, nprobe=nprobe, hnsw_m=hnsw_m)
     index_dir = run_dir_of(run) / "eval" / f"retrieval{source.baseline_suffix}"
-    if query is None or not (index_dir / "index.faiss").is_file():
+    built_for = json.loads((index_dir / "ids.json").read_text()).get("shards") if (index_dir / "ids.json").is_file() else None
+    if query is None or built_for != index:  # (re)build unless a query reuses the index of these shards
         path, result = run_retrieval(source, index, settings, pool, workers)
         rows = [(f"recall@{k}", f"{v:.4f}") for k, v in result["recall"].items()] + [("indexed", str(result["size"]))]
         _print_result("retrieval", rows, path)
