@@ -133,6 +133,11 @@ def test_eval_cli_with_baselines(tiny_run, tiny_labelled_shards, tmp_path, capsy
     lines = [l for l in capsys.readouterr().out.splitlines() if l[:1].isdigit()]
     assert len(lines) == 3 and lines[0].split("\t")[1].startswith("a_")
     assert list((tiny_run / "eval" / "retrieval").glob("query_*.png"))
+    # a checkpoint directory works as well as a run directory, and is what the result names
+    checkpoint = sorted((tiny_run / "checkpoints").iterdir())[-1]
+    assert main(["eval", "knn", str(checkpoint), *common]) == 0
+    result = json.loads((tiny_run / "eval" / "knn.json").read_text())
+    assert result["provenance"]["encoder"] == str(checkpoint / "model.safetensors")
 
 
 def test_eval_bad_inputs_exit_2(tiny_run, tiny_labelled_shards, tmp_path, capsys):

@@ -19,7 +19,7 @@ from vitpipe.config import ConfigError, PretrainConfig
 from vitpipe.pipeline.loader import LoaderSpec, ShardSet, make_loader, resolve_shards
 from vitpipe.pipeline.manifest import manifest_hash
 from vitpipe.pipeline.transforms import TransformSpec
-from vitpipe.ssl.runs import load_run_encoder
+from vitpipe.ssl.runs import load_run_encoder, locate_run
 from vitpipe.ssl.vit import ViTArgs, VisionTransformer
 
 PIXELS = "pixels"
@@ -52,7 +52,7 @@ class EncoderSource:
     def resolve(cls, run: Path, kind: str = "trained", seed: int = 0) -> "EncoderSource":
         if kind not in ("trained", "random", "pixels"):
             raise ConfigError(f"unknown encoder source {kind!r}")
-        _, config, weights = load_run_encoder(run)
+        config, weights = locate_run(run)  # the weights are read once, by build()
         return cls(kind, config, Path(run), weights if kind == "trained" else None, seed)
 
     @property
