@@ -33,6 +33,16 @@ def test_int_for_float_is_accepted():
     assert load_config(IngestConfig, None, ["val_fraction=0"]).val_fraction == 0.0
 
 
+def test_exponent_without_dot_is_a_float(tmp_path):
+    # YAML 1.1 reads 1e-3 as a string, in files and in overrides alike
+    path = tmp_path / "c.yaml"
+    path.write_text("optim:\n  base_lr: 2e-4\n")
+    cfg = load_config(PretrainConfig, path, ["optim.lr=1e-3"])
+    assert cfg.optim.lr == 1e-3 and cfg.optim.base_lr == 2e-4
+    with pytest.raises(ConfigError):
+        load_config(PretrainConfig, None, ["optim.lr=1e-3x"])
+
+
 def test_config_show_cli(tmp_path, capsys):
     path = tmp_path / "c.yaml"
     path.write_text("train:\n  max_steps: 5\n")
