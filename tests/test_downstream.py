@@ -198,3 +198,9 @@ def test_finetune_cli_trained_and_scratch(tiny_run, tiny_labelled_shards):
     assert scratch["baseline"] == "random-init" and scratch["label_fraction"] == 0.5
     # rerunning resumes the finished run instead of training again
     assert main(["eval", "finetune", str(tiny_run), *common, "--image-size", "24"]) == 0
+    runs = sorted(p.name for p in (tiny_run / "finetune").iterdir())
+    assert len(runs) == 2  # the rerun reused its directory
+    # other settings never resume the finished run of different ones
+    assert main(["eval", "finetune", str(tiny_run), *common, "--image-size", "24", "--lr", "3e-4"]) == 0
+    assert len(list((tiny_run / "finetune").iterdir())) == 3
+    assert json.loads((tiny_run / "eval" / "finetune.json").read_text())["settings"]["lr"] == 3e-4

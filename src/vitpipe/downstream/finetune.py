@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import time
 from dataclasses import dataclass
@@ -112,7 +113,9 @@ def finetune(source: EncoderSource, train: str, test: str, settings: FinetuneSet
         raise ConfigError("fine-tuning needs an encoder; use --init random for the from-scratch baseline")
     start = time.monotonic()
     config = finetune_config(source, train, settings, overrides)
-    tag = f"{source.kind}-labels{settings.label_fraction:g}-seed{settings.seed}"
+    # different settings must never resume (and silently reuse) another fine-tune's checkpoints
+    settings_hash = hashlib.sha256(json.dumps(to_dict(config), sort_keys=True).encode()).hexdigest()[:8]
+    tag = f"{source.kind}-labels{settings.label_fraction:g}-seed{settings.seed}-{settings_hash}"
     out = run_dir_of(source.run) / "finetune" / tag
     build = classifier_builder(source)
     summary = Trainer(config, out, build, resume="auto").run()
