@@ -140,6 +140,29 @@ def test_eval_cli_with_baselines(tiny_run, tiny_labelled_shards, tmp_path, capsy
     assert result["provenance"]["encoder"] == str(checkpoint / "model.safetensors")
 
 
+def test_knn_on_a_probed_layer_reads_the_probe_cache(tiny_run, tiny_labelled_shards, monkeypatch):
+    from vitpipe.downstream.features import EncoderSource, extract
+
+    train, test = str(tiny_labelled_shards / "train"), str(tiny_labelled_shards / "val")
+    common = ["--train", train, "--test", test, "--workers", "0"]
+    assert main(["eval", "linear-probe", str(tiny_run), *common, "--epochs", "1", "--layers", "0,1"]) == 0
+
+    def no_encoder(self):
+        raise AssertionError("features should have come from the cache")
+
+    monkeypatch.setattr(EncoderSource, "build", no_encoder)
+    assert main(["eval", "knn", str(tiny_run), *common, "--layer", "0"]) == 0
+    result = json.loads((tiny_run / "eval" / "knn.json").read_text())
+    assert result["layer"] == "block0"
+    monkeypatch.undo()
+    source = EncoderSource.resolve(tiny_run)
+    fresh_train = extract(source, train, layers=[0], num_workers=0)
+    fresh_test = extract(source, test, layers=[0], num_workers=0)
+    expected = knn_classify(fresh_train.features["block0"], fresh_train.labels, fresh_test.features["block0"],
+                            fresh_test.labels)
+    assert result["per_k"] == {str(k): v for k, v in expected.items()}
+
+
 def test_eval_bad_inputs_exit_2(tiny_run, tiny_labelled_shards, tmp_path, capsys):
     from vitpipe.pipeline.tario import write_tar_atomic
     from conftest import encode_image, make_image

@@ -221,7 +221,7 @@ def eval_linear_probe(
     train: Annotated[str, typer.Option("--train", help="Labelled training shards.")],
     test: Annotated[str, typer.Option("--test", help="Labelled test shards (reported only).")],
     init: InitOpt = "trained", pixels: PixelsOpt = False, pool: PoolOpt = None, workers: WorkersOpt = 2,
-    layers: Annotated[Optional[str], typer.Option("--layers", help="Comma-separated blocks to probe, e.g. 3,6,11.")] = None,
+    layers: Annotated[Optional[str], typer.Option("--layers", help="Comma-separated blocks to probe, 0-based, e.g. 3,7,11.")] = None,
     epochs: Annotated[int, typer.Option(help="Probe training epochs.")] = 30,
     lrs: Annotated[str, typer.Option(help="Learning rates of the sweep.")] = "0.01,0.03,0.1,0.3,1.0",
     wds: Annotated[str, typer.Option(help="Weight decays of the sweep.")] = "0,1e-4,1e-3",
@@ -248,13 +248,14 @@ def eval_knn(
     test: Annotated[str, typer.Option("--test", help="Labelled query shards.")],
     init: InitOpt = "trained", pixels: PixelsOpt = False, pool: PoolOpt = None, workers: WorkersOpt = 2,
     temperature: Annotated[float, typer.Option(help="Vote weight exp(cos / T).")] = 0.07,
+    layer: Annotated[Optional[int], typer.Option("--layer", help="Block to use, 0-based (default: the output).")] = None,
 ) -> None:
     """Weighted k-NN (k = 10, 20, 200) on L2-normalised features with FAISS."""
     from vitpipe.downstream.evaluate import eval_knn as run_knn, source_for
 
     _check_pool(pool)
     path, result = run_knn(source_for(run, init, pixels), train, test, temperature=temperature, pool=pool,
-                           workers=workers)
+                           workers=workers, layer=layer)
     _print_result("k-NN", [(f"top1 k={k}", f"{v:.4f}") for k, v in result["per_k"].items()], path)
 
 

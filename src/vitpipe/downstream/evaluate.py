@@ -95,15 +95,17 @@ def eval_linear_probe(source: EncoderSource, train: str, test: str, layers: list
 
 
 def eval_knn(source: EncoderSource, train: str, test: str, ks: tuple[int, ...] = (10, 20, 200),
-             temperature: float = 0.07, pool: str | None = None, workers: int = 2) -> tuple[Path, dict[str, Any]]:
+             temperature: float = 0.07, pool: str | None = None, workers: int = 2,
+             layer: int | None = None) -> tuple[Path, dict[str, Any]]:
     start = time.monotonic()
-    train_set, test_set = _features(source, train, None, pool, workers), _features(source, test, None, pool, workers)
-    name = _names(source, None)[0]
+    layers = None if layer is None or source.kind == "pixels" else [layer]
+    train_set, test_set = _features(source, train, layers, pool, workers), _features(source, test, layers, pool, workers)
+    name = _names(source, layers)[0]
     accuracy = knn_classify(train_set.features[name], train_set.labels, test_set.features[name], test_set.labels,
                             ks, temperature)
     best_k = 20 if 20 in accuracy else max(accuracy, key=accuracy.get)
     payload = {"top1": accuracy[best_k], "k": best_k, "per_k": {str(k): v for k, v in accuracy.items()},
-               "temperature": temperature, "pool": pool or source.config.model.pool,
+               "temperature": temperature, "pool": pool or source.config.model.pool, "layer": name,
                "train_samples": len(train_set.keys), "test_samples": len(test_set.keys)}
     path = write_result(source, "knn", payload, {"train": train, "test": test}, time.monotonic() - start)
     return path, payload

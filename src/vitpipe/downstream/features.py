@@ -89,10 +89,11 @@ def layer_names(layers: list[int] | None) -> list[str]:
     return ["last"] if not layers else [f"block{layer}" for layer in layers]
 
 
-def cache_key(source: EncoderSource, shards: ShardSet, layers: list[int] | None, pool: str, image_size: int) -> str:
+def cache_key(source: EncoderSource, shards: ShardSet, name: str, pool: str, image_size: int) -> str:
+    """One cache file per layer, so probing blocks 3,7,11 together serves a later k-NN on block 7."""
     data_id = manifest_hash(shards.directory) if shards.directory else None
     payload = json.dumps({"encoder": source.identity(), "data": data_id, "shards": [Path(u).name for u in shards.urls],
-                          "layers": layers, "pool": pool, "image_size": image_size,
+                          "layer": name, "pool": pool, "image_size": image_size,
                           "mean": source.config.data.mean, "std": source.config.data.std}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:24]
 
@@ -106,11 +107,12 @@ def extract(source: EncoderSource, shard_spec: str, *, layers: list[int] | None 
     pool = pool or config.model.pool
     shards = resolve_shards(shard_spec)
     names = [PIXELS] if source.kind == "pixels" else layer_names(layers)
-    cache_path = None
+    cache_paths: dict[str, Path] = {}
     if cache_dir is not None:
-        cache_path = Path(cache_dir) / f"{cache_key(source, shards, layers, pool, config.data.image_size)}.npz"
-        if cache_path.is_file():
-            return _load_cache(cache_path)
+        cache_paths = {name: Path(cache_dir) / f"{cache_key(source, shards, name, pool, config.data.image_size)}.npz"
+                       for name in names}
+        if all(path.is_file() for path in cache_paths.values()):
+            return _load_cache(list(cache_paths.values()))
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     encoder = source.build()
     if encoder is not None:
@@ -140,8 +142,8 @@ def extract(source: EncoderSource, shard_spec: str, *, layers: list[int] | None 
         raise ConfigError(f"no samples in {shard_spec}")
     result = FeatureSet({name: np.concatenate(parts).astype(np.float32) for name, parts in chunks.items()},
                         np.concatenate(labels).astype(np.int64) if need_labels else None, keys)
-    if cache_path is not None:
-        _save_cache(cache_path, result)
+    for name, path in cache_paths.items():
+        _save_cache(path, FeatureSet({name: result.features[name]}, result.labels, result.keys))
     return result
 
 
@@ -156,9 +158,11 @@ def _save_cache(path: Path, features: FeatureSet) -> None:
     os.replace(tmp, path)
 
 
-def _load_cache(path: Path) -> FeatureSet:
-    with np.load(path, allow_pickle=False) as data:
-        features = {name[len("feat__"):]: data[name] for name in data.files if name.startswith("feat__")}
-        labels = data["labels"] if "labels" in data.files else None
-        keys = data["keys"].tolist()
+def _load_cache(paths: list[Path]) -> FeatureSet:
+    features: dict[str, np.ndarray] = {}
+    for path in paths:
+        with np.load(path, allow_pickle=False) as data:
+            features.update({name[len("feat__"):]: data[name] for name in data.files if name.startswith("feat__")})
+            labels = data["labels"] if "labels" in data.files else None
+            keys = data["keys"].tolist()
     return FeatureSet(features, labels, keys)

@@ -229,6 +229,8 @@ class VisionTransformer(nn.Module):
             x = block(x)
             if index in wanted:
                 outputs[index] = self.norm(x)
+                if len(outputs) == len(wanted):
+                    break  # later blocks would only cost time
         return [outputs[layer % len(self.blocks)] for layer in layers]
 
     def pool(self, tokens: torch.Tensor, pool: str | None = None) -> torch.Tensor:
