@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import time
 from pathlib import Path
 
@@ -35,6 +36,10 @@ def main() -> None:
     parser.add_argument("--finetune-steps", type=int, default=600)
     parser.add_argument("--fractions", default="0.01,0.1,1.0")
     parser.add_argument("--pool", default=None, help="probe pooling (default: the model's)")
+    parser.add_argument("--layers", default=None,
+                        help="blocks to probe (0-based, e.g. 5,8,11); each encoder's k-NN then uses the block its "
+                             "probe picked on the validation split")
+    parser.add_argument("--finetune-args", default="", help="extra `vitpipe eval finetune` flags, quoted")
     parser.add_argument("overrides", nargs="*", help="key=value overrides of the pretraining config")
     args = parser.parse_args()
     out = args.out
@@ -53,16 +58,23 @@ def main() -> None:
                     f"train.max_steps={args.pretrain_steps}", *args.overrides])
     record({"row": "MAE pretraining", "steps": args.pretrain_steps, "seconds": round(seconds)})
     pool = ["--pool", args.pool] if args.pool else []
+    picked: dict[str, list[str]] = {}  # encoder -> the k-NN --layer its probe picked
     for task in ("linear-probe", "knn"):
         for name, flags in (("MAE", []), ("random init", ["--init", "random"]), ("raw pixels", ["--pixels"])):
-            seconds = step(["eval", task, str(run), "--train", train, "--test", test, *flags, *pool])
+            layer = picked.get(name, []) if task == "knn" else []
+            layers = ["--layers", args.layers] if task == "linear-probe" and args.layers and flags != ["--pixels"] else []
+            seconds = step(["eval", task, str(run), "--train", train, "--test", test, *flags, *pool, *layers, *layer])
             suffix = {"MAE": "", "random init": ".random", "raw pixels": ".pixels"}[name]
             result = json.loads((run / "eval" / f"{task}{suffix}.json").read_text())
-            record({"row": f"{task}: {name}", "top1": result["top1"], "seconds": round(seconds)})
+            if layers:
+                picked[name] = ["--layer", result["layer"].removeprefix("block")]
+            where = f" ({result['pool']}, {result['layer']})" if "layer" in result and flags != ["--pixels"] else ""
+            record({"row": f"{task}: {name}{where}", "top1": result["top1"], "seconds": round(seconds)})
     for fraction in [float(f) for f in args.fractions.split(",")]:
         for name, flags in (("from MAE", []), ("from scratch", ["--init", "random"])):
             seconds = step(["eval", "finetune", str(run), "--train", train, "--test", test, "--label-fraction",
-                            str(fraction), "--steps", str(args.finetune_steps), *flags])
+                            str(fraction), "--steps", str(args.finetune_steps), *flags,
+                            *shlex.split(args.finetune_args)])
             stem = "finetune" if fraction == 1.0 else f"finetune-labels{fraction:g}"
             result = json.loads((run / "eval" / f"{stem}{'.random' if flags else ''}.json").read_text())
             record({"row": f"fine-tune {fraction:g} labels: {name}", "top1": result["top1"],

@@ -83,6 +83,22 @@ def test_retrieval_index_save_load_and_recall(tmp_path):
         assert recall_at_k(approx, x, y, ks=(1,))[1] > 0.9
 
 
+def test_fitted_head_folds_batchnorm_exactly():
+    from vitpipe.downstream.probe import fit_linear_head
+
+    x, y = separable(n=400)
+    x = x * 3 + 5  # the fold has to undo a real mean and scale
+    settings = ProbeSettings(lrs=(0.1,), weight_decays=(0.0,), epochs=3, batch_size=32, val_fraction=0.1)
+    linear, info = fit_linear_head(x, y, 4, settings)
+    from vitpipe.downstream.probe import split_train_val
+    fit_idx, _ = split_train_val(len(x), 0.1, 0)
+    heads = train_heads(x[fit_idx], y[fit_idx], 4, [0.1], [0.0], 3, 32, 0)
+    with torch.no_grad():
+        expected = heads(torch.from_numpy(x))[0]
+        assert torch.allclose(linear(torch.from_numpy(x)), expected, atol=1e-4)
+    assert info["val_top1"] >= 0.95
+
+
 @pytest.fixture
 def tiny_run(tmp_path, tiny_labelled_shards):
     run = tmp_path / "run"
@@ -227,3 +243,33 @@ def test_finetune_cli_trained_and_scratch(tiny_run, tiny_labelled_shards):
     assert main(["eval", "finetune", str(tiny_run), *common, "--image-size", "24", "--lr", "3e-4"]) == 0
     assert len(list((tiny_run / "finetune").iterdir())) == 3
     assert json.loads((tiny_run / "eval" / "finetune.json").read_text())["settings"]["lr"] == 3e-4
+    assert main(["eval", "finetune", str(tiny_run), *common, "--probe-init", "--init", "random"]) == 0
+    lpft = json.loads((tiny_run / "eval" / "finetune.random.json").read_text())
+    assert lpft["probe_init"]["samples"] > 0 and lpft["settings"]["layer_decay"] == 1.0
+
+
+
+def test_finetune_probe_init_starts_from_the_subset_probe(tiny_run, tiny_labelled_shards):
+    from vitpipe.config import ConfigError
+    from vitpipe.downstream.features import EncoderSource, extract
+    from vitpipe.downstream.finetune import FinetuneSettings, classifier_builder, finetune_config, probe_head
+    from vitpipe.pipeline.loader import in_subset
+
+    train = str(tiny_labelled_shards / "train")
+    for kind in ("trained", "random"):
+        source = EncoderSource.resolve(tiny_run, kind)
+        settings = FinetuneSettings(label_fraction=0.5, steps=2, batch_size=4, seed=3, workers=0, probe_init=True)
+        config = finetune_config(source, train, settings, ["data.num_workers=0"])
+        head, info = probe_head(source, train, config, settings)
+        features = extract(EncoderSource.resolve(tiny_run, kind, seed=3), train, num_workers=0)
+        keep = [in_subset(k, 0.5, 3) for k in features.keys]
+        assert info["samples"] == sum(keep) and 0 < sum(keep) < len(keep)
+        # the classifier starts exactly where the probe ends: same encoder, the folded head on top
+        model = classifier_builder(source, head)(config).eval()
+        images = torch.randn(3, 3, 16, 16)
+        with torch.no_grad():
+            frozen = EncoderSource.resolve(tiny_run, kind, seed=3).build()
+            assert torch.allclose(model.logits(images), head(frozen(images)), atol=1e-5)
+    settings = FinetuneSettings(image_size=24, probe_init=True, workers=0)
+    with pytest.raises(ConfigError, match="pretraining resolution"):
+        probe_head(source, train, finetune_config(source, train, settings), settings)

@@ -304,7 +304,8 @@ def eval_finetune(
     steps: Annotated[int, typer.Option(help="Optimizer steps.")] = 1000,
     batch_size: Annotated[int, typer.Option(help="Batch size.")] = 128,
     lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 1e-3,
-    layer_decay: Annotated[float, typer.Option(help="Layer-wise lr decay (1 = off).")] = 0.75,
+    layer_decay: Annotated[Optional[float], typer.Option(
+        help="Layer-wise lr decay, 1 = off (default: 0.75 from a pretrained encoder, 1 from scratch).")] = None,
     drop_path: Annotated[float, typer.Option(help="Stochastic depth.")] = 0.1,
     label_smoothing: Annotated[float, typer.Option(help="Label smoothing.")] = 0.1,
     freeze_blocks: Annotated[int, typer.Option(help="Freeze the first K blocks.")] = 0,
@@ -312,6 +313,8 @@ def eval_finetune(
     image_size: Annotated[int, typer.Option(help="Fine-tuning resolution (0 = pretraining's).")] = 0,
     num_classes: Annotated[int, typer.Option(help="Classes (0 = from the manifest).")] = 0,
     seed: Annotated[int, typer.Option(help="Seed (label subset, init, order).")] = 0,
+    probe_init: Annotated[bool, typer.Option(
+        "--probe-init", help="Start the head from a linear probe on the same labels (LP-FT).")] = False,
     workers: WorkersOpt = 2,
     overrides: Annotated[Optional[list[str]], typer.Argument(help="key=value overrides of the fine-tuning run config.")] = None,
 ) -> None:
@@ -322,10 +325,13 @@ def eval_finetune(
 
     if not 0 < label_fraction <= 1:
         raise ConfigError("--label-fraction must be in (0, 1]")
+    if layer_decay is None:  # decaying lrs towards the input only makes sense for pretrained blocks
+        layer_decay = 1.0 if init == "random" else 0.75
     settings = FinetuneSettings(label_fraction=label_fraction, steps=steps, batch_size=batch_size, lr=lr,
                                 layer_decay=layer_decay, drop_path=drop_path, label_smoothing=label_smoothing,
                                 freeze_blocks=freeze_blocks, freeze_patch_embed=freeze_patch_embed,
-                                image_size=image_size, num_classes=num_classes, seed=seed, workers=workers)
+                                image_size=image_size, num_classes=num_classes, seed=seed, workers=workers,
+                                probe_init=probe_init)
     try:
         path, result = finetune(source_for(run, init, False), train, test, settings, overrides)
     except Preempted as stop:

@@ -10,12 +10,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from torch import nn
 
 from vitpipe.config import ConfigError, PretrainConfig, from_dict, merge, parse_overrides, to_dict
 from vitpipe.downstream.evaluate import run_dir_of, write_result
-from vitpipe.downstream.features import EncoderSource
-from vitpipe.pipeline.loader import LoaderSpec, make_loader, resolve_shards
+from vitpipe.downstream.features import EncoderSource, extract
+from vitpipe.downstream.probe import fit_linear_head
+from vitpipe.pipeline.loader import LoaderSpec, in_subset, make_loader, resolve_shards
 from vitpipe.pipeline.manifest import find_manifest
 from vitpipe.pipeline.transforms import TransformSpec
 from vitpipe.ssl.classify import Classifier
@@ -43,6 +46,8 @@ class FinetuneSettings:
     """0 = from the training shards' manifest label map."""
     seed: int = 0
     workers: int = 2
+    probe_init: bool = False
+    """Start the head from a linear probe fitted on the same labelled subset (LP-FT), not from zero."""
 
 
 def _num_classes(train: str) -> int:
@@ -71,21 +76,39 @@ def finetune_config(source: EncoderSource, train: str, settings: FinetuneSetting
     return from_dict(PretrainConfig, merge(base, parse_overrides(overrides or [])))
 
 
-def classifier_builder(source: EncoderSource):
+def classifier_builder(source: EncoderSource, head: nn.Linear | None = None):
     """Build the classifier with the source's weights loaded at the pretraining resolution, then
-    its positions interpolated to the fine-tuning one."""
+    its positions interpolated to the fine-tuning one; ``head`` (if given) replaces the zero head."""
     pretrain = source.config
 
     def build(config: PretrainConfig) -> Classifier:
         args = ViTArgs.from_config(config.model, pretrain.data.image_size, pretrain.data.channels)
-        torch.manual_seed(config.train.seed)
+        torch.manual_seed(config.train.seed)  # the same draw as EncoderSource(kind="random", seed=train.seed)
         encoder = VisionTransformer(args)
         if source.kind == "trained":
             encoder.load_state_dict(source.build().state_dict())
         encoder.resize_pos_embed(config.data.image_size)
-        return Classifier(encoder, config.finetune)
+        classifier = Classifier(encoder, config.finetune)
+        if head is not None:
+            classifier.head.load_state_dict(head.state_dict())
+        return classifier
 
     return build
+
+
+def probe_head(source: EncoderSource, train: str, config: PretrainConfig,
+               settings: FinetuneSettings) -> tuple[nn.Linear, dict[str, Any]]:
+    """A linear head fitted on frozen features of exactly the labelled subset the fine-tune will see."""
+    if config.data.image_size != source.config.data.image_size:
+        raise ConfigError("--probe-init needs the pretraining resolution (features are taken from the frozen encoder)")
+    frozen = dataclasses.replace(source, seed=config.train.seed)
+    features = extract(frozen, train, pool=config.model.pool, num_workers=settings.workers,
+                       cache_dir=run_dir_of(source.run) / "eval" / "cache")
+    keep = np.array([in_subset(key, config.data.subset_fraction, config.train.seed) for key in features.keys])
+    if keep.sum() < 2:
+        raise ConfigError("--probe-init: fewer than 2 labelled samples in the subset")
+    head, info = fit_linear_head(features.features["last"][keep], features.labels[keep], config.finetune.num_classes)
+    return head, {**info, "samples": int(keep.sum())}
 
 
 @torch.no_grad()
@@ -114,10 +137,12 @@ def finetune(source: EncoderSource, train: str, test: str, settings: FinetuneSet
     start = time.monotonic()
     config = finetune_config(source, train, settings, overrides)
     # different settings must never resume (and silently reuse) another fine-tune's checkpoints
-    settings_hash = hashlib.sha256(json.dumps(to_dict(config), sort_keys=True).encode()).hexdigest()[:8]
+    identity = {"config": to_dict(config), "probe_init": settings.probe_init}
+    settings_hash = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:8]
     tag = f"{source.kind}-labels{settings.label_fraction:g}-seed{settings.seed}-{settings_hash}"
     out = run_dir_of(source.run) / "finetune" / tag
-    build = classifier_builder(source)
+    head, probe = probe_head(source, train, config, settings) if settings.probe_init else (None, None)
+    build = classifier_builder(source, head)
     summary = Trainer(config, out, build, resume="auto").run()
     model = build(config)
     from safetensors.torch import load_file
@@ -125,7 +150,8 @@ def finetune(source: EncoderSource, train: str, test: str, settings: FinetuneSet
     model.load_state_dict(load_file(list_checkpoints(out)[-1] / "model.safetensors"))
     scores = evaluate_classifier(model, config, test, settings.workers)
     payload = {**scores, "label_fraction": settings.label_fraction, "steps": summary.steps,
-               "train_seconds": round(summary.seconds, 1), "run": str(out), "settings": dataclasses.asdict(settings)}
+               "train_seconds": round(summary.seconds, 1), "run": str(out), "settings": dataclasses.asdict(settings),
+               "probe_init": probe}
     path = write_result(source, "finetune", payload, {"train": train, "test": test}, time.monotonic() - start)
     if settings.label_fraction != 1.0:  # keep one file per label fraction
         renamed = path.with_name(path.name.replace("finetune", f"finetune-labels{settings.label_fraction:g}", 1))

@@ -119,3 +119,28 @@ def linear_probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, t
     best = max(range(len(grid)), key=lambda i: (sweep[i]["val_top1"], -i))
     return ProbeResult(top1=sweep[best]["test_top1"], top5=topk_accuracy(test_logits[best], test_labels, 5),
                        val_top1=sweep[best]["val_top1"], lr=grid[best][0], weight_decay=grid[best][1], sweep=sweep)
+
+
+def fit_linear_head(features: np.ndarray, labels: np.ndarray, classes: int,
+                    settings: ProbeSettings = ProbeSettings()) -> tuple[nn.Linear, dict[str, float]]:
+    """The sweep's best head (picked on a held-out split) as one Linear layer over raw features.
+
+    BatchNorm without affine is a fixed affine map at eval time, so it folds exactly into the Linear:
+    ((f - mean) / std) @ W + b = f @ (W / std) + (b - (mean / std) @ W).
+    """
+    grid = [(lr, wd) for lr in settings.lrs for wd in settings.weight_decays]
+    fit_idx, val_idx = split_train_val(len(features), settings.val_fraction, settings.seed)
+    heads = train_heads(features[fit_idx], labels[fit_idx], classes, [g[0] for g in grid], [g[1] for g in grid],
+                        settings.epochs, settings.batch_size, settings.seed)
+    with torch.no_grad():
+        val_logits = heads(torch.from_numpy(features[val_idx].astype(np.float32)))
+        val_y = torch.from_numpy(labels[val_idx].astype(np.int64))
+        scores = [topk_accuracy(val_logits[i], val_y, 1) for i in range(len(grid))]
+        best = max(range(len(grid)), key=lambda i: (scores[i], -i))
+        std = torch.sqrt(heads.norm.running_var + heads.norm.eps)
+        weight = heads.weights[best] / std[:, None]  # [D, C]
+        bias = heads.biases[best] - (heads.norm.running_mean / std) @ heads.weights[best]
+        linear = nn.Linear(features.shape[1], classes)
+        linear.weight.copy_(weight.T)
+        linear.bias.copy_(bias)
+    return linear, {"lr": grid[best][0], "weight_decay": grid[best][1], "val_top1": scores[best]}

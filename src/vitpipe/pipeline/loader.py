@@ -182,6 +182,14 @@ class LoaderSpec:
     """Adds objective-specific fields to a finished batch (e.g. masks), in the worker."""
 
 
+def in_subset(key: str, fraction: float, seed: int) -> bool:
+    """Whether a sample belongs to the fixed ``fraction`` subset for ``seed`` (stable across runs and ranks)."""
+    if fraction >= 1:
+        return True
+    digest = hashlib.sha256(f"{seed}:{key}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < fraction
+
+
 class ShardDataset(IterableDataset):
     def __init__(self, spec: LoaderSpec) -> None:
         super().__init__()
@@ -258,11 +266,7 @@ class ShardDataset(IterableDataset):
                 index += 1
 
     def _in_subset(self, key: str) -> bool:
-        fraction = self.spec.subset_fraction
-        if fraction >= 1:
-            return True
-        digest = hashlib.sha256(f"{self.spec.seed}:{key}".encode()).digest()
-        return int.from_bytes(digest[:8], "big") / 2**64 < fraction
+        return in_subset(key, self.spec.subset_fraction, self.spec.seed)
 
     def _read_shard(self, url: str) -> Iterator[dict[str, bytes]]:
         try:
