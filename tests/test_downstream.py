@@ -167,6 +167,7 @@ def test_knn_on_a_probed_layer_reads_the_probe_cache(tiny_run, tiny_labelled_sha
         raise AssertionError("features should have come from the cache")
 
     monkeypatch.setattr(EncoderSource, "build", no_encoder)
+    assert main(["eval", "knn", str(tiny_run), *common]) == 0  # the output is block 1 of 2: cached too
     assert main(["eval", "knn", str(tiny_run), *common, "--layer", "0"]) == 0
     result = json.loads((tiny_run / "eval" / "knn.json").read_text())
     assert result["layer"] == "block0"

@@ -98,6 +98,14 @@ def cache_key(source: EncoderSource, shards: ShardSet, name: str, pool: str, ima
     return hashlib.sha256(payload.encode()).hexdigest()[:24]
 
 
+def _canonical(name: str, config: PretrainConfig) -> str:
+    """"last", "block-1" and "block11" of a 12-block encoder are the same features: one cache file."""
+    if name == PIXELS:
+        return name
+    depth = config.model.depth
+    return f"block{depth - 1 if name == 'last' else int(name.removeprefix('block')) % depth}"
+
+
 @torch.no_grad()
 def extract(source: EncoderSource, shard_spec: str, *, layers: list[int] | None = None, pool: str | None = None,
             batch_size: int = 256, num_workers: int = 2, cache_dir: Path | None = None,
@@ -109,10 +117,10 @@ def extract(source: EncoderSource, shard_spec: str, *, layers: list[int] | None 
     names = [PIXELS] if source.kind == "pixels" else layer_names(layers)
     cache_paths: dict[str, Path] = {}
     if cache_dir is not None:
-        cache_paths = {name: Path(cache_dir) / f"{cache_key(source, shards, name, pool, config.data.image_size)}.npz"
+        cache_paths = {name: Path(cache_dir) / f"{cache_key(source, shards, _canonical(name, config), pool, config.data.image_size)}.npz"
                        for name in names}
         if all(path.is_file() for path in cache_paths.values()):
-            return _load_cache(list(cache_paths.values()))
+            return _load_cache(cache_paths)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     encoder = source.build()
     if encoder is not None:
@@ -158,11 +166,13 @@ def _save_cache(path: Path, features: FeatureSet) -> None:
     os.replace(tmp, path)
 
 
-def _load_cache(paths: list[Path]) -> FeatureSet:
+def _load_cache(paths: dict[str, Path]) -> FeatureSet:
+    """Layer name -> its cache file (one feature array each; "last" may be stored as "block11")."""
     features: dict[str, np.ndarray] = {}
-    for path in paths:
+    for name, path in paths.items():
         with np.load(path, allow_pickle=False) as data:
-            features.update({name[len("feat__"):]: data[name] for name in data.files if name.startswith("feat__")})
+            (stored,) = [entry for entry in data.files if entry.startswith("feat__")]
+            features[name] = data[stored]
             labels = data["labels"] if "labels" in data.files else None
             keys = data["keys"].tolist()
     return FeatureSet(features, labels, keys)
