@@ -1,7 +1,7 @@
 """Representation quality on Fashion-MNIST: MAE-pretrained ViT vs random init vs raw pixels.
 
-    python benchmarks/quality.py --out /work/bench/quality --config configs/mae_fashion_mnist.yaml \
-        --pretrain-steps 850 --finetune-steps 600
+    python benchmarks/quality.py --out /work/bench/quality --config configs/mae_fashion_mnist_cpu.yaml \
+        --pretrain-steps 1700 --layers 3,5,7,9,11 --finetune-steps 150 --finetune-args "--probe-init"
 
 Pretrains on the train split only, probes/fine-tunes on train, reports on the official test split.
 Every row is produced by the public commands (printed as they run) and timed. Prints a Markdown
@@ -70,7 +70,7 @@ def main() -> None:
                 picked[name] = ["--layer", result["layer"].removeprefix("block")]
             where = f" ({result['pool']}, {result['layer']})" if "layer" in result and flags != ["--pixels"] else ""
             record({"row": f"{task}: {name}{where}", "top1": result["top1"], "seconds": round(seconds)})
-    for fraction in [float(f) for f in args.fractions.split(",")]:
+    for fraction in [float(f) for f in args.fractions.split(",") if f.strip()]:  # "" skips fine-tuning
         for name, flags in (("from MAE", []), ("from scratch", ["--init", "random"])):
             seconds = step(["eval", "finetune", str(run), "--train", train, "--test", test, "--label-fraction",
                             str(fraction), "--steps", str(args.finetune_steps), *flags,
