@@ -38,6 +38,33 @@ def test_sweep_in_one_pass_equals_each_head_alone():
     assert not torch.allclose(together.weights[0], together.weights[2])
 
 
+def test_heads_train_exactly_like_torch_sgd():
+    """The hand-applied update is torch.optim.SGD(momentum=0.9, weight_decay) under a cosine LambdaLR."""
+    import math
+    import torch.nn.functional as F
+
+    x, y = separable(n=200)
+    lr, wd, epochs, batch = 0.3, 1e-3, 2, 32
+    ours = train_heads(x, y, 4, [lr], [wd], epochs=epochs, batch_size=batch, seed=5)
+    norm = torch.nn.BatchNorm1d(16, affine=False)
+    weight, bias = torch.zeros(16, 4, requires_grad=True), torch.zeros(4, requires_grad=True)
+    optimizer = torch.optim.SGD([weight, bias], lr=lr, momentum=0.9, weight_decay=wd)
+    total = epochs * (len(x) // batch)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / total)))
+    rng = torch.Generator().manual_seed(5)
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y.astype(np.int64))
+    for _ in range(epochs):
+        order = torch.randperm(len(x), generator=rng)
+        for step in range(len(x) // batch):
+            index = order[step * batch:(step + 1) * batch]
+            loss = F.cross_entropy(norm(xt[index]) @ weight + bias, yt[index])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+    assert torch.allclose(ours.weights[0], weight, atol=1e-5) and torch.allclose(ours.biases[0], bias, atol=1e-5)
+
+
 def brute_knn(train_x, train_y, test_x, k, temperature, classes):
     a = train_x / np.linalg.norm(train_x, axis=1, keepdims=True)
     b = test_x / np.linalg.norm(test_x, axis=1, keepdims=True)
