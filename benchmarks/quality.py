@@ -39,6 +39,7 @@ def main() -> None:
     parser.add_argument("--layers", default=None,
                         help="blocks to probe (0-based, e.g. 5,8,11); each encoder's k-NN then uses the block its "
                              "probe picked on the validation split")
+    parser.add_argument("--concat", action="store_true", help="also probe the --layers concatenated")
     parser.add_argument("--finetune-args", default="", help="extra `vitpipe eval finetune` flags, quoted")
     parser.add_argument("overrides", nargs="*", help="key=value overrides of the pretraining config")
     args = parser.parse_args()
@@ -63,11 +64,14 @@ def main() -> None:
         for name, flags in (("MAE", []), ("random init", ["--init", "random"]), ("raw pixels", ["--pixels"])):
             layer = picked.get(name, []) if task == "knn" else []
             layers = ["--layers", args.layers] if task == "linear-probe" and args.layers and flags != ["--pixels"] else []
+            layers += ["--concat"] if layers and args.concat else []
             seconds = step(["eval", task, str(run), "--train", train, "--test", test, *flags, *pool, *layers, *layer])
             suffix = {"MAE": "", "random init": ".random", "raw pixels": ".pixels"}[name]
             result = json.loads((run / "eval" / f"{task}{suffix}.json").read_text())
-            if layers:
-                picked[name] = ["--layer", result["layer"].removeprefix("block")]
+            if layers:  # k-NN takes one block: the single block the probe's validation split liked best
+                single = {k: v for k, v in result["per_layer"].items() if "+" not in k}
+                best = max(single, key=lambda k: single[k]["val_top1"])
+                picked[name] = ["--layer", best.removeprefix("block")]
             where = f" ({result['pool']}, {result['layer']})" if "layer" in result and flags != ["--pixels"] else ""
             record({"row": f"{task}: {name}{where}", "top1": result["top1"], "seconds": round(seconds)})
     for fraction in [float(f) for f in args.fractions.split(",") if f.strip()]:  # "" skips fine-tuning

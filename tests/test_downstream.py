@@ -24,7 +24,7 @@ def test_linear_probe_separable_reaches_100():
     x, y = separable(n=800, seed=0)
     result = linear_probe(x[:600], y[:600], x[600:], y[600:], ProbeSettings(epochs=10, batch_size=64))
     assert result.top1 >= 0.99 and result.top5 == 1.0
-    assert len(result.sweep) == 15
+    assert len(result.sweep) == 21
 
 
 def test_sweep_in_one_pass_equals_each_head_alone():
@@ -154,14 +154,14 @@ def test_eval_cli_with_baselines(tiny_run, tiny_labelled_shards, tmp_path, capsy
     assert main(["eval", "linear-probe", str(tiny_run), *common, "--epochs", "2"]) == 0
     assert main(["eval", "linear-probe", str(tiny_run), *common, "--epochs", "2", "--init", "random"]) == 0
     assert main(["eval", "linear-probe", str(tiny_run), *common, "--epochs", "2", "--pixels"]) == 0
-    assert main(["eval", "linear-probe", str(tiny_run), *common, "--epochs", "2", "--layers", "0,1"]) == 0
+    assert main(["eval", "linear-probe", str(tiny_run), *common, "--epochs", "2", "--layers", "0,1", "--concat"]) == 0
     assert main(["eval", "knn", str(tiny_run), *common]) == 0
     assert main(["eval", "knn", str(tiny_run), *common, "--pixels"]) == 0
     names = sorted(p.name for p in (tiny_run / "eval").glob("*.json"))
     assert names == ["knn.json", "knn.pixels.json", "linear-probe.json", "linear-probe.pixels.json",
                      "linear-probe.random.json"]
     result = json.loads((tiny_run / "eval" / "linear-probe.json").read_text())
-    assert 0 <= result["top1"] <= 1 and set(result["per_layer"]) == {"block0", "block1"}
+    assert 0 <= result["top1"] <= 1 and set(result["per_layer"]) == {"block0", "block1", "block0+block1"}
     assert result["provenance"]["data"]["train"]["manifest_sha256"]
     assert result["provenance"]["encoder"].endswith("encoder.safetensors")
     assert list((tiny_run / "eval" / "cache").glob("*.npz"))

@@ -223,7 +223,8 @@ def eval_linear_probe(
     init: InitOpt = "trained", pixels: PixelsOpt = False, pool: PoolOpt = None, workers: WorkersOpt = 2,
     layers: Annotated[Optional[str], typer.Option("--layers", help="Comma-separated blocks to probe, 0-based, e.g. 3,7,11.")] = None,
     epochs: Annotated[int, typer.Option(help="Probe training epochs.")] = 30,
-    lrs: Annotated[str, typer.Option(help="Learning rates of the sweep.")] = "0.01,0.03,0.1,0.3,1.0",
+    concat: Annotated[bool, typer.Option("--concat", help="Also probe the --layers concatenated.")] = False,
+    lrs: Annotated[str, typer.Option(help="Learning rates of the sweep.")] = "0.01,0.03,0.1,0.3,1,3,10",
     wds: Annotated[str, typer.Option(help="Weight decays of the sweep.")] = "0,1e-4,1e-3",
 ) -> None:
     """Frozen features + BatchNorm/Linear heads; a lr x wd sweep in one pass, picked on a val split."""
@@ -233,7 +234,7 @@ def eval_linear_probe(
     _check_pool(pool)
     settings = ProbeSettings(lrs=_floats(lrs), weight_decays=_floats(wds), epochs=epochs)
     layer_list = [int(x) for x in layers.split(",")] if layers else None
-    path, result = run_probe(source_for(run, init, pixels), train, test, layer_list, pool, settings, workers)
+    path, result = run_probe(source_for(run, init, pixels), train, test, layer_list, pool, settings, workers, concat)
     rows = [("top1", f"{result['top1']:.4f}"), ("top5", f"{result['top5']:.4f}"), ("val top1", f"{result['val_top1']:.4f}"),
             ("layer", result["layer"]), ("lr / wd", f"{result['lr']} / {result['weight_decay']}")]
     rows += [(f"top1 {name}", f"{r['top1']:.4f}") for name, r in result["per_layer"].items()] if layer_list else []

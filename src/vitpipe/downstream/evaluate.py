@@ -76,11 +76,19 @@ def _names(source: EncoderSource, layers: list[int] | None) -> list[str]:
 
 def eval_linear_probe(source: EncoderSource, train: str, test: str, layers: list[int] | None = None,
                       pool: str | None = None, settings: ProbeSettings = ProbeSettings(),
-                      workers: int = 2) -> tuple[Path, dict[str, Any]]:
+                      workers: int = 2, concat: bool = False) -> tuple[Path, dict[str, Any]]:
+    """``concat`` adds one more candidate: the probed layers' features side by side (as DINO probes
+    its last blocks); the validation split picks among all candidates."""
     start = time.monotonic()
     train_set, test_set = _features(source, train, layers, pool, workers), _features(source, test, layers, pool, workers)
+    names = _names(source, layers)
+    if concat and len(names) > 1:
+        joined = "+".join(names)
+        for features in (train_set, test_set):
+            features.features[joined] = np.concatenate([features.features[name] for name in names], axis=1)
+        names.append(joined)
     per_layer = {}
-    for name in _names(source, layers):
+    for name in names:
         result = linear_probe(train_set.features[name], train_set.labels, test_set.features[name], test_set.labels,
                               settings)
         per_layer[name] = asdict(result)

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-DEFAULT_LRS = (0.01, 0.03, 0.1, 0.3, 1.0)
+DEFAULT_LRS = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)  # BatchNorm'd features often want lr >= 1
 DEFAULT_WDS = (0.0, 1e-4, 1e-3)
 
 
