@@ -298,6 +298,10 @@ def test_finetune_probe_init_starts_from_the_subset_probe(tiny_run, tiny_labelle
         with torch.no_grad():
             frozen = EncoderSource.resolve(tiny_run, kind, seed=3).build()
             assert torch.allclose(model.logits(images), head(frozen(images)), atol=1e-5)
+    assert finetune_config(source, train, FinetuneSettings(crop_scale_min=0.5)).data.crop_scale_min == 0.5
+    from vitpipe.pipeline.transforms import TransformSpec, build_transform
+    crop = build_transform(TransformSpec("finetune", 16, crop_scale_min=0.5)).transforms[1]
+    assert crop.scale == (0.5, 1.0)
     settings = FinetuneSettings(image_size=24, probe_init=True, workers=0)
     with pytest.raises(ConfigError, match="pretraining resolution"):
         probe_head(source, train, finetune_config(source, train, settings), settings)

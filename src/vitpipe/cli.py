@@ -309,6 +309,7 @@ def eval_finetune(
         help="Layer-wise lr decay, 1 = off (default: 0.75 from a pretrained encoder, 1 from scratch).")] = None,
     drop_path: Annotated[float, typer.Option(help="Stochastic depth.")] = 0.1,
     label_smoothing: Annotated[float, typer.Option(help="Label smoothing.")] = 0.1,
+    crop_scale_min: Annotated[float, typer.Option(help="RandomResizedCrop keeps this much of the image at least.")] = 0.08,
     freeze_blocks: Annotated[int, typer.Option(help="Freeze the first K blocks.")] = 0,
     freeze_patch_embed: Annotated[bool, typer.Option(help="Freeze the patch embedding.")] = False,
     image_size: Annotated[int, typer.Option(help="Fine-tuning resolution (0 = pretraining's).")] = 0,
@@ -330,7 +331,7 @@ def eval_finetune(
         layer_decay = 1.0 if init == "random" else 0.75
     settings = FinetuneSettings(label_fraction=label_fraction, steps=steps, batch_size=batch_size, lr=lr,
                                 layer_decay=layer_decay, drop_path=drop_path, label_smoothing=label_smoothing,
-                                freeze_blocks=freeze_blocks, freeze_patch_embed=freeze_patch_embed,
+                                crop_scale_min=crop_scale_min, freeze_blocks=freeze_blocks, freeze_patch_embed=freeze_patch_embed,
                                 image_size=image_size, num_classes=num_classes, seed=seed, workers=workers,
                                 probe_init=probe_init)
     try:

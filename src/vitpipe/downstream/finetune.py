@@ -38,6 +38,8 @@ class FinetuneSettings:
     layer_decay: float = 0.75
     drop_path: float = 0.1
     label_smoothing: float = 0.1
+    crop_scale_min: float = 0.08
+    """RandomResizedCrop keeps 8-100% of the image (the DeiT/MAE fine-tuning default)."""
     freeze_blocks: int = 0
     freeze_patch_embed: bool = False
     image_size: int = 0
@@ -63,7 +65,7 @@ def finetune_config(source: EncoderSource, train: str, settings: FinetuneSetting
                     overrides: list[str] | None = None) -> PretrainConfig:
     base = to_dict(source.config)
     base.update(objective="classify")
-    base["data"].update(shards=train, subset_fraction=settings.label_fraction,
+    base["data"].update(shards=train, subset_fraction=settings.label_fraction, crop_scale_min=settings.crop_scale_min,
                         image_size=settings.image_size or source.config.data.image_size)
     base["model"].update(drop_path=settings.drop_path)
     base["finetune"] = dict(num_classes=settings.num_classes or _num_classes(train),

@@ -11,7 +11,7 @@ from torchvision.transforms import v2
 @dataclass(frozen=True)
 class TransformSpec:
     preset: str
-    """mae (RandomResizedCrop + flip) | finetune (stronger crop) | eval (resize + center crop) | none."""
+    """mae | finetune (both RandomResizedCrop(crop_scale_min..1) + flip) | eval (resize + center crop) | none."""
     image_size: int
     channels: int = 3
     crop_scale_min: float = 0.2
@@ -31,8 +31,7 @@ def build_transform(spec: TransformSpec) -> v2.Compose:
     if spec.channels == 1:
         steps.append(v2.Grayscale(1))
     if spec.preset in ("mae", "finetune"):
-        scale = (spec.crop_scale_min, 1.0) if spec.preset == "mae" else (0.08, 1.0)
-        steps.append(v2.RandomResizedCrop(size, scale=scale, interpolation=v2.InterpolationMode.BICUBIC,
+        steps.append(v2.RandomResizedCrop(size, scale=(spec.crop_scale_min, 1.0), interpolation=v2.InterpolationMode.BICUBIC,
                                           antialias=True))
         if spec.hflip:
             steps.append(v2.RandomHorizontalFlip())
