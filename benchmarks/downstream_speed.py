@@ -37,7 +37,7 @@ def probe_sweep(count: int, dim: int, epochs: int) -> None:
     print(f"\n### Linear-probe sweep ({count:,} x {dim} features, 10 classes, {epochs} epochs, batch 256)\n")
     print("| heads | seconds | x one head |\n|---:|---:|---:|")
     one = None
-    for lrs in ([0.1], [0.01, 0.02, 0.03, 0.05, 0.1, 0.3, 0.5, 1.0]):
+    for lrs in ([0.1], [0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0]):
         for wds in ([0.0], [0.0, 1e-4, 1e-3]):
             grid = [(lr, wd) for lr in lrs for wd in wds]
             seconds, _ = timed(lambda: train_heads(features, labels, 10, [g[0] for g in grid], [g[1] for g in grid],
@@ -53,7 +53,8 @@ def extraction(shards: Path, config_path: str, batch_size: int) -> None:
     print("| encoder | images | seconds | features/s |\n|---|---:|---:|---:|")
     for kind, label, layers in (("pixels", "raw pixels", None),
                                 ("random", f"ViT-{config.model.size}/{config.model.patch_size}, last layer", None),
-                                ("random", "same, blocks 4,8,12 in one pass", [4, 8, 12])):
+                                ("random", "same, blocks 3,7,11 (0-based) in one pass", [3, 7, 11]),
+                                ("random", "same, blocks 3,5 only (stops after block 5)", [3, 5])):
         source = EncoderSource(kind, config, shards)
         seconds, result = timed(lambda: extract(source, test, layers=layers, batch_size=batch_size))
         count = len(result.keys)
