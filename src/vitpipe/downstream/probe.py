@@ -55,7 +55,11 @@ class LinearHeads(nn.Module):
         self.biases = nn.Parameter(torch.zeros(count, classes))
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return torch.einsum("bd,kdc->kbc", self.norm(features), self.weights) + self.biases[:, None]
+        count, dim, classes = self.weights.shape
+        # one [B, D] x [D, K*C] matmul: einsum would broadcast the features into K copies
+        stacked = self.weights.permute(1, 0, 2).reshape(dim, count * classes)
+        logits = (self.norm(features) @ stacked).view(-1, count, classes).transpose(0, 1)
+        return logits + self.biases[:, None]
 
 
 def train_heads(features: np.ndarray, labels: np.ndarray, classes: int, lrs: list[float], wds: list[float],
