@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 DEFAULT_LRS = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)  # BatchNorm'd features often want lr >= 1
@@ -55,11 +54,20 @@ class LinearHeads(nn.Module):
         self.biases = nn.Parameter(torch.zeros(count, classes))
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.batch_major(features).transpose(0, 1)
+
+    def batch_major(self, features: torch.Tensor) -> torch.Tensor:
+        """[B, D] -> [B, K, C] by one [B, D] x [D, K*C] matmul (einsum would copy the features K times)."""
         count, dim, classes = self.weights.shape
-        # one [B, D] x [D, K*C] matmul: einsum would broadcast the features into K copies
         stacked = self.weights.permute(1, 0, 2).reshape(dim, count * classes)
-        logits = (self.norm(features) @ stacked).view(-1, count, classes).transpose(0, 1)
-        return logits + self.biases[:, None]
+        return (self.norm(features) @ stacked).view(-1, count, classes) + self.biases
+
+
+def _cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy; ~3x faster than F.cross_entropy on CPU for few classes (torch's
+    log_softmax kernel vectorises poorly over a last dimension of ~10), which is most of a sweep step."""
+    shifted = logits - logits.detach().max(dim=1, keepdim=True).values
+    return (shifted.exp().sum(dim=1).log() - shifted.gather(1, labels[:, None]).squeeze(1)).mean()
 
 
 def train_heads(features: np.ndarray, labels: np.ndarray, classes: int, lrs: list[float], wds: list[float],
@@ -89,9 +97,9 @@ def train_heads(features: np.ndarray, labels: np.ndarray, classes: int, lrs: lis
         order = torch.randperm(len(x), generator=order_rng)
         for batch in range(steps_per_epoch):
             index = order[batch * batch_size:(batch + 1) * batch_size]
-            logits = heads(x[index])
+            logits = heads.batch_major(x[index])
             # K x the mean over K heads = the sum of each head's own loss: each gets its own gradient
-            loss = F.cross_entropy(logits.flatten(0, 1), y[index].repeat(count)) * count
+            loss = _cross_entropy(logits.flatten(0, 1), y[index].repeat_interleave(count)) * count
             grads = torch.autograd.grad(loss, params)
             decay = 0.5 * (1 + math.cos(math.pi * step / total))
             with torch.no_grad():
