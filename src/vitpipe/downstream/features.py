@@ -115,6 +115,9 @@ def extract(source: EncoderSource, shard_spec: str, *, layers: list[int] | None 
     pool = pool or config.model.pool
     shards = resolve_shards(shard_spec)
     names = [PIXELS] if source.kind == "pixels" else layer_names(layers)
+    depth = config.model.depth
+    if source.kind != "pixels" and any(not -depth <= layer < depth for layer in layers or []):
+        raise ConfigError(f"--layers: the encoder has blocks 0..{depth - 1}; got {layers}")
     cache_paths: dict[str, Path] = {}
     if cache_dir is not None:
         cache_paths = {name: Path(cache_dir) / f"{cache_key(source, shards, _canonical(name, config), pool, config.data.image_size)}.npz"
