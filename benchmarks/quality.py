@@ -1,7 +1,8 @@
 """Representation quality on Fashion-MNIST: MAE-pretrained ViT vs random init vs raw pixels.
 
-    python benchmarks/quality.py --out /work/bench/quality --config configs/mae_fashion_mnist_cpu.yaml \
-        --pretrain-steps 1700 --layers 3,5,7,9,11 --finetune-steps 150 --finetune-args "--probe-init"
+    python benchmarks/quality.py --out /work/bench/recipe --config configs/mae_fashion_mnist_cpu.yaml \
+        --pretrain-steps 1700 --layers 3,5,7,9,11 --concat --finetune-steps 150 \
+        --finetune-args "--probe-init --freeze-blocks 9 --crop-scale-min 0.5 --label-smoothing 0 --drop-path 0"
 
 Pretrains on the train split only, probes/fine-tunes on train, reports on the official test split.
 Every row is produced by the public commands (printed as they run) and timed. Prints a Markdown
