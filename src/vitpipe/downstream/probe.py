@@ -123,25 +123,33 @@ def split_train_val(count: int, fraction: float, seed: int) -> tuple[np.ndarray,
     return np.sort(order[cut:]), np.sort(order[:cut])
 
 
+def fit_sweep(features: np.ndarray, labels: np.ndarray, classes: int,
+              settings: ProbeSettings) -> tuple[LinearHeads, list[tuple[float, float]], list[float], int]:
+    """Train every (lr, wd) head on ``features`` minus a held-out split and pick one on that split:
+    (heads, grid, held-out top-1 per head, index of the picked head)."""
+    grid = [(lr, wd) for lr in settings.lrs for wd in settings.weight_decays]
+    fit_idx, val_idx = split_train_val(len(features), settings.val_fraction, settings.seed)
+    heads = train_heads(features[fit_idx], labels[fit_idx], classes, [g[0] for g in grid], [g[1] for g in grid],
+                        settings.epochs, settings.batch_size, settings.seed)
+    with torch.no_grad():
+        val_logits = heads(torch.from_numpy(features[val_idx].astype(np.float32)))
+    val_y = torch.from_numpy(labels[val_idx].astype(np.int64))
+    scores = [topk_accuracy(val_logits[i], val_y, 1) for i in range(len(grid))]
+    return heads, grid, scores, max(range(len(grid)), key=lambda i: (scores[i], -i))
+
+
 def linear_probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray,
                  settings: ProbeSettings = ProbeSettings()) -> ProbeResult:
     classes = int(max(train_y.max(), test_y.max())) + 1
-    grid = [(lr, wd) for lr in settings.lrs for wd in settings.weight_decays]
-    fit_idx, val_idx = split_train_val(len(train_x), settings.val_fraction, settings.seed)
-    heads = train_heads(train_x[fit_idx], train_y[fit_idx], classes, [g[0] for g in grid], [g[1] for g in grid],
-                        settings.epochs, settings.batch_size, settings.seed)
+    heads, grid, val_top1, best = fit_sweep(train_x, train_y, classes, settings)
     with torch.no_grad():
-        val_logits = heads(torch.from_numpy(train_x[val_idx].astype(np.float32)))
         test_logits = heads(torch.from_numpy(test_x.astype(np.float32)))
-    val_y = torch.from_numpy(train_y[val_idx].astype(np.int64))
     test_labels = torch.from_numpy(test_y.astype(np.int64))
-    sweep = []
-    for index, (lr, wd) in enumerate(grid):
-        sweep.append({"lr": lr, "weight_decay": wd, "val_top1": topk_accuracy(val_logits[index], val_y, 1),
-                      "test_top1": topk_accuracy(test_logits[index], test_labels, 1)})
-    best = max(range(len(grid)), key=lambda i: (sweep[i]["val_top1"], -i))
+    sweep = [{"lr": lr, "weight_decay": wd, "val_top1": val_top1[index],
+              "test_top1": topk_accuracy(test_logits[index], test_labels, 1)}
+             for index, (lr, wd) in enumerate(grid)]
     return ProbeResult(top1=sweep[best]["test_top1"], top5=topk_accuracy(test_logits[best], test_labels, 5),
-                       val_top1=sweep[best]["val_top1"], lr=grid[best][0], weight_decay=grid[best][1], sweep=sweep)
+                       val_top1=val_top1[best], lr=grid[best][0], weight_decay=grid[best][1], sweep=sweep)
 
 
 def fit_linear_head(features: np.ndarray, labels: np.ndarray, classes: int,
@@ -151,15 +159,8 @@ def fit_linear_head(features: np.ndarray, labels: np.ndarray, classes: int,
     BatchNorm without affine is a fixed affine map at eval time, so it folds exactly into the Linear:
     ((f - mean) / std) @ W + b = f @ (W / std) + (b - (mean / std) @ W).
     """
-    grid = [(lr, wd) for lr in settings.lrs for wd in settings.weight_decays]
-    fit_idx, val_idx = split_train_val(len(features), settings.val_fraction, settings.seed)
-    heads = train_heads(features[fit_idx], labels[fit_idx], classes, [g[0] for g in grid], [g[1] for g in grid],
-                        settings.epochs, settings.batch_size, settings.seed)
+    heads, grid, scores, best = fit_sweep(features, labels, classes, settings)
     with torch.no_grad():
-        val_logits = heads(torch.from_numpy(features[val_idx].astype(np.float32)))
-        val_y = torch.from_numpy(labels[val_idx].astype(np.int64))
-        scores = [topk_accuracy(val_logits[i], val_y, 1) for i in range(len(grid))]
-        best = max(range(len(grid)), key=lambda i: (scores[i], -i))
         std = torch.sqrt(heads.norm.running_var + heads.norm.eps)
         weight = heads.weights[best] / std[:, None]  # [D, C]
         bias = heads.biases[best] - (heads.norm.running_mean / std) @ heads.weights[best]
