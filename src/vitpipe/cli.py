@@ -327,8 +327,6 @@ def eval_finetune(
 
     if not 0 < label_fraction <= 1:
         raise ConfigError("--label-fraction must be in (0, 1]")
-    if layer_decay is None:  # decaying lrs towards the input only makes sense for pretrained blocks
-        layer_decay = 1.0 if init == "random" else 0.75
     settings = FinetuneSettings(label_fraction=label_fraction, steps=steps, batch_size=batch_size, lr=lr,
                                 layer_decay=layer_decay, drop_path=drop_path, label_smoothing=label_smoothing,
                                 crop_scale_min=crop_scale_min, freeze_blocks=freeze_blocks, freeze_patch_embed=freeze_patch_embed,

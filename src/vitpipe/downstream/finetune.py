@@ -35,7 +35,8 @@ class FinetuneSettings:
     lr: float = 1e-3
     """Peak learning rate (AdamW, warmup then cosine)."""
     weight_decay: float = 0.05
-    layer_decay: float = 0.75
+    layer_decay: float | None = None
+    """Layer-wise lr decay (1 = off); None: 0.75 from a pretrained encoder, 1 from scratch."""
     drop_path: float = 0.1
     label_smoothing: float = 0.1
     crop_scale_min: float = 0.08
@@ -61,6 +62,12 @@ def _num_classes(train: str) -> int:
     return len(label_map)
 
 
+def _layer_decay(source: EncoderSource, settings: FinetuneSettings) -> float:
+    if settings.layer_decay is not None:
+        return settings.layer_decay
+    return 1.0 if source.kind == "random" else 0.75  # decaying towards the input only suits pretrained blocks
+
+
 def finetune_config(source: EncoderSource, train: str, settings: FinetuneSettings,
                     overrides: list[str] | None = None) -> PretrainConfig:
     base = to_dict(source.config)
@@ -69,7 +76,7 @@ def finetune_config(source: EncoderSource, train: str, settings: FinetuneSetting
                         image_size=settings.image_size or source.config.data.image_size)
     base["model"].update(drop_path=settings.drop_path)
     base["finetune"] = dict(num_classes=settings.num_classes or _num_classes(train),
-                            label_smoothing=settings.label_smoothing, layer_decay=settings.layer_decay,
+                            label_smoothing=settings.label_smoothing, layer_decay=_layer_decay(source, settings),
                             freeze_blocks=settings.freeze_blocks, freeze_patch_embed=settings.freeze_patch_embed)
     base["optim"] = dict(base_lr=settings.lr, lr=settings.lr, weight_decay=settings.weight_decay,
                          betas=[0.9, 0.999], warmup_fraction=0.1, min_lr=1e-6, clip_grad=0.0, warmup_steps=0)
@@ -137,6 +144,7 @@ def finetune(source: EncoderSource, train: str, test: str, settings: FinetuneSet
     if source.kind == "pixels":
         raise ConfigError("fine-tuning needs an encoder; use --init random for the from-scratch baseline")
     start = time.monotonic()
+    settings = dataclasses.replace(settings, layer_decay=_layer_decay(source, settings))  # recorded as used
     config = finetune_config(source, train, settings, overrides)
     # different settings must never resume (and silently reuse) another fine-tune's checkpoints
     identity = {"config": to_dict(config), "probe_init": settings.probe_init}
