@@ -72,7 +72,8 @@ def main() -> None:
     server = multiprocessing.get_context("spawn").Process(target=serve, args=(queue, args.images), daemon=True)
     server.start()
     port = queue.get(timeout=60)
-    config = IngestConfig(image_size=32, processes=args.processes, threads=args.threads, shard_size=1000)
+    config = IngestConfig(image_size=32, processes=args.processes, threads=args.threads, shard_size=1000,
+                          allow_networks=["127.0.0.1/32"])
     times: dict[str, list[float]] = {"img2dataset": [], "vitpipe": []}
     written = {}
     with tempfile.TemporaryDirectory() as tmp:

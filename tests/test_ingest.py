@@ -60,7 +60,7 @@ def url_list(tmp_path, image_server):
 
 def web_config(**kw):
     base = dict(caption_col="caption", timeout=1.5, max_pixels=1_000_000, max_download_bytes=1_000_000,
-                image_size=16, shard_size=6, threads=8)
+                image_size=16, shard_size=6, threads=8, allow_networks=["127.0.0.1/32"])
     return IngestConfig(**{**base, **kw})
 
 

@@ -8,6 +8,7 @@ with every run (``save_config``) so a run can always be reproduced.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import re
 import types
 import typing
@@ -62,6 +63,9 @@ class IngestConfig:
     """Largest accepted decoded image (width x height); guards against decompression bombs."""
     allow_schemes: list[str] = field(default_factory=lambda: ["http", "https"])
     """URL schemes that are fetched; anything else is counted as a failure (`bad_scheme`)."""
+    allow_networks: list[str] = field(default_factory=list)
+    """CIDRs fetched although they are loopback, private, link-local or reserved (refused by default,
+    checked after DNS and at every redirect), e.g. `allow_networks=127.0.0.1/32,10.1.0.0/16`."""
     min_size: int = 0
     """Drop images whose shorter side (original size) is below this many pixels."""
     max_aspect: float = 0.0
@@ -92,6 +96,11 @@ class IngestConfig:
         _check(self.max_pixels > 0 and self.max_download_bytes > 0, "ingest size bounds must be > 0")
         _check(0.0 <= self.val_fraction < 1.0, "ingest.val_fraction must be in [0, 1)")
         _check(self.max_aspect == 0 or self.max_aspect >= 1, "ingest.max_aspect must be 0 (off) or >= 1")
+        for cidr in self.allow_networks:
+            try:
+                ipaddress.ip_network(cidr, strict=False)
+            except ValueError:
+                raise ConfigError(f"ingest.allow_networks: {cidr!r} is not a network (e.g. 127.0.0.1/32)") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -349,6 +358,8 @@ def _coerce(value: Any, kind: Any, key: str) -> Any:
         raise last or ConfigError(f"{key}: bad value {value!r}")
     if origin is list:
         (item,) = typing.get_args(kind)
+        if isinstance(value, str):  # `key=a,b` on the command line
+            value = [part.strip() for part in value.split(",") if part.strip()]
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key}: expected a list, got {value!r}")
         return [_coerce(v, item, key) for v in value]

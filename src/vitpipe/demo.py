@@ -114,7 +114,8 @@ def run_demo(out: Path, run_command: Callable[[list[str]], int], config: Path | 
         for split in ("train", "test"):
             url_list = write_url_list(web, split, arrays[f"{split}_labels"], base_url)
             step(["ingest", str(url_list), "--out", str(shards / split), "--caption-col", "caption",
-                  "--shard-size", "2000", "--threads", "16", "encode_format=png", "timeout=20"])
+                  "--shard-size", "2000", "--threads", "16", "encode_format=png", "timeout=20",
+                  "allow_networks=127.0.0.1/32"])
     step(["shards", "verify", str(shards / "train")])
     step(["pretrain", "mae", "--config", str(config), "--data", str(shards / "train"), "--out", str(run),
           "--resume", "auto", *(overrides or [])])

@@ -10,17 +10,16 @@ import functools
 
 from img2dataset import downloader as i2d_downloader
 
-from vitpipe.pipeline.web import fetch_with_retry
+from vitpipe.pipeline.fetch import FetchPolicy, fetch_with_retry
 
 
 class BoundedDownloader(i2d_downloader.Downloader):
-    def __init__(self, *args, max_bytes: int, allowed: tuple[str, ...], **kwargs) -> None:
+    def __init__(self, *args, policy: FetchPolicy, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.max_bytes = max_bytes
-        self.allowed = allowed
+        self.policy = policy
 
     def download_shard(self, row):
         # runs inside img2dataset's worker process, where the module global is looked up
         i2d_downloader.download_image_with_retry = functools.partial(
-            fetch_with_retry, max_bytes=self.max_bytes, allowed=self.allowed)
+            fetch_with_retry, policy=self.policy)
         return super().download_shard(row)

@@ -1,92 +1,26 @@
 """URL lists through img2dataset, with the bounds img2dataset lacks.
 
 img2dataset reads whole response bodies with no size or total-time bound, follows redirects to
-any scheme urllib knows and fetches ``file://`` URLs. We keep img2dataset for everything else
-(reading the list, thread pools, resizing, webdataset output, incremental resume) and swap in a
-bounded fetch function inside its download processes.
+any scheme and any address urllib knows and fetches ``file://`` URLs. We keep img2dataset for
+everything else (reading the list, thread pools, resizing, webdataset output, incremental resume)
+and swap in vitpipe's bounded, address-checking fetch (``vitpipe.pipeline.fetch``) inside its
+download processes.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
-import io
 import os
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Iterator
-from urllib.parse import urlparse
 
 import pyarrow.parquet as pq
 
 from vitpipe.config import ConfigError, IngestConfig
+from vitpipe.pipeline.fetch import FetchPolicy
 from vitpipe.pipeline.sources import Failure, Record, Sample
 from vitpipe.pipeline.tario import iter_tar_samples
-
-USER_AGENT = "vitpipe/0.1 (+img2dataset)"
-
-
-class _SchemeCheckingRedirects(urllib.request.HTTPRedirectHandler):
-    def __init__(self, allowed: tuple[str, ...]) -> None:
-        self.allowed = allowed
-
-    def redirect_request(self, req, fp, code, msg, headers, newurl):
-        scheme = urlparse(newurl).scheme.lower()
-        if scheme not in self.allowed:
-            raise urllib.error.URLError(f"bad_redirect: redirect to scheme {scheme!r} refused")
-        return super().redirect_request(req, fp, code, msg, headers, newurl)
-
-
-@functools.lru_cache(maxsize=8)
-def _opener(allowed: tuple[str, ...]) -> urllib.request.OpenerDirector:
-    return urllib.request.build_opener(_SchemeCheckingRedirects(allowed))
-
-
-def bounded_fetch(url: str, timeout: float, max_bytes: int, allowed: tuple[str, ...]) -> bytes:
-    """Fetch ``url`` with a scheme allow-list, a size bound and a total deadline (not per read)."""
-    scheme = urlparse(url).scheme.lower()
-    if scheme not in allowed:
-        raise ValueError(f"bad_scheme: {scheme or 'no'} scheme not allowed")
-    opener = _opener(allowed)
-    deadline = time.monotonic() + timeout
-    request = urllib.request.Request(url, headers={"User-Agent": USER_AGENT})
-    with opener.open(request, timeout=timeout) as response:
-        declared = response.headers.get("Content-Length")
-        if declared and declared.isdigit() and int(declared) > max_bytes:
-            raise ValueError(f"too_large: Content-Length {declared} > {max_bytes}")
-        chunks, size = [], 0
-        while True:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"timeout: body not complete after {timeout}s")
-            chunk = response.read(64 * 1024)
-            if not chunk:
-                break
-            size += len(chunk)
-            if size > max_bytes:
-                raise ValueError(f"too_large: body exceeds {max_bytes} bytes")
-            chunks.append(chunk)
-    body = b"".join(chunks)
-    if not body:
-        raise ValueError("empty_file: zero-byte body")
-    return body
-
-
-def fetch_with_retry(row, timeout, retries, user_agent_token, disallowed_header_directives, *,
-                      max_bytes, allowed):
-    """Drop-in for img2dataset.downloader.download_image_with_retry (same signature and result)."""
-    key, url = row
-    error = None
-    for _ in range(retries + 1):
-        try:
-            return key, io.BytesIO(bounded_fetch(url, timeout, max_bytes, allowed)), None
-        except Exception as err:  # every failure is classified from its message later
-            error = str(err)
-            if error.startswith(("bad_scheme", "too_large", "bad_redirect")):
-                break  # retrying cannot help
-    return key, None, error
-
 
 def _input_format(path: Path) -> str:
     name = path.name.lower()
@@ -122,6 +56,11 @@ def check_url_list(path: Path, url_col: str, caption_col: str | None) -> list[st
     return [str(c) for c in columns]
 
 
+def fetch_policy(config: IngestConfig) -> FetchPolicy:
+    return FetchPolicy(config.timeout, config.max_download_bytes, tuple(config.allow_schemes),
+                       tuple(config.allow_networks))
+
+
 @contextlib.contextmanager
 def _bounded_img2dataset(config: IngestConfig):
     import importlib
@@ -131,8 +70,7 @@ def _bounded_img2dataset(config: IngestConfig):
     from vitpipe.pipeline.bounded_downloader import BoundedDownloader
 
     original = i2d_main.Downloader
-    i2d_main.Downloader = functools.partial(
-        BoundedDownloader, max_bytes=config.max_download_bytes, allowed=tuple(config.allow_schemes))
+    i2d_main.Downloader = functools.partial(BoundedDownloader, policy=fetch_policy(config))
     previous_env = os.environ.get("CV_IO_MAX_IMAGE_PIXELS")
     # OpenCV refuses to allocate beyond this during imdecode: the decompression-bomb bound
     os.environ["CV_IO_MAX_IMAGE_PIXELS"] = str(config.max_pixels)
@@ -191,6 +129,8 @@ def download(url_list: Path, work_dir: Path, config: IngestConfig) -> Path:
 
 
 REASON_PATTERNS = [
+    ("blocked_address", "blocked_address"), ("truncated_body", "truncated_body"),
+    ("connection_error", "connection_error"), ("http_4xx", "http_4xx"), ("http_5xx", "http_5xx"),
     ("bad_scheme", "bad_scheme"), ("bad_redirect", "bad_redirect"), ("redirection to url", "bad_redirect"),
     ("too_large", "too_large"), ("empty_file", "empty_file"), ("timed out", "timeout"),
     ("timeout", "timeout"), ("http error 4", "http_4xx"), ("http error 5", "http_5xx"),
