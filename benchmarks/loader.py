@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from vitpipe.pipeline.loader import LoaderSpec, make_loader, resolve_shards
+from vitpipe.pipeline.loader import LoaderSpec, ReadTally, counted, make_loader, resolve_shards
 from vitpipe.pipeline.tario import write_tar_atomic
 from vitpipe.pipeline.transforms import TransformSpec
 
@@ -45,11 +45,10 @@ def measure(directory: Path, image_size: int, workers: int, batch: int = 64) -> 
                       fields=("image",), max_error_rate=0.2)
     _, loader = make_loader(spec, workers)
     start = time.perf_counter()
-    seen = errors = 0
-    for batch_data in loader:
-        seen += batch_data["image"].shape[0]
-        errors += batch_data["decode_errors"]
-    return seen / (time.perf_counter() - start), seen, errors
+    tally = ReadTally(None)
+    for _ in counted(loader, tally):
+        pass
+    return tally.read / (time.perf_counter() - start), tally.read, sum(tally.skipped.values())
 
 
 def main() -> None:

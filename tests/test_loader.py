@@ -10,7 +10,7 @@ import torch
 
 from conftest import encode_image, make_image
 from vitpipe.config import ConfigError
-from vitpipe.pipeline.loader import DataError, LoaderSpec, make_loader, resolve_shards
+from vitpipe.pipeline.loader import DataError, LoaderSpec, ReadTally, counted, make_loader, resolve_shards
 from vitpipe.pipeline.tario import write_tar_atomic
 from vitpipe.pipeline.transforms import TransformSpec
 
@@ -85,13 +85,15 @@ def test_corrupt_samples_are_skipped_and_counted(tmp_path):
     directory = write_shards(tmp_path / "shards", sizes=[10, 10], corrupt_every=10)  # 2 of 20 corrupt
     spec = LoaderSpec(resolve_shards(directory), 4, TransformSpec("eval", 8), train=False, fields=("image", "key"))
     _, loader = make_loader(spec, 0)
-    batches = list(loader)
-    assert sum(len(b["key"]) for b in batches) == 18 and sum(b["decode_errors"] for b in batches) == 2
+    tally = ReadTally(20)
+    batches = list(counted(loader, tally, "key"))
+    assert sum(len(b["key"]) for b in batches) == 18 == tally.read
+    assert sum(tally.skipped.values()) == 2 and tally.missing == 0
 
 
-def test_error_rate_above_limit_aborts(tmp_path):
+def test_error_rate_above_limit_aborts_training(tmp_path):
     directory = write_shards(tmp_path / "shards", sizes=[60, 60], corrupt_every=5)  # 20% corrupt
-    spec = LoaderSpec(resolve_shards(directory), 4, TransformSpec("eval", 8), train=False, fields=("image",),
+    spec = LoaderSpec(resolve_shards(directory), 4, TransformSpec("eval", 8), train=True, fields=("image",),
                       max_error_rate=0.05)
     _, loader = make_loader(spec, 0)
     with pytest.raises(DataError, match="failed to decode"):
@@ -104,9 +106,10 @@ def test_truncated_tar_is_counted_not_fatal(tmp_path):
     shard.write_bytes(shard.read_bytes()[:1500])
     spec = LoaderSpec(resolve_shards(directory), 100, TransformSpec("eval", 8), train=False, fields=("key",))
     _, loader = make_loader(spec, 0)
-    batches = list(loader)
-    assert 6 <= sum(len(b["key"]) for b in batches) < 12
-    assert sum(b["decode_errors"] for b in batches) >= 1
+    tally = ReadTally(resolve_shards(directory).total)
+    batches = list(counted(loader, tally, "key"))
+    assert 6 <= sum(len(b["key"]) for b in batches) == tally.read < 12
+    assert len(tally.shard_errors) == 1 and tally.missing == 12 - tally.read
 
 
 def test_labels_required_when_asked(tmp_path):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -28,10 +29,31 @@ slurm_app = typer.Typer(help="Run vitpipe commands as SLURM jobs that survive pr
 app.add_typer(slurm_app, name="slurm")
 
 EXIT_USAGE = 2
+DEBUG_ENV = "VITPIPE_DEBUG"
+
+
+@app.callback()
+def _root(debug: Annotated[bool, typer.Option("--debug", help="Show the traceback of a runtime failure.")] = False) -> None:
+    """Options for every command."""
+    if debug:
+        os.environ[DEBUG_ENV] = "1"
 
 
 def _err(message: str) -> None:
     typer.echo(f"error: {message}", err=True)
+
+
+def runtime_failure_line(err: BaseException) -> str:
+    """One line for a failure at run time; the traceback stays behind --debug / VITPIPE_DEBUG=1."""
+    import errno
+
+    if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+        where = f" writing {err.filename}" if err.filename else ""
+        return f"disk full{where}; free space and rerun (finished work is kept)"
+    text = (str(err).strip().splitlines() or [""])[0]
+    known = ("TrainingError", "DataError", "CheckpointError")
+    prefix = "" if type(err).__name__ in known else f"{type(err).__name__}: "
+    return f"{prefix}{text} (traceback: rerun with --debug or {DEBUG_ENV}=1)"
 
 
 def user_errors(command):
@@ -193,6 +215,8 @@ RunArg = Annotated[Path, typer.Argument(help="Run directory or checkpoint direct
 InitOpt = Annotated[str, typer.Option("--init", help="trained | random (same shape, random weights: a baseline).")]
 PixelsOpt = Annotated[bool, typer.Option("--pixels", help="Baseline: raw pixels instead of an encoder.")]
 PoolOpt = Annotated[Optional[str], typer.Option("--pool", help="cls | gap | map (default: the model's).")]
+MaxSkippedOpt = Annotated[float, typer.Option(
+    "--max-skipped", help="Fail (exit 1) when more than this fraction of the expected samples cannot be read.")]
 WorkersOpt = Annotated[int, typer.Option("--workers", help="DataLoader workers for feature extraction.")]
 
 
@@ -226,6 +250,7 @@ def eval_linear_probe(
     concat: Annotated[bool, typer.Option("--concat", help="Also probe the --layers concatenated.")] = False,
     lrs: Annotated[str, typer.Option(help="Learning rates of the sweep.")] = "0.01,0.03,0.1,0.3,1,3,10",
     wds: Annotated[str, typer.Option(help="Weight decays of the sweep.")] = "0,1e-4,1e-3",
+    max_skipped: MaxSkippedOpt = 0.01,
 ) -> None:
     """Frozen features + BatchNorm/Linear heads; a lr x wd sweep in one pass, picked on a val split."""
     from vitpipe.downstream.evaluate import eval_linear_probe as run_probe, source_for
@@ -234,7 +259,8 @@ def eval_linear_probe(
     _check_pool(pool)
     settings = ProbeSettings(lrs=_floats(lrs), weight_decays=_floats(wds), epochs=epochs)
     layer_list = [int(x) for x in layers.split(",")] if layers else None
-    path, result = run_probe(source_for(run, init, pixels), train, test, layer_list, pool, settings, workers, concat)
+    path, result = run_probe(source_for(run, init, pixels), train, test, layer_list, pool, settings, workers, concat,
+                             max_skipped)
     rows = [("top1", f"{result['top1']:.4f}"), ("top5", f"{result['top5']:.4f}"), ("val top1", f"{result['val_top1']:.4f}"),
             ("layer", result["layer"]), ("lr / wd", f"{result['lr']} / {result['weight_decay']}")]
     rows += [(f"top1 {name}", f"{r['top1']:.4f}") for name, r in result["per_layer"].items()] if layer_list else []
@@ -250,13 +276,14 @@ def eval_knn(
     init: InitOpt = "trained", pixels: PixelsOpt = False, pool: PoolOpt = None, workers: WorkersOpt = 2,
     temperature: Annotated[float, typer.Option(help="Vote weight exp(cos / T).")] = 0.07,
     layer: Annotated[Optional[int], typer.Option("--layer", help="Block to use, 0-based (default: the output).")] = None,
+    max_skipped: MaxSkippedOpt = 0.01,
 ) -> None:
     """Weighted k-NN (k = 10, 20, 200) on L2-normalised features with FAISS."""
     from vitpipe.downstream.evaluate import eval_knn as run_knn, source_for
 
     _check_pool(pool)
     path, result = run_knn(source_for(run, init, pixels), train, test, temperature=temperature, pool=pool,
-                           workers=workers, layer=layer)
+                           workers=workers, layer=layer, max_skipped=max_skipped)
     _print_result("k-NN", [(f"top1 k={k}", f"{v:.4f}") for k, v in result["per_k"].items()], path)
 
 
@@ -272,18 +299,22 @@ def eval_retrieval(
     nprobe: Annotated[int, typer.Option(help="IVF cells searched.")] = 8,
     hnsw_m: Annotated[int, typer.Option(help="HNSW neighbours per node.")] = 32,
     init: InitOpt = "trained", pixels: PixelsOpt = False, pool: PoolOpt = None, workers: WorkersOpt = 2,
+    max_skipped: MaxSkippedOpt = 0.01,
 ) -> None:
     """Build a FAISS index over shards (saved in RUN/eval/retrieval/), report recall@1/5/10, answer --query."""
     from vitpipe.downstream.evaluate import eval_retrieval as run_retrieval, hit_grid, query_image, run_dir_of, source_for
     from vitpipe.downstream.retrieval import IndexSettings
+    from vitpipe.pipeline.loader import resolve_shards
 
     _check_pool(pool)
     source = source_for(run, init, pixels)
     settings = IndexSettings(kind=index_type, nlist=nlist, nprobe=nprobe, hnsw_m=hnsw_m)
     index_dir = run_dir_of(run) / "eval" / f"retrieval{source.baseline_suffix}"
-    built_for = json.loads((index_dir / "ids.json").read_text()).get("shards") if (index_dir / "ids.json").is_file() else None
-    if query is None or built_for != index:  # (re)build unless a query reuses the index of these shards
-        path, result = run_retrieval(source, index, settings, pool, workers)
+    built = json.loads((index_dir / "ids.json").read_text()) if (index_dir / "ids.json").is_file() else {}
+    current = (index, resolve_shards(index).identity())
+    if query is None or (built.get("shards"), built.get("shards_identity")) != current:
+        # (re)build unless a query reuses the index of these very shards (same files, same content)
+        path, result = run_retrieval(source, index, settings, pool, workers, max_skipped)
         rows = [(f"recall@{k}", f"{v:.4f}") for k, v in result["recall"].items()] + [("indexed", str(result["size"]))]
         _print_result("retrieval", rows, path)
     if query is not None:
@@ -318,6 +349,7 @@ def eval_finetune(
     probe_init: Annotated[bool, typer.Option(
         "--probe-init", help="Start the head from a linear probe on the same labels (LP-FT).")] = False,
     workers: WorkersOpt = 2,
+    max_skipped: MaxSkippedOpt = 0.01,
     overrides: Annotated[Optional[list[str]], typer.Argument(help="key=value overrides of the fine-tuning run config.")] = None,
 ) -> None:
     """Fine-tune (full or partly frozen) with layer-wise lr decay; --init random trains from scratch."""
@@ -331,7 +363,7 @@ def eval_finetune(
                                 layer_decay=layer_decay, drop_path=drop_path, label_smoothing=label_smoothing,
                                 crop_scale_min=crop_scale_min, freeze_blocks=freeze_blocks, freeze_patch_embed=freeze_patch_embed,
                                 image_size=image_size, num_classes=num_classes, seed=seed, workers=workers,
-                                probe_init=probe_init)
+                                probe_init=probe_init, max_skipped=max_skipped)
     try:
         path, result = finetune(source_for(run, init, False), train, test, settings, overrides)
     except Preempted as stop:
@@ -481,8 +513,11 @@ def main(argv: list[str] | None = None) -> int:
         elif isinstance(err, click.exceptions.ClickException):
             err.show()
             code = err.exit_code
-        else:
+        elif os.environ.get(DEBUG_ENV):
             raise
+        else:
+            _err(runtime_failure_line(err))
+            code = 1
     if argv is None:
         sys.exit(code)
     return code

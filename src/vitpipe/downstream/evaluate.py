@@ -63,11 +63,15 @@ def write_result(source: EncoderSource, name: str, payload: dict[str, Any], data
 
 
 def _features(source: EncoderSource, spec: str, layers: list[int] | None, pool: str | None, workers: int,
-              need_labels: bool = True) -> FeatureSet:
+              need_labels: bool = True, max_skipped: float = 0.01) -> FeatureSet:
     cache = run_dir_of(source.run) / "eval" / "cache"
-    features = extract(source, spec, layers=layers, pool=pool, num_workers=workers, cache_dir=cache,
-                       need_labels=need_labels)
-    return features
+    return extract(source, spec, layers=layers, pool=pool, num_workers=workers, cache_dir=cache,
+                   need_labels=need_labels, max_skipped=max_skipped)
+
+
+def _read_counts(**sets: FeatureSet) -> dict[str, Any]:
+    """Samples expected, read and skipped by reason, per data argument: no eval drops data silently."""
+    return {name: features.tally.as_dict() for name, features in sets.items()}
 
 
 def _names(source: EncoderSource, layers: list[int] | None) -> list[str]:
@@ -76,11 +80,12 @@ def _names(source: EncoderSource, layers: list[int] | None) -> list[str]:
 
 def eval_linear_probe(source: EncoderSource, train: str, test: str, layers: list[int] | None = None,
                       pool: str | None = None, settings: ProbeSettings = ProbeSettings(),
-                      workers: int = 2, concat: bool = False) -> tuple[Path, dict[str, Any]]:
+                      workers: int = 2, concat: bool = False, max_skipped: float = 0.01) -> tuple[Path, dict[str, Any]]:
     """``concat`` adds one more candidate: the probed layers' features side by side (as DINO probes
     its last blocks); the validation split picks among all candidates."""
     start = time.monotonic()
-    train_set, test_set = _features(source, train, layers, pool, workers), _features(source, test, layers, pool, workers)
+    train_set = _features(source, train, layers, pool, workers, max_skipped=max_skipped)
+    test_set = _features(source, test, layers, pool, workers, max_skipped=max_skipped)
     names = _names(source, layers)
     if concat and len(names) > 1:
         joined = "+".join(names)
@@ -97,44 +102,48 @@ def eval_linear_probe(source: EncoderSource, train: str, test: str, layers: list
     payload = {"top1": best["top1"], "top5": best["top5"], "val_top1": best["val_top1"], "layer": best_layer,
                "lr": best["lr"], "weight_decay": best["weight_decay"], "pool": pool or source.config.model.pool,
                "per_layer": per_layer, "settings": asdict(settings),
-               "train_samples": len(train_set.keys), "test_samples": len(test_set.keys)}
+               "train_samples": len(train_set.keys), "test_samples": len(test_set.keys),
+               "samples": _read_counts(train=train_set, test=test_set)}
     path = write_result(source, "linear-probe", payload, {"train": train, "test": test}, time.monotonic() - start)
     return path, payload
 
 
 def eval_knn(source: EncoderSource, train: str, test: str, ks: tuple[int, ...] = (10, 20, 200),
              temperature: float = 0.07, pool: str | None = None, workers: int = 2,
-             layer: int | None = None) -> tuple[Path, dict[str, Any]]:
+             layer: int | None = None, max_skipped: float = 0.01) -> tuple[Path, dict[str, Any]]:
     start = time.monotonic()
     layers = None if layer is None or source.kind == "pixels" else [layer]
-    train_set, test_set = _features(source, train, layers, pool, workers), _features(source, test, layers, pool, workers)
+    train_set = _features(source, train, layers, pool, workers, max_skipped=max_skipped)
+    test_set = _features(source, test, layers, pool, workers, max_skipped=max_skipped)
     name = _names(source, layers)[0]
     accuracy = knn_classify(train_set.features[name], train_set.labels, test_set.features[name], test_set.labels,
                             ks, temperature)
     best_k = 20 if 20 in accuracy else max(accuracy, key=accuracy.get)
     payload = {"top1": accuracy[best_k], "k": best_k, "per_k": {str(k): v for k, v in accuracy.items()},
                "temperature": temperature, "pool": pool or source.config.model.pool, "layer": name,
-               "train_samples": len(train_set.keys), "test_samples": len(test_set.keys)}
+               "train_samples": len(train_set.keys), "test_samples": len(test_set.keys),
+               "samples": _read_counts(train=train_set, test=test_set)}
     path = write_result(source, "knn", payload, {"train": train, "test": test}, time.monotonic() - start)
     return path, payload
 
 
 def eval_retrieval(source: EncoderSource, index_shards: str, settings: IndexSettings = IndexSettings(),
-                   pool: str | None = None, workers: int = 2) -> tuple[Path, dict[str, Any]]:
+                   pool: str | None = None, workers: int = 2, max_skipped: float = 0.01) -> tuple[Path, dict[str, Any]]:
     """Build (and save) the index over ``index_shards``; report label-match recall@1/5/10 when labelled."""
     start = time.monotonic()
     shards = resolve_shards(index_shards)
     labelled = _has_labels(shards.urls[0])
-    features = _features(source, index_shards, None, pool, workers, need_labels=labelled)
+    features = _features(source, index_shards, None, pool, workers, need_labels=labelled, max_skipped=max_skipped)
     name = _names(source, None)[0]
     index = build_index(features.features[name], settings)
     directory = run_dir_of(source.run) / "eval" / f"retrieval{source.baseline_suffix}"
     save_index(index, features.keys, features.labels, directory,
-               {"shards": index_shards, "settings": asdict(settings), "pool": pool or source.config.model.pool,
+               {"shards": index_shards, "shards_identity": shards.identity(), "settings": asdict(settings), "pool": pool or source.config.model.pool,
                 "source": source.kind})
     recall = recall_at_k(index, features.features[name], features.labels) if labelled else {}
     payload = {"recall": {str(k): v for k, v in recall.items()}, "index": str(directory / "index.faiss"),
-               "index_type": settings.kind, "size": index.ntotal, "labelled": labelled}
+               "index_type": settings.kind, "size": index.ntotal, "labelled": labelled,
+               "samples": _read_counts(index=features)}
     path = write_result(source, "retrieval", payload, {"index": index_shards}, time.monotonic() - start)
     return path, payload
 

@@ -1,7 +1,9 @@
 """Frozen features, extracted once and cached on disk.
 
-The cache key covers the encoder weights (their sha256), the data (manifest hash, shard list),
-the layer, the pooling and the input transform, so a stale cache is never read.
+The cache key covers the encoder weights (their sha256), the data (every shard's resolved path,
+size, mtime and manifest sha256), the layer, the pooling and the input transform, so a stale cache
+is never read. Every extraction counts samples expected, read and skipped by reason (ReadTally):
+a warning line when any were lost, a DataError above ``max_skipped``.
 """
 
 from __future__ import annotations
@@ -9,15 +11,15 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass
+import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from vitpipe.config import ConfigError, PretrainConfig
-from vitpipe.pipeline.loader import LoaderSpec, ShardSet, make_loader, resolve_shards
-from vitpipe.pipeline.manifest import manifest_hash
+from vitpipe.pipeline.loader import DataError, LoaderSpec, ReadTally, ShardSet, counted, make_loader, resolve_shards
 from vitpipe.pipeline.transforms import TransformSpec
 from vitpipe.ssl.runs import load_run_encoder, locate_run
 from vitpipe.ssl.vit import ViTArgs, VisionTransformer
@@ -32,6 +34,8 @@ class FeatureSet:
     labels: np.ndarray | None
     """[N] int64, or None when the shards have no labels."""
     keys: list[str]
+    tally: ReadTally = field(default_factory=lambda: ReadTally(None))
+    """Samples expected, read and skipped while extracting."""
 
 
 @dataclass(frozen=True)
@@ -91,9 +95,7 @@ def layer_names(layers: list[int] | None) -> list[str]:
 
 def cache_key(source: EncoderSource, shards: ShardSet, name: str, pool: str, image_size: int) -> str:
     """One cache file per layer, so probing blocks 3,7,11 together serves a later k-NN on block 7."""
-    data_id = manifest_hash(shards.directory) if shards.directory else None
-    payload = json.dumps({"encoder": source.identity(), "data": data_id, "shards": [Path(u).name for u in shards.urls],
-                          "layer": name, "pool": pool, "image_size": image_size,
+    payload = json.dumps({"encoder": source.identity(), "shards": shards.identity(), "layer": name, "pool": pool, "image_size": image_size,
                           "mean": source.config.data.mean, "std": source.config.data.std}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:24]
 
@@ -109,8 +111,9 @@ def _canonical(name: str, config: PretrainConfig) -> str:
 @torch.no_grad()
 def extract(source: EncoderSource, shard_spec: str, *, layers: list[int] | None = None, pool: str | None = None,
             batch_size: int = 256, num_workers: int = 2, cache_dir: Path | None = None,
-            need_labels: bool = True, device: str | None = None) -> FeatureSet:
-    """Features of every sample of ``shard_spec`` (each exactly once, in a fixed order)."""
+            need_labels: bool = True, device: str | None = None, max_skipped: float = 0.01) -> FeatureSet:
+    """Features of every sample of ``shard_spec`` (each exactly once, in a fixed order).
+    ``max_skipped``: the fraction of expected samples that may be unreadable before this fails."""
     config = source.config
     pool = pool or config.model.pool
     shards = resolve_shards(shard_spec)
@@ -123,7 +126,9 @@ def extract(source: EncoderSource, shard_spec: str, *, layers: list[int] | None 
         cache_paths = {name: Path(cache_dir) / f"{cache_key(source, shards, _canonical(name, config), pool, config.data.image_size)}.npz"
                        for name in names}
         if all(path.is_file() for path in cache_paths.values()):
-            return _load_cache(cache_paths)
+            cached = _load_cache(cache_paths)
+            if cached.tally.expected == shards.expected and len(cached.keys) == cached.tally.read:
+                return check_tally(shard_spec, cached, max_skipped)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     encoder = source.build()
     if encoder is not None:
@@ -133,11 +138,12 @@ def extract(source: EncoderSource, shard_spec: str, *, layers: list[int] | None 
     fields = ("image", "label", "key") if need_labels else ("image", "key")
     transform = TransformSpec("eval", config.data.image_size, config.data.channels, mean=tuple(config.data.mean),
                               std=tuple(config.data.std))
-    spec = LoaderSpec(shards, batch_size, transform, train=False, fields=fields, max_error_rate=0.0)
+    spec = LoaderSpec(shards, batch_size, transform, train=False, fields=fields)
     _, loader = make_loader(spec, num_workers)
     chunks: dict[str, list[np.ndarray]] = {name: [] for name in names}
     labels, keys = [], []
-    for batch in loader:
+    tally = ReadTally(shards.expected)
+    for batch in counted(loader, tally):
         images = batch["image"].to(device)
         if encoder is None:
             chunks[PIXELS].append(images.flatten(1).cpu().numpy())
@@ -150,12 +156,26 @@ def extract(source: EncoderSource, shard_spec: str, *, layers: list[int] | None 
             labels.append(batch["label"].numpy())
         keys.extend(batch["key"])
     if not keys:
+        if tally.lost:
+            raise DataError(f"{shard_spec}: no sample could be read; {tally.summary()}")
         raise ConfigError(f"no samples in {shard_spec}")
     result = FeatureSet({name: np.concatenate(parts).astype(np.float32) for name, parts in chunks.items()},
-                        np.concatenate(labels).astype(np.int64) if need_labels else None, keys)
+                        np.concatenate(labels).astype(np.int64) if need_labels else None, keys, tally)
     for name, path in cache_paths.items():
-        _save_cache(path, FeatureSet({name: result.features[name]}, result.labels, result.keys))
-    return result
+        _save_cache(path, FeatureSet({name: result.features[name]}, result.labels, result.keys, tally))
+    return check_tally(shard_spec, result, max_skipped)
+
+
+def check_tally(shard_spec: str, features: FeatureSet, max_skipped: float) -> FeatureSet:
+    """Warn on stderr when any sample was lost; fail above ``max_skipped`` of those expected."""
+    tally = features.tally
+    if tally.lost:
+        base = tally.expected or (tally.read + tally.lost)
+        if tally.lost > max_skipped * base:
+            raise DataError(f"{shard_spec}: {tally.summary()}: {tally.lost / base:.1%} lost, more than the allowed "
+                            f"{max_skipped:.1%} (--max-skipped)")
+        print(f"warning: {shard_spec}: {tally.summary()}", file=sys.stderr)
+    return features
 
 
 def _save_cache(path: Path, features: FeatureSet) -> None:
@@ -165,6 +185,7 @@ def _save_cache(path: Path, features: FeatureSet) -> None:
     if features.labels is not None:
         arrays["labels"] = features.labels
     arrays["keys"] = np.array(features.keys)  # a unicode array; never an object array (no pickle)
+    arrays["tally"] = np.array(json.dumps(features.tally.as_dict()))
     np.savez(tmp, **arrays)
     os.replace(tmp, path)
 
@@ -178,4 +199,7 @@ def _load_cache(paths: dict[str, Path]) -> FeatureSet:
             features[name] = data[stored]
             labels = data["labels"] if "labels" in data.files else None
             keys = data["keys"].tolist()
-    return FeatureSet(features, labels, keys)
+            tally = ReadTally.from_dict(json.loads(str(data["tally"]))) if "tally" in data.files else None
+    if tally is None:  # written before samples were counted: cannot vouch for it
+        return FeatureSet(features, labels, keys, ReadTally(-1))
+    return FeatureSet(features, labels, keys, tally)

@@ -16,9 +16,9 @@ from torch import nn
 
 from vitpipe.config import ConfigError, PretrainConfig, from_dict, merge, parse_overrides, to_dict
 from vitpipe.downstream.evaluate import run_dir_of, write_result
-from vitpipe.downstream.features import EncoderSource, extract
+from vitpipe.downstream.features import EncoderSource, FeatureSet, check_tally, extract
 from vitpipe.downstream.probe import fit_linear_head
-from vitpipe.pipeline.loader import LoaderSpec, in_subset, make_loader, resolve_shards
+from vitpipe.pipeline.loader import LoaderSpec, ReadTally, counted, in_subset, make_loader, resolve_shards
 from vitpipe.pipeline.manifest import find_manifest
 from vitpipe.pipeline.transforms import TransformSpec
 from vitpipe.ssl.classify import Classifier
@@ -51,6 +51,8 @@ class FinetuneSettings:
     workers: int = 2
     probe_init: bool = False
     """Start the head from a linear probe fitted on the same labelled subset (LP-FT), not from zero."""
+    max_skipped: float = 0.01
+    """Fraction of the expected test samples that may be unreadable before the evaluation fails."""
 
 
 def _num_classes(train: str) -> int:
@@ -121,21 +123,24 @@ def probe_head(source: EncoderSource, train: str, config: PretrainConfig,
 
 
 @torch.no_grad()
-def evaluate_classifier(model: Classifier, config: PretrainConfig, test: str, workers: int) -> dict[str, float]:
+def evaluate_classifier(model: Classifier, config: PretrainConfig, test: str, workers: int,
+                        max_skipped: float = 0.01) -> dict[str, Any]:
     model.eval()
     transform = TransformSpec("eval", config.data.image_size, config.data.channels, mean=tuple(config.data.mean),
                               std=tuple(config.data.std))
-    spec = LoaderSpec(resolve_shards(test), 256, transform, train=False, fields=("image", "label"),
-                      max_error_rate=0.0)
+    shards = resolve_shards(test)
+    spec = LoaderSpec(shards, 256, transform, train=False, fields=("image", "label"))
     _, loader = make_loader(spec, workers)
     correct = total = 0
-    for batch in loader:
+    tally = ReadTally(shards.expected)
+    for batch in counted(loader, tally):
         predictions = model.logits(batch["image"]).argmax(dim=-1)
         correct += (predictions == batch["label"]).sum().item()
         total += len(predictions)
     if not total:
         raise ConfigError(f"no test samples in {test}")
-    return {"top1": correct / total, "test_samples": total}
+    check_tally(test, FeatureSet({}, None, [], tally), max_skipped)
+    return {"top1": correct / total, "test_samples": total, "samples": {"test": tally.as_dict()}}
 
 
 def finetune(source: EncoderSource, train: str, test: str, settings: FinetuneSettings,
@@ -158,7 +163,7 @@ def finetune(source: EncoderSource, train: str, test: str, settings: FinetuneSet
     from safetensors.torch import load_file
 
     model.load_state_dict(load_file(list_checkpoints(out)[-1] / "model.safetensors"))
-    scores = evaluate_classifier(model, config, test, settings.workers)
+    scores = evaluate_classifier(model, config, test, settings.workers, settings.max_skipped)
     payload = {**scores, "label_fraction": settings.label_fraction, "steps": summary.steps,
                "train_seconds": round(summary.seconds, 1), "run": str(out), "settings": dataclasses.asdict(settings),
                "probe_init": probe}

@@ -18,7 +18,9 @@ import hashlib
 import json
 import random
 import re
+import signal
 import urllib.request
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -30,6 +32,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from vitpipe.config import ConfigError
 from vitpipe.pipeline.images import EXTENSIONS, ImageRejected, decode_rgb
+from vitpipe.pipeline.manifest import shard_hashes
 from vitpipe.pipeline.tario import iter_tar_samples
 from vitpipe.pipeline.transforms import TransformSpec, build_transform
 
@@ -57,6 +60,27 @@ class ShardSet:
         if not self.sizes:
             return None
         return sum(self.sizes.get(Path(u).name, 0) for u in self.urls)
+
+    @property
+    def expected(self) -> int | None:
+        """Samples sizes.json promises for exactly these shards (None if it does not list them all)."""
+        names = [Path(u).name for u in self.urls]
+        return sum(self.sizes[n] for n in names) if self.sizes and all(n in self.sizes for n in names) else None
+
+    def identity(self) -> list[dict[str, Any]]:
+        """Each shard's full location and content (size, mtime, the manifest's sha256): changes
+        when any shard does, and differs between two splits that use the same file names."""
+        hashes = shard_hashes(self.directory) if self.directory else {}
+        out = []
+        for url in self.urls:
+            if _is_remote(url) or _is_fsspec(url):
+                out.append({"url": url, "samples": self.sizes.get(Path(url).name)})
+                continue
+            path = Path(url.removeprefix("file://")).resolve()
+            stat = path.stat()
+            out.append({"path": str(path), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns,
+                        "sha256": hashes.get(path.name)})
+        return out
 
 
 def _is_remote(url: str) -> bool:
@@ -176,6 +200,7 @@ class LoaderSpec:
     subset_fraction: float = 1.0
     """Keep a fixed subset of samples (by hash of seed and key), e.g. 1% of the labels."""
     max_error_rate: float = 0.05
+    """Training: abort when more samples than this fail to decode. Evaluation only counts them."""
     rank: int = 0
     world_size: int = 1
     batch_hook: Callable[[dict[str, Any], torch.Generator], dict[str, Any]] | None = None
@@ -273,7 +298,7 @@ class ShardDataset(IterableDataset):
             with open_shard(url) as handle:
                 yield from iter_tar_samples(handle)
         except Exception as err:  # a corrupt or truncated tar ends that shard, counted, no sleep
-            self.shard_errors += 1
+            self.shard_errors.append(f"{url}: {err}")
             self.last_error = f"{url}: {err}"
 
     def _shuffled(self, samples: Iterator, rng: random.Random) -> Iterator:
@@ -292,7 +317,8 @@ class ShardDataset(IterableDataset):
         rng.shuffle(buffer)
         yield from buffer
 
-    def _decode(self, raw: dict[str, bytes]) -> dict[str, Any] | None:
+    def _decode(self, raw: dict[str, bytes]) -> tuple[dict[str, Any] | None, str | None]:
+        """(item, None), or (None, the reason it was skipped)."""
         ext = next((e for e in EXTENSIONS if e in raw), None)
         try:
             if ext is None:
@@ -303,17 +329,20 @@ class ShardDataset(IterableDataset):
             if "label" in self.spec.fields:
                 if "cls" not in raw:
                     raise ConfigError(f"sample {raw['__key__']} has no label (cls); this command needs labelled shards")
-                item["label"] = int(raw["cls"])
+                try:
+                    item["label"] = int(raw["cls"])
+                except ValueError:
+                    raise ImageRejected("bad_label", repr(raw["cls"][:20])) from None
             if "text" in self.spec.fields:
                 item["text"] = raw.get("txt", b"").decode("utf-8", errors="replace")
             if "key" in self.spec.fields:
                 item["key"] = raw["__key__"]
-            return item
+            return item, None
         except (ImageRejected, ValueError, OSError) as err:
             if isinstance(err, ConfigError):
                 raise
             self.last_error = f"{raw.get('__key__')}: {err}"
-            return None
+            return None, err.reason if isinstance(err, ImageRejected) else "decode_error"
 
     def _collate(self, items: list[dict[str, Any]]) -> dict[str, Any]:
         batch: dict[str, Any] = {}
@@ -332,8 +361,12 @@ class ShardDataset(IterableDataset):
         worker, workers = self._slot()
         base_seed = hash((spec.seed, self.epoch, spec.rank, worker)) & 0xFFFF_FFFF
         rng = random.Random(base_seed)
-        self.shard_errors, self.last_error = 0, ""
-        self.seen = self.errors = reported = 0
+        self.shard_errors: list[str] = []
+        self.skipped: Counter[str] = Counter()
+        self.last_error = ""
+        self.seen = self.errors = 0
+        reported: Counter[str] = Counter()
+        shard_errors_reported = 0
         samples = self._samples(worker, workers, rng)
         if spec.train:
             budget = len(range(worker, self.batches_per_epoch, workers))
@@ -344,6 +377,10 @@ class ShardDataset(IterableDataset):
         while budget is None or produced < budget:
             raw_batch = _take(samples, spec.batch_size)
             if not raw_batch or (spec.train and len(raw_batch) < spec.batch_size):
+                if not spec.train and (self.skipped != reported or len(self.shard_errors) > shard_errors_reported):
+                    # what the last batch could not report: the count of an evaluation must be whole
+                    yield {"skipped": dict(self.skipped - reported),
+                           "shard_errors": self.shard_errors[shard_errors_reported:]}
                 return
             batch_index = produced
             produced += 1
@@ -364,19 +401,21 @@ class ShardDataset(IterableDataset):
             if not items:
                 continue
             batch = self._collate(items)
-            total_errors = self.errors + self.shard_errors
-            batch["decode_errors"] = total_errors - reported
-            reported = total_errors
+            batch["skipped"] = dict(self.skipped - reported)
+            batch["shard_errors"] = self.shard_errors[shard_errors_reported:]
+            reported, shard_errors_reported = self.skipped.copy(), len(self.shard_errors)
             if spec.batch_hook is not None:
                 batch = spec.batch_hook(batch, torch.Generator().manual_seed(batch_seed))
             yield batch
 
     def _decode_counted(self, raw: dict[str, bytes]) -> dict[str, Any] | None:
-        item = self._decode(raw)
+        item, reason = self._decode(raw)
         self.seen += 1
         if item is None:
             self.errors += 1
-            if (self.seen >= MIN_SAMPLES_BEFORE_ERROR_CHECK
+            self.skipped[reason] += 1
+            # evaluation counts every skipped sample (see ReadTally) and lets its caller decide
+            if (self.spec.train and self.seen >= MIN_SAMPLES_BEFORE_ERROR_CHECK
                     and self.errors > self.spec.max_error_rate * self.seen):
                 raise DataError(f"{self.errors} of {self.seen} samples failed to decode (more than "
                                 f"data.max_error_rate={self.spec.max_error_rate}); last: {self.last_error}")
@@ -392,11 +431,67 @@ def _take(iterator: Iterator, count: int) -> list:
     return out
 
 
+def _leave_stop_signals_to_main(worker_id: int) -> None:
+    """SLURM, `kill -- -PGID` and container runtimes signal the whole process group: a worker that
+    died of that SIGTERM would take the run down before the main process could checkpoint. Workers
+    still exit when the main process closes the loader, or dies."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def make_loader(spec: LoaderSpec, num_workers: int) -> tuple[ShardDataset, DataLoader]:
     dataset = ShardDataset(spec)
     # its own generator: creating an iterator must not draw from the global RNG, or a resumed run
     # (which restores that RNG) would diverge from an uninterrupted one
     loader = DataLoader(dataset, batch_size=None, num_workers=num_workers, persistent_workers=False,
                         prefetch_factor=4 if num_workers else None,
-                        generator=torch.Generator().manual_seed(spec.seed))
+                        generator=torch.Generator().manual_seed(spec.seed),
+                        worker_init_fn=_leave_stop_signals_to_main if num_workers else None)
     return dataset, loader
+
+
+@dataclass
+class ReadTally:
+    """What an evaluation read of a shard set: samples expected (sizes.json), read, skipped by
+    reason, and missing (expected but never seen: truncated or corrupt shards)."""
+
+    expected: int | None
+    read: int = 0
+    skipped: Counter = field(default_factory=Counter)
+    shard_errors: list[str] = field(default_factory=list)
+
+    @property
+    def missing(self) -> int:
+        if self.expected is None:
+            return 0
+        return max(0, self.expected - self.read - sum(self.skipped.values()))
+
+    @property
+    def lost(self) -> int:
+        return sum(self.skipped.values()) + self.missing
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"expected": self.expected, "read": self.read, "skipped": dict(sorted(self.skipped.items())),
+                "missing": self.missing, "shard_errors": self.shard_errors[:20]}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ReadTally":
+        return cls(data["expected"], data["read"], Counter(data["skipped"]), list(data["shard_errors"]))
+
+    def summary(self) -> str:
+        parts = [f"{count} {reason}" for reason, count in sorted(self.skipped.items())]
+        if self.missing:
+            parts.append(f"{self.missing} missing from {len(self.shard_errors) or 'unreadable'} damaged shard(s)")
+        expected = "?" if self.expected is None else self.expected
+        return f"read {self.read} of {expected} samples; skipped: {', '.join(parts) or 'none'}"
+
+
+def counted(loader: DataLoader, tally: ReadTally, field_name: str = "image") -> Iterator[dict[str, Any]]:
+    """The batches of an evaluation loader, with every skipped sample added to ``tally``."""
+    for batch in loader:
+        tally.skipped.update(batch.pop("skipped", {}))
+        tally.shard_errors.extend(batch.pop("shard_errors", []))
+        if field_name in batch:
+            tally.read += len(batch[field_name])
+            yield batch

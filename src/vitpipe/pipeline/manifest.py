@@ -69,3 +69,21 @@ def manifest_hash(shard_dir: Path) -> str | None:
     """sha256 of the manifest file: the identity of the data a run trained on."""
     path = find_manifest(Path(shard_dir))
     return hashlib.sha256(path.read_bytes()).hexdigest() if path else None
+
+
+def shard_hashes(shard_dir: Path) -> dict[str, str]:
+    """File name -> sha256 of the shards of ``shard_dir`` as its manifest recorded them (the split
+    of that directory only: two splits have the same file names)."""
+    shard_dir = Path(shard_dir)
+    path = find_manifest(shard_dir)
+    if path is None:
+        return {}
+    try:
+        splits = json.loads(path.read_text()).get("splits", {})
+    except (OSError, json.JSONDecodeError):
+        return {}
+    wanted = "." if path.parent == shard_dir else shard_dir.name
+    for name, split in splits.items():
+        if split.get("dir", name) == wanted:
+            return {entry["file"]: entry["sha256"] for entry in split.get("shards", []) if "sha256" in entry}
+    return {}

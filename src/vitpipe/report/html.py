@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from vitpipe.config import ConfigError, PretrainConfig, load_config
-from vitpipe.pipeline.loader import LoaderSpec, images_by_key, make_loader, resolve_shards
+from vitpipe.pipeline.loader import LoaderSpec, ReadTally, counted, images_by_key, make_loader, resolve_shards
 from vitpipe.pipeline.transforms import TransformSpec, build_transform
 from vitpipe.report import figures
 from vitpipe.report.plots import last_per_step, loss_curve, read_metrics
@@ -25,7 +25,7 @@ def _sample_batch(config: PretrainConfig, shards: str, count: int) -> torch.Tens
                               std=tuple(config.data.std))
     spec = LoaderSpec(resolve_shards(shards), count, transform, train=False, fields=("image",))
     _, loader = make_loader(spec, 0)
-    return next(iter(loader))["image"][:count]
+    return next(counted(loader, ReadTally(None)))["image"][:count]
 
 
 def _load_objective(run_dir: Path, config: PretrainConfig):

@@ -445,7 +445,7 @@ class Trainer:
             while state.step < train.max_steps:
                 dataset.set_position(state.epoch, state.batches_in_epoch)
                 for batch in loader:
-                    decode_errors += int(batch.pop("decode_errors", 0))
+                    decode_errors += sum(batch.pop("skipped").values()) + len(batch.pop("shard_errors"))
                     if audit_file is not None:
                         keys = batch["key"] if "key" in objective.batch_fields else batch.pop("key")
                         _log_line(audit_file, {"step": state.step + 1, "keys": keys})
