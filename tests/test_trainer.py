@@ -16,7 +16,8 @@ import torch
 from vitpipe.cli import main
 from vitpipe.config import PretrainConfig, load_config
 from vitpipe.ssl.registry import build_objective
-from vitpipe.ssl.trainer import EXIT_PREEMPTED, Trainer, TrainingError, check_launch, list_checkpoints, lr_factor
+from vitpipe.ssl.checkpoints import CheckpointError, list_checkpoints
+from vitpipe.ssl.trainer import EXIT_PREEMPTED, Trainer, TrainingError, check_launch, lr_factor
 
 RUN_ARGS = ["model.size=micro", "data.image_size=16", "mae.decoder_dim=32", "mae.decoder_heads=2",
             "mae.decoder_depth=1", "train.batch_size=8", "train.log_every=1", "data.num_workers=0",
@@ -141,10 +142,11 @@ def test_failing_disk_leaves_previous_checkpoint_loadable(tiny_shards, tmp_path,
         return real_save(tensors, path, *args, **kwargs)
 
     monkeypatch.setattr(safetensors.torch, "save_file", failing_save)
-    with pytest.raises(OSError):
+    with pytest.raises(CheckpointError, match="disk full .* step_00000002 is intact"):
         Trainer(config, run, build_objective, progress=False).run()
     checkpoints = list_checkpoints(run)
     assert [c.name for c in checkpoints] == ["step_00000002"]
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["step_00000002"]  # no temp dir left
     monkeypatch.setattr(safetensors.torch, "save_file", real_save)
     summary = Trainer(config, run, build_objective, resume="auto", progress=False).run()
     assert summary.resumed_from == 2 and summary.steps == 6

@@ -51,7 +51,7 @@ def runtime_failure_line(err: BaseException) -> str:
         where = f" writing {err.filename}" if err.filename else ""
         return f"disk full{where}; free space and rerun (finished work is kept)"
     text = (str(err).strip().splitlines() or [""])[0]
-    known = ("TrainingError", "DataError", "CheckpointError")
+    known = ("TrainingError", "DataError", "CheckpointError")  # their messages are written for users
     prefix = "" if type(err).__name__ in known else f"{type(err).__name__}: "
     return f"{prefix}{text} (traceback: rerun with --debug or {DEBUG_ENV}=1)"
 
@@ -169,6 +169,7 @@ def pretrain(
     checkpointing (rerun with --resume auto)."""
     from vitpipe.pipeline.loader import DataError
     from vitpipe.ssl.registry import OBJECTIVES, build_objective
+    from vitpipe.ssl.checkpoints import CheckpointError
     from vitpipe.ssl.trainer import EXIT_PREEMPTED, Preempted, Trainer, TrainingError
 
     if objective not in OBJECTIVES:
@@ -184,7 +185,7 @@ def pretrain(
     except Preempted as stop:
         typer.echo(f"stopped: {stop}; rerun with --resume auto (exit {EXIT_PREEMPTED})", err=True)
         raise typer.Exit(EXIT_PREEMPTED) from None
-    except (TrainingError, DataError) as err:
+    except (TrainingError, DataError, CheckpointError) as err:
         _err(str(err))
         raise typer.Exit(1) from None
     if summary.is_main:

@@ -22,7 +22,8 @@ from vitpipe.pipeline.loader import LoaderSpec, ReadTally, counted, in_subset, m
 from vitpipe.pipeline.manifest import find_manifest
 from vitpipe.pipeline.transforms import TransformSpec
 from vitpipe.ssl.classify import Classifier
-from vitpipe.ssl.trainer import Trainer, list_checkpoints
+from vitpipe.ssl.checkpoints import list_checkpoints
+from vitpipe.ssl.trainer import Trainer
 from vitpipe.ssl.vit import ViTArgs, VisionTransformer
 
 

@@ -32,13 +32,13 @@ def _load_objective(run_dir: Path, config: PretrainConfig):
     from safetensors.torch import load_file
 
     from vitpipe.ssl.registry import build_objective
-    from vitpipe.ssl.trainer import list_checkpoints
+    from vitpipe.ssl.checkpoints import latest_verified, log_stderr
 
-    checkpoints = list_checkpoints(run_dir)
-    if not checkpoints:
+    checkpoint = latest_verified(run_dir, log_stderr, set_aside=False)
+    if checkpoint is None:
         return None
     objective = build_objective(config)
-    objective.load_state_dict(load_file(checkpoints[-1] / "model.safetensors"))
+    objective.load_state_dict(load_file(checkpoint / "model.safetensors"))
     return objective.eval()
 
 

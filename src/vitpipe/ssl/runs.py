@@ -10,8 +10,11 @@ from vitpipe.ssl.vit import ViTArgs, VisionTransformer
 
 def locate_run(run_or_checkpoint: Path) -> tuple[PretrainConfig, Path]:
     """(config, weights file) of a run directory (its encoder.safetensors, else its latest
-    checkpoint's model.safetensors) or of a checkpoint directory; reads no weights."""
-    from vitpipe.ssl.trainer import list_checkpoints
+    checkpoint that verifies) or of a checkpoint directory. The file is checked against the
+    checksum written with it: a damaged file is an error (CheckpointError), never evaluated."""
+    import json
+
+    from vitpipe.ssl import checkpoints
 
     path = Path(run_or_checkpoint)
     if (path / "state.json").is_file():  # a checkpoint directory
@@ -21,11 +24,20 @@ def locate_run(run_or_checkpoint: Path) -> tuple[PretrainConfig, Path]:
     else:
         raise ConfigError(f"{path} is neither a run directory nor a checkpoint")
     config = load_config(PretrainConfig, run_dir / "config.yaml")
-    if checkpoint is None and (run_dir / "encoder.safetensors").is_file():
-        return config, run_dir / "encoder.safetensors"
-    checkpoint = checkpoint or (list_checkpoints(run_dir) or [None])[-1]
+    encoder = run_dir / "encoder.safetensors"
+    if checkpoint is None and encoder.is_file():
+        info = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").is_file() else {}
+        expected = info.get("encoder_sha256")
+        if expected and checkpoints.sha256_file(encoder) != expected:
+            raise checkpoints.CheckpointError(f"{encoder} does not match the sha256 in run.json (damaged); "
+                                              "rerun the pretrain command with --resume auto to re-export it")
+        return config, encoder
     if checkpoint is None:
-        raise ConfigError(f"{run_dir} has no checkpoint yet")
+        checkpoint = checkpoints.latest_verified(run_dir, checkpoints.log_stderr, set_aside=False)
+    elif (problem := checkpoints.verify(checkpoint)) is not None:
+        raise checkpoints.CheckpointError(f"checkpoint {checkpoint} is damaged ({problem})")
+    if checkpoint is None:
+        raise ConfigError(f"{run_dir} has no checkpoint yet: the run never completed one")
     return config, checkpoint / "model.safetensors"
 
 

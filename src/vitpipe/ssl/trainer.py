@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import random
 import shutil
 import signal
 import subprocess
@@ -30,10 +29,17 @@ from vitpipe.config import ConfigError, PretrainConfig, save_config, to_dict
 from vitpipe.pipeline.loader import LoaderSpec, ShardDataset, make_loader, resolve_shards
 from vitpipe.pipeline.manifest import manifest_hash
 from vitpipe.pipeline.transforms import TransformSpec
+from vitpipe.ssl import checkpoints
+from vitpipe.ssl.checkpoints import CheckpointError, list_checkpoints
 from vitpipe.ssl.objective import Objective
 
 EXIT_PREEMPTED = 75
-CHECKPOINT_PREFIX = "step_"
+RESUMABLE_CHANGES = {
+    "data.shards", "data.num_workers", "train.max_steps", "train.log_every", "train.ckpt_every_steps",
+    "train.ckpt_every_minutes", "train.keep_checkpoints", "train.tensorboard", "train.wandb",
+    "train.record_keys", "train.nan_policy",
+}
+"""Settings a resumed run may change; any other change would make it another run."""
 
 
 class TrainingError(RuntimeError):
@@ -112,44 +118,6 @@ def lr_factor(step: int, max_steps: int, warmup: int, min_ratio: float) -> float
 
 def peak_lr(config: PretrainConfig, global_batch: int) -> float:
     return config.optim.lr or config.optim.base_lr * global_batch / 256
-
-
-# ---------------------------------------------------------------------------------------------
-# Checkpoints
-# ---------------------------------------------------------------------------------------------
-
-
-def list_checkpoints(run_dir: Path) -> list[Path]:
-    """Complete checkpoints, oldest first. Incomplete ones only ever exist under a ``.tmp-`` name."""
-    directory = run_dir / "checkpoints"
-    if not directory.is_dir():
-        return []
-    return sorted(p for p in directory.iterdir()
-                  if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX) and (p / "state.json").is_file())
-
-
-def _fsync_tree(directory: Path) -> None:
-    for path in [*directory.iterdir(), directory]:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -305,78 +273,52 @@ class Trainer:
         return make_loader(spec, data.num_workers)
 
     def _prepare_run_dir(self, is_main: bool) -> Path | None:
-        """Return the checkpoint to resume from (or None). Refuse to clobber another run."""
-        checkpoints = list_checkpoints(self.run_dir)
+        """Return the checkpoint to resume from (or None). Refuse to clobber another run. A
+        directory whose run never completed a checkpoint is not a run yet: it is started afresh."""
         if self.resume not in (None, "auto", "never") and not Path(self.resume).is_dir():
             raise ConfigError(f"--resume must be auto, never or a checkpoint directory; got {self.resume}")
         if self.resume == "auto":
-            start = checkpoints[-1] if checkpoints else None
+            start = checkpoints.latest_verified(self.run_dir, checkpoints.log_stderr if is_main else _silent)
         elif self.resume in (None, "never"):
-            if checkpoints or (self.run_dir / "metrics.jsonl").exists():
+            if list_checkpoints(self.run_dir) or (self.run_dir / "encoder.safetensors").exists():
                 raise ConfigError(f"{self.run_dir} already holds a run; use --resume auto to continue it or "
                                   "another --out")
             start = None
         else:
             start = Path(self.resume)
+            problem = checkpoints.verify(start)
+            if problem:
+                raise CheckpointError(f"checkpoint {start} is damaged ({problem})")
         if start is not None:
-            saved = (start.parent.parent / "config.yaml")
-            if saved.is_file():
-                from vitpipe.config import load_config
-                previous = load_config(PretrainConfig, saved)
-                for section in ("model", "mae", "objective"):
-                    if to_dict(previous).get(section) != to_dict(self.config).get(section):
-                        raise ConfigError(f"--resume: {section} settings differ from the run in {self.run_dir}")
+            self._check_resumable(start.parent.parent / "config.yaml")
         if is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(self.config, self.run_dir / "config.yaml")
         return start
 
-    # -- checkpoints -----------------------------------------------------------------------
+    def _check_resumable(self, saved: Path) -> None:
+        if not saved.is_file():
+            return
+        from vitpipe.config import load_config
 
-    def save_checkpoint(self, accelerator, model, optimizer, scheduler, state: TrainState) -> Path:
-        """Atomic: write to a temp dir, fsync, rename; prune old ones only after that."""
-        from safetensors.torch import save_file
+        before, now = _flat(to_dict(load_config(PretrainConfig, saved))), _flat(to_dict(self.config))
+        changed = sorted(key for key in set(before) | set(now)
+                         if before.get(key) != now.get(key) and key not in RESUMABLE_CHANGES)
+        if changed:
+            raise ConfigError(f"--resume: {', '.join(changed[:5])} differ(s) from the run in {self.run_dir} "
+                              f"({before.get(changed[0])!r} there, {now.get(changed[0])!r} now); use another --out")
 
-        directory = self.run_dir / "checkpoints"
-        final = directory / f"{CHECKPOINT_PREFIX}{state.step:08d}"
-        tmp = directory / f".tmp-{final.name}"
-        if accelerator.is_main_process:
-            directory.mkdir(parents=True, exist_ok=True)
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir()
-        accelerator.wait_for_everyone()
-        torch.save(rng_state(), tmp / f"rng_{accelerator.process_index}.pt")
-        if accelerator.is_main_process:
-            weights = {k: v.detach().cpu().contiguous() for k, v in accelerator.unwrap_model(model).state_dict().items()}
-            save_file(weights, tmp / "model.safetensors")
-            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-            (tmp / "state.json").write_text(json.dumps({**state.__dict__, "world_size": accelerator.num_processes,
-                                                       "vitpipe_version": __version__}, indent=2))
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            _fsync_tree(tmp)
-            if final.exists():  # the same step saved again (e.g. signal right after a periodic save)
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            _fsync_tree(directory)
-            for old in list_checkpoints(self.run_dir)[: -self.config.train.keep_checkpoints]:
-                shutil.rmtree(old)
-        accelerator.wait_for_everyone()
-        return final
-
-    def load_checkpoint(self, path: Path, accelerator, model, optimizer, scheduler) -> TrainState:
-        from safetensors.torch import load_file
-
-        saved = json.loads((path / "state.json").read_text())
-        if saved["world_size"] != accelerator.num_processes:
-            raise ConfigError(f"{path} was written by {saved['world_size']} processes, this run has "
-                              f"{accelerator.num_processes}: the data position would not match")
-        accelerator.unwrap_model(model).load_state_dict(load_file(path / "model.safetensors"))
-        optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
-        scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
-        set_rng_state(torch.load(path / f"rng_{accelerator.process_index}.pt", weights_only=True))
-        return TrainState(**{k: saved[k] for k in TrainState.__dataclass_fields__})
+    def _keep_metrics_up_to(self, step: int) -> None:
+        """Drop records of steps after the checkpoint a run resumes from: those steps are redone,
+        and each step must appear once in metrics.jsonl."""
+        path = self.run_dir / "metrics.jsonl"
+        if not path.exists():
+            return
+        kept = [line for line in path.read_text().splitlines(keepends=True)
+                if line.strip() and _step_of(line) <= step]
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(kept))
+        os.replace(tmp, path)
 
     # -- the loop --------------------------------------------------------------------------
 
@@ -414,12 +356,15 @@ class Trainer:
         set_seed(train.seed + accelerator.process_index)  # masks differ across ranks
         state = TrainState()
         if start_checkpoint is not None:
-            state = self.load_checkpoint(start_checkpoint, accelerator, model, optimizer, scheduler)
+            saved = checkpoints.load(start_checkpoint, accelerator, model, optimizer, scheduler)
+            state = TrainState(**{k: saved[k] for k in TrainState.__dataclass_fields__})
         resumed_from = state.step if start_checkpoint is not None else None
 
         if accelerator.is_main_process:
+            self._keep_metrics_up_to(state.step)
             self._write_run_info(accelerator, precision, global_batch, lr, warmup, resumed_from)
-            accelerator.init_trackers("pretrain", config=_flat(to_dict(config)))
+            accelerator.init_trackers("pretrain", config=_flat(to_dict(config)),
+                                      init_kwargs={"tensorboard": {"purge_step": state.step + 1}})
         metrics_file = open(self.run_dir / "metrics.jsonl", "a") if accelerator.is_main_process else None
         audit_file = None
         if train.record_keys:
@@ -452,10 +397,13 @@ class Trainer:
                     batch = send_to_device(batch, accelerator.device)
                     with accelerator.accumulate(model):
                         output = model(batch)
+                        # one all-reduce per micro-batch: non-finite loss, stop signal, checkpoint due
                         flags = torch.tensor([0.0 if torch.isfinite(output.loss.detach()) else 1.0,
-                                              1.0 if stop.signal else 0.0], device=accelerator.device)
-                        flags = accelerator.reduce(flags, reduction="sum")
-                        finite = flags[0].item() == 0
+                                              1.0 if stop.signal else 0.0,
+                                              1.0 if self._checkpoint_due(state.step + 1, last_ckpt_time) else 0.0],
+                                             device=accelerator.device)
+                        flags = accelerator.reduce(flags, reduction="sum").tolist()
+                        finite = flags[0] == 0
                         if finite:
                             accelerator.backward(output.loss)
                             if accelerator.sync_gradients and config.optim.clip_grad > 0:
@@ -501,13 +449,9 @@ class Trainer:
                     if bar is not None:
                         bar.update(1)
                     state.wall_seconds = wall_before + time.monotonic() - session_start
-                    due = (train.ckpt_every_steps and state.step % train.ckpt_every_steps == 0) or (
-                        train.ckpt_every_minutes and time.monotonic() - last_ckpt_time > 60 * train.ckpt_every_minutes)
-                    due_everywhere = accelerator.reduce(torch.tensor([float(bool(due))], device=accelerator.device),
-                                                        reduction="sum").item() > 0
-                    signalled = flags[1].item() > 0
-                    if (due_everywhere or signalled) and state.step < train.max_steps:
-                        last_checkpoint = self.save_checkpoint(accelerator, model, optimizer, scheduler, state)
+                    signalled = flags[1] > 0
+                    if (flags[2] > 0 or signalled) and state.step < train.max_steps:
+                        last_checkpoint = self._save(accelerator, model, optimizer, scheduler, state)
                         last_ckpt_time = time.monotonic()
                     if signalled and state.step < train.max_steps:
                         if accelerator.is_main_process and "SLURM_JOB_ID" in os.environ:
@@ -520,7 +464,7 @@ class Trainer:
                 else:
                     state.epoch += 1
                     state.batches_in_epoch = 0
-            last_checkpoint = self.save_checkpoint(accelerator, model, optimizer, scheduler, state)
+            last_checkpoint = self._save(accelerator, model, optimizer, scheduler, state)
         finally:
             stop.restore()
             if bar is not None:
@@ -541,14 +485,26 @@ class Trainer:
         return RunSummary(self.run_dir, state.step, last_loss, seconds, images, last_checkpoint, resumed_from,
                           {"decode_errors": decode_errors}, accelerator.is_main_process)
 
+    def _checkpoint_due(self, step: int, last_ckpt_time: float) -> bool:
+        train = self.config.train
+        return bool((train.ckpt_every_steps and step % train.ckpt_every_steps == 0) or (
+            train.ckpt_every_minutes and time.monotonic() - last_ckpt_time > 60 * train.ckpt_every_minutes))
+
+    def _save(self, accelerator, model, optimizer, scheduler, state: TrainState) -> Path:
+        return checkpoints.save(accelerator, model, optimizer, scheduler, dict(state.__dict__), self.run_dir,
+                                self.config.train.keep_checkpoints)
+
     def _export_encoder(self, objective: Objective) -> None:
-        """The encoder alone, for eval and export (the decoder/heads are training-only)."""
+        """The encoder alone, for eval and export (the decoder/heads are training-only); its sha256
+        goes to run.json so a damaged file is never evaluated."""
         from safetensors.torch import save_file
 
         encoder = objective.encoder()
         tmp = self.run_dir / "encoder.safetensors.tmp"
         save_file({k: v.detach().cpu().contiguous() for k, v in encoder.state_dict().items()}, tmp)
+        digest = checkpoints.sha256_file(tmp)
         os.replace(tmp, self.run_dir / "encoder.safetensors")
+        _update_run_info(self.run_dir, {"encoder_sha256": digest})
 
     def _write_run_info(self, accelerator, precision, global_batch, lr, warmup, resumed_from) -> None:
         info_path = self.run_dir / "run.json"
@@ -563,9 +519,31 @@ class Trainer:
         info["sessions"].append({"started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                                  "resumed_from_step": resumed_from,
                                  "slurm_restart_count": os.environ.get("SLURM_RESTART_COUNT")})
-        tmp = info_path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(info, indent=2))
-        os.replace(tmp, info_path)
+        info.pop("encoder_sha256", None)  # until this session exports a new encoder
+        _write_json_atomic(info_path, info)
+
+
+def _update_run_info(run_dir: Path, values: dict[str, Any]) -> None:
+    info_path = run_dir / "run.json"
+    info = json.loads(info_path.read_text()) if info_path.exists() else {}
+    _write_json_atomic(info_path, {**info, **values})
+
+
+def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)
+
+
+def _step_of(line: str) -> int:
+    try:
+        return int(json.loads(line).get("step", 0))
+    except (ValueError, AttributeError):
+        return sys.maxsize  # the torn last line of a killed run: dropped
+
+
+def _silent(message: str) -> None:
+    pass
 
 
 def _log_line(handle, record: dict[str, Any]) -> None:
