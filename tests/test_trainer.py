@@ -116,9 +116,8 @@ def test_interrupted_run_resumes_with_identical_losses(tiny_shards, tmp_path, ho
     assert resumed.returncode == 0, err
     got = losses(run)
     assert sorted(got) == list(range(1, 151))
-    for step, values in got.items():  # steps redone after SIGKILL appear twice; all must agree
-        for value in values:
-            assert value == pytest.approx(expected[step], abs=1e-6), step
+    for step, values in got.items():  # steps redone after SIGKILL are logged once, as redone
+        assert values == [pytest.approx(expected[step], abs=1e-6)], step
     assert len(list_checkpoints(run)) <= 2  # pruned to keep_checkpoints
 
 

@@ -45,10 +45,10 @@ def _err(message: str) -> None:
 
 def runtime_failure_line(err: BaseException) -> str:
     """One line for a failure at run time; the traceback stays behind --debug / VITPIPE_DEBUG=1."""
-    import errno
+    from vitpipe.ssl.checkpoints import is_disk_full
 
-    if isinstance(err, OSError) and err.errno == errno.ENOSPC:
-        where = f" writing {err.filename}" if err.filename else ""
+    if is_disk_full(err):
+        where = f" writing {err.filename}" if getattr(err, "filename", None) else ""
         return f"disk full{where}; free space and rerun (finished work is kept)"
     text = (str(err).strip().splitlines() or [""])[0]
     known = ("TrainingError", "DataError", "CheckpointError")  # their messages are written for users

@@ -168,17 +168,24 @@ def save(accelerator, model, optimizer, scheduler, state: dict[str, Any], run_di
                 shutil.rmtree(final)
             os.replace(tmp, final)
             _fsync_tree(directory)
-    except OSError as err:
+    except Exception as err:  # OSError, and safetensors' own SafetensorError for the same causes
         shutil.rmtree(tmp, ignore_errors=True)
         previous = [p.name for p in list_checkpoints(run_dir) if p != final]
         kept = f"the previous checkpoint {previous[-1]} is intact" if previous else "no earlier checkpoint exists"
-        what = "disk full" if err.errno == errno.ENOSPC else f"{type(err).__name__}: {err}"
+        what = "disk full" if is_disk_full(err) else f"{type(err).__name__}: {err}"
         raise CheckpointError(f"{what} while writing checkpoint {final.name}; {kept}") from None
     if accelerator.is_main_process:
         for old in list_checkpoints(run_dir)[:-keep]:
             shutil.rmtree(old)
     accelerator.wait_for_everyone()
     return final
+
+
+def is_disk_full(err: BaseException) -> bool:
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(err)
+    return "No space left on device" in text or "os error 28" in text or "Disk quota exceeded" in text
 
 
 def load(path: Path, accelerator, model, optimizer, scheduler) -> dict[str, Any]:

@@ -184,15 +184,22 @@ class RunLock:
         import fcntl
 
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.handle = open(self.path, "a+")
-        try:
-            fcntl.flock(self.handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self.handle.seek(0)
-            holder = self.handle.read().strip() or "another process"
-            self.handle.close()
-            self.handle = None
-            raise ConfigError(f"{self.path.parent} is being written by {holder}; one job per run directory") from None
+        while True:
+            handle = open(self.path, "a+")
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.seek(0)
+                holder = handle.read().strip() or "another process"
+                handle.close()
+                raise ConfigError(f"{self.path.parent} is being written by {holder}; one job per run directory") from None
+            try:  # the holder we waited for may have removed the file meanwhile: lock the one on disk
+                if os.stat(self.path).st_ino == os.fstat(handle.fileno()).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
+            handle.close()
+        self.handle = handle
         self.handle.seek(0)
         self.handle.truncate()
         self.handle.write(f"pid {os.getpid()} on {os.uname().nodename}"
@@ -200,7 +207,13 @@ class RunLock:
         self.handle.flush()
 
     def release(self) -> None:
+        """Remove the file while still holding the lock (a process killed before this leaves the
+        file, but the kernel drops its lock: a stale file never blocks a rerun)."""
         if self.handle is not None:
+            try:
+                self.path.unlink()
+            except FileNotFoundError:
+                pass
             self.handle.close()
             self.handle = None
 
