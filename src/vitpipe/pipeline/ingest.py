@@ -117,13 +117,17 @@ def _filter_reason(sample: Sample, config: IngestConfig) -> str | None:
     return None
 
 
-def _prepare_output(out: Path, settings: dict[str, Any], overwrite: bool) -> dict[str, Any] | None:
-    """Return the finished manifest when this exact ingest already completed (nothing to do)."""
+def _prepare_output(out: Path, settings: dict[str, Any], fingerprint: dict[str, Any],
+                    overwrite: bool) -> dict[str, Any] | None:
+    """Return the finished manifest when this exact ingest of this exact source already completed
+    (nothing to do). A source that changed since is refused unless ``overwrite``."""
     work = out / WORK_DIR
-    settings_path = work / "settings.json"
+    settings_path, source_path = work / "settings.json", work / "source.json"
     if out.exists() and any(out.iterdir()):
         previous = json.loads(settings_path.read_text()) if settings_path.exists() else None
         finished = manifest_io.read_manifest(out) if (out / "manifest.json").exists() else None
+        before = (json.loads(source_path.read_text()) if source_path.exists()
+                  else (finished or {}).get("source_fingerprint"))
         if previous is None and finished is None:
             raise ConfigError(f"{out} exists and was not written by vitpipe ingest; choose another --out "
                               "(--overwrite only replaces earlier ingests)")
@@ -131,10 +135,14 @@ def _prepare_output(out: Path, settings: dict[str, Any], overwrite: bool) -> dic
             shutil.rmtree(out)
         elif (previous or (finished or {}).get("settings_full")) != settings:
             raise ConfigError(f"{out} holds an ingest with other settings; pass --overwrite to replace it")
+        elif before is not None and before != fingerprint:
+            raise ConfigError(f"the source changed since the ingest in {out} ({before['files']} files then, "
+                              f"{fingerprint['files']} now, contents differ); pass --overwrite to ingest it again")
         elif finished is not None:
             return finished
     work.mkdir(parents=True, exist_ok=True)
     manifest_io.write_json_atomic(settings_path, settings)
+    manifest_io.write_json_atomic(source_path, fingerprint)
     return None
 
 
@@ -144,7 +152,8 @@ def ingest(source: str, out: Path, config: IngestConfig, *, overwrite: bool = Fa
     spec = parse_source(source)
     out = Path(out)
     settings = {"source": spec.describe(), "ingest": to_dict(config)}
-    done = _prepare_output(out, settings, overwrite)
+    fingerprint = spec.fingerprint()
+    done = _prepare_output(out, settings, fingerprint, overwrite)
     if done is not None:
         done["resumed_nothing_to_do"] = True
         return done
@@ -206,6 +215,7 @@ def ingest(source: str, out: Path, config: IngestConfig, *, overwrite: bool = Fa
         failures=dict(failures), filtered=dict(filtered), duplicates=duplicates, splits=splits,
         failure_examples=examples, label_map=label_map, seconds=elapsed,
     )
+    manifest["source_fingerprint"] = fingerprint
     if rows != written + sum(failures.values()) + sum(filtered.values()) + duplicates:
         raise RuntimeError("ingest accounting does not add up; this is a bug")  # never silently
     manifest_io.write_json_atomic(out / "manifest.json", manifest)

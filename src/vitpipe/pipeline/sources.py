@@ -62,6 +62,24 @@ class SourceSpec:
     def describe(self) -> dict[str, Any]:
         return {"kind": self.kind, "location": self.location, **self.extra}
 
+    def fingerprint(self) -> dict[str, Any]:
+        """What the source holds now: every file's path, size and mtime (the URL list's sha256), so
+        a rerun notices edited captions, added images or a changed list."""
+        if self.kind == "url_list":
+            return {"files": 1, "sha256": hashlib.sha256(Path(self.location).read_bytes()).hexdigest()}
+        if self.kind == "idx":
+            paths = [Path(p) for p in (self.location, self.extra.get("labels")) if p]
+        elif self.kind == "fashion-mnist":
+            paths = sorted(Path(self.location).glob("*.gz"))
+        else:  # folder, hf
+            paths = sorted(p for p in Path(self.location).rglob("*") if p.is_file())
+        digest = hashlib.sha256()
+        for path in paths:
+            stat = path.stat()
+            digest.update(f"{path.relative_to(self.location) if self.kind != 'idx' else path}\0"
+                          f"{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+        return {"files": len(paths), "sha256": digest.hexdigest()}
+
 
 def parse_source(text: str) -> SourceSpec:
     """Turn the SOURCE argument into a spec, or raise ConfigError with one clear line."""
