@@ -20,6 +20,7 @@ import torch
 
 from vitpipe.config import ConfigError, PretrainConfig
 from vitpipe.pipeline.loader import DataError, LoaderSpec, ReadTally, ShardSet, counted, make_loader, resolve_shards
+from vitpipe.pipeline.tario import sha256_file
 from vitpipe.pipeline.transforms import TransformSpec
 from vitpipe.ssl.runs import load_run_encoder, locate_run
 from vitpipe.ssl.vit import ViTArgs, VisionTransformer
@@ -65,7 +66,7 @@ class EncoderSource:
 
     def identity(self) -> str:
         if self.kind == "trained":
-            return _sha256_file(self.weights)
+            return sha256_file(self.weights)
         if self.kind == "random":
             args = ViTArgs.from_config(self.config.model, self.config.data.image_size, self.config.data.channels)
             return f"random-{self.seed}-{json.dumps(args.__dict__, sort_keys=True)}"
@@ -79,14 +80,6 @@ class EncoderSource:
         torch.manual_seed(self.seed)
         args = ViTArgs.from_config(self.config.model, self.config.data.image_size, self.config.data.channels)
         return VisionTransformer(args).eval()
-
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def layer_names(layers: list[int] | None) -> list[str]:

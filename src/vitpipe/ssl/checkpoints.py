@@ -10,7 +10,6 @@ writes into it). Non-finite weights or optimizer state are never written.
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
 import random
@@ -22,6 +21,7 @@ from typing import Any
 import torch
 
 from vitpipe import __version__
+from vitpipe.pipeline.tario import sha256_file
 
 PREFIX = "step_"
 CHECKSUMS = "checksums.json"
@@ -40,14 +40,6 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
         return []
     return sorted(p for p in directory.iterdir()
                   if p.is_dir() and p.name.startswith(PREFIX) and (p / "state.json").is_file())
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def verify(checkpoint: Path) -> str | None:
