@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vitpipe.config import load_config, PretrainConfig
+from vitpipe.ssl import registry
 from vitpipe.downstream.features import EncoderSource, extract
 from vitpipe.downstream.probe import train_heads
 from vitpipe.downstream.retrieval import IndexSettings, build_index, normalize, search
@@ -47,7 +47,7 @@ def probe_sweep(count: int, dim: int, epochs: int) -> None:
 
 
 def extraction(shards: Path, config_path: str, batch_size: int) -> None:
-    config = load_config(PretrainConfig, config_path)
+    config = registry.pretrain_config("mae", config_path)
     test = str(shards / "test")
     print(f"\n### Feature extraction ({test}, batch {batch_size}, 2 loader workers)\n")
     print("| encoder | images | seconds | features/s |\n|---|---:|---:|---:|")

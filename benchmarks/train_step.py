@@ -15,7 +15,8 @@ import time
 
 import torch
 
-from vitpipe.config import PretrainConfig, load_config
+from vitpipe.config import PretrainConfig
+from vitpipe.ssl import registry
 from vitpipe.ssl.mae import MAE
 from vitpipe.ssl.registry import build_objective
 
@@ -83,8 +84,8 @@ def main() -> None:
     torch.manual_seed(0)
 
     roofline = matmul_gflops()
-    config: PretrainConfig = load_config(PretrainConfig, None, ["model.size=tiny", "model.patch_size=4",
-                                                                "data.image_size=32"])
+    config: PretrainConfig = registry.pretrain_config("mae", None, ["model.size=tiny", "model.patch_size=4",
+                                                                   "data.image_size=32"])
     mae = build_objective(config)
     images = torch.randn(args.batch, 3, 32, 32)
     n = mae.backbone.num_patches

@@ -230,13 +230,13 @@ def test_eval_bad_inputs_exit_2(tiny_run, tiny_labelled_shards, tmp_path, capsys
 
 
 def test_freezing_really_freezes():
-    from vitpipe.config import FinetuneConfig
-    from vitpipe.ssl.classify import Classifier
-    from vitpipe.ssl.trainer import param_groups
-    from vitpipe.ssl.vit import ViTArgs, VisionTransformer
+    from vitpipe.config import ModelConfig
+    from vitpipe.ssl.classify import Classifier, FinetuneConfig
+    from vitpipe.ssl.optim import param_groups
+    from vitpipe.ssl.vit import VisionTransformer
 
     torch.manual_seed(0)
-    encoder = VisionTransformer(ViTArgs(image_size=16, patch_size=4, embed_dim=64, depth=3, num_heads=2))
+    encoder = VisionTransformer(ModelConfig(patch_size=4, embed_dim=64, depth=3, num_heads=2), image_size=16)
     model = Classifier(encoder, FinetuneConfig(num_classes=3, freeze_blocks=2, freeze_patch_embed=True))
     frozen = {n: p.detach().clone() for n, p in model.named_parameters()
               if n.startswith(("backbone.patch_embed", "backbone.blocks.0.", "backbone.blocks.1.", "backbone.cls_token"))}
@@ -295,7 +295,7 @@ def test_finetune_probe_init_starts_from_the_subset_probe(tiny_run, tiny_labelle
         keep = [in_subset(k, 0.5, 3) for k in features.keys]
         assert info["samples"] == sum(keep) and 0 < sum(keep) < len(keep)
         # the classifier starts exactly where the probe ends: same encoder, the folded head on top
-        model = classifier_builder(source, head)(config).eval()
+        model = classifier_builder(source, head)(config, {}).eval()
         images = torch.randn(3, 3, 16, 16)
         with torch.no_grad():
             frozen = EncoderSource.resolve(tiny_run, kind, seed=3).build()

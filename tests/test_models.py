@@ -5,25 +5,43 @@ import json
 import pytest
 import torch
 
-from vitpipe.config import PretrainConfig, load_config
+from vitpipe.config import ModelConfig, PretrainConfig
+from vitpipe.ssl import registry
 from vitpipe.ssl.mae import MAE
+from vitpipe.ssl.objective import Encoder
 from vitpipe.ssl.registry import OBJECTIVES, build_objective
-from vitpipe.ssl.vit import ViTArgs, VisionTransformer, patchify, unpatchify
+from vitpipe.ssl.vit import VisionTransformer, patchify, unpatchify
 
 TINY = ["model.size=micro", "data.image_size=16", "model.patch_size=4", "mae.decoder_dim=32", "mae.decoder_heads=2",
         "mae.decoder_depth=1"]
 
 
-def tiny_config(*overrides) -> PretrainConfig:
-    return load_config(PretrainConfig, None, [*TINY, *overrides])
+def tiny_config(*overrides, objective: str = "mae") -> PretrainConfig:
+    return registry.pretrain_config(objective, None, [*TINY, *overrides])
+
+
+SMALL_SECTIONS = {"mae": ["mae.decoder_dim=32", "mae.decoder_heads=2", "mae.decoder_depth=1"]}
+
+
+def synthetic_read(fields, limit):
+    """Stands in for the training shards when an objective fits artefacts."""
+    generator = torch.Generator().manual_seed(0)
+    for start in range(0, limit, 32):
+        yield {"image": torch.rand(32, 3, 16, 16, generator=generator) * 2 - 1,
+               "text": [f"a photo of thing {i}" for i in range(start, start + 32)],
+               "label": torch.randint(0, 2, (32,), generator=generator), "key": [f"k{i}" for i in range(32)]}
 
 
 @pytest.mark.parametrize("name", sorted(OBJECTIVES))
 def test_every_objective_trains(name):
-    """Finite loss, gradients reach every trainable parameter, nothing assumes a device."""
+    """Finite loss, gradients reach every trainable parameter, nothing assumes a device, and the
+    encoder follows the Encoder protocol (evaluation and export rely on nothing else)."""
     torch.manual_seed(0)
-    config = tiny_config(f"objective={name}")
-    objective = build_objective(config)
+    spec = registry.get(name)
+    config = registry.pretrain_config(name, None, ["model.size=micro", "data.image_size=16", "model.patch_size=4",
+                                                   *SMALL_SECTIONS.get(name, [])])
+    artifacts = spec.fit_artifacts(config, synthetic_read) if spec.fit_artifacts else {}
+    objective = build_objective(config, artifacts)
     batch = {"image": torch.randn(4, 3, 16, 16), "label": torch.tensor([0, 1, 0, 1]),
              "text": ["a", "b", "c", "d"], "key": ["k0", "k1", "k2", "k3"]}
     hook = objective.batch_hook()
@@ -35,9 +53,13 @@ def test_every_objective_trains(name):
     missing = [n for n, p in objective.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.abs().sum())]
     assert not missing, f"no gradient: {missing}"
     assert all(p.device.type == "cpu" for p in objective.parameters())
-    encoder = objective.encoder()
-    assert isinstance(encoder, VisionTransformer)
-    assert encoder(batch["image"]).shape == (4, encoder.embed_dim)
+    encoder = objective.encoder().eval()
+    assert isinstance(encoder, Encoder)
+    with torch.no_grad():
+        tokens = encoder.forward_features(batch["image"])
+        assert encoder.pool(tokens).shape == (4, encoder.embed_dim)
+        layers = encoder.intermediate_layers(batch["image"], [0, encoder.depth - 1])
+        assert torch.allclose(layers[-1], tokens, atol=1e-5)
 
 
 def test_patchify_round_trip():
@@ -107,8 +129,8 @@ def test_norm_pix_target_is_per_patch_normalized():
 
 @pytest.mark.parametrize("pool,class_token", [("cls", True), ("gap", True), ("gap", False), ("map", True)])
 def test_pooling_and_intermediate_layers(pool, class_token):
-    vit = VisionTransformer(ViTArgs(image_size=16, patch_size=4, embed_dim=64, depth=3, num_heads=2, pool=pool,
-                                    class_token=class_token))
+    vit = VisionTransformer(ModelConfig(patch_size=4, embed_dim=64, depth=3, num_heads=2, pool=pool,
+                                        class_token=class_token), image_size=16)
     x = torch.randn(2, 3, 16, 16)
     assert vit(x).shape == (2, 64)
     layers = vit.intermediate_layers(x, [0, 1, -1])
@@ -117,8 +139,8 @@ def test_pooling_and_intermediate_layers(pool, class_token):
 
 
 def test_position_embedding_interpolation_keeps_original_resolution():
-    vit = VisionTransformer(ViTArgs(image_size=16, patch_size=4, embed_dim=64, depth=2, num_heads=2,
-                                    pos_embed="learned")).eval()
+    vit = VisionTransformer(ModelConfig(patch_size=4, embed_dim=64, depth=2, num_heads=2, pos_embed="learned"),
+                            image_size=16).eval()
     x, big = torch.randn(2, 3, 16, 16), torch.randn(2, 3, 32, 32)
     before = vit(x)
     on_the_fly = vit(big)  # 8x8 grid from the 4x4 table
@@ -141,7 +163,7 @@ def test_timm_export_loads_strictly_and_matches(tmp_path, size, pool, class_toke
     config = tiny_config(f"model.size={size}", f"model.pool={pool}", f"model.class_token={str(class_token).lower()}")
     run = tmp_path / "run"
     save_config(config, run / "config.yaml")
-    encoder = VisionTransformer(ViTArgs.from_config(config.model, 16, 3)).eval()
+    encoder = VisionTransformer(config.model, 16, 3).eval()
     save_file({k: v.contiguous() for k, v in encoder.state_dict().items()}, run / "encoder.safetensors")
     out = export(run, tmp_path / "export", "timm")
     cfg = json.loads((out / "config.json").read_text())

@@ -38,7 +38,7 @@ def test_slurm_cli_errors(capsys):
 
 def test_run_lock_refuses_a_second_writer(tmp_path, tiny_shards):
     from vitpipe.config import ConfigError
-    from vitpipe.ssl.trainer import RunLock
+    from vitpipe.ssl.launch import RunLock
 
     first = RunLock(tmp_path / "run")
     first.acquire()

@@ -14,10 +14,13 @@ import pytest
 import torch
 
 from vitpipe.cli import main
-from vitpipe.config import PretrainConfig, load_config
+from vitpipe.config import PretrainConfig
+from vitpipe.ssl import registry
+from vitpipe.ssl.launch import check_launch
 from vitpipe.ssl.registry import build_objective
+from vitpipe.ssl.schedules import warmup_cosine
 from vitpipe.ssl.checkpoints import CheckpointError, list_checkpoints
-from vitpipe.ssl.trainer import EXIT_PREEMPTED, Trainer, TrainingError, check_launch, lr_factor
+from vitpipe.ssl.trainer import EXIT_PREEMPTED, Trainer, TrainingError
 
 RUN_ARGS = ["model.size=micro", "data.image_size=16", "mae.decoder_dim=32", "mae.decoder_heads=2",
             "mae.decoder_depth=1", "train.batch_size=8", "train.log_every=1", "data.num_workers=0",
@@ -73,7 +76,7 @@ def test_bad_inputs_exit_2(tiny_shards, tmp_path, capsys, args, message):
 
 
 def test_schedule_warmup_then_cosine():
-    values = [lr_factor(s, 100, 10, 0.0) for s in range(100)]
+    values = [warmup_cosine(s, 100, 10, 1.0, 0.0) for s in range(100)]
     assert values[0] == pytest.approx(0.1) and values[9] == pytest.approx(1.0)
     assert all(a >= b for a, b in zip(values[9:], values[10:])) and values[-1] < 0.01
 
@@ -122,7 +125,7 @@ def test_interrupted_run_resumes_with_identical_losses(tiny_shards, tmp_path, ho
 
 
 def tiny_config(shards, *extra) -> PretrainConfig:
-    return load_config(PretrainConfig, None, [*RUN_ARGS, f"data.shards={shards}", *extra])
+    return registry.pretrain_config("mae", None, [*RUN_ARGS, f"data.shards={shards}", *extra])
 
 
 def test_failing_disk_leaves_previous_checkpoint_loadable(tiny_shards, tmp_path, monkeypatch):
@@ -155,8 +158,8 @@ def test_nan_loss_stops_and_is_never_checkpointed(tiny_shards, tmp_path):
     run = tmp_path / "run"
     config = tiny_config(tiny_shards, "train.max_steps=10", "train.ckpt_every_steps=1")
 
-    def poisoned(cfg):
-        objective = build_objective(cfg)
+    def poisoned(cfg, artifacts):
+        objective = build_objective(cfg, artifacts)
         original = objective.forward
         calls = {"n": 0}
 
@@ -189,9 +192,9 @@ def test_launch_checks(monkeypatch):
         check_launch(1)
     monkeypatch.setenv("WORLD_SIZE", "1")
     monkeypatch.setenv("ACCELERATE_USE_CPU", "true")
-    monkeypatch.setattr("vitpipe.ssl.trainer._parent_cmdline",
+    monkeypatch.setattr("vitpipe.ssl.launch._parent_cmdline",
                         lambda: ["accelerate", "launch", "--cpu", "--num_processes", "2", "-m", "vitpipe"])
     with pytest.raises(Exception, match="starts only ONE process"):
         check_launch(1)
-    monkeypatch.setattr("vitpipe.ssl.trainer._parent_cmdline", lambda: ["accelerate", "launch", "--cpu", "-m", "x"])
+    monkeypatch.setattr("vitpipe.ssl.launch._parent_cmdline", lambda: ["accelerate", "launch", "--cpu", "-m", "x"])
     check_launch(1)

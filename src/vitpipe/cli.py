@@ -15,7 +15,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from vitpipe.config import CONFIG_KINDS, ConfigError, IngestConfig, PretrainConfig, dump_yaml, load_config
+from vitpipe.config import CONFIG_KINDS, ConfigError, IngestConfig, dump_yaml, load_config, read_yaml
 
 app = typer.Typer(help=__doc__.splitlines()[0], no_args_is_help=True, add_completion=False,
                   pretty_exceptions_enable=False, rich_markup_mode="rich")
@@ -167,21 +167,20 @@ def pretrain(
 ) -> None:
     """Pretrain a ViT with a self-supervised objective. Exit 75 = stopped by a signal after
     checkpointing (rerun with --resume auto)."""
+    from vitpipe.cluster.slurm import requeue_if_slurm
     from vitpipe.pipeline.loader import DataError
-    from vitpipe.ssl.registry import OBJECTIVES, build_objective
+    from vitpipe.ssl import registry
     from vitpipe.ssl.checkpoints import CheckpointError
     from vitpipe.ssl.trainer import EXIT_PREEMPTED, Preempted, Trainer, TrainingError
 
-    if objective not in OBJECTIVES:
-        raise ConfigError(f"unknown objective {objective!r}; available: {', '.join(OBJECTIVES)}")
+    registry.get(objective)
     if out is None:
         raise ConfigError("--out RUN_DIR is required")
-    extra = {"objective": objective, **({"data": {"shards": data}} if data else {})}
-    cfg = load_config(PretrainConfig, config, overrides, extra)
+    cfg = registry.pretrain_config(objective, config, overrides, {"data": {"shards": data}} if data else None)
     if not cfg.data.shards:
         raise ConfigError("no shards: pass --data SHARDS (or data.shards in the config)")
     try:
-        summary = Trainer(cfg, out, build_objective, resume=resume).run()
+        summary = Trainer(cfg, out, resume=resume, on_preempt=requeue_if_slurm).run()
     except Preempted as stop:
         typer.echo(f"stopped: {stop}; rerun with --resume auto (exit {EXIT_PREEMPTED})", err=True)
         raise typer.Exit(EXIT_PREEMPTED) from None
@@ -479,14 +478,22 @@ def slurm_submit(
 @config_app.command("show")
 @user_errors
 def config_show(
-    config: Annotated[Path, typer.Argument(help="YAML config file.")],
+    config: Annotated[Optional[Path], typer.Argument(help="YAML config file (optional).")] = None,
     overrides: Annotated[Optional[list[str]], typer.Argument(help="key=value overrides.")] = None,
+    objective: Annotated[Optional[str], typer.Option(
+        help="Objective whose section and recipe defaults apply (default: the file's, else mae).")] = None,
     kind: Annotated[str, typer.Option(help="Schema: pretrain | ingest.")] = "pretrain",
 ) -> None:
-    """Print the resolved config (defaults <- file <- overrides)."""
+    """Print the resolved config: defaults <- the objective's recipe <- file <- overrides."""
+    from vitpipe.ssl import registry
+
     if kind not in CONFIG_KINDS:
         raise ConfigError(f"--kind must be one of {', '.join(CONFIG_KINDS)}")
-    typer.echo(dump_yaml(load_config(CONFIG_KINDS[kind], config, overrides)), nl=False)
+    if kind == "ingest":
+        typer.echo(dump_yaml(load_config(IngestConfig, config, overrides)), nl=False)
+        return
+    name = objective or (read_yaml(config).get("objective") if config else None) or "mae"
+    typer.echo(dump_yaml(registry.pretrain_config(name, config, overrides)), nl=False)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -23,7 +23,8 @@ class ConfigError(ValueError):
     """A bad config file, key or value. The CLI prints it as one line and exits with code 2."""
 
 
-def _check(condition: bool, message: str) -> None:
+def check(condition: bool, message: str) -> None:
+    """Raise ConfigError(message) unless ``condition``: for ``__post_init__`` validations."""
     if not condition:
         raise ConfigError(message)
 
@@ -84,18 +85,18 @@ class IngestConfig:
     """Hugging Face datasets: caption column."""
 
     def __post_init__(self) -> None:
-        _check(self.image_size >= 0, "ingest.image_size must be >= 0")
-        _check(self.resize_mode in ("no", "keep_ratio", "center_crop", "border"),
+        check(self.image_size >= 0, "ingest.image_size must be >= 0")
+        check(self.resize_mode in ("no", "keep_ratio", "center_crop", "border"),
                "ingest.resize_mode must be one of no|keep_ratio|center_crop|border")
-        _check(self.encode_format in ("auto", "jpg", "png", "webp"), "ingest.encode_format must be auto|jpg|png|webp")
-        _check(1 <= self.encode_quality <= 100, "ingest.encode_quality must be in 1..100")
-        _check(self.shard_size >= 1, "ingest.shard_size must be >= 1")
-        _check(self.processes >= 1 and self.threads >= 1, "ingest.processes and ingest.threads must be >= 1")
-        _check(self.timeout > 0, "ingest.timeout must be > 0")
-        _check(self.retries >= 0, "ingest.retries must be >= 0")
-        _check(self.max_pixels > 0 and self.max_download_bytes > 0, "ingest size bounds must be > 0")
-        _check(0.0 <= self.val_fraction < 1.0, "ingest.val_fraction must be in [0, 1)")
-        _check(self.max_aspect == 0 or self.max_aspect >= 1, "ingest.max_aspect must be 0 (off) or >= 1")
+        check(self.encode_format in ("auto", "jpg", "png", "webp"), "ingest.encode_format must be auto|jpg|png|webp")
+        check(1 <= self.encode_quality <= 100, "ingest.encode_quality must be in 1..100")
+        check(self.shard_size >= 1, "ingest.shard_size must be >= 1")
+        check(self.processes >= 1 and self.threads >= 1, "ingest.processes and ingest.threads must be >= 1")
+        check(self.timeout > 0, "ingest.timeout must be > 0")
+        check(self.retries >= 0, "ingest.retries must be >= 0")
+        check(self.max_pixels > 0 and self.max_download_bytes > 0, "ingest size bounds must be > 0")
+        check(0.0 <= self.val_fraction < 1.0, "ingest.val_fraction must be in [0, 1)")
+        check(self.max_aspect == 0 or self.max_aspect >= 1, "ingest.max_aspect must be 0 (off) or >= 1")
         for cidr in self.allow_networks:
             try:
                 ipaddress.ip_network(cidr, strict=False)
@@ -149,15 +150,15 @@ class DataConfig:
     """Per-channel std used to normalize images."""
 
     def __post_init__(self) -> None:
-        _check(self.image_size >= 4, "data.image_size must be >= 4")
-        _check(self.channels in (1, 3), "data.channels must be 1 or 3")
-        _check(self.num_workers >= 0, "data.num_workers must be >= 0")
-        _check(self.shuffle_buffer >= 0, "data.shuffle_buffer must be >= 0")
-        _check(self.samples_per_epoch >= 0, "data.samples_per_epoch must be >= 0")
-        _check(0 <= self.max_error_rate <= 1, "data.max_error_rate must be in [0, 1]")
-        _check(0 < self.subset_fraction <= 1, "data.subset_fraction must be in (0, 1]")
-        _check(0 < self.crop_scale_min <= 1, "data.crop_scale_min must be in (0, 1]")
-        _check(len(self.mean) == len(self.std) == 3, "data.mean and data.std need 3 values")
+        check(self.image_size >= 4, "data.image_size must be >= 4")
+        check(self.channels in (1, 3), "data.channels must be 1 or 3")
+        check(self.num_workers >= 0, "data.num_workers must be >= 0")
+        check(self.shuffle_buffer >= 0, "data.shuffle_buffer must be >= 0")
+        check(self.samples_per_epoch >= 0, "data.samples_per_epoch must be >= 0")
+        check(0 <= self.max_error_rate <= 1, "data.max_error_rate must be in [0, 1]")
+        check(0 < self.subset_fraction <= 1, "data.subset_fraction must be in (0, 1]")
+        check(0 < self.crop_scale_min <= 1, "data.crop_scale_min must be in (0, 1]")
+        check(len(self.mean) == len(self.std) == 3, "data.mean and data.std need 3 values")
 
 
 @dataclass
@@ -186,56 +187,17 @@ class ModelConfig:
     """Stochastic depth rate of the last block (linearly increasing)."""
 
     def __post_init__(self) -> None:
-        _check(self.size in MODEL_PRESETS, f"model.size must be one of {', '.join(MODEL_PRESETS)}")
+        check(self.size in MODEL_PRESETS, f"model.size must be one of {', '.join(MODEL_PRESETS)}")
         preset = MODEL_PRESETS[self.size]
         self.embed_dim = self.embed_dim or preset["embed_dim"]
         self.depth = self.depth or preset["depth"]
         self.num_heads = self.num_heads or preset["num_heads"]
-        _check(self.patch_size >= 1, "model.patch_size must be >= 1")
-        _check(self.embed_dim % self.num_heads == 0, "model.embed_dim must be divisible by model.num_heads")
-        _check(self.pool in ("cls", "gap", "map"), "model.pool must be cls|gap|map")
-        _check(self.pool != "cls" or self.class_token, "model.pool=cls needs model.class_token=true")
-        _check(self.pos_embed in ("sincos", "learned"), "model.pos_embed must be sincos|learned")
-        _check(0 <= self.drop_path < 1, "model.drop_path must be in [0, 1)")
-
-
-@dataclass
-class MAEConfig:
-    mask_ratio: float = 0.75
-    """Fraction of patches hidden from the encoder."""
-    decoder_dim: int = 128
-    """Decoder token width."""
-    decoder_depth: int = 2
-    """Decoder blocks."""
-    decoder_heads: int = 4
-    """Decoder attention heads."""
-    norm_pix_loss: bool = True
-    """Regress per-patch normalized pixels (mean 0, std 1 per patch)."""
-
-    def __post_init__(self) -> None:
-        _check(0 < self.mask_ratio < 1, "mae.mask_ratio must be in (0, 1)")
-        _check(self.decoder_dim % self.decoder_heads == 0, "mae.decoder_dim must be divisible by mae.decoder_heads")
-        _check(self.decoder_depth >= 1, "mae.decoder_depth must be >= 1")
-
-
-@dataclass
-class FinetuneConfig:
-    num_classes: int = 10
-    """Classes of the labelled data."""
-    label_smoothing: float = 0.1
-    """Cross-entropy label smoothing."""
-    layer_decay: float = 0.75
-    """Layer-wise lr decay: block i of D gets lr * decay^(D - i); 1 disables it."""
-    freeze_blocks: int = 0
-    """Freeze the first K transformer blocks."""
-    freeze_patch_embed: bool = False
-    """Freeze the patch embedding."""
-
-    def __post_init__(self) -> None:
-        _check(self.num_classes >= 2, "finetune.num_classes must be >= 2")
-        _check(0 <= self.label_smoothing < 1, "finetune.label_smoothing must be in [0, 1)")
-        _check(0 < self.layer_decay <= 1, "finetune.layer_decay must be in (0, 1]")
-        _check(self.freeze_blocks >= 0, "finetune.freeze_blocks must be >= 0")
+        check(self.patch_size >= 1, "model.patch_size must be >= 1")
+        check(self.embed_dim % self.num_heads == 0, "model.embed_dim must be divisible by model.num_heads")
+        check(self.pool in ("cls", "gap", "map"), "model.pool must be cls|gap|map")
+        check(self.pool != "cls" or self.class_token, "model.pool=cls needs model.class_token=true")
+        check(self.pos_embed in ("sincos", "learned"), "model.pos_embed must be sincos|learned")
+        check(0 <= self.drop_path < 1, "model.drop_path must be in [0, 1)")
 
 
 @dataclass
@@ -256,13 +218,20 @@ class OptimConfig:
     """Warmup length as a fraction of train.max_steps (used when warmup_steps is 0)."""
     clip_grad: float = 0.0
     """Clip the global gradient norm to this value; 0 disables clipping."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    weight_decay_end: float | None = None
+    """When set, weight decay follows a cosine from weight_decay to this value over training
+    (I-JEPA: 0.04 -> 0.4); None keeps it constant."""
 
     def __post_init__(self) -> None:
-        _check(self.base_lr > 0 or self.lr > 0, "optim.base_lr or optim.lr must be > 0")
-        _check(self.weight_decay >= 0 and self.min_lr >= 0, "optim.weight_decay and optim.min_lr must be >= 0")
-        _check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "optim.betas needs two values in [0, 1)")
-        _check(self.warmup_steps >= 0 and 0 <= self.warmup_fraction < 1, "bad warmup settings")
-        _check(self.clip_grad >= 0, "optim.clip_grad must be >= 0")
+        check(self.eps > 0, "optim.eps must be > 0")
+        check(self.weight_decay_end is None or self.weight_decay_end >= 0, "optim.weight_decay_end must be >= 0")
+        check(self.base_lr > 0 or self.lr > 0, "optim.base_lr or optim.lr must be > 0")
+        check(self.weight_decay >= 0 and self.min_lr >= 0, "optim.weight_decay and optim.min_lr must be >= 0")
+        check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "optim.betas needs two values in [0, 1)")
+        check(self.warmup_steps >= 0 and 0 <= self.warmup_fraction < 1, "bad warmup settings")
+        check(self.clip_grad >= 0, "optim.clip_grad must be >= 0")
 
 
 @dataclass
@@ -300,31 +269,49 @@ class TrainConfig:
     parameter fingerprint per process."""
 
     def __post_init__(self) -> None:
-        _check(self.max_steps >= 1, "train.max_steps must be >= 1")
-        _check(self.batch_size >= 1 and self.grad_accum >= 1, "train.batch_size and train.grad_accum must be >= 1")
-        _check(self.precision in ("auto", "fp32", "bf16", "fp16"), "train.precision must be auto|fp32|bf16|fp16")
-        _check(self.log_every >= 1, "train.log_every must be >= 1")
-        _check(self.ckpt_every_steps >= 0 and self.ckpt_every_minutes >= 0, "checkpoint intervals must be >= 0")
-        _check(self.keep_checkpoints >= 1, "train.keep_checkpoints must be >= 1")
-        _check(self.nan_policy in ("error", "skip"), "train.nan_policy must be error|skip")
+        check(self.max_steps >= 1, "train.max_steps must be >= 1")
+        check(self.batch_size >= 1 and self.grad_accum >= 1, "train.batch_size and train.grad_accum must be >= 1")
+        check(self.precision in ("auto", "fp32", "bf16", "fp16"), "train.precision must be auto|fp32|bf16|fp16")
+        check(self.log_every >= 1, "train.log_every must be >= 1")
+        check(self.ckpt_every_steps >= 0 and self.ckpt_every_minutes >= 0, "checkpoint intervals must be >= 0")
+        check(self.keep_checkpoints >= 1, "train.keep_checkpoints must be >= 1")
+        check(self.nan_policy in ("error", "skip"), "train.nan_policy must be error|skip")
 
 
 @dataclass
 class PretrainConfig:
+    """The sections every objective shares. Each objective adds its own section (``mae``,
+    ``finetune``, ...) through ``with_section``; the registry does that for it."""
+
     objective: str = "mae"
     """Objective name from the registry (mae, ...)."""
     data: DataConfig = field(default_factory=DataConfig)
     """Shards and augmentation."""
     model: ModelConfig = field(default_factory=ModelConfig)
-    """ViT encoder."""
-    mae: MAEConfig = field(default_factory=MAEConfig)
-    """MAE objective settings."""
-    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
-    """Classification settings (objective `classify`, used by `vitpipe eval finetune`)."""
+    """Encoder shape (a ViT for most objectives)."""
     optim: OptimConfig = field(default_factory=OptimConfig)
     """Optimizer and learning-rate schedule."""
     train: TrainConfig = field(default_factory=TrainConfig)
     """Loop, precision, checkpoints and logging."""
+
+
+_SECTIONED: dict[tuple[str, str, type | None], type] = {}
+
+
+def with_section(objective: str, section: str | None, section_type: type | None) -> type:
+    """The PretrainConfig of one objective: the shared sections plus ``section`` of type
+    ``section_type`` (e.g. ``mae: MAEConfig``), with ``objective`` defaulting to its name."""
+    key = (objective, section or "", section_type)
+    if key not in _SECTIONED:
+        fields: list[Any] = [("objective", str, field(default=objective))]
+        if section:
+            fields.append((section, section_type, field(default_factory=section_type)))
+        name = f"PretrainConfig_{re.sub(r'[^0-9A-Za-z_]', '_', objective)}"
+        cls = dataclasses.make_dataclass(name, fields, bases=(PretrainConfig,))
+        cls.__module__ = __name__
+        globals()[name] = cls  # picklable by reference
+        _SECTIONED[key] = cls
+    return _SECTIONED[key]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -447,9 +434,10 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 
 
 def load_config(cls: type, path: str | Path | None = None, overrides: list[str] | None = None,
-                extra: dict[str, Any] | None = None) -> Any:
-    """Defaults <- YAML file <- ``extra`` (from CLI options) <- ``key=value`` overrides."""
-    data: dict[str, Any] = read_yaml(path) if path else {}
+                extra: dict[str, Any] | None = None, defaults: dict[str, Any] | None = None) -> Any:
+    """Dataclass defaults <- ``defaults`` (e.g. an objective's recipe) <- YAML file <- ``extra``
+    (from CLI options) <- ``key=value`` overrides."""
+    data: dict[str, Any] = merge(defaults or {}, read_yaml(path) if path else {})
     if extra:
         data = merge(data, extra)
     data = merge(data, parse_overrides(overrides or []))

@@ -20,7 +20,8 @@ from typing import Callable, Iterator
 import numpy as np
 from PIL import Image
 
-from vitpipe.config import ConfigError, PretrainConfig, load_config
+from vitpipe.config import ConfigError
+from vitpipe.ssl import registry
 from vitpipe.pipeline.sources import FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, read_idx
 
 def default_config() -> Path:
@@ -120,7 +121,7 @@ def run_demo(out: Path, run_command: Callable[[list[str]], int], config: Path | 
     step(["pretrain", "mae", "--config", str(config), "--data", str(shards / "train"), "--out", str(run),
           "--resume", "auto", *(overrides or [])])
     common = ["--train", str(shards / "train"), "--test", str(shards / "test")]
-    depth = load_config(PretrainConfig, run / "config.yaml").model.depth
+    depth = registry.run_config(run / "config.yaml").model.depth
     blocks = ",".join(str(block) for block in range(1, depth)) or "0"
     for baseline in ([], ["--init", "random"]):
         # blocks side by side: what made MAE beat raw pixels in benchmarks/RESULTS.md

@@ -15,8 +15,9 @@ from typing import Any
 import torch
 from einops import rearrange
 
-from vitpipe.config import ConfigError
-from vitpipe.ssl.runs import load_run_encoder
+from vitpipe.config import ConfigError, from_dict, to_dict
+from vitpipe.ssl import artifacts, registry
+from vitpipe.ssl.runs import load_run_encoder, run_dir_of
 from vitpipe.ssl.vit import VisionTransformer
 
 TIMM_NAMES = {"micro": "vit_tiny", "mini": "vit_tiny", "tiny": "vit_tiny", "small": "vit_small", "base": "vit_base",
@@ -25,7 +26,7 @@ TIMM_POOL = {"cls": "token", "gap": "avg", "map": "map"}
 
 
 def timm_state_dict(encoder: VisionTransformer) -> dict[str, torch.Tensor]:
-    if encoder.args.conv_stem:
+    if encoder.config.conv_stem:
         raise ConfigError("a convolutional-stem encoder has no timm VisionTransformer equivalent; "
                           "export it with --format vitpipe")
     state = {k: v.detach().cpu().contiguous() for k, v in encoder.state_dict().items()}
@@ -36,18 +37,18 @@ def timm_state_dict(encoder: VisionTransformer) -> dict[str, torch.Tensor]:
 
 
 def timm_config(encoder: VisionTransformer, size: str) -> dict[str, Any]:
-    args = encoder.args
+    model = encoder.config
     architecture = f"{TIMM_NAMES[size]}_patch16_224"
     return {
         "architecture": architecture,
         "model_args": {
-            "img_size": args.image_size, "patch_size": args.patch_size, "in_chans": args.in_chans,
-            "embed_dim": args.embed_dim, "depth": args.depth, "num_heads": args.num_heads,
-            "mlp_ratio": args.mlp_ratio, "class_token": args.class_token, "global_pool": TIMM_POOL[args.pool],
+            "img_size": encoder.image_size, "patch_size": model.patch_size, "in_chans": encoder.in_chans,
+            "embed_dim": model.embed_dim, "depth": model.depth, "num_heads": model.num_heads,
+            "mlp_ratio": model.mlp_ratio, "class_token": model.class_token, "global_pool": TIMM_POOL[model.pool],
             "fc_norm": False, "num_classes": 0,
         },
-        "num_features": args.embed_dim,
-        "pretrained_cfg": {"input_size": [args.in_chans, args.image_size, args.image_size]},
+        "num_features": model.embed_dim,
+        "pretrained_cfg": {"input_size": [encoder.in_chans, encoder.image_size, encoder.image_size]},
     }
 
 
@@ -57,7 +58,8 @@ FORMATS = ("timm", "hf", "vitpipe")
 def export(run: Path, out: Path, fmt: str = "timm") -> Path:
     """``timm``: timm hub layout (config.json + model.safetensors) + model card; ``hf``: the same
     layout with Hugging Face Hub metadata in the card, ready for ``huggingface-cli upload``;
-    ``vitpipe``: vitpipe's own parameter layout (any encoder, conv stems included)."""
+    ``vitpipe``: any objective's encoder in vitpipe's own layout (its resolved config and
+    artefacts beside the weights), loaded back with ``load_exported``."""
     from safetensors.torch import save_file
 
     if fmt not in FORMATS:
@@ -66,10 +68,17 @@ def export(run: Path, out: Path, fmt: str = "timm") -> Path:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if fmt in ("timm", "hf"):
+        if not isinstance(encoder, VisionTransformer):
+            raise ConfigError(f"the {config.objective} encoder is not a ViT; export it with --format vitpipe")
         state, cfg = timm_state_dict(encoder), timm_config(encoder, config.model.size)
     else:
         state = {k: v.detach().cpu().contiguous() for k, v in encoder.state_dict().items()}
-        cfg = {"architecture": "vitpipe.VisionTransformer", "model_args": dict(encoder.args.__dict__)}
+        files = artifacts.load(run_dir_of(run))
+        for name, data in files.items():
+            (out / "artifacts").mkdir(exist_ok=True)
+            (out / "artifacts" / name).write_bytes(data)
+        cfg = {"architecture": "vitpipe", "objective": config.objective, "config": to_dict(config),
+               "artifacts": sorted(files)}
     cfg["vitpipe"] = {"objective": config.objective, "source": str(source), "mean": config.data.mean,
                       "std": config.data.std}
     save_file(state, out / "model.safetensors.tmp")
@@ -77,6 +86,21 @@ def export(run: Path, out: Path, fmt: str = "timm") -> Path:
     (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     (out / "README.md").write_text(model_card(Path(run), config, cfg, fmt))
     return out
+
+
+def load_exported(directory: Path) -> torch.nn.Module:
+    """The encoder of a ``--format vitpipe`` export, rebuilt through its objective's registry entry."""
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    cfg = json.loads((directory / "config.json").read_text())
+    if cfg.get("architecture") != "vitpipe":
+        raise ConfigError(f"{directory} is not a --format vitpipe export")
+    config = from_dict(registry.config_class(cfg["objective"]), cfg["config"])
+    files = {name: (directory / "artifacts" / name).read_bytes() for name in cfg.get("artifacts", [])}
+    encoder = registry.build_objective(config, files).encoder()
+    encoder.load_state_dict(load_file(directory / "model.safetensors"), strict=True)
+    return encoder.eval()
 
 
 def model_card(run: Path, config, cfg: dict[str, Any], fmt: str) -> str:
@@ -97,15 +121,14 @@ def model_card(run: Path, config, cfg: dict[str, Any], fmt: str) -> str:
     if fmt == "hf":
         front = "---\nlibrary_name: timm\ntags:\n- image-feature-extraction\n- timm\n- vitpipe\n" \
                 f"- {config.objective}\nlicense: other\n---\n\n"
-    args = cfg["model_args"]
+    args = cfg.get("model_args") or {**cfg["config"]["model"], "image_size": config.data.image_size}
     load = ("```python\nimport json, timm, safetensors.torch\n"
             "cfg = json.load(open(\"config.json\"))\n"
             "model = timm.create_model(cfg[\"architecture\"], **cfg[\"model_args\"]); "
             "model.load_state_dict(safetensors.torch.load_file(\"model.safetensors\"), strict=True)\n```\n"
             if fmt != "vitpipe" else
-            "```python\nfrom vitpipe.ssl.vit import ViTArgs, VisionTransformer\n"
-            "model = VisionTransformer(ViTArgs(**cfg[\"model_args\"])); "
-            "model.load_state_dict(safetensors.torch.load_file(\"model.safetensors\"))\n```\n")
+            "```python\nfrom vitpipe.export import load_exported\n"
+            "encoder = load_exported(\"DIR\")  # rebuilt through its objective; strict weights\n```\n")
     lines = [
         f"{front}# {run_dir.name}: ViT encoder pretrained with {config.objective.upper()} by vitpipe\n",
         f"- architecture: `{cfg['architecture']}` with {args.get('embed_dim')} wide, {args.get('depth')} blocks, "

@@ -165,3 +165,21 @@ def split_pipeline(command: list[str]) -> list[list[str]]:
     if any(not stage for stage in stages):
         raise ConfigError("empty stage in the pipeline (stages are separated by ::)")
     return stages
+
+
+def requeue_if_slurm() -> dict[str, bool]:
+    """Under SLURM, ask it to requeue this job (exiting non-zero alone marks it FAILED); the
+    trainer calls this after its signal checkpoint and logs the answer."""
+    import os
+
+    if "SLURM_JOB_ID" not in os.environ:
+        return {}
+    job = os.environ["SLURM_JOB_ID"]
+    if os.environ.get("SLURM_ARRAY_JOB_ID") and os.environ.get("SLURM_ARRAY_TASK_ID"):
+        job = f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
+    if shutil.which("scontrol") is None:
+        return {"slurm_requeued": False}
+    result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
+    if result.returncode != 0:
+        print(f"vitpipe: scontrol requeue {job} failed: {result.stderr.strip()}", file=sys.stderr)
+    return {"slurm_requeued": result.returncode == 0}

@@ -20,12 +20,8 @@ from vitpipe.downstream.retrieval import (
 )
 from vitpipe.pipeline.loader import resolve_shards
 from vitpipe.pipeline.manifest import manifest_hash
+from vitpipe.ssl.runs import run_dir_of
 from vitpipe.ssl.trainer import git_revision
-
-
-def run_dir_of(run: Path) -> Path:
-    run = Path(run)
-    return run.parent.parent if (run / "state.json").is_file() else run
 
 
 def source_for(run: Path, init: str, pixels: bool) -> EncoderSource:

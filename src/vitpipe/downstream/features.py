@@ -17,13 +17,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 
-from vitpipe.config import ConfigError, PretrainConfig
+from vitpipe.config import ConfigError, PretrainConfig, to_dict
 from vitpipe.pipeline.loader import DataError, LoaderSpec, ReadTally, ShardSet, counted, make_loader, resolve_shards
 from vitpipe.pipeline.tario import sha256_file
 from vitpipe.pipeline.transforms import TransformSpec
-from vitpipe.ssl.runs import load_run_encoder, locate_run
-from vitpipe.ssl.vit import ViTArgs, VisionTransformer
+from vitpipe.ssl.rundir import read_run_info
+from vitpipe.ssl.runs import build_run_objective, load_run_encoder, locate_run, run_dir_of
 
 PIXELS = "pixels"
 
@@ -68,18 +69,24 @@ class EncoderSource:
         if self.kind == "trained":
             return sha256_file(self.weights)
         if self.kind == "random":
-            args = ViTArgs.from_config(self.config.model, self.config.data.image_size, self.config.data.channels)
-            return f"random-{self.seed}-{json.dumps(args.__dict__, sort_keys=True)}"
+            shape = {k: v for k, v in to_dict(self.config).items() if k not in ("data", "optim", "train")}
+            return f"random-{self.seed}-{self.config.data.image_size}-{json.dumps(shape, sort_keys=True)}"
         return "pixels"
 
-    def build(self) -> VisionTransformer | None:
+    def depth(self) -> int:
+        """Blocks of the encoder, known without building it (recorded with the exported encoder)."""
+        if self.kind == "pixels":
+            return 1
+        info = read_run_info(run_dir_of(self.run))
+        return int(info.get("encoder_depth") or self.config.model.depth)
+
+    def build(self) -> nn.Module | None:
+        """The encoder (``Encoder`` protocol), built through the run's registry entry."""
         if self.kind == "pixels":
             return None
         if self.kind == "trained":
             return load_run_encoder(self.run)[0]
-        torch.manual_seed(self.seed)
-        args = ViTArgs.from_config(self.config.model, self.config.data.image_size, self.config.data.channels)
-        return VisionTransformer(args).eval()
+        return build_run_objective(self.run, self.config, seed=self.seed).encoder().eval()
 
 
 def layer_names(layers: list[int] | None) -> list[str]:
@@ -93,11 +100,10 @@ def cache_key(source: EncoderSource, shards: ShardSet, name: str, pool: str, ima
     return hashlib.sha256(payload.encode()).hexdigest()[:24]
 
 
-def _canonical(name: str, config: PretrainConfig) -> str:
+def _canonical(name: str, depth: int) -> str:
     """"last", "block-1" and "block11" of a 12-block encoder are the same features: one cache file."""
     if name == PIXELS:
         return name
-    depth = config.model.depth
     return f"block{depth - 1 if name == 'last' else int(name.removeprefix('block')) % depth}"
 
 
@@ -108,15 +114,14 @@ def extract(source: EncoderSource, shard_spec: str, *, layers: list[int] | None 
     """Features of every sample of ``shard_spec`` (each exactly once, in a fixed order).
     ``max_skipped``: the fraction of expected samples that may be unreadable before this fails."""
     config = source.config
-    pool = pool or config.model.pool
     shards = resolve_shards(shard_spec)
     names = [PIXELS] if source.kind == "pixels" else layer_names(layers)
-    depth = config.model.depth
+    depth = source.depth()
     if source.kind != "pixels" and any(not -depth <= layer < depth for layer in layers or []):
         raise ConfigError(f"--layers: the encoder has blocks 0..{depth - 1}; got {layers}")
     cache_paths: dict[str, Path] = {}
     if cache_dir is not None:
-        cache_paths = {name: Path(cache_dir) / f"{cache_key(source, shards, _canonical(name, config), pool, config.data.image_size)}.npz"
+        cache_paths = {name: Path(cache_dir) / f"{cache_key(source, shards, _canonical(name, depth), pool or 'default', config.data.image_size)}.npz"
                        for name in names}
         if all(path.is_file() for path in cache_paths.values()):
             cached = _load_cache(cache_paths)
@@ -124,9 +129,10 @@ def extract(source: EncoderSource, shard_spec: str, *, layers: list[int] | None 
                 return check_tally(shard_spec, cached, max_skipped)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     encoder = source.build()
+    pool = pool or getattr(getattr(encoder, "config", None), "pool", None)  # a ViT's configured pooling
     if encoder is not None:
         encoder.to(device)
-        if pool == "map" and encoder.attn_pool is None:
+        if pool == "map" and getattr(encoder, "attn_pool", None) is None:
             raise ConfigError("--pool map needs an encoder trained with model.pool=map")
     fields = ("image", "label", "key") if need_labels else ("image", "key")
     transform = TransformSpec("eval", config.data.image_size, config.data.channels, mean=tuple(config.data.mean),
@@ -144,6 +150,7 @@ def extract(source: EncoderSource, shard_spec: str, *, layers: list[int] | None 
             chunks["last"].append(encoder.pool(encoder.forward_features(images), pool).cpu().numpy())
         else:
             for name, tokens in zip(names, encoder.intermediate_layers(images, layers)):
+                # attention pooling was trained on the last block only; average the others
                 chunks[name].append(encoder.pool(tokens, "gap" if pool == "map" else pool).cpu().numpy())
         if need_labels:
             labels.append(batch["label"].numpy())

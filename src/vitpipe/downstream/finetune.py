@@ -22,9 +22,10 @@ from vitpipe.pipeline.loader import LoaderSpec, ReadTally, counted, in_subset, m
 from vitpipe.pipeline.manifest import find_manifest
 from vitpipe.pipeline.transforms import TransformSpec
 from vitpipe.ssl.classify import Classifier
+from vitpipe.ssl import registry
 from vitpipe.ssl.checkpoints import list_checkpoints
+from vitpipe.ssl.runs import build_run_objective, load_run_encoder
 from vitpipe.ssl.trainer import Trainer
-from vitpipe.ssl.vit import ViTArgs, VisionTransformer
 
 
 @dataclass
@@ -74,7 +75,7 @@ def _layer_decay(source: EncoderSource, settings: FinetuneSettings) -> float:
 def finetune_config(source: EncoderSource, train: str, settings: FinetuneSettings,
                     overrides: list[str] | None = None) -> PretrainConfig:
     base = to_dict(source.config)
-    base.update(objective="classify")
+    base = {key: base[key] for key in ("data", "model", "train")}
     base["data"].update(shards=train, subset_fraction=settings.label_fraction, crop_scale_min=settings.crop_scale_min,
                         image_size=settings.image_size or source.config.data.image_size)
     base["model"].update(drop_path=settings.drop_path)
@@ -85,21 +86,23 @@ def finetune_config(source: EncoderSource, train: str, settings: FinetuneSetting
                          betas=[0.9, 0.999], warmup_fraction=0.1, min_lr=1e-6, clip_grad=0.0, warmup_steps=0)
     base["train"].update(max_steps=settings.steps, batch_size=settings.batch_size, grad_accum=1, seed=settings.seed,
                          ckpt_every_steps=max(100, settings.steps // 4), record_keys=False)
-    return from_dict(PretrainConfig, merge(base, parse_overrides(overrides or [])))
+    return from_dict(registry.config_class("classify"), merge(base, parse_overrides(overrides or [])))
 
 
 def classifier_builder(source: EncoderSource, head: nn.Linear | None = None):
-    """Build the classifier with the source's weights loaded at the pretraining resolution, then
-    its positions interpolated to the fine-tuning one; ``head`` (if given) replaces the zero head."""
-    pretrain = source.config
+    """Build the classifier around the source's encoder (rebuilt through the source run's registry
+    entry, with the fine-tuning model settings such as drop path), at the pretraining resolution,
+    then its positions interpolated to the fine-tuning one; ``head`` (if given) replaces the zero head."""
 
-    def build(config: PretrainConfig) -> Classifier:
-        args = ViTArgs.from_config(config.model, pretrain.data.image_size, pretrain.data.channels)
-        torch.manual_seed(config.train.seed)  # the same draw as EncoderSource(kind="random", seed=train.seed)
-        encoder = VisionTransformer(args)
+    def build(config: PretrainConfig, artifacts: dict[str, bytes]) -> Classifier:
+        shaped = dataclasses.replace(source.config, model=config.model)
         if source.kind == "trained":
-            encoder.load_state_dict(source.build().state_dict())
-        encoder.resize_pos_embed(config.data.image_size)
+            encoder = load_run_encoder(source.run, shaped)[0].train()
+        else:  # the same draw as EncoderSource(kind="random", seed=train.seed)
+            encoder = build_run_objective(source.run, shaped, seed=config.train.seed).encoder()
+        if hasattr(encoder, "resize_pos_embed"):
+            encoder.resize_pos_embed(config.data.image_size)
+        torch.manual_seed(config.train.seed)
         classifier = Classifier(encoder, config.finetune)
         if head is not None:
             classifier.head.load_state_dict(head.state_dict())
@@ -160,7 +163,7 @@ def finetune(source: EncoderSource, train: str, test: str, settings: FinetuneSet
     head, probe = probe_head(source, train, config, settings) if settings.probe_init else (None, None)
     build = classifier_builder(source, head)
     summary = Trainer(config, out, build, resume="auto").run()
-    model = build(config)
+    model = build(config, {})
     from safetensors.torch import load_file
 
     model.load_state_dict(load_file(list_checkpoints(out)[-1] / "model.safetensors"))

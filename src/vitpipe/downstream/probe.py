@@ -8,12 +8,13 @@ each head the gradient it would get alone. One pass over the features trains the
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from torch import nn
+
+from vitpipe.ssl.schedules import warmup_cosine
 
 DEFAULT_LRS = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)  # BatchNorm'd features often want lr >= 1
 DEFAULT_WDS = (0.0, 1e-4, 1e-3)
@@ -101,7 +102,7 @@ def train_heads(features: np.ndarray, labels: np.ndarray, classes: int, lrs: lis
             # K x the mean over K heads = the sum of each head's own loss: each gets its own gradient
             loss = _cross_entropy(logits.flatten(0, 1), y[index].repeat_interleave(count)) * count
             grads = torch.autograd.grad(loss, params)
-            decay = 0.5 * (1 + math.cos(math.pi * step / total))
+            decay = warmup_cosine(step, total)
             with torch.no_grad():
                 for param, grad, buf, head_lr, head_wd in zip(params, grads, momentum, lr_of, wd_of):
                     buf.mul_(0.9).add_(grad + head_wd * param)

@@ -10,10 +10,12 @@ from typing import Any
 
 import torch
 
-from vitpipe.config import ConfigError, PretrainConfig, load_config
+from vitpipe.config import ConfigError, PretrainConfig
 from vitpipe.pipeline.loader import LoaderSpec, ReadTally, counted, images_by_key, make_loader, resolve_shards
 from vitpipe.pipeline.transforms import TransformSpec, build_transform
 from vitpipe.report import figures
+from vitpipe.report.sections import FigureContext, figure_sections
+from vitpipe.ssl import registry
 from vitpipe.report.plots import last_per_step, loss_curve, read_metrics
 from vitpipe.ssl.runs import load_run_encoder
 
@@ -28,16 +30,17 @@ def _sample_batch(config: PretrainConfig, shards: str, count: int) -> torch.Tens
     return next(counted(loader, ReadTally(None)))["image"][:count]
 
 
-def _load_objective(run_dir: Path, config: PretrainConfig):
+def _load_objective(run_dir: Path):
+    """The whole objective (decoder and all) from the newest verified checkpoint, or None."""
     from safetensors.torch import load_file
 
-    from vitpipe.ssl.registry import build_objective
     from vitpipe.ssl.checkpoints import latest_verified, log_stderr
+    from vitpipe.ssl.runs import build_run_objective
 
     checkpoint = latest_verified(run_dir, log_stderr, set_aside=False)
     if checkpoint is None:
         return None
-    objective = build_objective(config)
+    objective = build_run_objective(run_dir)
     objective.load_state_dict(load_file(checkpoint / "model.safetensors"))
     return objective.eval()
 
@@ -86,7 +89,7 @@ def build_report(run_dir: Path) -> Path:
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file() or not (run_dir / "metrics.jsonl").is_file():
         raise ConfigError(f"{run_dir} is not a pretraining run (no config.yaml / metrics.jsonl)")
-    config = load_config(PretrainConfig, run_dir / "config.yaml")
+    config = registry.run_config(run_dir / "config.yaml")
     out_dir = run_dir / "report"
     out_dir.mkdir(parents=True, exist_ok=True)
     sections: list[tuple[str, str, str | None]] = []  # (title, caption, png name)
@@ -95,22 +98,8 @@ def build_report(run_dir: Path) -> Path:
 
     encoder, _, weights = load_run_encoder(run_dir)
     images = _sample_batch(config, config.data.shards, SAMPLE_IMAGES)
-    mean, std = config.data.mean, config.data.std
-    objective = _load_objective(run_dir, config)
-    if config.objective == "mae" and objective is not None:
-        png = figures.mae_reconstructions(objective, images, mean, std, out_dir / "reconstructions.png")
-        sections.append(("MAE reconstructions", "original | 75% of patches hidden | decoder output | output with the "
-                         "visible patches pasted back.", png.name))
-    png = figures.cls_attention(encoder, images[:4], mean, std, out_dir / "attention.png")
-    if png is not None:
-        sections.append(("CLS attention", "Last block: attention of the CLS token to each patch, per head.", png.name))
-    png = figures.position_similarity(encoder, out_dir / "positions.png")
-    sections.append(("Position embeddings", "For each patch position, cosine similarity of its embedding to every "
-                     "other position.", png.name))
-    distances = figures.mean_attention_distance(encoder, images)
-    png = figures.attention_distance_plot(distances, out_dir / "attention_distance.png")
-    sections.append(("Attention distance", "Mean attention distance (pixels) per head and block, averaged over "
-                     "sample images: local heads sit low, global heads high.", png.name))
+    context = FigureContext(run_dir, config, _load_objective(run_dir), encoder, images, out_dir)
+    sections += [(title, caption, png.name) for title, caption, png in figure_sections(context)]
     png = _retrieval_section(run_dir, config, encoder, out_dir)
     if png is not None:
         sections.append(("Retrieval", "Queries from the indexed set and their nearest neighbours (cosine).", png.name))

@@ -2,15 +2,36 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vitpipe.config import FinetuneConfig
-from vitpipe.ssl.objective import Objective, Output
+from vitpipe.config import PretrainConfig, check
+from vitpipe.ssl.objective import Objective, ObjectiveSpec, Output
 from vitpipe.ssl.vit import VisionTransformer
+
+
+@dataclass
+class FinetuneConfig:
+    num_classes: int = 10
+    """Classes of the labelled data."""
+    label_smoothing: float = 0.1
+    """Cross-entropy label smoothing."""
+    layer_decay: float = 0.75
+    """Layer-wise lr decay: block i of D gets lr * decay^(D - i); 1 disables it."""
+    freeze_blocks: int = 0
+    """Freeze the first K transformer blocks."""
+    freeze_patch_embed: bool = False
+    """Freeze the patch embedding."""
+
+    def __post_init__(self) -> None:
+        check(self.num_classes >= 2, "finetune.num_classes must be >= 2")
+        check(0 <= self.label_smoothing < 1, "finetune.label_smoothing must be in [0, 1)")
+        check(0 < self.layer_decay <= 1, "finetune.layer_decay must be in (0, 1]")
+        check(self.freeze_blocks >= 0, "finetune.freeze_blocks must be >= 0")
 
 
 class Classifier(Objective):
@@ -62,3 +83,14 @@ class Classifier(Objective):
         loss = F.cross_entropy(logits, batch["label"], label_smoothing=self.config.label_smoothing)
         accuracy = (logits.argmax(dim=-1) == batch["label"]).float().mean()
         return Output(loss, {"train_top1": accuracy})
+
+
+def build(config: PretrainConfig, artifacts: dict[str, bytes]) -> Classifier:
+    return Classifier(VisionTransformer(config.model, config.data.image_size, config.data.channels), config.finetune)
+
+
+SPEC = ObjectiveSpec(
+    name="classify", build=build, section="finetune", section_type=FinetuneConfig,
+    defaults={"optim": {"betas": [0.9, 0.999], "warmup_fraction": 0.1, "min_lr": 1e-6}},
+    summary="supervised classification (what `vitpipe eval finetune` trains)",
+)

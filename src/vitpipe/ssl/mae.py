@@ -5,14 +5,34 @@ Stages: random_masking -> forward_encoder -> forward_decoder -> forward_loss.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from vitpipe.config import MAEConfig
-from vitpipe.ssl.objective import Objective, Output
+from vitpipe.config import PretrainConfig, check
+from vitpipe.ssl.objective import Objective, ObjectiveSpec, Output
 from vitpipe.ssl.vit import LN_EPS, Block, VisionTransformer, init_weights, patchify, sincos_pos_embed_2d
+
+
+@dataclass
+class MAEConfig:
+    mask_ratio: float = 0.75
+    """Fraction of patches hidden from the encoder."""
+    decoder_dim: int = 128
+    """Decoder token width."""
+    decoder_depth: int = 2
+    """Decoder blocks."""
+    decoder_heads: int = 4
+    """Decoder attention heads."""
+    norm_pix_loss: bool = True
+    """Regress per-patch normalized pixels (mean 0, std 1 per patch)."""
+
+    def __post_init__(self) -> None:
+        check(0 < self.mask_ratio < 1, "mae.mask_ratio must be in (0, 1)")
+        check(self.decoder_dim % self.decoder_heads == 0, "mae.decoder_dim must be divisible by mae.decoder_heads")
+        check(self.decoder_depth >= 1, "mae.decoder_depth must be >= 1")
 
 
 class MAE(Objective):
@@ -24,7 +44,7 @@ class MAE(Objective):
         self.backbone = encoder
         self.config = config
         self.patch_size = encoder.patch_size
-        self.channels = encoder.args.in_chans
+        self.channels = encoder.in_chans
         dim = config.decoder_dim
         prefix = encoder.num_prefix_tokens
         self.decoder_embed = nn.Linear(encoder.embed_dim, dim)
@@ -97,3 +117,13 @@ class MAE(Objective):
         keep_idx, mask, restore_idx = self.random_masking(images.shape[0], images.device)
         pred = self.forward_decoder(self.forward_encoder(images, keep_idx), restore_idx)
         return Output(self.forward_loss(images, pred, mask), {"mask_ratio": mask.mean()})
+
+
+def build(config: PretrainConfig, artifacts: dict[str, bytes]) -> MAE:
+    return MAE(VisionTransformer(config.model, config.data.image_size, config.data.channels), config.mae)
+
+
+SPEC = ObjectiveSpec(
+    name="mae", build=build, section="mae", section_type=MAEConfig,
+    summary="masked autoencoder: reconstruct the pixels of 75% hidden patches",
+)

@@ -1,14 +1,18 @@
-"""What every objective is to the trainer: an nn.Module with ``forward(batch) -> Output``."""
+"""What an objective is to the rest of vitpipe.
+
+An objective is an ``nn.Module`` with ``forward(batch) -> Output`` plus an ``ObjectiveSpec`` that
+says everything else about it (config section and recipe defaults, artefacts fitted from the
+data, how to build it). What evaluation and export see is its ``encoder()``: any module that
+follows the ``Encoder`` protocol, a ViT or not.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator, Protocol, runtime_checkable
 
 import torch
 from torch import nn
-
-from vitpipe.ssl.vit import VisionTransformer
 
 
 @dataclass
@@ -19,29 +23,57 @@ class Output:
     """Extra scalars to log (detached by the trainer)."""
 
 
+@runtime_checkable
+class Encoder(Protocol):
+    """The module kept after pretraining: evaluated (features, probes, k-NN) and exported."""
+
+    embed_dim: int
+    """Width of the features ``pool`` returns."""
+
+    @property
+    def depth(self) -> int:
+        """Blocks ``intermediate_layers`` can return (0-based indices)."""
+
+    def forward_features(self, images: torch.Tensor) -> torch.Tensor:
+        """[B, C, H, W] normalized images -> tokens [B, T, D] after the last block."""
+
+    def intermediate_layers(self, images: torch.Tensor, layers: list[int]) -> list[torch.Tensor]:
+        """Tokens [B, T, D] after each block in ``layers`` (0-based; negative counts from the end)."""
+
+    def pool(self, tokens: torch.Tensor, pool: str | None = None) -> torch.Tensor:
+        """[B, T, D] -> [B, D] by the encoder's own pooling, or ``pool`` (cls | gap | map) when given."""
+
+
+BatchHook = Callable[[dict[str, Any], torch.Generator], dict[str, Any]]
+ReadSamples = Callable[[tuple[str, ...], int], Iterator[dict[str, Any]]]
+
+
 class Objective(nn.Module):
     """Base class. Subclasses set the class attributes and implement ``forward``.
 
-    They never touch devices, files, loggers or distributed state: the trainer does.
+    They never touch devices, files, loggers or distributed state: the trainer does. The one
+    exception is ``vitpipe.ssl.distributed.gather_with_grad`` (a global batch of negatives).
     """
 
     transform_preset: str = "mae"
     """Loader augmentation preset (see vitpipe.pipeline.transforms)."""
     batch_fields: tuple[str, ...] = ("image",)
-    """Fields the loader must put in each batch."""
+    """Fields the loader must put in each batch (image, label, text, key)."""
 
     def forward(self, batch: dict[str, Any]) -> Output:  # pragma: no cover - abstract
         raise NotImplementedError
 
     def on_step_end(self, step: int, max_steps: int) -> None:
-        """Called after every optimizer step (e.g. EMA updates)."""
+        """Called after every optimizer step (e.g. EMA updates), with the step just done."""
 
-    def batch_hook(self) -> Callable[[dict[str, Any], torch.Generator], dict[str, Any]] | None:
-        """Picklable function run in loader workers to add fields to a batch (e.g. masks)."""
+    def batch_hook(self) -> BatchHook | None:
+        """A picklable function the loader workers run on each finished batch, with a generator
+        seeded by the batch's data position (so a resumed run draws the same): masks,
+        tokenisation, palette quantisation belong here, not in ``forward``."""
         return None
 
-    def encoder(self) -> VisionTransformer:
-        """The backbone kept after pretraining (exported, evaluated)."""
+    def encoder(self) -> nn.Module:
+        """The module kept after pretraining (follows ``Encoder``; exported, evaluated)."""
         raise NotImplementedError
 
     def lr_scale(self, name: str) -> float:
@@ -51,3 +83,24 @@ class Objective(nn.Module):
     def no_weight_decay(self) -> set[str]:
         """Parameter names (full dotted names) excluded from weight decay besides norms and biases."""
         return set()
+
+
+@dataclass(frozen=True)
+class ObjectiveSpec:
+    """Everything the rest of vitpipe needs to know about an objective: its registry entry."""
+
+    name: str
+    """What `vitpipe pretrain NAME` calls it."""
+    build: Callable[[Any, dict[str, bytes]], Objective]
+    """(resolved config, artefacts by file name) -> the objective, freshly initialised."""
+    section: str | None = None
+    """Its own config section (e.g. ``mae``), of type ``section_type``."""
+    section_type: type | None = None
+    defaults: dict[str, Any] = field(default_factory=dict)
+    """Its recipe, layered under the YAML and `key=value` overrides (e.g. CLIP's AdamW betas)."""
+    fit_artifacts: Callable[[Any, ReadSamples], dict[str, bytes]] | None = None
+    """(config, read) -> {file name: bytes}, fitted once from the training shards before training
+    (a tokenizer, a palette); ``read(fields, limit)`` yields decoded batches. Saved under
+    RUN/artifacts/, checksummed in run.json, handed to ``build`` by every later command."""
+    summary: str = ""
+    """One line for `vitpipe pretrain --help` and `vitpipe config show --objective`."""

@@ -1,38 +1,76 @@
-"""Objective names -> builders. Adding an objective = one new file + one line here."""
+"""Objective names -> their specs. Adding an objective = one new file (the module, its config
+section and its ``SPEC``) + one ``register`` line here.
+
+Everything that builds an objective or reads a run's config goes through here, so a run is
+always rebuilt the way its own objective says, never from ``config.model`` by hand.
+"""
 
 from __future__ import annotations
 
-from typing import Callable
+from pathlib import Path
+from typing import Any
 
-from vitpipe.config import ConfigError, PretrainConfig
-from vitpipe.ssl.classify import Classifier
-from vitpipe.ssl.mae import MAE
-from vitpipe.ssl.objective import Objective
-from vitpipe.ssl.vit import ViTArgs, VisionTransformer
+from vitpipe.config import ConfigError, PretrainConfig, from_dict, load_config, read_yaml, with_section
+from vitpipe.ssl import classify, mae
+from vitpipe.ssl.objective import Objective, ObjectiveSpec
 
-
-def build_encoder(config: PretrainConfig) -> VisionTransformer:
-    return VisionTransformer(ViTArgs.from_config(config.model, config.data.image_size, config.data.channels))
+OBJECTIVES: dict[str, ObjectiveSpec] = {}
 
 
-def _mae(config: PretrainConfig) -> Objective:
-    return MAE(build_encoder(config), config.mae)
+def register(spec: ObjectiveSpec) -> ObjectiveSpec:
+    """Make ``spec`` known to every command (also usable from outside the package)."""
+    if (spec.section is None) != (spec.section_type is None):
+        raise ValueError(f"objective {spec.name}: section and section_type go together")
+    OBJECTIVES[spec.name] = spec
+    return spec
 
 
-def _classify(config: PretrainConfig) -> Objective:
-    return Classifier(build_encoder(config), config.finetune)
+register(mae.SPEC)
+register(classify.SPEC)
 
 
-OBJECTIVES: dict[str, Callable[[PretrainConfig], Objective]] = {
-    "mae": _mae,
-    "classify": _classify,
-}
+def get(name: str) -> ObjectiveSpec:
+    if name not in OBJECTIVES:
+        raise ConfigError(f"unknown objective {name!r}; available: {', '.join(sorted(OBJECTIVES))}")
+    return OBJECTIVES[name]
 
 
-def build_objective(config: PretrainConfig) -> Objective:
-    if config.objective not in OBJECTIVES:
-        raise ConfigError(f"unknown objective {config.objective!r}; available: {', '.join(OBJECTIVES)}")
+def config_class(name: str) -> type:
+    """The config dataclass of objective ``name``: shared sections + its own."""
+    spec = get(name)
+    return with_section(spec.name, spec.section, spec.section_type)
+
+
+def pretrain_config(name: str, path: str | Path | None = None, overrides: list[str] | None = None,
+                    extra: dict[str, Any] | None = None) -> PretrainConfig:
+    """Defaults <- the objective's recipe <- YAML <- CLI options <- ``key=value``."""
+    return load_config(config_class(name), path, overrides, {**(extra or {}), "objective": name},
+                       defaults=get(name).defaults)
+
+
+def run_config(path: str | Path) -> PretrainConfig:
+    """A saved, resolved config (RUN/config.yaml), rebuilt with its own objective's schema."""
+    data = read_yaml(path)
+    name = data.get("objective", "mae")
+    spec = get(name)
+    known = {"objective", "data", "model", "optim", "train", spec.section}
     try:
-        return OBJECTIVES[config.objective](config)
+        return from_dict(config_class(name), {k: v for k, v in data.items() if k in known or k not in _sections()})
+    except TypeError as err:
+        raise ConfigError(f"{path}: {err}") from None
+
+
+def _sections() -> set[str]:
+    """Every registered objective's section name: a run config written before sections were
+    per objective carries the others' too, which are dropped on reading."""
+    return {spec.section for spec in OBJECTIVES.values() if spec.section}
+
+
+def build_objective(config: PretrainConfig, artifacts: dict[str, bytes] | None = None) -> Objective:
+    spec = get(config.objective)
+    try:
+        return spec.build(config, artifacts or {})
     except ValueError as err:  # shape mismatches found while building (e.g. image vs patch size)
+        if isinstance(err, ConfigError):
+            raise
         raise ConfigError(str(err)) from None

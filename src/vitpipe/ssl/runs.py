@@ -1,21 +1,26 @@
-"""Reading finished or running runs: their config and encoder weights."""
+"""Reading finished or running runs: their config, artefacts and encoder, through the registry."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
-from vitpipe.config import ConfigError, PretrainConfig, load_config
-from vitpipe.ssl.vit import ViTArgs, VisionTransformer
+import torch
+from torch import nn
+
+from vitpipe.config import ConfigError, PretrainConfig
+from vitpipe.ssl import artifacts, checkpoints, registry
+
+
+def run_dir_of(run_or_checkpoint: Path) -> Path:
+    path = Path(run_or_checkpoint)
+    return path.parent.parent if (path / "state.json").is_file() else path
 
 
 def locate_run(run_or_checkpoint: Path) -> tuple[PretrainConfig, Path]:
     """(config, weights file) of a run directory (its encoder.safetensors, else its latest
     checkpoint that verifies) or of a checkpoint directory. The file is checked against the
     checksum written with it: a damaged file is an error (CheckpointError), never evaluated."""
-    import json
-
-    from vitpipe.ssl import checkpoints
-
     path = Path(run_or_checkpoint)
     if (path / "state.json").is_file():  # a checkpoint directory
         run_dir, checkpoint = path.parent.parent, path
@@ -23,7 +28,7 @@ def locate_run(run_or_checkpoint: Path) -> tuple[PretrainConfig, Path]:
         run_dir, checkpoint = path, None
     else:
         raise ConfigError(f"{path} is neither a run directory nor a checkpoint")
-    config = load_config(PretrainConfig, run_dir / "config.yaml")
+    config = registry.run_config(run_dir / "config.yaml")
     encoder = run_dir / "encoder.safetensors"
     if checkpoint is None and encoder.is_file():
         info = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").is_file() else {}
@@ -41,17 +46,26 @@ def locate_run(run_or_checkpoint: Path) -> tuple[PretrainConfig, Path]:
     return config, checkpoint / "model.safetensors"
 
 
-def load_run_encoder(run_or_checkpoint: Path) -> tuple[VisionTransformer, PretrainConfig, Path]:
-    """The encoder of a run or checkpoint (see ``locate_run``), its config and its weights file."""
+def build_run_objective(run_or_checkpoint: Path, config: PretrainConfig | None = None, seed: int | None = None):
+    """A freshly initialised objective of this run (its own schema and artefacts), ``config``
+    replacing the run's when given (e.g. another drop-path rate for fine-tuning)."""
+    run_dir = run_dir_of(run_or_checkpoint)
+    config = config or registry.run_config(run_dir / "config.yaml")
+    if seed is not None:
+        torch.manual_seed(seed)
+    return registry.build_objective(config, artifacts.load(run_dir))
+
+
+def load_run_encoder(run_or_checkpoint: Path, config: PretrainConfig | None = None) -> tuple[nn.Module, PretrainConfig, Path]:
+    """The trained encoder of a run or checkpoint (see ``locate_run``), its config and weights file."""
     from safetensors.torch import load_file
 
-    from vitpipe.ssl.registry import build_objective
-
-    config, weights = locate_run(run_or_checkpoint)
+    run_config, weights = locate_run(run_or_checkpoint)
+    objective = build_run_objective(run_or_checkpoint, config or run_config)
     if weights.name == "encoder.safetensors":
-        encoder = VisionTransformer(ViTArgs.from_config(config.model, config.data.image_size, config.data.channels))
+        encoder = objective.encoder()
         encoder.load_state_dict(load_file(weights))
-        return encoder.eval(), config, weights
-    objective = build_objective(config)  # a checkpoint holds the whole objective; keep its encoder
-    objective.load_state_dict(load_file(weights))
-    return objective.encoder().eval(), config, weights
+    else:  # a checkpoint holds the whole objective; keep its encoder
+        objective.load_state_dict(load_file(weights))
+        encoder = objective.encoder()
+    return encoder.eval(), run_config, weights

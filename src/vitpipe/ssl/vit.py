@@ -10,7 +10,6 @@ The one difference is the patch projection: a Linear over einops patches here, a
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from functools import partial
 
 import torch
@@ -18,6 +17,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from timm.layers import AttentionPoolLatent, DropPath
 from torch import nn
+
+from vitpipe.config import ModelConfig
 
 LN_EPS = 1e-6  # timm's ViT LayerNorm epsilon
 
@@ -135,56 +136,39 @@ class PatchEmbed(nn.Module):
         return self.proj(patchify(images, self.patch_size))
 
 
-@dataclass(frozen=True)
-class ViTArgs:
-    image_size: int = 32
-    patch_size: int = 4
-    in_chans: int = 3
-    embed_dim: int = 192
-    depth: int = 12
-    num_heads: int = 3
-    mlp_ratio: float = 4.0
-    class_token: bool = True
-    pool: str = "cls"
-    pos_embed: str = "sincos"
-    conv_stem: bool = False
-    drop_path: float = 0.0
-
-    @classmethod
-    def from_config(cls, model, image_size: int, channels: int) -> "ViTArgs":
-        return cls(image_size=image_size, patch_size=model.patch_size, in_chans=channels, embed_dim=model.embed_dim,
-                   depth=model.depth, num_heads=model.num_heads, mlp_ratio=model.mlp_ratio,
-                   class_token=model.class_token, pool=model.pool, pos_embed=model.pos_embed,
-                   conv_stem=model.conv_stem, drop_path=model.drop_path)
-
-
 class VisionTransformer(nn.Module):
-    def __init__(self, args: ViTArgs) -> None:
+    """The shape comes from ``ModelConfig`` (the one place it is described) plus the input size."""
+
+    def __init__(self, config: ModelConfig, image_size: int, in_chans: int = 3) -> None:
         super().__init__()
-        if args.image_size % args.patch_size:
-            raise ValueError(f"image size {args.image_size} is not a multiple of patch size {args.patch_size}")
-        self.args = args
-        self.embed_dim = args.embed_dim
-        self.patch_size = args.patch_size
-        self.grid = (args.image_size // args.patch_size,) * 2
+        if image_size % config.patch_size:
+            raise ValueError(f"image size {image_size} is not a multiple of patch size {config.patch_size}")
+        self.config, self.image_size, self.in_chans = config, image_size, in_chans
+        self.embed_dim = config.embed_dim
+        self.patch_size = config.patch_size
+        self.grid = (image_size // config.patch_size,) * 2
         self.num_patches = self.grid[0] * self.grid[1]
-        self.num_prefix_tokens = 1 if args.class_token else 0
-        self.patch_embed = PatchEmbed(args.patch_size, args.in_chans, args.embed_dim, args.conv_stem)
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, args.embed_dim)) if args.class_token else None
-        learned = args.pos_embed == "learned"
-        table = (torch.randn(1, self.num_prefix_tokens + self.num_patches, args.embed_dim) * 0.02 if learned
-                 else sincos_pos_embed_2d(args.embed_dim, self.grid, self.num_prefix_tokens))
+        self.num_prefix_tokens = 1 if config.class_token else 0
+        self.patch_embed = PatchEmbed(config.patch_size, in_chans, config.embed_dim, config.conv_stem)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, config.embed_dim)) if config.class_token else None
+        learned = config.pos_embed == "learned"
+        table = (torch.randn(1, self.num_prefix_tokens + self.num_patches, config.embed_dim) * 0.02 if learned
+                 else sincos_pos_embed_2d(config.embed_dim, self.grid, self.num_prefix_tokens))
         self.pos_embed = nn.Parameter(table, requires_grad=learned)
-        rates = torch.linspace(0, args.drop_path, args.depth).tolist()
-        self.blocks = nn.ModuleList(Block(args.embed_dim, args.num_heads, args.mlp_ratio, r) for r in rates)
-        self.norm = nn.LayerNorm(args.embed_dim, eps=LN_EPS)
-        self.attn_pool = (AttentionPoolLatent(args.embed_dim, num_heads=args.num_heads, mlp_ratio=args.mlp_ratio,
-                                              norm_layer=partial(nn.LayerNorm, eps=LN_EPS)) if args.pool == "map" else None)
+        rates = torch.linspace(0, config.drop_path, config.depth).tolist()
+        self.blocks = nn.ModuleList(Block(config.embed_dim, config.num_heads, config.mlp_ratio, r) for r in rates)
+        self.norm = nn.LayerNorm(config.embed_dim, eps=LN_EPS)
+        self.attn_pool = (AttentionPoolLatent(config.embed_dim, num_heads=config.num_heads, mlp_ratio=config.mlp_ratio,
+                                              norm_layer=partial(nn.LayerNorm, eps=LN_EPS)) if config.pool == "map" else None)
         self.apply(init_weights)
         if self.cls_token is not None:
             nn.init.normal_(self.cls_token, std=0.02)
-        if not args.conv_stem:  # MAE: init the patch projection like a conv (xavier on the flattened kernel)
+        if not config.conv_stem:  # MAE: init the patch projection like a conv (xavier on the flattened kernel)
             nn.init.xavier_uniform_(self.patch_embed.proj.weight)
+
+    @property
+    def depth(self) -> int:
+        return len(self.blocks)
 
     def no_weight_decay(self) -> set[str]:
         return {"cls_token", "pos_embed"}
@@ -235,7 +219,7 @@ class VisionTransformer(nn.Module):
 
     def pool(self, tokens: torch.Tensor, pool: str | None = None) -> torch.Tensor:
         """[B, T, D] -> [B, D] by the configured pooling (or ``pool`` when given)."""
-        pool = pool or self.args.pool
+        pool = pool or self.config.pool
         if pool == "cls":
             return tokens[:, 0]
         if pool == "gap":
@@ -254,4 +238,4 @@ class VisionTransformer(nn.Module):
         table = torch.cat([self.pos_embed[:, : self.num_prefix_tokens], self._patch_positions(grid)], dim=1)
         self.pos_embed = nn.Parameter(table.detach(), requires_grad=self.pos_embed.requires_grad)
         self.grid, self.num_patches = grid, grid[0] * grid[1]
-        self.args = ViTArgs(**{**self.args.__dict__, "image_size": image_size})
+        self.image_size = image_size

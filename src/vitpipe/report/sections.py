@@ -1,0 +1,99 @@
+"""Which figures a run's report gets: objective name -> figure functions, plus the encoder figures
+every ViT gets. An objective adds its own with one ``register_figure`` call; the report never
+asks which objective it is drawing."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from vitpipe.report import figures
+from vitpipe.ssl.vit import VisionTransformer
+
+
+@dataclass
+class FigureContext:
+    run_dir: Path
+    config: Any
+    """The run's resolved config."""
+    objective: nn.Module | None
+    """The whole objective from the newest verified checkpoint (None when the run kept none)."""
+    encoder: nn.Module
+    """The evaluated encoder (``Encoder`` protocol)."""
+    images: torch.Tensor
+    """A few normalized sample images from the training shards, [B, C, H, W]."""
+    out_dir: Path
+
+    @property
+    def mean(self) -> list[float]:
+        return self.config.data.mean
+
+    @property
+    def std(self) -> list[float]:
+        return self.config.data.std
+
+
+Section = tuple[str, str, Path]
+"""(title, caption, PNG written under ctx.out_dir)."""
+FigureFn = Callable[[FigureContext], Section | None]
+
+OBJECTIVE_FIGURES: dict[str, list[FigureFn]] = {}
+
+
+def register_figure(objective: str, figure: FigureFn) -> FigureFn:
+    OBJECTIVE_FIGURES.setdefault(objective, []).append(figure)
+    return figure
+
+
+def _mae_reconstructions(ctx: FigureContext) -> Section | None:
+    if ctx.objective is None:
+        return None
+    png = figures.mae_reconstructions(ctx.objective, ctx.images, ctx.mean, ctx.std, ctx.out_dir / "reconstructions.png")
+    return ("MAE reconstructions", "original | 75% of patches hidden | decoder output | output with the visible "
+            "patches pasted back.", png)
+
+
+register_figure("mae", _mae_reconstructions)
+
+
+def _cls_attention(ctx: FigureContext) -> Section | None:
+    if not isinstance(ctx.encoder, VisionTransformer):
+        return None
+    png = figures.cls_attention(ctx.encoder, ctx.images[:4], ctx.mean, ctx.std, ctx.out_dir / "attention.png")
+    if png is None:
+        return None
+    return "CLS attention", "Last block: attention of the CLS token to each patch, per head.", png
+
+
+def _positions(ctx: FigureContext) -> Section | None:
+    if not isinstance(ctx.encoder, VisionTransformer):
+        return None
+    png = figures.position_similarity(ctx.encoder, ctx.out_dir / "positions.png")
+    return ("Position embeddings", "For each patch position, cosine similarity of its embedding to every other "
+            "position.", png)
+
+
+def _attention_distance(ctx: FigureContext) -> Section | None:
+    if not isinstance(ctx.encoder, VisionTransformer):
+        return None
+    distances = figures.mean_attention_distance(ctx.encoder, ctx.images)
+    png = figures.attention_distance_plot(distances, ctx.out_dir / "attention_distance.png")
+    return ("Attention distance", "Mean attention distance (pixels) per head and block, averaged over sample "
+            "images: local heads sit low, global heads high.", png)
+
+
+ENCODER_FIGURES: list[FigureFn] = [_cls_attention, _positions, _attention_distance]
+"""Figures of the encoder itself; each draws only what its encoder has (ViT attention, positions)."""
+
+
+def figure_sections(ctx: FigureContext) -> list[Section]:
+    out = []
+    for figure in [*OBJECTIVE_FIGURES.get(ctx.config.objective, []), *ENCODER_FIGURES]:
+        section = figure(ctx)
+        if section is not None:
+            out.append(section)
+    return out

@@ -1,0 +1,104 @@
+"""Before and around the loop: launch checks, the one-writer run lock, the stop-signal flag."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+from vitpipe.config import ConfigError
+
+
+def _parent_cmdline() -> list[str]:
+    try:
+        return Path(f"/proc/{os.getppid()}/cmdline").read_bytes().decode(errors="replace").split("\0")
+    except OSError:
+        return []
+
+
+def check_launch(num_processes: int) -> None:
+    """Refuse the launches that silently train the wrong thing (both measured on CPU machines)."""
+    expected = int(os.environ.get("WORLD_SIZE", "1"))
+    if expected != num_processes:
+        raise ConfigError(
+            f"the launcher started {expected} processes but Accelerate sees {num_processes}: each would train "
+            "its own copy. On CPU use `torchrun --nproc_per_node N -m vitpipe ...` or `accelerate launch "
+            "--multi_gpu --num_processes N` with ACCELERATE_USE_CPU=true")
+    if expected == 1 and os.environ.get("ACCELERATE_USE_CPU", "").lower() == "true":
+        args = _parent_cmdline()
+        for index, arg in enumerate(args):
+            value = None
+            if arg in ("--num_processes", "--num-processes") and index + 1 < len(args):
+                value = args[index + 1]
+            elif arg.startswith(("--num_processes=", "--num-processes=")):
+                value = arg.split("=", 1)[1]
+            if value and value.isdigit() and int(value) > 1 and "--multi_gpu" not in args:
+                raise ConfigError(
+                    f"`accelerate launch --cpu --num_processes {value}` starts only ONE process. Use "
+                    f"`ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes {value} -m vitpipe ...` "
+                    f"or `torchrun --nproc_per_node {value} -m vitpipe ...`")
+
+
+class RunLock:
+    """One writer per run directory: a second job on the same run gets a clear error."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.path = run_dir / ".lock"
+        self.handle = None
+
+    def acquire(self) -> None:
+        import fcntl
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            handle = open(self.path, "a+")
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.seek(0)
+                holder = handle.read().strip() or "another process"
+                handle.close()
+                raise ConfigError(f"{self.path.parent} is being written by {holder}; one job per run directory") from None
+            try:  # the holder we waited for may have removed the file meanwhile: lock the one on disk
+                if os.stat(self.path).st_ino == os.fstat(handle.fileno()).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
+            handle.close()
+        self.handle = handle
+        self.handle.seek(0)
+        self.handle.truncate()
+        self.handle.write(f"pid {os.getpid()} on {os.uname().nodename}"
+                          + (f", SLURM job {os.environ['SLURM_JOB_ID']}" if "SLURM_JOB_ID" in os.environ else ""))
+        self.handle.flush()
+
+    def release(self) -> None:
+        """Remove the file while still holding the lock (a process killed before this leaves the
+        file, but the kernel drops its lock: a stale file never blocks a rerun)."""
+        if self.handle is not None:
+            try:
+                self.path.unlink()
+            except FileNotFoundError:
+                pass
+            self.handle.close()
+            self.handle = None
+
+
+class StopFlag:
+    """SIGTERM/SIGUSR1 set a flag; the loop checkpoints at the next step boundary."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def install(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.signal = signum
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)

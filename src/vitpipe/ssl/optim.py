@@ -1,0 +1,58 @@
+"""AdamW with vitpipe's parameter groups and schedules (learning rate, weight decay)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from vitpipe.config import PretrainConfig
+from vitpipe.ssl.objective import Objective
+from vitpipe.ssl.schedules import warmup_cosine
+
+
+def param_groups(model: Objective, weight_decay: float, lr: float) -> list[dict[str, Any]]:
+    """No decay for norms, biases (1-D parameters), position embeddings and tokens; per-parameter
+    learning-rate scales from the objective (layer-wise decay) become separate groups."""
+    skip = model.no_weight_decay()
+    groups: dict[tuple[bool, float], list[nn.Parameter]] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        decay = not (param.ndim <= 1 or name in skip or name.endswith("token"))
+        groups.setdefault((decay, model.lr_scale(name)), []).append(param)
+    return [{"params": params, "weight_decay": weight_decay if decay else 0.0, "lr": lr * scale, "decay": decay}
+            for (decay, scale), params in sorted(groups.items(), key=lambda item: (not item[0][0], -item[0][1]))]
+
+
+def peak_lr(config: PretrainConfig, global_batch: int) -> float:
+    return config.optim.lr or config.optim.base_lr * global_batch / 256
+
+
+def warmup_steps(config: PretrainConfig) -> int:
+    return config.optim.warmup_steps or int(config.optim.warmup_fraction * config.train.max_steps)
+
+
+def build(model: Objective, config: PretrainConfig, global_batch: int):
+    """(AdamW, its LambdaLR warmup+cosine scheduler, peak lr, warmup steps)."""
+    optim, max_steps = config.optim, config.train.max_steps
+    lr, warmup = peak_lr(config, global_batch), warmup_steps(config)
+    optimizer = torch.optim.AdamW(param_groups(model, optim.weight_decay, lr), lr=lr, betas=tuple(optim.betas),
+                                  eps=optim.eps)
+    min_ratio = optim.min_lr / lr
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: warmup_cosine(step, max_steps, warmup, 1.0, min_ratio))
+    return optimizer, scheduler, lr, warmup
+
+
+def update_weight_decay(optimizer: torch.optim.Optimizer, config: PretrainConfig, step: int) -> float | None:
+    """Set the decaying groups' weight decay for ``step`` when it is scheduled; return it."""
+    optim = config.optim
+    if optim.weight_decay_end is None:
+        return None
+    value = warmup_cosine(step, config.train.max_steps, 0, optim.weight_decay, optim.weight_decay_end)
+    for group in optimizer.param_groups:
+        if group.get("decay"):
+            group["weight_decay"] = value
+    return value

@@ -1,0 +1,126 @@
+"""The run directory's bookkeeping: which checkpoint to start from, config.yaml, run.json,
+metrics.jsonl, and what a resumed run may change."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from vitpipe.config import ConfigError, PretrainConfig, save_config, to_dict
+from vitpipe.ssl import checkpoints, registry
+from vitpipe.ssl.checkpoints import CheckpointError, list_checkpoints
+
+RESUMABLE_CHANGES = {
+    "data.shards", "data.num_workers", "train.max_steps", "train.log_every", "train.ckpt_every_steps",
+    "train.ckpt_every_minutes", "train.keep_checkpoints", "train.tensorboard", "train.wandb",
+    "train.record_keys", "train.nan_policy",
+}
+"""Settings a resumed run may change; any other change would make it another run."""
+
+
+def flat(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1}; non-scalar leaves become strings (for trackers)."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            out.update(flat(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value if isinstance(value, (int, float, str, bool)) or value is None else str(value)
+    return out
+
+
+def start_checkpoint(run_dir: Path, config: PretrainConfig, resume: str | None, is_main: bool) -> Path | None:
+    """The checkpoint to resume from (or None), after refusing to clobber another run or to resume
+    a different one. A directory whose run never completed a checkpoint is not a run yet."""
+    if resume not in (None, "auto", "never") and not Path(resume).is_dir():
+        raise ConfigError(f"--resume must be auto, never or a checkpoint directory; got {resume}")
+    if resume == "auto":
+        start = checkpoints.latest_verified(run_dir, checkpoints.log_stderr if is_main else _silent)
+    elif resume in (None, "never"):
+        if list_checkpoints(run_dir) or (run_dir / "encoder.safetensors").exists():
+            raise ConfigError(f"{run_dir} already holds a run; use --resume auto to continue it or another --out")
+        start = None
+    else:
+        start = Path(resume)
+        if (problem := checkpoints.verify(start)) is not None:
+            raise CheckpointError(f"checkpoint {start} is damaged ({problem})")
+    if start is not None:
+        check_resumable(start.parent.parent / "config.yaml", config)
+    if is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(config, run_dir / "config.yaml")
+    return start
+
+
+def check_resumable(saved: Path, config: PretrainConfig) -> None:
+    if not saved.is_file():
+        return
+    before, now = flat(to_dict(registry.run_config(saved))), flat(to_dict(config))
+    changed = sorted(key for key in set(before) | set(now)
+                     if before.get(key) != now.get(key) and key not in RESUMABLE_CHANGES)
+    if changed:
+        raise ConfigError(f"--resume: {', '.join(changed[:5])} differ(s) from the run in {saved.parent} "
+                          f"({before.get(changed[0])!r} there, {now.get(changed[0])!r} now); use another --out")
+
+
+def keep_metrics_up_to(run_dir: Path, step: int) -> None:
+    """Drop records of steps after the checkpoint a run resumes from: those steps are redone, and
+    each step must appear once in metrics.jsonl."""
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text().splitlines(keepends=True) if line.strip() and _step_of(line) <= step]
+    write_atomic(path, "".join(kept))
+
+
+def _step_of(line: str) -> int:
+    try:
+        return int(json.loads(line).get("step", 0))
+    except (ValueError, AttributeError):
+        return sys.maxsize  # the torn last line of a killed run: dropped
+
+
+def _silent(message: str) -> None:
+    pass
+
+
+def git_revision() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                              text=True, timeout=5).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def read_run_info(run_dir: Path) -> dict[str, Any]:
+    path = run_dir / "run.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def update_run_info(run_dir: Path, values: dict[str, Any]) -> None:
+    write_atomic(run_dir / "run.json", json.dumps({**read_run_info(run_dir), **values}, indent=2))
+
+
+def write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+class JsonLines:
+    """An append-only JSONL file, flushed per line (metrics, audit)."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.handle = open(path, "a")
+
+    def write(self, record: dict[str, Any]) -> None:
+        self.handle.write(json.dumps(record) + "\n")
+        self.handle.flush()
+
+    def close(self) -> None:
+        self.handle.close()
