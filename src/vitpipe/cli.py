@@ -489,6 +489,8 @@ def config_show(
 
     if kind not in CONFIG_KINDS:
         raise ConfigError(f"--kind must be one of {', '.join(CONFIG_KINDS)}")
+    if config is not None and "=" in str(config) and not config.exists():  # no file, only overrides
+        config, overrides = None, [str(config), *(overrides or [])]
     if kind == "ingest":
         typer.echo(dump_yaml(load_config(IngestConfig, config, overrides)), nl=False)
         return
