@@ -198,3 +198,20 @@ def test_launch_checks(monkeypatch):
         check_launch(1)
     monkeypatch.setattr("vitpipe.ssl.launch._parent_cmdline", lambda: ["accelerate", "launch", "--cpu", "-m", "x"])
     check_launch(1)
+
+
+def test_compiled_run_writes_checkpoints_and_encoders_that_load(tiny_shards, tmp_path):
+    """torch.compile wraps the objective (state-dict keys gain `_orig_mod.`); what is saved must not."""
+    from safetensors.torch import load_file
+
+    run = tmp_path / "run"
+    assert main(["pretrain", "mae", "--data", str(tiny_shards), "--out", str(run), *RUN_ARGS, "train.max_steps=2",
+                 "train.compile=true"]) == 0
+    checkpoint = list_checkpoints(run)[-1]
+    assert not any("_orig_mod" in key for key in load_file(checkpoint / "model.safetensors"))
+    assert not any("_orig_mod" in key for key in load_file(run / "encoder.safetensors"))
+    # an uncompiled session resumes the compiled run's checkpoint (strict load), then exports
+    assert main(["pretrain", "mae", "--data", str(tiny_shards), "--out", str(run), "--resume", "auto", *RUN_ARGS,
+                 "train.max_steps=4"]) == 0
+    assert sorted(losses(run)) == [1, 2, 3, 4]
+    assert main(["export", str(checkpoint.parent / "step_00000004"), "--out", str(tmp_path / "exp")]) == 0
