@@ -2,7 +2,7 @@
 
     python benchmarks/quality.py --out /work/bench/recipe --config configs/mae_fashion_mnist_cpu.yaml \
         --pretrain-steps 1700 --layers 3,5,7,9,11 --concat --finetune-steps 150 \
-        --finetune-args "--probe-init --freeze-blocks 9 --crop-scale-min 0.5 --label-smoothing 0 --drop-path 0"
+        --finetune-args "--probe-init finetune.freeze_blocks=9 data.crop_scale_min=0.5 finetune.label_smoothing=0 model.drop_path=0"
 
 Pretrains on the train split only, probes/fine-tunes on train, reports on the official test split.
 Every row is produced by the public commands (printed as they run) and timed. Prints a Markdown
@@ -41,7 +41,8 @@ def main() -> None:
                         help="blocks to probe (0-based, e.g. 5,8,11); each encoder's k-NN then uses the block its "
                              "probe picked on the validation split")
     parser.add_argument("--concat", action="store_true", help="also probe the --layers concatenated")
-    parser.add_argument("--finetune-args", default="", help="extra `vitpipe eval finetune` flags, quoted")
+    parser.add_argument("--finetune-args", default="", help="extra `vitpipe eval finetune` flags and key=value "
+                                                            "settings, quoted")
     parser.add_argument("overrides", nargs="*", help="key=value overrides of the pretraining config")
     args = parser.parse_args()
     out = args.out
@@ -77,8 +78,8 @@ def main() -> None:
             record({"row": f"{task}: {name}{where}", "top1": result["top1"], "seconds": round(seconds)})
     for fraction in [float(f) for f in args.fractions.split(",") if f.strip()]:  # "" skips fine-tuning
         for name, flags in (("from MAE", []), ("from scratch", ["--init", "random"])):
-            seconds = step(["eval", "finetune", str(run), "--train", train, "--test", test, "--label-fraction",
-                            str(fraction), "--steps", str(args.finetune_steps), *flags,
+            seconds = step(["eval", "finetune", str(run), "--train", train, "--test", test,
+                            f"data.subset_fraction={fraction}", f"train.max_steps={args.finetune_steps}", *flags,
                             *shlex.split(args.finetune_args)])
             stem = "finetune" if fraction == 1.0 else f"finetune-labels{fraction:g}"
             result = json.loads((run / "eval" / f"{stem}{'.random' if flags else ''}.json").read_text())

@@ -257,40 +257,42 @@ def test_freezing_really_freezes():
 
 def test_finetune_cli_trained_and_scratch(tiny_run, tiny_labelled_shards):
     train, test = str(tiny_labelled_shards / "train"), str(tiny_labelled_shards / "val")
-    common = ["--train", train, "--test", test, "--steps", "4", "--batch-size", "8", "--workers", "0",
-              "train.tensorboard=false", "data.num_workers=0"]
-    assert main(["eval", "finetune", str(tiny_run), *common, "--image-size", "24"]) == 0
-    assert main(["eval", "finetune", str(tiny_run), *common, "--init", "random", "--label-fraction", "0.5"]) == 0
+    common = ["--train", train, "--test", test, "train.max_steps=4", "train.batch_size=8", "train.tensorboard=false",
+              "data.num_workers=0"]
+    assert main(["eval", "finetune", str(tiny_run), *common, "data.image_size=24"]) == 0
+    assert main(["eval", "finetune", str(tiny_run), *common, "--init", "random", "data.subset_fraction=0.5"]) == 0
     result = json.loads((tiny_run / "eval" / "finetune.json").read_text())
     assert 0 <= result["top1"] <= 1 and result["steps"] == 4 and result["test_samples"] > 0
+    assert result["finetune_config"]["finetune"]["layer_decay"] == 0.75  # the recipe, from a pretrained encoder
+    assert result["finetune_config"]["finetune"]["num_classes"] == 3  # from the manifest's label map
     scratch = json.loads((tiny_run / "eval" / "finetune-labels0.5.random.json").read_text())
     assert scratch["baseline"] == "random-init" and scratch["label_fraction"] == 0.5
     # rerunning resumes the finished run instead of training again
-    assert main(["eval", "finetune", str(tiny_run), *common, "--image-size", "24"]) == 0
+    assert main(["eval", "finetune", str(tiny_run), *common, "data.image_size=24"]) == 0
     runs = sorted(p.name for p in (tiny_run / "finetune").iterdir())
     assert len(runs) == 2  # the rerun reused its directory
     # other settings never resume the finished run of different ones
-    assert main(["eval", "finetune", str(tiny_run), *common, "--image-size", "24", "--lr", "3e-4"]) == 0
+    assert main(["eval", "finetune", str(tiny_run), *common, "data.image_size=24", "optim.lr=3e-4"]) == 0
     assert len(list((tiny_run / "finetune").iterdir())) == 3
-    assert json.loads((tiny_run / "eval" / "finetune.json").read_text())["settings"]["lr"] == 3e-4
+    assert json.loads((tiny_run / "eval" / "finetune.json").read_text())["finetune_config"]["optim"]["lr"] == 3e-4
     assert main(["eval", "finetune", str(tiny_run), *common, "--probe-init", "--init", "random"]) == 0
     lpft = json.loads((tiny_run / "eval" / "finetune.random.json").read_text())
-    assert lpft["probe_init"]["samples"] > 0 and lpft["settings"]["layer_decay"] == 1.0
-
+    assert lpft["probe_init"]["samples"] > 0 and lpft["finetune_config"]["finetune"]["layer_decay"] == 1.0
+    assert main(["eval", "finetune", str(tiny_run), *common, "finetune.nope=1"]) == 2
 
 
 def test_finetune_probe_init_starts_from_the_subset_probe(tiny_run, tiny_labelled_shards):
     from vitpipe.config import ConfigError
     from vitpipe.downstream.features import EncoderSource, extract
-    from vitpipe.downstream.finetune import FinetuneSettings, classifier_builder, finetune_config, probe_head
+    from vitpipe.downstream.finetune import classifier_builder, finetune_config, probe_head
     from vitpipe.pipeline.loader import in_subset
 
     train = str(tiny_labelled_shards / "train")
     for kind in ("trained", "random"):
         source = EncoderSource.resolve(tiny_run, kind)
-        settings = FinetuneSettings(label_fraction=0.5, steps=2, batch_size=4, seed=3, workers=0, probe_init=True)
-        config = finetune_config(source, train, settings, ["data.num_workers=0"])
-        head, info = probe_head(source, train, config, settings)
+        config = finetune_config(source, train, ["data.subset_fraction=0.5", "train.max_steps=2",
+                                                 "train.batch_size=4", "train.seed=3", "data.num_workers=0"])
+        head, info = probe_head(source, train, config)
         features = extract(EncoderSource.resolve(tiny_run, kind, seed=3), train, num_workers=0)
         keep = [in_subset(k, 0.5, 3) for k in features.keys]
         assert info["samples"] == sum(keep) and 0 < sum(keep) < len(keep)
@@ -300,10 +302,9 @@ def test_finetune_probe_init_starts_from_the_subset_probe(tiny_run, tiny_labelle
         with torch.no_grad():
             frozen = EncoderSource.resolve(tiny_run, kind, seed=3).build()
             assert torch.allclose(model.logits(images), head(frozen(images)), atol=1e-5)
-    assert finetune_config(source, train, FinetuneSettings(crop_scale_min=0.5)).data.crop_scale_min == 0.5
+    assert finetune_config(source, train, ["data.crop_scale_min=0.5"]).data.crop_scale_min == 0.5
     from vitpipe.pipeline.transforms import TransformSpec, build_transform
     crop = build_transform(TransformSpec("finetune", 16, crop_scale_min=0.5)).transforms[1]
     assert crop.scale == (0.5, 1.0)
-    settings = FinetuneSettings(image_size=24, probe_init=True, workers=0)
     with pytest.raises(ConfigError, match="pretraining resolution"):
-        probe_head(source, train, finetune_config(source, train, settings), settings)
+        probe_head(source, train, finetune_config(source, train, ["data.image_size=24"]))

@@ -331,45 +331,26 @@ def eval_finetune(
     run: RunArg,
     train: Annotated[str, typer.Option("--train", help="Labelled training shards.")],
     test: Annotated[str, typer.Option("--test", help="Labelled test shards.")],
-    label_fraction: Annotated[float, typer.Option("--label-fraction", help="Use this fraction of the labels.")] = 1.0,
     init: InitOpt = "trained",
-    steps: Annotated[int, typer.Option(help="Optimizer steps.")] = 1000,
-    batch_size: Annotated[int, typer.Option(help="Batch size.")] = 128,
-    lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 1e-3,
-    layer_decay: Annotated[Optional[float], typer.Option(
-        help="Layer-wise lr decay, 1 = off (default: 0.75 from a pretrained encoder, 1 from scratch).")] = None,
-    drop_path: Annotated[float, typer.Option(help="Stochastic depth.")] = 0.1,
-    label_smoothing: Annotated[float, typer.Option(help="Label smoothing.")] = 0.1,
-    crop_scale_min: Annotated[float, typer.Option(help="RandomResizedCrop keeps this much of the image at least.")] = 0.08,
-    freeze_blocks: Annotated[int, typer.Option(help="Freeze the first K blocks.")] = 0,
-    freeze_patch_embed: Annotated[bool, typer.Option(help="Freeze the patch embedding.")] = False,
-    image_size: Annotated[int, typer.Option(help="Fine-tuning resolution (0 = pretraining's).")] = 0,
-    num_classes: Annotated[int, typer.Option(help="Classes (0 = from the manifest).")] = 0,
-    seed: Annotated[int, typer.Option(help="Seed (label subset, init, order).")] = 0,
     probe_init: Annotated[bool, typer.Option(
         "--probe-init", help="Start the head from a linear probe on the same labels (LP-FT).")] = False,
-    workers: WorkersOpt = 2,
     max_skipped: MaxSkippedOpt = 0.01,
-    overrides: Annotated[Optional[list[str]], typer.Argument(help="key=value overrides of the fine-tuning run config.")] = None,
+    overrides: Annotated[Optional[list[str]], typer.Argument(
+        help="key=value settings of the fine-tuning run: data.subset_fraction (labels used), train.max_steps, "
+             "optim.lr, finetune.freeze_blocks, finetune.layer_decay, model.drop_path, data.image_size, ... "
+             "(`vitpipe config show --objective classify` lists them with the recipe's defaults).")] = None,
 ) -> None:
     """Fine-tune (full or partly frozen) with layer-wise lr decay; --init random trains from scratch."""
     from vitpipe.downstream.evaluate import source_for
-    from vitpipe.downstream.finetune import FinetuneSettings, finetune
+    from vitpipe.downstream.finetune import finetune
     from vitpipe.ssl.trainer import EXIT_PREEMPTED, Preempted
 
-    if not 0 < label_fraction <= 1:
-        raise ConfigError("--label-fraction must be in (0, 1]")
-    settings = FinetuneSettings(label_fraction=label_fraction, steps=steps, batch_size=batch_size, lr=lr,
-                                layer_decay=layer_decay, drop_path=drop_path, label_smoothing=label_smoothing,
-                                crop_scale_min=crop_scale_min, freeze_blocks=freeze_blocks, freeze_patch_embed=freeze_patch_embed,
-                                image_size=image_size, num_classes=num_classes, seed=seed, workers=workers,
-                                probe_init=probe_init, max_skipped=max_skipped)
     try:
-        path, result = finetune(source_for(run, init, False), train, test, settings, overrides)
+        path, result = finetune(source_for(run, init, False), train, test, overrides, probe_init, max_skipped)
     except Preempted as stop:
         typer.echo(f"stopped: {stop}; rerun the same command to resume (exit {EXIT_PREEMPTED})", err=True)
         raise typer.Exit(EXIT_PREEMPTED) from None
-    _print_result("fine-tune", [("top1", f"{result['top1']:.4f}"), ("labels", f"{label_fraction:g}"),
+    _print_result("fine-tune", [("top1", f"{result['top1']:.4f}"), ("labels", f"{result['label_fraction']:g}"),
                                 ("steps", str(result["steps"])), ("train seconds", str(result["train_seconds"]))], path)
 
 

@@ -6,7 +6,6 @@ import dataclasses
 import hashlib
 import json
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,65 +27,37 @@ from vitpipe.ssl.runs import build_run_objective, load_run_encoder
 from vitpipe.ssl.trainer import Trainer
 
 
-@dataclass
-class FinetuneSettings:
-    label_fraction: float = 1.0
-    """Fraction of the training labels used (fixed subset by key hash and seed)."""
-    steps: int = 1000
-    batch_size: int = 128
-    lr: float = 1e-3
-    """Peak learning rate (AdamW, warmup then cosine)."""
-    weight_decay: float = 0.05
-    layer_decay: float | None = None
-    """Layer-wise lr decay (1 = off); None: 0.75 from a pretrained encoder, 1 from scratch."""
-    drop_path: float = 0.1
-    label_smoothing: float = 0.1
-    crop_scale_min: float = 0.08
-    """RandomResizedCrop keeps 8-100% of the image (the DeiT/MAE fine-tuning default)."""
-    freeze_blocks: int = 0
-    freeze_patch_embed: bool = False
-    image_size: int = 0
-    """Fine-tuning resolution; 0 = the pretraining one (other sizes interpolate positions)."""
-    num_classes: int = 0
-    """0 = from the training shards' manifest label map."""
-    seed: int = 0
-    workers: int = 2
-    probe_init: bool = False
-    """Start the head from a linear probe fitted on the same labelled subset (LP-FT), not from zero."""
-    max_skipped: float = 0.01
-    """Fraction of the expected test samples that may be unreadable before the evaluation fails."""
-
-
 def _num_classes(train: str) -> int:
     shards = resolve_shards(train)
     path = find_manifest(shards.directory) if shards.directory else None
     label_map = json.loads(path.read_text()).get("label_map") if path else None
     if not label_map:
-        raise ConfigError("cannot tell the number of classes from the shards' manifest; pass --num-classes")
+        raise ConfigError("cannot tell the number of classes from the shards' manifest; pass finetune.num_classes=N")
     return len(label_map)
 
 
-def _layer_decay(source: EncoderSource, settings: FinetuneSettings) -> float:
-    if settings.layer_decay is not None:
-        return settings.layer_decay
-    return 1.0 if source.kind == "random" else 0.75  # decaying towards the input only suits pretrained blocks
+CARRIED_OVER = {"data": ("image_size", "channels", "mean", "std", "hflip", "shuffle_buffer", "max_error_rate"),
+                "model": None, "train": ("precision", "compile", "log_every", "tensorboard", "wandb")}
+"""What a fine-tune keeps of its source run's config (None: the whole section); the rest is the
+classify objective's recipe (its registry defaults) and the user's overrides."""
 
 
-def finetune_config(source: EncoderSource, train: str, settings: FinetuneSettings,
-                    overrides: list[str] | None = None) -> PretrainConfig:
-    base = to_dict(source.config)
-    base = {key: base[key] for key in ("data", "model", "train")}
-    base["data"].update(shards=train, subset_fraction=settings.label_fraction, crop_scale_min=settings.crop_scale_min,
-                        image_size=settings.image_size or source.config.data.image_size)
-    base["model"].update(drop_path=settings.drop_path)
-    base["finetune"] = dict(num_classes=settings.num_classes or _num_classes(train),
-                            label_smoothing=settings.label_smoothing, layer_decay=_layer_decay(source, settings),
-                            freeze_blocks=settings.freeze_blocks, freeze_patch_embed=settings.freeze_patch_embed)
-    base["optim"] = dict(base_lr=settings.lr, lr=settings.lr, weight_decay=settings.weight_decay,
-                         betas=[0.9, 0.999], warmup_fraction=0.1, min_lr=1e-6, clip_grad=0.0, warmup_steps=0)
-    base["train"].update(max_steps=settings.steps, batch_size=settings.batch_size, grad_accum=1, seed=settings.seed,
-                         ckpt_every_steps=max(100, settings.steps // 4), record_keys=False)
-    return from_dict(registry.config_class("classify"), merge(base, parse_overrides(overrides or [])))
+def finetune_config(source: EncoderSource, train: str, overrides: list[str] | None = None) -> PretrainConfig:
+    """The fine-tuning run's config: the source's shape and input settings <- the classify recipe
+    (lr 1e-3, drop path 0.1, label smoothing 0.1, 8-100% crops, ...) <- ``key=value`` overrides.
+    From a random init, layer-wise decay defaults to off (it only suits pretrained blocks)."""
+    source_config = to_dict(source.config)
+    base = {section: {k: v for k, v in source_config[section].items() if keys is None or k in keys}
+            for section, keys in CARRIED_OVER.items()}
+    spec = registry.get("classify")
+    user = parse_overrides(overrides or [])
+    data = merge(merge(base, spec.defaults), {"data": {"shards": train}})
+    if source.kind == "random" and "layer_decay" not in user.get("finetune", {}):
+        data = merge(data, {"finetune": {"layer_decay": 1.0}})
+    data = merge(data, user)
+    if not data.get("finetune", {}).get("num_classes"):
+        data = merge(data, {"finetune": {"num_classes": _num_classes(train)}})
+    return from_dict(registry.config_class("classify"), data)
 
 
 def classifier_builder(source: EncoderSource, head: nn.Linear | None = None):
@@ -111,13 +82,12 @@ def classifier_builder(source: EncoderSource, head: nn.Linear | None = None):
     return build
 
 
-def probe_head(source: EncoderSource, train: str, config: PretrainConfig,
-               settings: FinetuneSettings) -> tuple[nn.Linear, dict[str, Any]]:
+def probe_head(source: EncoderSource, train: str, config: PretrainConfig) -> tuple[nn.Linear, dict[str, Any]]:
     """A linear head fitted on frozen features of exactly the labelled subset the fine-tune will see."""
     if config.data.image_size != source.config.data.image_size:
         raise ConfigError("--probe-init needs the pretraining resolution (features are taken from the frozen encoder)")
     frozen = dataclasses.replace(source, seed=config.train.seed)
-    features = extract(frozen, train, pool=config.model.pool, num_workers=settings.workers,
+    features = extract(frozen, train, pool=config.model.pool, num_workers=config.data.num_workers,
                        cache_dir=run_dir_of(source.run) / "eval" / "cache")
     keep = np.array([in_subset(key, config.data.subset_fraction, config.train.seed) for key in features.keys])
     if keep.sum() < 2:
@@ -147,33 +117,31 @@ def evaluate_classifier(model: Classifier, config: PretrainConfig, test: str, wo
     return {"top1": correct / total, "test_samples": total, "samples": {"test": tally.as_dict()}}
 
 
-def finetune(source: EncoderSource, train: str, test: str, settings: FinetuneSettings,
-             overrides: list[str] | None = None) -> tuple[Path, dict[str, Any]]:
-    """Train (resumable, under RUN/finetune/<tag>/), then evaluate top-1 on ``test``."""
+def finetune(source: EncoderSource, train: str, test: str, overrides: list[str] | None = None,
+             probe_init: bool = False, max_skipped: float = 0.01) -> tuple[Path, dict[str, Any]]:
+    """Train (resumable, under RUN/finetune/<tag>/), then evaluate top-1 on ``test``. ``overrides``
+    are ``key=value`` settings of the fine-tuning run (see ``finetune_config``); ``probe_init``
+    starts the head from a linear probe on the same labelled subset (LP-FT)."""
     if source.kind == "pixels":
         raise ConfigError("fine-tuning needs an encoder; use --init random for the from-scratch baseline")
     start = time.monotonic()
-    settings = dataclasses.replace(settings, layer_decay=_layer_decay(source, settings))  # recorded as used
-    config = finetune_config(source, train, settings, overrides)
+    config = finetune_config(source, train, overrides)
+    fraction, seed = config.data.subset_fraction, config.train.seed
     # different settings must never resume (and silently reuse) another fine-tune's checkpoints
-    identity = {"config": to_dict(config), "probe_init": settings.probe_init}
+    identity = {"config": to_dict(config), "probe_init": probe_init}
     settings_hash = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:8]
-    tag = f"{source.kind}-labels{settings.label_fraction:g}-seed{settings.seed}-{settings_hash}"
-    out = run_dir_of(source.run) / "finetune" / tag
-    head, probe = probe_head(source, train, config, settings) if settings.probe_init else (None, None)
+    out = run_dir_of(source.run) / "finetune" / f"{source.kind}-labels{fraction:g}-seed{seed}-{settings_hash}"
+    head, probe = probe_head(source, train, config) if probe_init else (None, None)
     build = classifier_builder(source, head)
     summary = Trainer(config, out, build, resume="auto").run()
     model = build(config, {})
     from safetensors.torch import load_file
 
     model.load_state_dict(load_file(list_checkpoints(out)[-1] / "model.safetensors"))
-    scores = evaluate_classifier(model, config, test, settings.workers, settings.max_skipped)
-    payload = {**scores, "label_fraction": settings.label_fraction, "steps": summary.steps,
-               "train_seconds": round(summary.seconds, 1), "run": str(out), "settings": dataclasses.asdict(settings),
-               "probe_init": probe}
-    path = write_result(source, "finetune", payload, {"train": train, "test": test}, time.monotonic() - start)
-    if settings.label_fraction != 1.0:  # keep one file per label fraction
-        renamed = path.with_name(path.name.replace("finetune", f"finetune-labels{settings.label_fraction:g}", 1))
-        path.replace(renamed)
-        path = renamed
+    scores = evaluate_classifier(model, config, test, config.data.num_workers, max_skipped)
+    payload = {**scores, "label_fraction": fraction, "steps": summary.steps,
+               "train_seconds": round(summary.seconds, 1), "run": str(out), "overrides": list(overrides or []),
+               "finetune_config": to_dict(config), "probe_init": probe}
+    name = "finetune" if fraction == 1.0 else f"finetune-labels{fraction:g}"  # one file per label fraction
+    path = write_result(source, name, payload, {"train": train, "test": test}, time.monotonic() - start)
     return path, payload

@@ -16,8 +16,8 @@ from vitpipe.ssl.vit import VisionTransformer
 
 @dataclass
 class FinetuneConfig:
-    num_classes: int = 10
-    """Classes of the labelled data."""
+    num_classes: int = 0
+    """Classes of the labelled data; 0 = from the training shards' manifest label map."""
     label_smoothing: float = 0.1
     """Cross-entropy label smoothing."""
     layer_decay: float = 0.75
@@ -28,7 +28,7 @@ class FinetuneConfig:
     """Freeze the patch embedding."""
 
     def __post_init__(self) -> None:
-        check(self.num_classes >= 2, "finetune.num_classes must be >= 2")
+        check(self.num_classes == 0 or self.num_classes >= 2, "finetune.num_classes must be 0 (from the data) or >= 2")
         check(0 <= self.label_smoothing < 1, "finetune.label_smoothing must be in [0, 1)")
         check(0 < self.layer_decay <= 1, "finetune.layer_decay must be in (0, 1]")
         check(self.freeze_blocks >= 0, "finetune.freeze_blocks must be >= 0")
@@ -40,6 +40,7 @@ class Classifier(Objective):
 
     def __init__(self, encoder: VisionTransformer, config: FinetuneConfig) -> None:
         super().__init__()
+        check(config.num_classes >= 2, "finetune.num_classes must be >= 2 (or 0 with labelled shards)")
         self.backbone = encoder
         self.config = config
         self.head = nn.Linear(encoder.embed_dim, config.num_classes)
@@ -91,6 +92,11 @@ def build(config: PretrainConfig, artifacts: dict[str, bytes]) -> Classifier:
 
 SPEC = ObjectiveSpec(
     name="classify", build=build, section="finetune", section_type=FinetuneConfig,
-    defaults={"optim": {"betas": [0.9, 0.999], "warmup_fraction": 0.1, "min_lr": 1e-6}},
+    # the fine-tuning recipe (DeiT/MAE style, shortened): what `vitpipe eval finetune` starts from
+    defaults={"optim": {"lr": 1e-3, "weight_decay": 0.05, "betas": [0.9, 0.999], "warmup_fraction": 0.1,
+                        "warmup_steps": 0, "min_lr": 1e-6, "clip_grad": 0.0},
+              "train": {"max_steps": 1000, "batch_size": 128, "grad_accum": 1, "ckpt_every_steps": 250},
+              "model": {"drop_path": 0.1}, "data": {"crop_scale_min": 0.08},
+              "finetune": {"label_smoothing": 0.1, "layer_decay": 0.75}},
     summary="supervised classification (what `vitpipe eval finetune` trains)",
 )
