@@ -409,46 +409,40 @@ TextOpt = Annotated[Optional[str], typer.Option()]
 SignalOpt = Annotated[int, typer.Option(help="USR1 to the batch shell this many seconds before the limit.")]
 
 
-@slurm_app.command("render")
-@user_errors
-def slurm_render(
-    command: CommandArg, nodes: NodesOpt = 1, gpus_per_node: GpusOpt = 0, processes_per_node: ProcsOpt = 1,
-    cpus_per_task: CpusOpt = 2, time: TimeOpt = "01:00:00", partition: TextOpt = None, account: TextOpt = None,
-    job_name: Annotated[str, typer.Option()] = "vitpipe", signal_seconds: SignalOpt = 90, output: TextOpt = None,
-) -> None:
-    """Print the sbatch script for a vitpipe command (requeue, append logs, USR1 to the batch shell)."""
-    from vitpipe.cluster.slurm import JobSpec, render
-
-    spec = JobSpec(nodes, gpus_per_node, processes_per_node, cpus_per_task, time, partition, account, job_name,
-                   signal_seconds, output)
-    typer.echo(render(spec, command), nl=False)
-
-
-@slurm_app.command("submit")
-@user_errors
-def slurm_submit(
+def slurm_job(
+    ctx: typer.Context,
     command: CommandArg, nodes: NodesOpt = 1, gpus_per_node: GpusOpt = 0, processes_per_node: ProcsOpt = 1,
     cpus_per_task: CpusOpt = 2, time: TimeOpt = "01:00:00", partition: TextOpt = None, account: TextOpt = None,
     job_name: Annotated[str, typer.Option()] = "vitpipe", signal_seconds: SignalOpt = 90, output: TextOpt = None,
     sweep: Annotated[Optional[list[str]], typer.Option("--sweep", help="One array task per value: its key=value overrides.")] = None,
     pipeline: Annotated[bool, typer.Option("--pipeline", help="Stages separated by :: run as a chain of dependent jobs.")] = False,
 ) -> None:
-    """Render and submit; print the job id(s). --sweep makes an array job; --pipeline a dependent chain."""
+    """`render` prints the sbatch script(s) for a vitpipe command (requeue, append logs, USR1 to the
+    batch shell); `submit` submits them and prints the job id(s). --sweep makes an array job,
+    --pipeline a chain of dependent jobs."""
     import shlex
 
     from vitpipe.cluster.slurm import JobSpec, render, sbatch, split_pipeline
 
+    submit = ctx.info_name == "submit"
     spec = JobSpec(nodes, gpus_per_node, processes_per_node, cpus_per_task, time, partition, account, job_name,
                    signal_seconds, output)
-    if pipeline:
-        if sweep:
-            raise ConfigError("--pipeline and --sweep do not combine")
-        previous = None
-        for stage in split_pipeline(command):
-            previous = sbatch(render(spec, stage), dependency=f"afterok:{previous}" if previous else None)
-            typer.echo(previous)
-        return
-    typer.echo(sbatch(render(spec, command, [shlex.split(item) for item in sweep] if sweep else None)))
+    if pipeline and sweep:
+        raise ConfigError("--pipeline and --sweep do not combine")
+    stages = split_pipeline(command) if pipeline else [command]
+    array = [shlex.split(item) for item in sweep] if sweep else None
+    previous = None
+    for stage in stages:
+        script = render(spec, stage, array)
+        if not submit:
+            typer.echo(script, nl=False)
+            continue
+        previous = sbatch(script, dependency=f"afterok:{previous}" if previous and pipeline else None)
+        typer.echo(previous)
+
+
+slurm_app.command("render")(user_errors(slurm_job))
+slurm_app.command("submit")(user_errors(slurm_job))
 
 
 # ---------------------------------------------------------------------------------------------
