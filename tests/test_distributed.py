@@ -52,3 +52,38 @@ def test_accelerate_cpu_flag_trap_is_refused(tmp_path):
                             capture_output=True, text=True, timeout=180)
     assert result.returncode != 0
     assert "starts only ONE process" in result.stderr
+
+
+def _gather_worker(rank: int, init_file: str, out_dir: str) -> None:
+    import torch
+    import torch.distributed as dist
+
+    from vitpipe.ssl.distributed import gather_with_grad
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    mine = torch.arange(6, dtype=torch.float32).reshape(3, 2).add(10 * rank).requires_grad_()
+    gathered = gather_with_grad(mine)
+    weights = torch.linspace(-1, 1, 12).reshape(6, 2)
+    ((gathered * weights) ** 2).sum().backward()
+    torch.save({"gathered": gathered.detach(), "grad": mine.grad}, f"{out_dir}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_gather_with_grad_is_global_and_differentiable(tmp_path):
+    """Two gloo processes: every rank sees both batches in rank order, and each rank's gradient is
+    the gradient of the summed per-rank losses with respect to its own slice."""
+    import torch
+    import torch.multiprocessing as mp
+
+    from vitpipe.ssl.distributed import gather_with_grad
+
+    mp.spawn(_gather_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    both = torch.cat([torch.arange(6, dtype=torch.float32).reshape(3, 2).add(10 * r) for r in range(2)]).requires_grad_()
+    weights = torch.linspace(-1, 1, 12).reshape(6, 2)
+    (2 * ((both * weights) ** 2).sum()).backward()  # each of the 2 ranks computed the same global loss
+    for rank in range(2):
+        saved = torch.load(tmp_path / f"rank{rank}.pt")
+        assert torch.equal(saved["gathered"], both.detach())
+        assert torch.allclose(saved["grad"], both.grad[3 * rank:3 * (rank + 1)])
+    single = torch.ones(2, 2, requires_grad=True)
+    assert gather_with_grad(single) is single  # one process: the identity
