@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from vitpipe.pipeline.loader import LoaderSpec, ReadTally, counted, make_loader, resolve_shards
+from vitpipe.pipeline.loader import LoaderSpec, ReadTally, counted, make_loader
+from vitpipe.pipeline.shardset import resolve_shards
 from vitpipe.pipeline.tario import write_tar_atomic
 from vitpipe.pipeline.transforms import TransformSpec
 

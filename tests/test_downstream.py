@@ -1,7 +1,6 @@
 """Downstream evaluation against brute-force references, and the eval CLI end to end."""
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -2,12 +2,9 @@
 
 import gzip
 import json
-import os
 import signal
 import subprocess
 import sys
-import tarfile
-import time
 from pathlib import Path
 
 import numpy as np

@@ -1,8 +1,6 @@
 """The shard loader: exactly-once evaluation, fixed-length training epochs, corrupt samples, resume."""
 
-import io
 import json
-import tarfile
 from pathlib import Path
 
 import pytest
@@ -10,7 +8,8 @@ import torch
 
 from conftest import encode_image, make_image
 from vitpipe.config import ConfigError
-from vitpipe.pipeline.loader import DataError, LoaderSpec, ReadTally, counted, make_loader, resolve_shards
+from vitpipe.pipeline.loader import DataError, LoaderSpec, ReadTally, counted, make_loader
+from vitpipe.pipeline.shardset import resolve_shards
 from vitpipe.pipeline.tario import write_tar_atomic
 from vitpipe.pipeline.transforms import TransformSpec
 

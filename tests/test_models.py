@@ -7,7 +7,6 @@ import torch
 
 from vitpipe.config import ModelConfig, PretrainConfig
 from vitpipe.ssl import registry
-from vitpipe.ssl.mae import MAE
 from vitpipe.ssl.objective import Encoder
 from vitpipe.ssl.registry import OBJECTIVES, build_objective
 from vitpipe.ssl.vit import VisionTransformer, patchify, unpatchify
@@ -20,7 +19,8 @@ def tiny_config(*overrides, objective: str = "mae") -> PretrainConfig:
     return registry.pretrain_config(objective, None, [*TINY, *overrides])
 
 
-SMALL_SECTIONS = {"mae": ["mae.decoder_dim=32", "mae.decoder_heads=2", "mae.decoder_depth=1"]}
+SMALL_SECTIONS = {"mae": ["mae.decoder_dim=32", "mae.decoder_heads=2", "mae.decoder_depth=1"],
+                  "classify": ["finetune.num_classes=2"]}
 
 
 def synthetic_read(fields, limit):

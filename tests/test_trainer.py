@@ -3,7 +3,6 @@ atomic checkpoints under failing disks, NaN handling, launch checks."""
 
 import json
 import math
-import os
 import signal
 import subprocess
 import sys

@@ -304,7 +304,7 @@ def eval_retrieval(
     """Build a FAISS index over shards (saved in RUN/eval/retrieval/), report recall@1/5/10, answer --query."""
     from vitpipe.downstream.evaluate import eval_retrieval as run_retrieval, hit_grid, query_image, run_dir_of, source_for
     from vitpipe.downstream.retrieval import IndexSettings
-    from vitpipe.pipeline.loader import resolve_shards
+    from vitpipe.pipeline.shardset import resolve_shards
 
     _check_pool(pool)
     source = source_for(run, init, pixels)

@@ -3,7 +3,6 @@ features of shards that changed (issue: faults and hostile input)."""
 
 from __future__ import annotations
 
-import io
 import json
 import struct
 import zlib

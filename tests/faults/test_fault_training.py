@@ -5,9 +5,7 @@ runs the command and asserts the outcome."""
 from __future__ import annotations
 
 import json
-import math
 import os
-import shutil
 import signal
 import subprocess
 import sys

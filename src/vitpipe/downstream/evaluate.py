@@ -18,7 +18,7 @@ from vitpipe.downstream.probe import ProbeSettings, linear_probe
 from vitpipe.downstream.retrieval import (
     IndexSettings, build_index, knn_classify, load_index, recall_at_k, save_index, search,
 )
-from vitpipe.pipeline.loader import resolve_shards
+from vitpipe.pipeline.shardset import resolve_shards
 from vitpipe.pipeline.manifest import manifest_hash
 from vitpipe.ssl.runs import run_dir_of
 from vitpipe.ssl.trainer import git_revision
@@ -172,7 +172,7 @@ def query_image(source: EncoderSource, image_path: Path, top_k: int, pool: str |
 
 
 def _has_labels(shard_url: str) -> bool:
-    from vitpipe.pipeline.loader import open_shard
+    from vitpipe.pipeline.shardset import open_shard
     from vitpipe.pipeline.tario import iter_tar_samples
 
     with open_shard(shard_url) as handle:
@@ -189,7 +189,7 @@ def hit_grid(query_path: Path, hits: list[tuple[str, float]], shard_spec: str, o
     import matplotlib.pyplot as plt
 
     from vitpipe.pipeline.images import decode_rgb
-    from vitpipe.pipeline.loader import images_by_key
+    from vitpipe.pipeline.shardset import images_by_key
 
     images = images_by_key(shard_spec, {key for key, _ in hits})
     fig, axes = plt.subplots(1, len(hits) + 1, figsize=(1.6 * (len(hits) + 1), 2.0))

@@ -20,7 +20,8 @@ import torch
 from torch import nn
 
 from vitpipe.config import ConfigError, PretrainConfig, to_dict
-from vitpipe.pipeline.loader import DataError, LoaderSpec, ReadTally, ShardSet, counted, make_loader, resolve_shards
+from vitpipe.pipeline.loader import DataError, LoaderSpec, ReadTally, counted, make_loader
+from vitpipe.pipeline.shardset import ShardSet, resolve_shards
 from vitpipe.pipeline.tario import sha256_file
 from vitpipe.pipeline.transforms import TransformSpec
 from vitpipe.ssl.rundir import read_run_info

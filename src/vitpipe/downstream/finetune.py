@@ -17,7 +17,8 @@ from vitpipe.config import ConfigError, PretrainConfig, from_dict, merge, parse_
 from vitpipe.downstream.evaluate import run_dir_of, write_result
 from vitpipe.downstream.features import EncoderSource, FeatureSet, check_tally, extract
 from vitpipe.downstream.probe import fit_linear_head
-from vitpipe.pipeline.loader import LoaderSpec, ReadTally, counted, in_subset, make_loader, resolve_shards
+from vitpipe.pipeline.loader import LoaderSpec, ReadTally, counted, in_subset, make_loader
+from vitpipe.pipeline.shardset import resolve_shards
 from vitpipe.pipeline.manifest import find_manifest
 from vitpipe.pipeline.transforms import TransformSpec
 from vitpipe.ssl.classify import Classifier

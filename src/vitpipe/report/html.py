@@ -11,7 +11,8 @@ from typing import Any
 import torch
 
 from vitpipe.config import ConfigError, PretrainConfig
-from vitpipe.pipeline.loader import LoaderSpec, ReadTally, counted, images_by_key, make_loader, resolve_shards
+from vitpipe.pipeline.loader import LoaderSpec, ReadTally, counted, make_loader
+from vitpipe.pipeline.shardset import images_by_key, resolve_shards
 from vitpipe.pipeline.transforms import TransformSpec, build_transform
 from vitpipe.report import figures
 from vitpipe.report.sections import FigureContext, figure_sections

@@ -22,7 +22,8 @@ import torch
 
 from vitpipe import __version__
 from vitpipe.config import PretrainConfig, to_dict
-from vitpipe.pipeline.loader import LoaderSpec, ReadTally, ShardDataset, counted, make_loader, resolve_shards
+from vitpipe.pipeline.loader import LoaderSpec, ReadTally, ShardDataset, counted, make_loader
+from vitpipe.pipeline.shardset import resolve_shards
 from vitpipe.pipeline.manifest import manifest_hash
 from vitpipe.pipeline.transforms import TransformSpec
 from vitpipe.ssl import artifacts, checkpoints, optim, registry, rundir
