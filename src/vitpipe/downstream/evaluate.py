@@ -21,7 +21,7 @@ from vitpipe.downstream.retrieval import (
 from vitpipe.pipeline.shardset import resolve_shards
 from vitpipe.pipeline.manifest import manifest_hash
 from vitpipe.ssl.runs import run_dir_of
-from vitpipe.ssl.trainer import git_revision
+from vitpipe.ssl.rundir import git_revision
 
 
 def source_for(run: Path, init: str, pixels: bool) -> EncoderSource:

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -124,3 +125,25 @@ class JsonLines:
 
     def close(self) -> None:
         self.handle.close()
+
+
+def record_session(run_dir: Path, config: PretrainConfig, launch: dict[str, Any], resumed_from: int | None) -> None:
+    """run.json: what the run is (objective, data manifest, code revision, launch) and one entry
+    per session (start time, the step it resumed from, SLURM restarts)."""
+    from vitpipe import __version__
+    from vitpipe.pipeline.manifest import manifest_hash
+    from vitpipe.pipeline.shardset import resolve_shards
+
+    info = read_run_info(run_dir)
+    info.setdefault("sessions", [])
+    info.update({
+        "objective": config.objective, "vitpipe_version": __version__, "git_revision": git_revision(),
+        "data_shards": config.data.shards,
+        "data_manifest_sha256": manifest_hash(Path(resolve_shards(config.data.shards).directory or ".")),
+        **launch,
+    })
+    info["sessions"].append({"started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                             "resumed_from_step": resumed_from,
+                             "slurm_restart_count": os.environ.get("SLURM_RESTART_COUNT")})
+    info.pop("encoder_sha256", None)  # until this session exports a new encoder
+    write_atomic(run_dir / "run.json", json.dumps(info, indent=2))

@@ -20,16 +20,14 @@ from typing import Any, Callable
 
 import torch
 
-from vitpipe import __version__
 from vitpipe.config import PretrainConfig, to_dict
 from vitpipe.pipeline.loader import LoaderSpec, ReadTally, ShardDataset, counted, make_loader
 from vitpipe.pipeline.shardset import resolve_shards
-from vitpipe.pipeline.manifest import manifest_hash
 from vitpipe.pipeline.transforms import TransformSpec
 from vitpipe.ssl import artifacts, checkpoints, optim, registry, rundir
 from vitpipe.ssl.launch import RunLock, StopFlag, check_launch
 from vitpipe.ssl.objective import Objective
-from vitpipe.ssl.rundir import JsonLines, git_revision  # noqa: F401  (git_revision: used by evaluations)
+from vitpipe.ssl.rundir import JsonLines
 
 EXIT_PREEMPTED = 75
 
@@ -184,7 +182,9 @@ class Trainer:
                            wall_before=state.wall_seconds)
         if is_main:
             rundir.keep_metrics_up_to(self.run_dir, state.step)
-            self._write_run_info(session, precision, lr, warmup)
+            rundir.record_session(self.run_dir, config, {
+                "world_size": accelerator.num_processes, "device": str(accelerator.device), "precision": precision,
+                "global_batch": global_batch, "peak_lr": lr, "warmup_steps": warmup}, session.resumed_from)
             accelerator.init_trackers("pretrain", config=rundir.flat(to_dict(config)),
                                       init_kwargs={"tensorboard": {"purge_step": state.step + 1}})
             session.metrics = JsonLines(self.run_dir / "metrics.jsonl")
@@ -386,19 +386,3 @@ class Trainer:
         digest = checkpoints.sha256_file(tmp)
         os.replace(tmp, self.run_dir / "encoder.safetensors")
         rundir.update_run_info(self.run_dir, {"encoder_sha256": digest, "encoder_depth": encoder.depth})
-
-    def _write_run_info(self, s: _Session, precision: str, lr: float, warmup: int) -> None:
-        info = rundir.read_run_info(self.run_dir)
-        info.setdefault("sessions", [])
-        info.update({
-            "objective": self.config.objective, "vitpipe_version": __version__, "git_revision": git_revision(),
-            "data_shards": self.config.data.shards,
-            "data_manifest_sha256": manifest_hash(Path(resolve_shards(self.config.data.shards).directory or ".")),
-            "world_size": s.accelerator.num_processes, "device": str(s.accelerator.device), "precision": precision,
-            "global_batch": s.global_batch, "peak_lr": lr, "warmup_steps": warmup,
-        })
-        info["sessions"].append({"started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                                 "resumed_from_step": s.resumed_from,
-                                 "slurm_restart_count": os.environ.get("SLURM_RESTART_COUNT")})
-        info.pop("encoder_sha256", None)  # until this session exports a new encoder
-        rundir.write_atomic(self.run_dir / "run.json", json.dumps(info, indent=2))

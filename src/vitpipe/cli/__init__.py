@@ -1,0 +1,83 @@
+"""The `vitpipe` command line: parse, load config, call one function per command.
+
+Exit codes: 0 ok, 1 runtime failure, 2 usage or config error (one line, no traceback),
+75 (EX_TEMPFAIL) training stopped by a signal after checkpointing: rerun with --resume auto.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Annotated
+
+import typer
+
+from vitpipe.cli import data, evaluate, train
+from vitpipe.cli.common import DEBUG_ENV, EXIT_USAGE, error_line, runtime_failure_line
+from vitpipe.config import ConfigError
+
+app = typer.Typer(help=__doc__.splitlines()[0], no_args_is_help=True, add_completion=False,
+                  pretty_exceptions_enable=False, rich_markup_mode="rich")
+shards_app = typer.Typer(help="Inspect and check shard sets.", no_args_is_help=True)
+config_app = typer.Typer(help="Show resolved configs.", no_args_is_help=True)
+eval_app = typer.Typer(help="How good is the representation: probes, k-NN, retrieval, fine-tuning.",
+                       no_args_is_help=True)
+slurm_app = typer.Typer(help="Run vitpipe commands as SLURM jobs that survive preemption.", no_args_is_help=True)
+for name, sub in (("shards", shards_app), ("config", config_app), ("eval", eval_app), ("slurm", slurm_app)):
+    app.add_typer(sub, name=name)
+
+app.command()(data.ingest)
+shards_app.command("verify")(data.shards_verify)
+config_app.command("show")(data.config_show)
+app.command()(train.pretrain)
+app.command()(train.export)
+app.command()(train.report)
+app.command()(train.demo)
+slurm_app.command("render")(train.slurm_job)
+slurm_app.command("submit")(train.slurm_job)
+eval_app.command("linear-probe")(evaluate.eval_linear_probe)
+eval_app.command("knn")(evaluate.eval_knn)
+eval_app.command("retrieval")(evaluate.eval_retrieval)
+eval_app.command("finetune")(evaluate.eval_finetune)
+
+
+@app.callback()
+def _root(debug: Annotated[bool, typer.Option("--debug", help="Show the traceback of a runtime failure.")] = False) -> None:
+    """Options for every command."""
+    if debug:
+        os.environ[DEBUG_ENV] = "1"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; also callable from tests as ``main([...])`` returning the exit code."""
+    try:
+        # without standalone mode click returns the exit code of typer.Exit instead of exiting
+        result = app(args=argv, prog_name="vitpipe", standalone_mode=False)
+        code = result if isinstance(result, int) else 0
+    except typer.Exit as exit_:
+        code = exit_.exit_code
+    except SystemExit as exit_:
+        code = exit_.code if isinstance(exit_.code, int) else 1
+    except ConfigError as err:
+        error_line(str(err))
+        code = EXIT_USAGE
+    except (typer.BadParameter, typer.Abort) as err:
+        error_line(str(err))
+        code = EXIT_USAGE
+    except Exception as err:
+        import click
+
+        if isinstance(err, click.exceptions.UsageError):
+            err.show()
+            code = EXIT_USAGE
+        elif isinstance(err, click.exceptions.ClickException):
+            err.show()
+            code = err.exit_code
+        elif os.environ.get(DEBUG_ENV):
+            raise
+        else:
+            error_line(runtime_failure_line(err))
+            code = 1
+    if argv is None:
+        sys.exit(code)
+    return code

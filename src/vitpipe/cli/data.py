@@ -1,0 +1,101 @@
+"""`vitpipe ingest`, `vitpipe shards verify`, `vitpipe config show`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from vitpipe.cli.common import user_errors
+from vitpipe.config import CONFIG_KINDS, ConfigError, IngestConfig, dump_yaml, load_config, read_yaml
+
+
+@user_errors
+def ingest(
+    source: Annotated[str, typer.Argument(help="URL list (.csv .tsv .txt .parquet .jsonl[.gz]), image folder, "
+                                               "hf:PATH, idx:IMAGES[,LABELS] or fashion-mnist[:train|:test]")],
+    out: Annotated[Path, typer.Option("--out", help="Output directory for shards and manifest.")],
+    config: Annotated[Optional[Path], typer.Option("--config", help="YAML with ingest settings.")] = None,
+    image_size: Annotated[Optional[int], typer.Option(help="Resize to fit N pixels (0 keeps sizes).")] = None,
+    url_col: Annotated[Optional[str], typer.Option(help="URL column of a URL list.")] = None,
+    caption_col: Annotated[Optional[str], typer.Option(help="Caption column of a URL list.")] = None,
+    shard_size: Annotated[Optional[int], typer.Option(help="Samples per shard.")] = None,
+    val_fraction: Annotated[Optional[float], typer.Option(help="Carve a validation split.")] = None,
+    processes: Annotated[Optional[int], typer.Option(help="Download processes (URL lists).")] = None,
+    threads: Annotated[Optional[int], typer.Option(help="Download threads per process.")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an earlier ingest in --out.")] = False,
+    overrides: Annotated[Optional[list[str]], typer.Argument(help="key=value ingest settings.",
+                                                             show_default=False)] = None,
+) -> None:
+    """Turn a source into verified WebDataset shards + sizes.json + manifest.json."""
+    from vitpipe.pipeline.ingest import ingest as run_ingest
+
+    options = dict(image_size=image_size, url_col=url_col, caption_col=caption_col, shard_size=shard_size,
+                   val_fraction=val_fraction, processes=processes, threads=threads)
+    cfg = load_config(IngestConfig, config, overrides, {k: v for k, v in options.items() if v is not None})
+    manifest = run_ingest(source, out, cfg, overwrite=overwrite)
+    _print_ingest_summary(manifest, out)
+
+
+def _print_ingest_summary(manifest: dict, out: Path) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(stderr=False, soft_wrap=True)
+    if manifest.get("resumed_nothing_to_do"):
+        console.print(f"{out}: this ingest is already complete; nothing to do.")
+    table = Table(title=f"ingest -> {out}", show_header=True)
+    table.add_column("what")
+    table.add_column("count", justify="right")
+    table.add_row("rows read", str(manifest["rows"]))
+    table.add_row("samples written", str(manifest["written"]))
+    for reason, count in manifest["failures"].items():
+        table.add_row(f"failed: {reason}", str(count))
+    for reason, count in manifest["filtered"].items():
+        table.add_row(f"filtered: {reason}", str(count))
+    table.add_row("duplicates removed", str(manifest["duplicates"]))
+    for name, split in manifest["splits"].items():
+        size = sum(s["bytes"] for s in split["shards"])
+        table.add_row(f"split {name}", f"{split['written']} in {len(split['shards'])} shards, {size / 1e6:.1f} MB")
+    table.add_row("throughput", f"{manifest['images_per_second']} img/s")
+    console.print(table)
+
+
+@user_errors
+def shards_verify(directory: Annotated[Path, typer.Argument(help="Directory written by vitpipe ingest.")]) -> None:
+    """Read every sample, decode every image, check sha256 and counts. Exit 1 on any problem."""
+    from vitpipe.pipeline.verify import verify
+
+    report = verify(directory)
+    for problem in report.problems:
+        typer.echo(f"problem: {problem}")
+    for shard in report.shards:
+        for problem in shard.problems:
+            typer.echo(f"problem: {shard.path}: {problem}")
+    bad = sum(bool(s.problems) for s in report.shards)
+    typer.echo(f"{len(report.shards)} shards, {report.samples} samples read, {bad} shards with problems")
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+@user_errors
+def config_show(
+    config: Annotated[Optional[Path], typer.Argument(help="YAML config file (optional).")] = None,
+    overrides: Annotated[Optional[list[str]], typer.Argument(help="key=value overrides.")] = None,
+    objective: Annotated[Optional[str], typer.Option(
+        help="Objective whose section and recipe defaults apply (default: the file's, else mae).")] = None,
+    kind: Annotated[str, typer.Option(help="Schema: pretrain | ingest.")] = "pretrain",
+) -> None:
+    """Print the resolved config: defaults <- the objective's recipe <- file <- overrides."""
+    from vitpipe.ssl import registry
+
+    if kind not in CONFIG_KINDS:
+        raise ConfigError(f"--kind must be one of {', '.join(CONFIG_KINDS)}")
+    if config is not None and "=" in str(config) and not config.exists():  # no file, only overrides
+        config, overrides = None, [str(config), *(overrides or [])]
+    if kind == "ingest":
+        typer.echo(dump_yaml(load_config(IngestConfig, config, overrides)), nl=False)
+        return
+    name = objective or (read_yaml(config).get("objective") if config else None) or "mae"
+    typer.echo(dump_yaml(registry.pretrain_config(name, config, overrides)), nl=False)

@@ -1,0 +1,158 @@
+"""`vitpipe eval linear-probe|knn|retrieval|finetune`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from vitpipe.cli.common import user_errors
+from vitpipe.config import ConfigError
+
+
+RunArg = Annotated[Path, typer.Argument(help="Run directory or checkpoint directory.")]
+InitOpt = Annotated[str, typer.Option("--init", help="trained | random (same shape, random weights: a baseline).")]
+PixelsOpt = Annotated[bool, typer.Option("--pixels", help="Baseline: raw pixels instead of an encoder.")]
+PoolOpt = Annotated[Optional[str], typer.Option("--pool", help="cls | gap | map (default: the model's).")]
+MaxSkippedOpt = Annotated[float, typer.Option(
+    "--max-skipped", help="Fail (exit 1) when more than this fraction of the expected samples cannot be read.")]
+WorkersOpt = Annotated[int, typer.Option("--workers", help="DataLoader workers for feature extraction.")]
+
+
+def _print_result(title: str, rows: list[tuple[str, str]], path: Path) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for name, value in rows:
+        table.add_row(name, value)
+    Console(soft_wrap=True).print(table)
+    typer.echo(f"wrote {path}")
+
+
+def _check_pool(pool: Optional[str]) -> None:
+    if pool is not None and pool not in ("cls", "gap", "map"):
+        raise ConfigError("--pool must be cls, gap or map")
+
+
+@user_errors
+def eval_linear_probe(
+    run: RunArg,
+    train: Annotated[str, typer.Option("--train", help="Labelled training shards.")],
+    test: Annotated[str, typer.Option("--test", help="Labelled test shards (reported only).")],
+    init: InitOpt = "trained", pixels: PixelsOpt = False, pool: PoolOpt = None, workers: WorkersOpt = 2,
+    layers: Annotated[Optional[str], typer.Option("--layers", help="Comma-separated blocks to probe, 0-based, e.g. 3,7,11.")] = None,
+    epochs: Annotated[int, typer.Option(help="Probe training epochs.")] = 30,
+    concat: Annotated[bool, typer.Option("--concat", help="Also probe the --layers concatenated.")] = False,
+    lrs: Annotated[str, typer.Option(help="Learning rates of the sweep.")] = "0.01,0.03,0.1,0.3,1,3,10",
+    wds: Annotated[str, typer.Option(help="Weight decays of the sweep.")] = "0,1e-4,1e-3",
+    max_skipped: MaxSkippedOpt = 0.01,
+) -> None:
+    """Frozen features + BatchNorm/Linear heads; a lr x wd sweep in one pass, picked on a val split."""
+    from vitpipe.downstream.evaluate import eval_linear_probe as run_probe, source_for
+    from vitpipe.downstream.probe import ProbeSettings
+
+    _check_pool(pool)
+    settings = ProbeSettings(lrs=_floats(lrs), weight_decays=_floats(wds), epochs=epochs)
+    layer_list = [int(x) for x in layers.split(",")] if layers else None
+    path, result = run_probe(source_for(run, init, pixels), train, test, layer_list, pool, settings, workers, concat,
+                             max_skipped)
+    rows = [("top1", f"{result['top1']:.4f}"), ("top5", f"{result['top5']:.4f}"), ("val top1", f"{result['val_top1']:.4f}"),
+            ("layer", result["layer"]), ("lr / wd", f"{result['lr']} / {result['weight_decay']}")]
+    rows += [(f"top1 {name}", f"{r['top1']:.4f}") for name, r in result["per_layer"].items()] if layer_list else []
+    _print_result("linear probe", rows, path)
+
+
+@user_errors
+def eval_knn(
+    run: RunArg,
+    train: Annotated[str, typer.Option("--train", help="Labelled reference shards.")],
+    test: Annotated[str, typer.Option("--test", help="Labelled query shards.")],
+    init: InitOpt = "trained", pixels: PixelsOpt = False, pool: PoolOpt = None, workers: WorkersOpt = 2,
+    temperature: Annotated[float, typer.Option(help="Vote weight exp(cos / T).")] = 0.07,
+    layer: Annotated[Optional[int], typer.Option("--layer", help="Block to use, 0-based (default: the output).")] = None,
+    max_skipped: MaxSkippedOpt = 0.01,
+) -> None:
+    """Weighted k-NN (k = 10, 20, 200) on L2-normalised features with FAISS."""
+    from vitpipe.downstream.evaluate import eval_knn as run_knn, source_for
+
+    _check_pool(pool)
+    path, result = run_knn(source_for(run, init, pixels), train, test, temperature=temperature, pool=pool,
+                           workers=workers, layer=layer, max_skipped=max_skipped)
+    _print_result("k-NN", [(f"top1 k={k}", f"{v:.4f}") for k, v in result["per_k"].items()], path)
+
+
+@user_errors
+def eval_retrieval(
+    run: RunArg,
+    index: Annotated[str, typer.Option("--index", help="Shards to index.")],
+    query: Annotated[Optional[Path], typer.Option("--query", help="An image to search for.")] = None,
+    top_k: Annotated[int, typer.Option("--top-k", help="Hits to show for --query.")] = 8,
+    index_type: Annotated[str, typer.Option("--index-type", help="flat (exact) | ivf | hnsw")] = "flat",
+    nlist: Annotated[int, typer.Option(help="IVF cells.")] = 100,
+    nprobe: Annotated[int, typer.Option(help="IVF cells searched.")] = 8,
+    hnsw_m: Annotated[int, typer.Option(help="HNSW neighbours per node.")] = 32,
+    init: InitOpt = "trained", pixels: PixelsOpt = False, pool: PoolOpt = None, workers: WorkersOpt = 2,
+    max_skipped: MaxSkippedOpt = 0.01,
+) -> None:
+    """Build a FAISS index over shards (saved in RUN/eval/retrieval/), report recall@1/5/10, answer --query."""
+    from vitpipe.downstream.evaluate import eval_retrieval as run_retrieval, hit_grid, query_image, run_dir_of, source_for
+    from vitpipe.downstream.retrieval import IndexSettings
+    from vitpipe.pipeline.shardset import resolve_shards
+
+    _check_pool(pool)
+    source = source_for(run, init, pixels)
+    settings = IndexSettings(kind=index_type, nlist=nlist, nprobe=nprobe, hnsw_m=hnsw_m)
+    index_dir = run_dir_of(run) / "eval" / f"retrieval{source.baseline_suffix}"
+    built = json.loads((index_dir / "ids.json").read_text()) if (index_dir / "ids.json").is_file() else {}
+    current = (index, resolve_shards(index).identity())
+    if query is None or (built.get("shards"), built.get("shards_identity")) != current:
+        # (re)build unless a query reuses the index of these very shards (same files, same content)
+        path, result = run_retrieval(source, index, settings, pool, workers, max_skipped)
+        rows = [(f"recall@{k}", f"{v:.4f}") for k, v in result["recall"].items()] + [("indexed", str(result["size"]))]
+        _print_result("retrieval", rows, path)
+    if query is not None:
+        hits = query_image(source, query, top_k, pool)
+        for rank, (key, similarity) in enumerate(hits, 1):
+            typer.echo(f"{rank}\t{key}\t{similarity:.4f}")
+        grid = hit_grid(query, hits, index, index_dir / f"query_{Path(query).stem}.png")
+        typer.echo(f"wrote {grid}")
+
+
+@user_errors
+def eval_finetune(
+    run: RunArg,
+    train: Annotated[str, typer.Option("--train", help="Labelled training shards.")],
+    test: Annotated[str, typer.Option("--test", help="Labelled test shards.")],
+    init: InitOpt = "trained",
+    probe_init: Annotated[bool, typer.Option(
+        "--probe-init", help="Start the head from a linear probe on the same labels (LP-FT).")] = False,
+    max_skipped: MaxSkippedOpt = 0.01,
+    overrides: Annotated[Optional[list[str]], typer.Argument(
+        help="key=value settings of the fine-tuning run: data.subset_fraction (labels used), train.max_steps, "
+             "optim.lr, finetune.freeze_blocks, finetune.layer_decay, model.drop_path, data.image_size, ... "
+             "(`vitpipe config show --objective classify` lists them with the recipe's defaults).")] = None,
+) -> None:
+    """Fine-tune (full or partly frozen) with layer-wise lr decay; --init random trains from scratch."""
+    from vitpipe.downstream.evaluate import source_for
+    from vitpipe.downstream.finetune import finetune
+    from vitpipe.ssl.trainer import EXIT_PREEMPTED, Preempted
+
+    try:
+        path, result = finetune(source_for(run, init, False), train, test, overrides, probe_init, max_skipped)
+    except Preempted as stop:
+        typer.echo(f"stopped: {stop}; rerun the same command to resume (exit {EXIT_PREEMPTED})", err=True)
+        raise typer.Exit(EXIT_PREEMPTED) from None
+    _print_result("fine-tune", [("top1", f"{result['top1']:.4f}"), ("labels", f"{result['label_fraction']:g}"),
+                                ("steps", str(result["steps"])), ("train seconds", str(result["train_seconds"]))], path)
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise ConfigError(f"expected comma-separated numbers, got {text!r}") from None
