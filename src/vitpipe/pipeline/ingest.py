@@ -146,6 +146,41 @@ def _prepare_output(out: Path, settings: dict[str, Any], fingerprint: dict[str, 
     return None
 
 
+@dataclass
+class Accounts:
+    """Where every row went: rows = written + failed + filtered + duplicates, always."""
+
+    rows: int = 0
+    failures: Counter = field(default_factory=Counter)
+    filtered: Counter = field(default_factory=Counter)
+    examples: dict[str, list[dict[str, str]]] = field(default_factory=dict)
+    duplicates: int = 0
+    hashes: set[str] = field(default_factory=set)
+    """Content hashes of train+val samples kept so far (exact-duplicate removal)."""
+
+    def split_of(self, record: Record, config: IngestConfig) -> str | None:
+        """The split a record goes to, or None when it was counted as failed/filtered/duplicate."""
+        self.rows += 1
+        if isinstance(record, Failure):
+            self.failures[record.reason] += 1
+            bucket = self.examples.setdefault(record.reason, [])
+            if len(bucket) < MAX_EXAMPLES_PER_REASON:
+                bucket.append({"ref": record.ref, "detail": record.detail[:300]})
+            return None
+        reason = _filter_reason(record, config)
+        if reason:
+            self.filtered[reason] += 1
+            return None
+        split = record.split or (split_of_key(record.key, config.val_fraction, config.seed)
+                                 if config.val_fraction else "train")
+        if config.dedup and split != "test":  # an official test split is kept as it is
+            if record.content_hash in self.hashes:
+                self.duplicates += 1
+                return None
+            self.hashes.add(record.content_hash)
+        return split
+
+
 def ingest(source: str, out: Path, config: IngestConfig, *, overwrite: bool = False,
            progress: bool | None = None) -> dict[str, Any]:
     """Ingest ``source`` into ``out``; returns the manifest (also written to out/manifest.json)."""
@@ -159,67 +194,46 @@ def ingest(source: str, out: Path, config: IngestConfig, *, overwrite: bool = Fa
         return done
     flat = config.val_fraction == 0 and not (spec.kind == "fashion-mnist" and spec.extra["split"] == "all")
     writers: dict[str, SplitWriter] = {}
-    failures: Counter[str] = Counter()
-    filtered: Counter[str] = Counter()
-    examples: dict[str, list[dict[str, str]]] = {}
-    seen: dict[str, set[str]] = {}
-    duplicates = rows = 0
+    accounts = Accounts()
     start = time.monotonic()
-
     records: Iterable[Record] = _records(spec, out / WORK_DIR, config)
-    if progress is None:
-        progress = sys.stderr.isatty()
-    if progress:
+    if sys.stderr.isatty() if progress is None else progress:
         from tqdm import tqdm
 
         records = tqdm(records, desc="ingest", unit="img", dynamic_ncols=True)
     for record in records:
-        rows += 1
-        if isinstance(record, Failure):
-            failures[record.reason] += 1
-            bucket = examples.setdefault(record.reason, [])
-            if len(bucket) < MAX_EXAMPLES_PER_REASON:
-                bucket.append({"ref": record.ref, "detail": record.detail[:300]})
+        split = accounts.split_of(record, config)
+        if split is None:
             continue
-        reason = _filter_reason(record, config)
-        if reason:
-            filtered[reason] += 1
-            continue
-        split = record.split or (split_of_key(record.key, config.val_fraction, config.seed)
-                                 if config.val_fraction else "train")
-        if config.dedup and split != "test":  # an official test split is kept as it is
-            group = seen.setdefault("train+val", set())
-            if record.content_hash in group:
-                duplicates += 1
-                continue
-            group.add(record.content_hash)
         if split not in writers:
             writers[split] = SplitWriter(out if flat else out / split, config.shard_size)
         writers[split].add(record)
     for writer in writers.values():
         writer.flush()
+    manifest = _manifest(spec, config, settings, writers, accounts, flat, time.monotonic() - start)
+    manifest["source_fingerprint"] = fingerprint
+    manifest_io.write_json_atomic(out / "manifest.json", manifest)
+    return manifest
 
-    elapsed = time.monotonic() - start
+
+def _manifest(spec: SourceSpec, config: IngestConfig, settings: dict[str, Any], writers: dict[str, SplitWriter],
+              accounts: Accounts, flat: bool, seconds: float) -> dict[str, Any]:
+    """sizes.json per split, then the manifest (its accounting checked: never silently wrong)."""
     written = sum(w.written for w in writers.values())
-    label_map = _label_map(spec)
     splits = {}
     for name, writer in writers.items():
         manifest_io.write_json_atomic(writer.directory / "sizes.json",
                                       {s["file"]: s["samples"] for s in writer.shards})
-        splits[name] = {
-            "dir": "." if flat else name, "written": writer.written, "shards": writer.shards,
-            "shards_reused": writer.skipped_existing,
-        }
-    manifest = manifest_io.build_manifest(
-        source=spec.describe(), settings=to_dict(config), settings_full=settings, rows=rows, written=written,
-        failures=dict(failures), filtered=dict(filtered), duplicates=duplicates, splits=splits,
-        failure_examples=examples, label_map=label_map, seconds=elapsed,
+        splits[name] = {"dir": "." if flat else name, "written": writer.written, "shards": writer.shards,
+                        "shards_reused": writer.skipped_existing}
+    if accounts.rows != written + sum(accounts.failures.values()) + sum(accounts.filtered.values()) + accounts.duplicates:
+        raise RuntimeError("ingest accounting does not add up; this is a bug")
+    return manifest_io.build_manifest(
+        source=spec.describe(), settings=to_dict(config), settings_full=settings, rows=accounts.rows,
+        written=written, failures=dict(accounts.failures), filtered=dict(accounts.filtered),
+        duplicates=accounts.duplicates, splits=splits, failure_examples=accounts.examples,
+        label_map=_label_map(spec), seconds=seconds,
     )
-    manifest["source_fingerprint"] = fingerprint
-    if rows != written + sum(failures.values()) + sum(filtered.values()) + duplicates:
-        raise RuntimeError("ingest accounting does not add up; this is a bug")  # never silently
-    manifest_io.write_json_atomic(out / "manifest.json", manifest)
-    return manifest
 
 
 def _label_map(spec: SourceSpec) -> dict[str, int] | None:
