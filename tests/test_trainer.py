@@ -214,3 +214,22 @@ def test_compiled_run_writes_checkpoints_and_encoders_that_load(tiny_shards, tmp
                  "train.max_steps=4"]) == 0
     assert sorted(losses(run)) == [1, 2, 3, 4]
     assert main(["export", str(checkpoint.parent / "step_00000004"), "--out", str(tmp_path / "exp")]) == 0
+
+
+def test_weight_decay_schedule_and_adam_eps(tiny_shards, tmp_path):
+    """optim.weight_decay_end makes weight decay a cosine over training (I-JEPA's 0.04 -> 0.4) on the
+    decaying groups only; optim.eps reaches AdamW."""
+    from vitpipe.ssl import optim
+
+    run = tmp_path / "run"
+    assert main(["pretrain", "mae", "--data", str(tiny_shards), "--out", str(run), *RUN_ARGS, "train.max_steps=8",
+                 "optim.weight_decay=0.04", "optim.weight_decay_end=0.4", "optim.eps=1e-6"]) == 0
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    decays = [r["weight_decay"] for r in records]
+    assert decays == sorted(decays) and decays[-1] == pytest.approx(0.4) and decays[0] > 0.04
+    config = tiny_config(tiny_shards, "optim.weight_decay=0.04", "optim.weight_decay_end=0.4", "optim.eps=1e-6",
+                         "train.max_steps=8")
+    optimizer, *_ = optim.build(build_objective(config), config, 8)
+    assert optimizer.defaults["eps"] == 1e-6
+    assert optim.update_weight_decay(optimizer, config, 4) == pytest.approx(0.22)
+    assert {g["weight_decay"] for g in optimizer.param_groups} == {pytest.approx(0.22), 0.0}
