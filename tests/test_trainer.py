@@ -232,4 +232,4 @@ def test_weight_decay_schedule_and_adam_eps(tiny_shards, tmp_path):
     optimizer, *_ = optim.build(build_objective(config), config, 8)
     assert optimizer.defaults["eps"] == 1e-6
     assert optim.update_weight_decay(optimizer, config, 4) == pytest.approx(0.22)
-    assert {g["weight_decay"] for g in optimizer.param_groups} == {pytest.approx(0.22), 0.0}
+    assert sorted(round(g["weight_decay"], 6) for g in optimizer.param_groups) == [0.0, 0.22]
