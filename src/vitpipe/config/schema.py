@@ -255,6 +255,13 @@ class TrainConfig:
     """Also log to Weights & Biases (needs `pip install wandb` and a login)."""
     deterministic: bool = False
     """Use deterministic algorithms (for bitwise-reproducible resume tests)."""
+    health_every: int = 50
+    """Every N steps (at a logged step), log the encoder's feature std and effective rank on the
+    current batch; 0 disables it."""
+    collapse_min_std: float = 1e-3
+    """A `collapse` warning when the mean per-dimension std of pooled features falls below this ..."""
+    collapse_min_rank: float = 1.5
+    """... or their effective rank falls below this."""
     record_keys: bool = False
     """Audit: write the sample keys each process trained on (RUN/audit/rank*.jsonl) and a final
     parameter fingerprint per process."""
@@ -267,6 +274,7 @@ class TrainConfig:
         check(self.ckpt_every_steps >= 0 and self.ckpt_every_minutes >= 0, "checkpoint intervals must be >= 0")
         check(self.keep_checkpoints >= 1, "train.keep_checkpoints must be >= 1")
         check(self.nan_policy in ("error", "skip"), "train.nan_policy must be error|skip")
+        check(self.health_every >= 0, "train.health_every must be >= 0")
 
 
 @dataclass

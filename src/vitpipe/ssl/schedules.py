@@ -12,3 +12,8 @@ def warmup_cosine(step: int, max_steps: int, warmup: int = 0, start: float = 1.0
         return start * (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, max_steps - warmup))
     return end + (start - end) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def linear(step: int, max_steps: int, start: float, end: float) -> float:
+    """From ``start`` at step 0 to ``end`` at ``max_steps`` (held there after)."""
+    return start + (end - start) * min(1.0, step / max(1, max_steps))

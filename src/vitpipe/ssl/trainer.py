@@ -25,6 +25,7 @@ from vitpipe.pipeline.loader import LoaderSpec, ReadTally, ShardDataset, counted
 from vitpipe.pipeline.shardset import resolve_shards
 from vitpipe.pipeline.transforms import TransformSpec
 from vitpipe.ssl import artifacts, checkpoints, optim, registry, rundir
+from vitpipe.ssl.health import feature_health
 from vitpipe.ssl.launch import RunLock, StopFlag, check_launch
 from vitpipe.ssl.objective import Objective
 from vitpipe.ssl.rundir import JsonLines
@@ -101,6 +102,8 @@ class _Session:
     decode_errors: int = 0
     skipped_in_a_row: int = 0
     weight_decay: float | None = None
+    images: torch.Tensor | None = None
+    """The last micro-batch's images (a reference, for the health monitor)."""
 
 
 class Trainer:
@@ -265,6 +268,7 @@ class Trainer:
             keys = batch["key"] if "key" in s.objective.batch_fields else batch.pop("key")
             s.audit.write({"step": s.state.step + 1, "keys": keys})
         batch = send_to_device(batch, accelerator.device)
+        s.images = batch.get("image")
         with accelerator.accumulate(s.model):
             output = s.model(batch)
             # one all-reduce per micro-batch: non-finite loss, stop signal, checkpoint due
@@ -334,12 +338,26 @@ class Trainer:
             "decode_errors": s.decode_errors,
             **({"weight_decay": s.weight_decay} if s.weight_decay is not None else {}),
             **{k: float(v) for k, v in output.metrics.items()},
+            **self._health(s),
         }
         s.last_log = (now, state.samples_seen)
         s.metrics.write(record)
         s.accelerator.log({k: v for k, v in record.items() if k != "step"}, step=state.step)
         if s.bar is not None:
             s.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{record['lr']:.2e}", img_s=record["img_per_s"])
+
+    def _health(self, s: _Session) -> dict[str, float]:
+        """Feature std and effective rank every train.health_every steps; a warning line and a
+        `collapse` event when either falls below its threshold."""
+        train = self.config.train
+        if not train.health_every or s.state.step % train.health_every or s.images is None:
+            return {}
+        health = feature_health(s.objective.encoder(), s.images)
+        if health["feature_std"] < train.collapse_min_std or health["effective_rank"] < train.collapse_min_rank:
+            print(f"warning: step {s.state.step}: the representation may be collapsing (feature std "
+                  f"{health['feature_std']:.2e}, effective rank {health['effective_rank']:.2f})", file=sys.stderr)
+            s.metrics.write({"step": s.state.step, "event": "collapse", **health})
+        return health
 
     def _checkpoint_due(self, step: int, last_checkpoint_time: float) -> bool:
         train = self.config.train

@@ -1,0 +1,28 @@
+"""Is the representation collapsing? Per-dimension spread and effective rank of pooled features,
+for every objective (JEPA-style objectives can collapse silently: their loss still falls)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+@torch.no_grad()
+def feature_health(encoder: nn.Module, images: torch.Tensor) -> dict[str, float]:
+    """``feature_std``: mean over dimensions of the batch std of pooled features; ``effective_rank``:
+    exp of the entropy of the normalised singular values of the centred features (Roy & Vetterli),
+    1 when every image maps to one line, up to min(batch, width)."""
+    training = encoder.training
+    encoder.eval()
+    try:
+        features = encoder.pool(encoder.forward_features(images)).float()
+    finally:
+        encoder.train(training)
+    centred = features - features.mean(dim=0, keepdim=True)
+    singular = torch.linalg.svdvals(centred)
+    total = singular.sum()
+    if total <= 0:
+        return {"feature_std": 0.0, "effective_rank": 0.0}
+    p = singular / total
+    entropy = -(p[p > 0] * p[p > 0].log()).sum()
+    return {"feature_std": features.std(dim=0).mean().item(), "effective_rank": entropy.exp().item()}
