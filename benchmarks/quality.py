@@ -1,4 +1,4 @@
-"""Representation quality on Fashion-MNIST: MAE-pretrained ViT vs random init vs raw pixels.
+"""Representation quality on Fashion-MNIST: a pretrained ViT (MAE, I-JEPA, ...) vs random init vs raw pixels.
 
     python benchmarks/quality.py --out /work/bench/recipe --config configs/mae_fashion_mnist_cpu.yaml \
         --pretrain-steps 1700 --layers 3,5,7,9,11 --concat --finetune-steps 150 \
@@ -32,6 +32,7 @@ def step(args: list[str]) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--objective", default="mae")
     parser.add_argument("--config", default="configs/mae_fashion_mnist.yaml")
     parser.add_argument("--pretrain-steps", type=int, default=850)
     parser.add_argument("--finetune-steps", type=int, default=600)
@@ -46,7 +47,8 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="key=value overrides of the pretraining config")
     args = parser.parse_args()
     out = args.out
-    shards, run = out / "shards", out / "mae"
+    shards, run = out / "shards", out / args.objective
+    label = args.objective.upper()
     rows: list[dict] = []
 
     def record(row: dict) -> None:  # saved after every row: a long run that is cut off keeps what it measured
@@ -57,18 +59,18 @@ def main() -> None:
     if not (shards / "manifest.json").exists():
         step(["ingest", "fashion-mnist", "--out", str(shards), "--shard-size", "5000"])
     train, test = str(shards / "train"), str(shards / "test")
-    seconds = step(["pretrain", "mae", "--config", args.config, "--data", train, "--out", str(run), "--resume", "auto",
+    seconds = step(["pretrain", args.objective, "--config", args.config, "--data", train, "--out", str(run), "--resume", "auto",
                     f"train.max_steps={args.pretrain_steps}", *args.overrides])
-    record({"row": "MAE pretraining", "steps": args.pretrain_steps, "seconds": round(seconds)})
+    record({"row": f"{label} pretraining", "steps": args.pretrain_steps, "seconds": round(seconds)})
     pool = ["--pool", args.pool] if args.pool else []
     picked: dict[str, list[str]] = {}  # encoder -> the k-NN --layer its probe picked
     for task in ("linear-probe", "knn"):
-        for name, flags in (("MAE", []), ("random init", ["--init", "random"]), ("raw pixels", ["--pixels"])):
+        for name, flags in ((label, []), ("random init", ["--init", "random"]), ("raw pixels", ["--pixels"])):
             layer = picked.get(name, []) if task == "knn" else []
             layers = ["--layers", args.layers] if task == "linear-probe" and args.layers and flags != ["--pixels"] else []
             layers += ["--concat"] if layers and args.concat else []
             seconds = step(["eval", task, str(run), "--train", train, "--test", test, *flags, *pool, *layers, *layer])
-            suffix = {"MAE": "", "random init": ".random", "raw pixels": ".pixels"}[name]
+            suffix = {label: "", "random init": ".random", "raw pixels": ".pixels"}[name]
             result = json.loads((run / "eval" / f"{task}{suffix}.json").read_text())
             if layers:  # k-NN takes one block: the single block the probe's validation split liked best
                 single = {k: v for k, v in result["per_layer"].items() if "+" not in k}
@@ -77,7 +79,7 @@ def main() -> None:
             where = f" ({result['pool']}, {result['layer']})" if "layer" in result and flags != ["--pixels"] else ""
             record({"row": f"{task}: {name}{where}", "top1": result["top1"], "seconds": round(seconds)})
     for fraction in [float(f) for f in args.fractions.split(",") if f.strip()]:  # "" skips fine-tuning
-        for name, flags in (("from MAE", []), ("from scratch", ["--init", "random"])):
+        for name, flags in ((f"from {label}", []), ("from scratch", ["--init", "random"])):
             seconds = step(["eval", "finetune", str(run), "--train", train, "--test", test,
                             f"data.subset_fraction={fraction}", f"train.max_steps={args.finetune_steps}", *flags,
                             *shlex.split(args.finetune_args)])

@@ -40,7 +40,7 @@ def block_flops(tokens: int, dim: int, mlp_ratio: float = 4.0) -> float:
 
 def mae_forward_flops(mae: MAE, visible: int) -> float:
     enc = mae.backbone
-    d, n, p2c = enc.embed_dim, enc.num_patches, enc.patch_size**2 * enc.args.in_chans
+    d, n, p2c = enc.embed_dim, enc.num_patches, enc.patch_size**2 * enc.in_chans
     prefix = enc.num_prefix_tokens
     dd = mae.config.decoder_dim
     flops = 2 * n * p2c * d  # patch embedding of every patch (MAE embeds, then drops)

@@ -97,5 +97,15 @@ def config_show(
     if kind == "ingest":
         typer.echo(dump_yaml(load_config(IngestConfig, config, overrides)), nl=False)
         return
-    name = objective or (read_yaml(config).get("objective") if config else None) or "mae"
+    name = objective or (_objective_of(read_yaml(config)) if config else None) or "mae"
     typer.echo(dump_yaml(registry.pretrain_config(name, config, overrides)), nl=False)
+
+
+def _objective_of(data: dict) -> str | None:
+    """The objective a config file is for: its `objective` key, else the one whose section it has."""
+    from vitpipe.ssl import registry
+
+    if "objective" in data:
+        return data["objective"]
+    named = [name for name, spec in registry.OBJECTIVES.items() if spec.section in data]
+    return named[0] if len(named) == 1 else None
