@@ -39,6 +39,7 @@ eval_app.command("linear-probe")(evaluate.eval_linear_probe)
 eval_app.command("knn")(evaluate.eval_knn)
 eval_app.command("retrieval")(evaluate.eval_retrieval)
 eval_app.command("finetune")(evaluate.eval_finetune)
+eval_app.command("zero-shot")(evaluate.eval_zero_shot)
 
 
 @app.callback()

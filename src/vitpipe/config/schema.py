@@ -74,6 +74,9 @@ class IngestConfig:
     """Integer label column of a URL list or Hugging Face dataset (ignored when missing)."""
     text_col: str | None = None
     """Hugging Face datasets: caption column."""
+    filename_captions: bool = False
+    """Image folders: an image without a sidecar .txt gets its file name as caption
+    (`red_sports-car.png` -> "red sports car"), e.g. for clip-art collections titled by file name."""
 
     def __post_init__(self) -> None:
         check(self.image_size >= 0, "ingest.image_size must be >= 0")

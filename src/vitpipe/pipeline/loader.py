@@ -193,7 +193,10 @@ class ShardDataset(IterableDataset):
                 except ValueError:
                     raise ImageRejected("bad_label", repr(raw["cls"][:20])) from None
             if "text" in self.spec.fields:
-                item["text"] = raw.get("txt", b"").decode("utf-8", errors="replace")
+                if "txt" not in raw:  # a missing caption must never become "" silently
+                    raise ConfigError(f"sample {raw['__key__']} has no caption (txt); this command needs "
+                                      "image-text shards (ingest with captions)")
+                item["text"] = raw["txt"].decode("utf-8", errors="replace")
             if "key" in self.spec.fields:
                 item["key"] = raw["__key__"]
             return item, None

@@ -154,11 +154,18 @@ def folder_label_map(root: Path) -> dict[str, int]:
     return {name: index for index, name in enumerate(classes)}
 
 
+def caption_from_filename(path: Path) -> str:
+    """``red_sports-car.01.png`` -> ``red sports car``: words of the file name, digits-only parts dropped."""
+    words = re.split(r"[\s_\-.]+", path.stem)
+    return " ".join(word for word in words if word and not word.isdigit())
+
+
 def iter_folder(root: Path, config: IngestConfig) -> Iterator[Record]:
     """Every file below ``root`` is a row: images become samples, anything else a failure.
 
     Labels come from the first-level sub-folder (when there are sub-folders); a sidecar
-    ``name.txt`` next to ``name.jpg`` becomes the caption.
+    ``name.txt`` next to ``name.jpg`` becomes the caption, else (``filename_captions``) the file
+    name itself.
     """
     labels = folder_label_map(root)
     seen_keys: set[str] = set()
@@ -179,6 +186,8 @@ def iter_folder(root: Path, config: IngestConfig) -> Iterator[Record]:
             continue
         caption_path = path.with_suffix(".txt")
         caption = caption_path.read_text(errors="replace").strip() if caption_path.exists() else None
+        if caption is None and config.filename_captions:
+            caption = caption_from_filename(path)
         ext = {"jpeg": "jpg"}.get(suffix[1:], suffix[1:])
         try:
             yield make_sample(path.read_bytes(), key, config, ext, label=label, text=caption,

@@ -1,0 +1,102 @@
+"""Zero-shot classification with an image-text model: class-name prompts as the classifier."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vitpipe.config import ConfigError
+from vitpipe.downstream.evaluate import write_result
+from vitpipe.downstream.features import EncoderSource, FeatureSet, check_tally
+from vitpipe.pipeline.loader import LoaderSpec, ReadTally, counted, make_loader
+from vitpipe.pipeline.manifest import find_manifest
+from vitpipe.pipeline.shardset import resolve_shards
+from vitpipe.pipeline.transforms import TransformSpec
+from vitpipe.ssl.checkpoints import latest_verified, log_stderr
+from vitpipe.ssl.runs import build_run_objective, locate_run, run_dir_of
+
+TEMPLATES = ["a photo of a {}.", "a picture of a {}.", "an image of a {}.", "a {}.", "a drawing of a {}.",
+             "a close-up photo of a {}.", "a photo of the {}.", "a rendering of a {}."]
+"""Prompt ensemble (averaged text embeddings per class), after CLIP's ImageNet prompts."""
+
+
+def class_names(test: str, classes_file: Path | None) -> list[str]:
+    """One name per label index: from FILE (one per line), else the test shards' manifest label map."""
+    if classes_file is not None:
+        names = [line.strip() for line in Path(classes_file).read_text().splitlines() if line.strip()]
+    else:
+        shards = resolve_shards(test)
+        path = find_manifest(shards.directory) if shards.directory else None
+        label_map = json.loads(path.read_text()).get("label_map") if path else None
+        if not label_map:
+            raise ConfigError(f"{test}: its manifest has no label names; pass --classes FILE (one name per line)")
+        names = [name for name, _ in sorted(label_map.items(), key=lambda item: item[1])]
+    if len(names) < 2:
+        raise ConfigError("zero-shot needs at least 2 class names")
+    return [name.replace("_", " ") for name in names]
+
+
+def load_image_text_model(source: EncoderSource):
+    """The whole objective (both towers, projections, tokenizer): trained from the newest verified
+    checkpoint, or a random init of the same shape."""
+    from safetensors.torch import load_file
+
+    if source.kind == "pixels":
+        raise ConfigError("zero-shot needs an image-text model; --pixels has no text side")
+    model = build_run_objective(source.run, source.config, seed=source.seed if source.kind == "random" else None)
+    if not all(hasattr(model, name) for name in ("encode_image", "encode_text", "tokenize")):
+        raise ConfigError(f"zero-shot needs an image-text objective (clip); this run is {source.config.objective}")
+    if source.kind == "trained":
+        _, weights = locate_run(source.run)
+        checkpoint = weights.parent if weights.name == "model.safetensors" else latest_verified(
+            run_dir_of(source.run), log_stderr, set_aside=False)
+        if checkpoint is None:
+            raise ConfigError(f"{source.run}: no checkpoint holds the text tower")
+        model.load_state_dict(load_file(checkpoint / "model.safetensors"))
+    return model.eval()
+
+
+@torch.no_grad()
+def class_embeddings(model, names: list[str], templates: list[str]) -> torch.Tensor:
+    """[classes, E]: each class's prompts embedded, averaged, renormalised."""
+    rows = []
+    for name in names:
+        tokens, _ = model.tokenize.encode([template.format(name) for template in templates])
+        rows.append(torch.nn.functional.normalize(model.encode_text(tokens).mean(dim=0), dim=-1))
+    return torch.stack(rows)
+
+
+@torch.no_grad()
+def eval_zero_shot(source: EncoderSource, test: str, classes_file: Path | None = None,
+                   templates_file: Path | None = None, workers: int = 2,
+                   max_skipped: float = 0.01) -> tuple[Path, dict[str, Any]]:
+    start = time.monotonic()
+    names = class_names(test, classes_file)
+    templates = TEMPLATES if templates_file is None else [
+        line.strip() for line in Path(templates_file).read_text().splitlines() if "{}" in line]
+    if not templates:
+        raise ConfigError(f"{templates_file}: no template with {{}} in it")
+    model = load_image_text_model(source)
+    classifier = class_embeddings(model, names, templates)
+    config = source.config
+    shards = resolve_shards(test)
+    transform = TransformSpec("eval", config.data.image_size, config.data.channels, mean=tuple(config.data.mean),
+                              std=tuple(config.data.std))
+    loader = make_loader(LoaderSpec(shards, 256, transform, train=False, fields=("image", "label")), workers)[1]
+    tally = ReadTally(shards.expected)
+    top1 = top5 = 0
+    for batch in counted(loader, tally):
+        scores = model.encode_image(batch["image"]) @ classifier.T
+        ranked = scores.topk(min(5, len(names)), dim=1).indices
+        top1 += (ranked[:, 0] == batch["label"]).sum().item()
+        top5 += (ranked == batch["label"].unsqueeze(1)).any(dim=1).sum().item()
+    check_tally(test, FeatureSet({}, None, [], tally), max_skipped)
+    if not tally.read:
+        raise ConfigError(f"no test samples in {test}")
+    payload = {"top1": top1 / tally.read, "top5": top5 / tally.read, "chance": 1 / len(names), "classes": names,
+               "templates": templates, "test_samples": tally.read, "samples": {"test": tally.as_dict()}}
+    return write_result(source, "zero-shot", payload, {"test": test}, time.monotonic() - start), payload

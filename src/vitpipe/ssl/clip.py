@@ -1,0 +1,172 @@
+"""CLIP (Radford et al., 2021): image and text towers trained to agree, contrastively.
+
+Stages: tokenise (loader workers) -> encode_image / encode_text (projected, L2-normalised) ->
+forward_loss (symmetric cross-entropy over the global batch: features gathered across processes
+with gradient). Locked-image tuning (LiT, Zhai et al., 2022): ``clip.image_init`` starts the image
+tower from another vitpipe run's encoder, ``clip.lock_image`` freezes it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vitpipe.config import ConfigError, PretrainConfig, check, to_dict
+from vitpipe.ssl.distributed import gather_with_grad
+from vitpipe.ssl.objective import Objective, ObjectiveSpec, Output
+from vitpipe.ssl.text import TextTransformer, Tokenize, fit_bpe
+from vitpipe.ssl.vit import VisionTransformer
+
+MAX_LOGIT_SCALE = math.log(100)
+TOKENIZER = "tokenizer.json"
+IMAGE_INIT = "image_init.safetensors"
+
+
+@dataclass
+class CLIPConfig:
+    embed_dim: int = 128
+    """Width of the shared image-text space (both projections)."""
+    text_width: int = 128
+    """Text transformer width."""
+    text_depth: int = 4
+    """Text transformer blocks."""
+    text_heads: int = 4
+    """Text transformer attention heads."""
+    context_length: int = 32
+    """Tokens per caption, [SOT] and [EOT] included; longer captions are cut (and counted)."""
+    vocab_size: int = 4096
+    """BPE vocabulary fitted on the training captions."""
+    lowercase: bool = True
+    """Lower-case captions before tokenising."""
+    tokenizer_samples: int = 200_000
+    """Captions read from the training shards to fit the BPE."""
+    image_init: str = ""
+    """LiT: a vitpipe run or checkpoint whose encoder starts the image tower ("" = random init)."""
+    lock_image: bool = False
+    """LiT: freeze the image tower (only the projections and the text tower train)..."""
+    unlocked_blocks: int = 0
+    """... except its last N blocks and final norm."""
+
+    def __post_init__(self) -> None:
+        check(self.text_width % self.text_heads == 0, "clip.text_width must be divisible by clip.text_heads")
+        check(self.context_length >= 4, "clip.context_length must be >= 4")
+        check(self.vocab_size >= 300, "clip.vocab_size must be >= 300 (the byte alphabet and special tokens)")
+        check(self.unlocked_blocks >= 0 and self.tokenizer_samples >= 1, "bad clip.unlocked_blocks / tokenizer_samples")
+        check(not self.unlocked_blocks or self.lock_image, "clip.unlocked_blocks needs clip.lock_image=true")
+
+
+class CLIP(Objective):
+    transform_preset = "mae"  # random resized crop; clip-style recipes keep most of the image (data.crop_scale_min)
+    batch_fields = ("image", "text")
+
+    def __init__(self, image: VisionTransformer, text: TextTransformer, config: CLIPConfig, tokenizer: bytes) -> None:
+        super().__init__()
+        self.backbone = image
+        self.text = text
+        self.image_proj = nn.Linear(image.embed_dim, config.embed_dim, bias=False)
+        self.text_proj = nn.Linear(text.embed_dim, config.embed_dim, bias=False)
+        nn.init.normal_(self.image_proj.weight, std=image.embed_dim ** -0.5)
+        nn.init.normal_(self.text_proj.weight, std=text.embed_dim ** -0.5)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+        self.tokenize = Tokenize(tokenizer, config.context_length)
+        if config.lock_image:
+            self._lock(config.unlocked_blocks)
+
+    def _lock(self, unlocked_blocks: int) -> None:
+        for param in self.backbone.parameters():
+            param.requires_grad_(False)
+        trainable = list(self.backbone.blocks[len(self.backbone.blocks) - unlocked_blocks:]) if unlocked_blocks else []
+        for module in trainable + ([self.backbone.norm] if unlocked_blocks else []):
+            module.requires_grad_(True)
+
+    def encoder(self) -> VisionTransformer:
+        return self.backbone
+
+    def batch_hook(self) -> Tokenize:
+        return self.tokenize
+
+    def no_weight_decay(self) -> set[str]:
+        return {f"backbone.{n}" for n in self.backbone.no_weight_decay()} | {"text.pos_embed", "logit_scale"}
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        """[B, C, H, W] -> [B, E], unit length."""
+        return F.normalize(self.image_proj(self.backbone(images)), dim=-1)
+
+    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        """[B, L] token ids -> [B, E], unit length."""
+        return F.normalize(self.text_proj(self.text(tokens)), dim=-1)
+
+    def forward_loss(self, image: torch.Tensor, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Symmetric cross-entropy over the global batch (every process's pairs are negatives for
+        every other's); returns (loss, image-to-text top-1 accuracy)."""
+        image, text = gather_with_grad(image), gather_with_grad(text)
+        logits = self.logit_scale.exp() * image @ text.T
+        labels = torch.arange(len(image), device=image.device)
+        loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+        return loss, (logits.argmax(dim=1) == labels).float().mean()
+
+    def forward(self, batch: dict[str, Any]) -> Output:
+        loss, accuracy = self.forward_loss(self.encode_image(batch["image"]), self.encode_text(batch["tokens"]))
+        return Output(loss, {"logit_scale": self.logit_scale.exp().item(), "batch_i2t_top1": accuracy,
+                             "captions_truncated": float(batch.get("captions_truncated", 0))})
+
+    @torch.no_grad()
+    def on_step_end(self, step: int, max_steps: int) -> None:
+        self.logit_scale.clamp_(0, MAX_LOGIT_SCALE)  # exp(t) <= 100, as in the paper
+
+
+def fit_artifacts(config: PretrainConfig, read) -> dict[str, bytes]:
+    """The BPE tokenizer fitted on the training captions, and (LiT) the image tower to start from."""
+    captions = (text for batch in read(("text",), config.clip.tokenizer_samples) for text in batch["text"])
+    files = {TOKENIZER: fit_bpe(captions, config.clip.vocab_size, config.clip.lowercase)}
+    if config.clip.image_init:
+        files[IMAGE_INIT] = _image_init(config)
+    return files
+
+
+def _image_init(config: PretrainConfig) -> bytes:
+    """The encoder weights of the ``clip.image_init`` run, after checking it has this run's shape."""
+    from safetensors.torch import save
+
+    from vitpipe.ssl.runs import load_run_encoder
+
+    encoder, source, _ = load_run_encoder(config.clip.image_init)
+    mine, theirs = to_dict(config.model), to_dict(source.model)
+    shape_keys = ("patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio", "class_token", "pos_embed", "conv_stem")
+    differ = [k for k in shape_keys if mine[k] != theirs[k]]
+    if not isinstance(encoder, VisionTransformer) or differ or source.data.image_size != config.data.image_size:
+        raise ConfigError(f"clip.image_init={config.clip.image_init}: its encoder does not have this run's shape "
+                          f"({', '.join(f'model.{k} {theirs[k]} vs {mine[k]}' for k in differ) or 'image size / kind'});"
+                          " set model.* to match it")
+    return save({k: v.contiguous() for k, v in encoder.state_dict().items()})
+
+
+def build(config: PretrainConfig, artifacts: dict[str, bytes]) -> CLIP:
+    from safetensors.torch import load
+
+    clip = config.clip
+    if config.train.grad_accum > 1:  # each micro-batch's negatives would be a different, smaller set
+        raise ConfigError("clip: train.grad_accum > 1 would shrink the contrastive batch (accumulation with cached "
+                          "features is not implemented); raise train.batch_size or add processes instead")
+    image = VisionTransformer(config.model, config.data.image_size, config.data.channels)
+    if IMAGE_INIT in artifacts:
+        image.load_state_dict(load(artifacts[IMAGE_INIT]))
+    text = TextTransformer(clip.vocab_size, clip.context_length, clip.text_width, clip.text_depth, clip.text_heads)
+    return CLIP(image, text, clip, artifacts[TOKENIZER])
+
+
+SPEC = ObjectiveSpec(
+    name="clip", build=build, section="clip", section_type=CLIPConfig, fit_artifacts=fit_artifacts,
+    # the paper's optimizer (AdamW betas 0.9/0.98, eps 1e-6, wd 0.2), crops that keep most of the
+    # image and no flips (captions say "left"), gap pooling of the image tower
+    defaults={"optim": {"betas": [0.9, 0.98], "eps": 1e-6, "weight_decay": 0.2, "base_lr": 1e-3,
+                        "warmup_fraction": 0.1},
+              "data": {"crop_scale_min": 0.9, "hflip": False}, "model": {"pool": "gap"}},
+    summary="CLIP: contrastive image-text pretraining (tokenizer fitted on the captions; LiT with clip.image_init)",
+)
+

@@ -1,0 +1,142 @@
+"""CLIP: tokenizer artefact, global negatives across processes, LiT, zero-shot, bad input."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from vitpipe.cli import main
+from vitpipe.config import IngestConfig
+from vitpipe.pipeline.ingest import ingest
+from vitpipe.ssl import registry
+from vitpipe.ssl.checkpoints import list_checkpoints
+
+COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220)}
+ARGS = ["model.size=micro", "data.image_size=16", "train.batch_size=8", "train.log_every=1", "data.num_workers=0",
+        "data.shuffle_buffer=10", "train.tensorboard=false", "clip.vocab_size=300", "clip.text_width=32",
+        "clip.text_depth=1", "clip.text_heads=2", "clip.embed_dim=32", "clip.context_length=8"]
+
+
+@pytest.fixture
+def caption_shards(tmp_path):
+    """Coloured shapes in class folders, titled by file name (no sidecar files): image-text pairs."""
+    rng = np.random.default_rng(0)
+    for name, colour in COLOURS.items():
+        (tmp_path / "art" / name).mkdir(parents=True)
+        for index in range(12):
+            image = np.full((16, 16, 3), 255, dtype=np.uint8)
+            top, left = rng.integers(0, 8, size=2)
+            image[top:top + 8, left:left + 8] = colour
+            Image.fromarray(image).save(tmp_path / "art" / name / f"{name}_square_number_{index}.png")
+    ingest(str(tmp_path / "art"), tmp_path / "shards", IngestConfig(shard_size=12, val_fraction=0.25,
+                                                                     filename_captions=True), progress=False)
+    return tmp_path / "shards"
+
+
+def test_clip_end_to_end_through_the_cli(caption_shards, tmp_path):
+    run = tmp_path / "run"
+    assert main(["pretrain", "clip", "--data", str(caption_shards / "train"), "--out", str(run), *ARGS,
+                 "train.max_steps=6", "train.ckpt_every_steps=3"]) == 0
+    info = json.loads((run / "run.json").read_text())
+    assert set(info["artifacts"]) == {"tokenizer.json"}
+    config = (run / "config.yaml").read_text()
+    assert "- 0.98" in config and "eps: 1.0e-06" in config and "weight_decay: 0.2" in config  # CLIP's recipe
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["logit_scale"] <= 100 for r in records) and records[0]["logit_scale"] == pytest.approx(1 / 0.07, rel=1e-3)
+    common = ["--test", str(caption_shards / "val"), "--workers", "0"]
+    assert main(["eval", "zero-shot", str(run), *common]) == 0
+    assert main(["eval", "zero-shot", str(run), *common, "--init", "random"]) == 0
+    result = json.loads((run / "eval" / "zero-shot.json").read_text())
+    assert result["classes"] == ["blue", "green", "red"] and result["chance"] == pytest.approx(1 / 3)
+    expected = sum(json.loads((caption_shards / "val" / "sizes.json").read_text()).values())
+    assert 0 <= result["top1"] <= result["top5"] == 1.0 and result["test_samples"] == expected
+    assert (run / "eval" / "zero-shot.random.json").is_file()
+    assert main(["eval", "knn", str(run), "--train", str(caption_shards / "train"), *common]) == 0  # image tower
+    assert main(["pretrain", "clip", "--data", str(caption_shards / "train"), "--out", str(run), "--resume", "auto",
+                 *ARGS, "train.max_steps=8", "train.ckpt_every_steps=3"]) == 0
+    assert json.loads((run / "run.json").read_text())["artifacts"] == info["artifacts"]  # not refitted
+
+
+def test_shards_without_captions_are_one_clear_error(tiny_shards, tmp_path, capsys):
+    assert main(["pretrain", "clip", "--data", str(tiny_shards), "--out", str(tmp_path / "run"), *ARGS]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "has no caption" in err[0]
+
+
+def test_long_captions_are_cut_and_counted(caption_shards, tmp_path):
+    run = tmp_path / "run"
+    assert main(["pretrain", "clip", "--data", str(caption_shards / "train"), "--out", str(run), *ARGS,
+                 "train.max_steps=2", "clip.context_length=4"]) == 0  # "red square number 3" > 2 words
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["captions_truncated"] == 8 for r in records)
+
+
+def test_locked_image_tuning_from_another_run(caption_shards, tmp_path, capsys):
+    mae = tmp_path / "mae"
+    assert main(["pretrain", "mae", "--data", str(caption_shards / "train"), "--out", str(mae),
+                 *[a for a in ARGS if not a.startswith("clip.")], "model.pool=gap", "mae.decoder_dim=32",
+                 "mae.decoder_heads=2", "mae.decoder_depth=1", "train.max_steps=2"]) == 0
+    lit = tmp_path / "lit"
+    assert main(["pretrain", "clip", "--data", str(caption_shards / "train"), "--out", str(lit), *ARGS,
+                 "train.max_steps=3", f"clip.image_init={mae}", "clip.lock_image=true"]) == 0
+    start, end = load_file(mae / "encoder.safetensors"), load_file(lit / "encoder.safetensors")
+    assert all(torch.equal(start[k], end[k]) for k in start)  # locked: the MAE encoder, untouched
+    capsys.readouterr()
+    assert main(["pretrain", "clip", "--data", str(caption_shards / "train"), "--out", str(tmp_path / "bad"), *ARGS,
+                 "model.patch_size=2", f"clip.image_init={mae}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "model.patch_size 4 vs 2" in err[0]
+    assert not list_checkpoints(tmp_path / "bad")
+
+
+def _clip_worker(rank: int, init_file: str, out_dir: str, state: dict, images, tokens) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    model = _tiny_clip(state)
+    half = slice(4 * rank, 4 * (rank + 1))
+    loss, _ = model.forward_loss(model.encode_image(images[half]), model.encode_text(tokens[half]))
+    loss.backward()
+    grads = {}
+    for name, param in model.named_parameters():
+        if param.grad is not None:
+            dist.all_reduce(param.grad)  # what DDP does: the mean over processes
+            grads[name] = param.grad / 2
+    torch.save({"loss": loss.detach(), "grads": grads}, f"{out_dir}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def _tiny_clip(state=None):
+    from vitpipe.ssl.clip import fit_artifacts
+
+    config = registry.pretrain_config("clip", None, ARGS)
+    read = lambda fields, limit: iter([{"text": ["red square", "green square", "blue square"] * 20}])  # noqa: E731
+    torch.manual_seed(0)
+    model = registry.build_objective(config, fit_artifacts(config, read))
+    if state is not None:
+        model.load_state_dict(state)
+    return model
+
+
+def test_global_negatives_equal_one_process_on_the_whole_batch(tmp_path):
+    """2 gloo processes with 4 pairs each: the loss and the (DDP-averaged) gradients equal one
+    process's on all 8 pairs, to 1e-5."""
+    import torch.multiprocessing as mp
+
+    model = _tiny_clip()
+    images = torch.randn(8, 3, 16, 16)
+    tokens, _ = model.tokenize.encode([f"{c} square {i}" for i in range(4) for c in ("red", "blue")])
+    mp.spawn(_clip_worker, args=(str(tmp_path / "init"), str(tmp_path), model.state_dict(), images, tokens),
+             nprocs=2, join=True)
+    loss, _ = model.forward_loss(model.encode_image(images), model.encode_text(tokens))
+    loss.backward()
+    for rank in range(2):
+        saved = torch.load(tmp_path / f"rank{rank}.pt")
+        assert saved["loss"].item() == pytest.approx(loss.item(), abs=1e-5)
+        for name, grad in saved["grads"].items():
+            assert torch.allclose(grad, dict(model.named_parameters())[name].grad, atol=1e-5), name
