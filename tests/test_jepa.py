@@ -13,7 +13,6 @@ import torch
 from safetensors.torch import load_file
 
 from vitpipe.cli import main
-from vitpipe.config import ConfigError
 from vitpipe.ssl import registry
 from vitpipe.ssl.checkpoints import list_checkpoints
 from vitpipe.ssl.masking import MultiBlockMasks

@@ -3,6 +3,9 @@ for every objective (JEPA-style objectives can collapse silently: their loss sti
 
 from __future__ import annotations
 
+import sys
+from typing import Any, Callable
+
 import torch
 from torch import nn
 
@@ -26,3 +29,15 @@ def feature_health(encoder: nn.Module, images: torch.Tensor) -> dict[str, float]
     p = singular / total
     entropy = -(p[p > 0] * p[p > 0].log()).sum()
     return {"feature_std": features.std(dim=0).mean().item(), "effective_rank": entropy.exp().item()}
+
+
+def monitor(encoder: nn.Module, images: torch.Tensor, step: int, train: Any,
+            log_event: Callable[[dict[str, Any]], None]) -> dict[str, float]:
+    """The health numbers of this step; a warning line and a `collapse` event when the feature std
+    or the effective rank falls below train.collapse_min_std / train.collapse_min_rank."""
+    health = feature_health(encoder, images)
+    if health["feature_std"] < train.collapse_min_std or health["effective_rank"] < train.collapse_min_rank:
+        print(f"warning: step {step}: the representation may be collapsing (feature std "
+              f"{health['feature_std']:.2e}, effective rank {health['effective_rank']:.2f})", file=sys.stderr)
+        log_event({"step": step, "event": "collapse", **health})
+    return health

@@ -25,7 +25,7 @@ from vitpipe.pipeline.loader import LoaderSpec, ReadTally, ShardDataset, counted
 from vitpipe.pipeline.shardset import resolve_shards
 from vitpipe.pipeline.transforms import TransformSpec
 from vitpipe.ssl import artifacts, checkpoints, optim, registry, rundir
-from vitpipe.ssl.health import feature_health
+from vitpipe.ssl.health import monitor
 from vitpipe.ssl.launch import RunLock, StopFlag, check_launch
 from vitpipe.ssl.objective import Objective
 from vitpipe.ssl.rundir import JsonLines
@@ -347,17 +347,10 @@ class Trainer:
             s.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{record['lr']:.2e}", img_s=record["img_per_s"])
 
     def _health(self, s: _Session) -> dict[str, float]:
-        """Feature std and effective rank every train.health_every steps; a warning line and a
-        `collapse` event when either falls below its threshold."""
         train = self.config.train
         if not train.health_every or s.state.step % train.health_every or s.images is None:
             return {}
-        health = feature_health(s.objective.encoder(), s.images)
-        if health["feature_std"] < train.collapse_min_std or health["effective_rank"] < train.collapse_min_rank:
-            print(f"warning: step {s.state.step}: the representation may be collapsing (feature std "
-                  f"{health['feature_std']:.2e}, effective rank {health['effective_rank']:.2f})", file=sys.stderr)
-            s.metrics.write({"step": s.state.step, "event": "collapse", **health})
-        return health
+        return monitor(s.objective.encoder(), s.images, s.state.step, train, s.metrics.write)
 
     def _checkpoint_due(self, step: int, last_checkpoint_time: float) -> bool:
         train = self.config.train
