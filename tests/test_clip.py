@@ -140,3 +140,28 @@ def test_global_negatives_equal_one_process_on_the_whole_batch(tmp_path):
         assert saved["loss"].item() == pytest.approx(loss.item(), abs=1e-5)
         for name, grad in saved["grads"].items():
             assert torch.allclose(grad, dict(model.named_parameters())[name].grad, atol=1e-5), name
+
+
+def test_retrieval_both_ways_and_text_queries(caption_shards, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["pretrain", "clip", "--data", str(caption_shards / "train"), "--out", str(run), *ARGS,
+                 "train.max_steps=4"]) == 0
+    capsys.readouterr()
+    assert main(["eval", "retrieval", str(run), "--index", str(caption_shards / "val"), "--workers", "0",
+                 "--text", "a red square", "--top-k", "3"]) == 0
+    out = capsys.readouterr().out
+    result = json.loads((run / "eval" / "retrieval-text.json").read_text())
+    assert set(result["image_to_text"]) == set(result["text_to_image"]) == {"1", "5", "10"}
+    assert result["text_to_image"]["10"] >= result["text_to_image"]["1"] and result["size"] > 0
+    hits = [line.split("\t") for line in out.splitlines() if line.count("\t") == 2]
+    assert len(hits) == 3 and (run / "eval" / "retrieval-text" / "query_text.png").is_file()
+    assert json.loads((run / "eval" / "retrieval.json").read_text())["size"] == result["size"]  # image->image too
+
+
+def test_paired_recall_counts_the_own_pair():
+    from vitpipe.downstream.imagetext import paired_recall
+
+    database = torch.eye(4)
+    queries = torch.tensor([[1.0, 0, 0, 0], [0.2, 0.1, 1.0, 0.3], [0, 0, 1.0, 0.1], [0, 0, 0, 1.0]])
+    recall = paired_recall(queries, database, ks=(1, 2, 4))
+    assert recall == {"1": 0.75, "2": 0.75, "4": 1.0}  # query 1 ranks its own pair last

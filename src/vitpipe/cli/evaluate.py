@@ -98,8 +98,10 @@ def eval_retrieval(
     hnsw_m: Annotated[int, typer.Option(help="HNSW neighbours per node.")] = 32,
     init: InitOpt = "trained", pixels: PixelsOpt = False, pool: PoolOpt = None, workers: WorkersOpt = 2,
     max_skipped: MaxSkippedOpt = 0.01,
+    text: Annotated[Optional[str], typer.Option("--text", help="Image-text runs: a caption to search images for.")] = None,
 ) -> None:
-    """Build a FAISS index over shards (saved in RUN/eval/retrieval/), report recall@1/5/10, answer --query."""
+    """Build a FAISS index over shards (saved in RUN/eval/retrieval/), report recall@1/5/10, answer
+    --query; for image-text runs also recall both ways between images and their captions, and --text."""
     from vitpipe.downstream.evaluate import eval_retrieval as run_retrieval, hit_grid, query_image, run_dir_of, source_for
     from vitpipe.downstream.retrieval import IndexSettings
     from vitpipe.pipeline.shardset import resolve_shards
@@ -121,6 +123,27 @@ def eval_retrieval(
             typer.echo(f"{rank}\t{key}\t{similarity:.4f}")
         grid = hit_grid(query, hits, index, index_dir / f"query_{Path(query).stem}.png")
         typer.echo(f"wrote {grid}")
+    _text_retrieval(source, index, text, top_k, workers, max_skipped)
+
+
+def _text_retrieval(source, index: str, text: str | None, top_k: int, workers: int, max_skipped: float) -> None:
+    from vitpipe.downstream.evaluate import hit_grid
+    from vitpipe.downstream.imagetext import eval_text_retrieval, query_text
+    from vitpipe.ssl import registry
+
+    if source.kind == "pixels" or "text" not in registry.get(source.config.objective).towers:
+        if text is not None:
+            raise ConfigError(f"--text needs an image-text run (clip); this run is {source.config.objective}")
+        return
+    path, result = eval_text_retrieval(source, index, workers, max_skipped)
+    rows = [(f"{direction} recall@{k}", f"{v:.4f}") for direction in ("image_to_text", "text_to_image")
+            for k, v in result[direction].items()]
+    _print_result("image-text retrieval", rows, path)
+    if text is not None:
+        hits = query_text(source, text, top_k)
+        for rank, (key, similarity) in enumerate(hits, 1):
+            typer.echo(f"{rank}\t{key}\t{similarity:.4f}")
+        typer.echo(f"wrote {hit_grid(text, hits, index, path.parent / 'retrieval-text' / 'query_text.png')}")
 
 
 @user_errors
@@ -170,7 +193,7 @@ def eval_zero_shot(
 ) -> None:
     """Zero-shot classification by class-name prompts (image-text objectives such as clip)."""
     from vitpipe.downstream.evaluate import source_for
-    from vitpipe.downstream.zeroshot import eval_zero_shot as run_zero_shot
+    from vitpipe.downstream.imagetext import eval_zero_shot as run_zero_shot
 
     path, result = run_zero_shot(source_for(run, init, False), test, classes, templates, workers, max_skipped)
     _print_result("zero-shot", [("top1", f"{result['top1']:.4f}"), ("top5", f"{result['top5']:.4f}"),

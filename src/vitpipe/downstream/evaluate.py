@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import textwrap
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -181,8 +182,8 @@ def _has_labels(shard_url: str) -> bool:
     return False
 
 
-def hit_grid(query_path: Path, hits: list[tuple[str, float]], shard_spec: str, out: Path) -> Path:
-    """A PNG: the query, then its hits with their similarity."""
+def hit_grid(query: Path | str, hits: list[tuple[str, float]], shard_spec: str, out: Path) -> Path:
+    """A PNG: the query (an image file, or a text), then its hits with their similarity."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -194,8 +195,12 @@ def hit_grid(query_path: Path, hits: list[tuple[str, float]], shard_spec: str, o
     images = images_by_key(shard_spec, {key for key, _ in hits})
     fig, axes = plt.subplots(1, len(hits) + 1, figsize=(1.6 * (len(hits) + 1), 2.0))
     axes = np.atleast_1d(axes)
-    axes[0].imshow(decode_rgb(Path(query_path).read_bytes()))
-    axes[0].set_title("query", fontsize=8)
+    if isinstance(query, Path):
+        axes[0].imshow(decode_rgb(query.read_bytes()))
+        axes[0].set_title("query", fontsize=8)
+    else:
+        axes[0].text(0.5, 0.5, "\n".join(textwrap.wrap(query, 14)), ha="center", va="center", fontsize=8)
+        axes[0].set_title("text query", fontsize=8)
     for axis, (key, similarity) in zip(axes[1:], hits):
         if key in images:
             axis.imshow(images[key])

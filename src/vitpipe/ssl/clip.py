@@ -168,5 +168,6 @@ SPEC = ObjectiveSpec(
                         "warmup_fraction": 0.1},
               "data": {"crop_scale_min": 0.9, "hflip": False}, "model": {"pool": "gap"}},
     summary="CLIP: contrastive image-text pretraining (tokenizer fitted on the captions; LiT with clip.image_init)",
+    towers=("image", "text"),
 )
 

@@ -104,3 +104,5 @@ class ObjectiveSpec:
     RUN/artifacts/, checksummed in run.json, handed to ``build`` by every later command."""
     summary: str = ""
     """One line for `vitpipe pretrain --help` and `vitpipe config show --objective`."""
+    towers: tuple[str, ...] = ("image",)
+    """What it embeds: ("image",), or ("image", "text") for image-text models (zero-shot, text retrieval)."""

@@ -1,4 +1,5 @@
-"""Zero-shot classification with an image-text model: class-name prompts as the classifier."""
+"""Image-text evaluations: zero-shot classification (class-name prompts as the classifier) and
+retrieval both ways between images and their captions."""
 
 from __future__ import annotations
 
@@ -100,3 +101,63 @@ def eval_zero_shot(source: EncoderSource, test: str, classes_file: Path | None =
     payload = {"top1": top1 / tally.read, "top5": top5 / tally.read, "chance": 1 / len(names), "classes": names,
                "templates": templates, "test_samples": tally.read, "samples": {"test": tally.as_dict()}}
     return write_result(source, "zero-shot", payload, {"test": test}, time.monotonic() - start), payload
+
+
+@torch.no_grad()
+def embed_pairs(model, source: EncoderSource, spec: str, workers: int, max_skipped: float):
+    """Image and caption embeddings of every pair in ``spec``: ([N, E], [N, E], keys, tally)."""
+    config = source.config
+    shards = resolve_shards(spec)
+    transform = TransformSpec("eval", config.data.image_size, config.data.channels, mean=tuple(config.data.mean),
+                              std=tuple(config.data.std))
+    loader = make_loader(LoaderSpec(shards, 256, transform, train=False, fields=("image", "text", "key")), workers)[1]
+    tally = ReadTally(shards.expected)
+    images, texts, keys = [], [], []
+    for batch in counted(loader, tally):
+        images.append(model.encode_image(batch["image"]))
+        texts.append(model.encode_text(model.tokenize.encode(batch["text"])[0]))
+        keys.extend(batch["key"])
+    check_tally(spec, FeatureSet({}, None, [], tally), max_skipped)
+    if not keys:
+        raise ConfigError(f"no image-caption pairs in {spec}")
+    return torch.cat(images), torch.cat(texts), keys, tally
+
+
+def paired_recall(queries: torch.Tensor, database: torch.Tensor, ks=(1, 5, 10)) -> dict[str, float]:
+    """Fraction of queries whose own pair (the same row) is among their k nearest (cosine)."""
+    ranks = (queries @ database.T).argsort(dim=1, descending=True)
+    own = (ranks == torch.arange(len(queries)).unsqueeze(1)).float().argmax(dim=1)
+    return {str(k): (own < k).float().mean().item() for k in ks}
+
+
+def eval_text_retrieval(source: EncoderSource, index: str, workers: int = 2,
+                        max_skipped: float = 0.01) -> tuple[Path, dict[str, Any]]:
+    """recall@1/5/10 image->text and text->image over the pairs of ``index`` (a hit is the pair's
+    own caption or image); the embeddings are kept for ``query_text``."""
+    import numpy as np
+
+    start = time.monotonic()
+    model = load_image_text_model(source)
+    images, texts, keys, tally = embed_pairs(model, source, index, workers, max_skipped)
+    directory = run_dir_of(source.run) / "eval" / f"retrieval-text{source.baseline_suffix}"
+    directory.mkdir(parents=True, exist_ok=True)
+    np.savez(directory / "pairs.npz", images=images.numpy(), keys=np.array(keys))
+    (directory / "pairs.json").write_text(json.dumps({"shards": index, "shards_identity":
+                                                      resolve_shards(index).identity()}))
+    payload = {"image_to_text": paired_recall(images, texts), "text_to_image": paired_recall(texts, images),
+               "size": len(keys), "samples": {"index": tally.as_dict()}}
+    return write_result(source, "retrieval-text", payload, {"index": index}, time.monotonic() - start), payload
+
+
+@torch.no_grad()
+def query_text(source: EncoderSource, text: str, top_k: int) -> list[tuple[str, float]]:
+    """Nearest images (keys, cosine) of a caption among those embedded by ``eval_text_retrieval``."""
+    import numpy as np
+
+    directory = run_dir_of(source.run) / "eval" / f"retrieval-text{source.baseline_suffix}"
+    with np.load(directory / "pairs.npz", allow_pickle=False) as stored:
+        images, keys = torch.from_numpy(stored["images"]), stored["keys"].tolist()
+    model = load_image_text_model(source)
+    scores = images @ model.encode_text(model.tokenize.encode([text])[0])[0]
+    best = scores.topk(min(top_k, len(keys)))
+    return [(keys[i], float(s)) for s, i in zip(best.values.tolist(), best.indices.tolist())]
