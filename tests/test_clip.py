@@ -165,3 +165,27 @@ def test_paired_recall_counts_the_own_pair():
     queries = torch.tensor([[1.0, 0, 0, 0], [0.2, 0.1, 1.0, 0.3], [0, 0, 1.0, 0.1], [0, 0, 0, 1.0]])
     recall = paired_recall(queries, database, ks=(1, 2, 4))
     assert recall == {"1": 0.75, "2": 0.75, "4": 1.0}  # query 1 ranks its own pair last
+
+
+def test_accumulation_keeps_the_whole_batch_as_negatives():
+    """4 micro-batches of 16 give the loss and gradients of one batch of 64 (1e-5)."""
+    model = _tiny_clip()
+    images = torch.randn(64, 3, 16, 16)
+    tokens, _ = model.tokenize.encode([f"{c} square {i}" for i in range(32) for c in ("red", "blue")])
+    loss, _ = model.forward_loss(model.encode_image(images), model.encode_text(tokens))
+    loss.backward()
+    whole = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    batches = [{"image": images[i:i + 16], "tokens": tokens[i:i + 16]} for i in range(0, 64, 16)]
+    output = model.backward_accumulated(batches, lambda micro_loss: micro_loss.backward())
+    assert output.loss.item() == pytest.approx(loss.item(), abs=1e-5)
+    for name, grad in whole.items():
+        assert torch.allclose(dict(model.named_parameters())[name].grad, grad, atol=1e-5), name
+
+
+def test_trainer_uses_contrastive_accumulation(caption_shards, tmp_path):
+    run = tmp_path / "run"
+    assert main(["pretrain", "clip", "--data", str(caption_shards / "train"), "--out", str(run), *ARGS,
+                 "train.max_steps=3", "train.batch_size=4", "train.grad_accum=2"]) == 0
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3] and all(r["samples"] == 8 * r["step"] for r in records)

@@ -61,3 +61,20 @@ def load(run_dir: Path) -> dict[str, bytes]:
             raise CheckpointError(f"artefact {path} does not match the sha256 in run.json (damaged)")
         files[name] = data
     return files
+
+
+def read_samples(data, fields: tuple[str, ...], limit: int):
+    """Decoded batches of the training shards (``data``: the run's DataConfig), each sample once,
+    no augmentation, until ``limit`` samples: what a fitter reads."""
+    from vitpipe.pipeline.loader import LoaderSpec, ReadTally, counted, make_loader
+    from vitpipe.pipeline.shardset import resolve_shards
+    from vitpipe.pipeline.transforms import TransformSpec
+
+    transform = TransformSpec("eval", data.image_size, data.channels, mean=tuple(data.mean), std=tuple(data.std))
+    spec = LoaderSpec(resolve_shards(data.shards), 256, transform, train=False, fields=fields)
+    seen = 0
+    for batch in counted(make_loader(spec, data.num_workers)[1], ReadTally(None), fields[0]):
+        yield batch
+        seen += len(batch[fields[0]])
+        if seen >= limit:
+            return

@@ -101,11 +101,13 @@ class CLIP(Objective):
         """[B, L] token ids -> [B, E], unit length."""
         return F.normalize(self.text_proj(self.text(tokens)), dim=-1)
 
-    def forward_loss(self, image: torch.Tensor, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward_loss(self, image: torch.Tensor, text: torch.Tensor,
+                     scale_grad: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """Symmetric cross-entropy over the global batch (every process's pairs are negatives for
         every other's); returns (loss, image-to-text top-1 accuracy)."""
         image, text = gather_with_grad(image), gather_with_grad(text)
-        logits = self.logit_scale.exp() * image @ text.T
+        scale = self.logit_scale if scale_grad else self.logit_scale.detach()
+        logits = scale.exp() * image @ text.T
         labels = torch.arange(len(image), device=image.device)
         loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
         return loss, (logits.argmax(dim=1) == labels).float().mean()
@@ -114,6 +116,25 @@ class CLIP(Objective):
         loss, accuracy = self.forward_loss(self.encode_image(batch["image"]), self.encode_text(batch["tokens"]))
         return Output(loss, {"logit_scale": self.logit_scale.exp().item(), "batch_i2t_top1": accuracy,
                              "captions_truncated": float(batch.get("captions_truncated", 0))})
+
+    def backward_accumulated(self, batches: list[dict[str, Any]], backward) -> Output:
+        """Gradient accumulation that keeps the whole step's batch as negatives (open_clip's
+        accum_freq): features of every micro-batch without gradient, then each micro-batch again
+        with gradient against the cached rest; the summed gradients are the full batch's.
+        ``backward(loss)`` is called once per micro-batch; nothing is called for a non-finite loss."""
+        with torch.no_grad():
+            cached = [(self.encode_image(b["image"]), self.encode_text(b["tokens"])) for b in batches]
+            loss, accuracy = self.forward_loss(torch.cat([c[0] for c in cached]), torch.cat([c[1] for c in cached]))
+        if torch.isfinite(loss):
+            for index, batch in enumerate(batches):
+                own = (self.encode_image(batch["image"]), self.encode_text(batch["tokens"]))
+                mixed = [own if i == index else c for i, c in enumerate(cached)]
+                # every pass computes the same full-batch loss: the temperature's gradient is taken once
+                backward(self.forward_loss(torch.cat([m[0] for m in mixed]), torch.cat([m[1] for m in mixed]),
+                                           scale_grad=index == 0)[0])
+        truncated = sum(float(b.get("captions_truncated", 0)) for b in batches)
+        return Output(loss, {"logit_scale": self.logit_scale.exp().item(), "batch_i2t_top1": accuracy,
+                             "captions_truncated": truncated})
 
     @torch.no_grad()
     def on_step_end(self, step: int, max_steps: int) -> None:
@@ -150,9 +171,6 @@ def build(config: PretrainConfig, artifacts: dict[str, bytes]) -> CLIP:
     from safetensors.torch import load
 
     clip = config.clip
-    if config.train.grad_accum > 1:  # each micro-batch's negatives would be a different, smaller set
-        raise ConfigError("clip: train.grad_accum > 1 would shrink the contrastive batch (accumulation with cached "
-                          "features is not implemented); raise train.batch_size or add processes instead")
     image = VisionTransformer(config.model, config.data.image_size, config.data.channels)
     if IMAGE_INIT in artifacts:
         image.load_state_dict(load(artifacts[IMAGE_INIT]))

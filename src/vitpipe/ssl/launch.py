@@ -102,3 +102,28 @@ class StopFlag:
     def restore(self) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+
+
+def make_accelerator(train: Any, run_dir: Path):
+    """(Accelerator, precision) for a run: CPU forced without CUDA (a plain Accelerator() on a
+    GPU-less --multi_gpu launch trains N unlinked copies), bf16 where the GPU has it, fp32 on CPU;
+    trackers under RUN/tb; launches that train the wrong thing refused."""
+    import torch
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+
+    cuda = torch.cuda.is_available()
+    precision = train.precision
+    if precision == "auto":
+        precision = "bf16" if cuda and torch.cuda.is_bf16_supported() else "fp32"
+    trackers = ["tensorboard"] if train.tensorboard else []
+    if train.wandb:
+        trackers.append("wandb")
+    accelerator = Accelerator(
+        cpu=not cuda, mixed_precision={"fp32": "no"}.get(precision, precision),
+        gradient_accumulation_steps=train.grad_accum, log_with=trackers or None,
+        project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "tb")),
+        step_scheduler_with_optimizer=False,
+    )
+    check_launch(accelerator.num_processes)
+    return accelerator, precision

@@ -148,3 +148,15 @@ def record_session(run_dir: Path, config: PretrainConfig, launch: dict[str, Any]
                              "slurm_restart_count": os.environ.get("SLURM_RESTART_COUNT")})
     info.pop("encoder_sha256", None)  # until this session exports a new encoder
     write_atomic(run_dir / "run.json", json.dumps(info, indent=2))
+
+
+def export_encoder(run_dir: Path, encoder) -> None:
+    """RUN/encoder.safetensors (what eval and export read; decoders and heads are training-only),
+    its sha256 and depth in run.json so a damaged file is never evaluated."""
+    from safetensors.torch import save_file
+
+    tmp = run_dir / "encoder.safetensors.tmp"
+    save_file({k: v.detach().cpu().contiguous() for k, v in encoder.state_dict().items()}, tmp)
+    digest = checkpoints.sha256_file(tmp)
+    os.replace(tmp, run_dir / "encoder.safetensors")
+    update_run_info(run_dir, {"encoder_sha256": digest, "encoder_depth": encoder.depth})

@@ -10,8 +10,8 @@ SIGUSR1 after a complete checkpoint; rerun the same command with ``--resume auto
 
 from __future__ import annotations
 
+import functools
 import json
-import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -20,13 +20,13 @@ from typing import Any, Callable
 
 import torch
 
-from vitpipe.config import PretrainConfig, to_dict
-from vitpipe.pipeline.loader import LoaderSpec, ReadTally, ShardDataset, counted, make_loader
+from vitpipe.config import ConfigError, PretrainConfig, to_dict
+from vitpipe.pipeline.loader import LoaderSpec, ShardDataset, make_loader
 from vitpipe.pipeline.shardset import resolve_shards
 from vitpipe.pipeline.transforms import TransformSpec
 from vitpipe.ssl import artifacts, checkpoints, optim, registry, rundir
 from vitpipe.ssl.health import monitor
-from vitpipe.ssl.launch import RunLock, StopFlag, check_launch
+from vitpipe.ssl.launch import RunLock, StopFlag, make_accelerator
 from vitpipe.ssl.objective import Objective
 from vitpipe.ssl.rundir import JsonLines
 
@@ -120,7 +120,7 @@ class Trainer:
         """Called on the main process after a signal checkpoint (e.g. SLURM requeue); its dict is logged."""
 
     def run(self) -> RunSummary:
-        accelerator, precision = self._accelerator()
+        accelerator, precision = make_accelerator(self.config.train, self.run_dir)
         if self.config.train.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
         lock = RunLock(self.run_dir)
@@ -137,29 +137,6 @@ class Trainer:
             lock.release()
 
     # -- setup -----------------------------------------------------------------------------
-
-    def _accelerator(self):
-        from accelerate import Accelerator
-        from accelerate.utils import ProjectConfiguration
-
-        train = self.config.train
-        cuda = torch.cuda.is_available()
-        precision = train.precision
-        if precision == "auto":
-            precision = "bf16" if cuda and torch.cuda.is_bf16_supported() else "fp32"
-        trackers = ["tensorboard"] if train.tensorboard else []
-        if train.wandb:
-            trackers.append("wandb")
-        accelerator = Accelerator(
-            cpu=not cuda,  # a plain Accelerator() on a GPU-less --multi_gpu launch trains N unlinked copies
-            mixed_precision={"fp32": "no"}.get(precision, precision),
-            gradient_accumulation_steps=train.grad_accum,
-            log_with=trackers or None,
-            project_config=ProjectConfiguration(project_dir=str(self.run_dir), logging_dir=str(self.run_dir / "tb")),
-            step_scheduler_with_optimizer=False,
-        )
-        check_launch(accelerator.num_processes)
-        return accelerator, precision
 
     def _setup(self, accelerator, precision: str) -> _Session:
         from accelerate.utils import set_seed
@@ -208,22 +185,10 @@ class Trainer:
             return {}
         if refit or not artifacts.recorded(self.run_dir):
             if accelerator.is_main_process:
-                files = spec.fit_artifacts(self.config, self._read_samples)
+                files = spec.fit_artifacts(self.config, functools.partial(artifacts.read_samples, self.config.data))
                 rundir.update_run_info(self.run_dir, {"artifacts": artifacts.save(self.run_dir, files)})
             accelerator.wait_for_everyone()
         return artifacts.load(self.run_dir)
-
-    def _read_samples(self, fields: tuple[str, ...], limit: int):
-        """Decoded batches of the training shards, each sample once, no augmentation (for fitting)."""
-        data = self.config.data
-        transform = TransformSpec("eval", data.image_size, data.channels, mean=tuple(data.mean), std=tuple(data.std))
-        spec = LoaderSpec(resolve_shards(data.shards), 256, transform, train=False, fields=fields)
-        seen = 0
-        for batch in counted(make_loader(spec, data.num_workers)[1], ReadTally(None), fields[0]):
-            yield batch
-            seen += len(batch[fields[0]])
-            if seen >= limit:
-                return
 
     def _loader(self, objective: Objective, rank: int, world: int) -> tuple[ShardDataset, Any]:
         data, train = self.config.data, self.config.train
@@ -242,11 +207,22 @@ class Trainer:
     # -- the loop --------------------------------------------------------------------------
 
     def _loop(self, s: _Session) -> None:
-        max_steps = self.config.train.max_steps
+        max_steps, accum = self.config.train.max_steps, self.config.train.grad_accum
+        grouped = accum > 1 and hasattr(s.objective, "backward_accumulated")
+        if grouped and s.accelerator.num_processes > 1:
+            raise ConfigError(f"{self.config.objective}: train.grad_accum > 1 runs on one process; with several, "
+                              "raise train.batch_size instead (the contrastive batch is global already)")
         while s.state.step < max_steps:
             s.dataset.set_position(s.state.epoch, s.state.batches_in_epoch)
+            group: list[dict[str, Any]] = []
             for batch in s.loader:
-                output, flags = self._micro_step(s, batch)
+                if grouped:  # a contrastive step needs all its micro-batches before any backward
+                    group.append(batch)
+                    if len(group) < accum:
+                        continue
+                    output, flags, group = *self._group_step(s, group), []
+                else:
+                    output, flags = self._micro_step(s, batch)
                 if output is None or not s.accelerator.sync_gradients:
                     continue
                 self._end_of_step(s, output, flags)
@@ -257,18 +233,23 @@ class Trainer:
                 s.state.batches_in_epoch = 0
         s.last_checkpoint = self._save(s)
 
-    def _micro_step(self, s: _Session, batch: dict[str, Any]):
-        """Forward/backward of one micro-batch: (output, [non-finite, signalled, checkpoint due]),
-        or (None, flags) for a skipped non-finite loss."""
+    def _prepare(self, s: _Session, batch: dict[str, Any]) -> dict[str, Any]:
+        """Count the loader's skipped samples, audit the keys, move the batch to the device."""
         from accelerate.utils import send_to_device
 
-        accelerator, optimizer_config = s.accelerator, self.config.optim
         s.decode_errors += sum(batch.pop("skipped").values()) + len(batch.pop("shard_errors"))
         if s.audit is not None:
             keys = batch["key"] if "key" in s.objective.batch_fields else batch.pop("key")
             s.audit.write({"step": s.state.step + 1, "keys": keys})
-        batch = send_to_device(batch, accelerator.device)
+        batch = send_to_device(batch, s.accelerator.device)
         s.images = batch.get("image")
+        return batch
+
+    def _micro_step(self, s: _Session, batch: dict[str, Any]):
+        """Forward/backward of one micro-batch: (output, [non-finite, signalled, checkpoint due]),
+        or (None, flags) for a skipped non-finite loss."""
+        accelerator, optimizer_config = s.accelerator, self.config.optim
+        batch = self._prepare(s, batch)
         with accelerator.accumulate(s.model):
             output = s.model(batch)
             # one all-reduce per micro-batch: non-finite loss, stop signal, checkpoint due
@@ -284,6 +265,26 @@ class Trainer:
                 s.optimizer.step()
             s.optimizer.zero_grad(set_to_none=True)
         s.state.batches_in_epoch += 1
+        if flags[0] == 0:
+            s.skipped_in_a_row = 0
+            return output, flags
+        self._skip_nonfinite(s)
+        return None, flags
+
+    def _group_step(self, s: _Session, group: list[dict[str, Any]]):
+        """One optimizer step from ``grad_accum`` micro-batches through the objective's own
+        ``backward_accumulated`` (one process; gradients are not divided by the micro-batch count)."""
+        batches = [self._prepare(s, batch) for batch in group]
+        scale = len(batches)  # accelerator.backward divides by grad_accum; the objective's losses must not be
+        output = s.objective.backward_accumulated(batches, lambda loss: s.accelerator.backward(loss * scale))
+        flags = [0.0 if torch.isfinite(output.loss.detach()) else 1.0, 1.0 if s.stop.signal else 0.0,
+                 1.0 if self._checkpoint_due(s.state.step + 1, s.last_checkpoint_time) else 0.0]
+        if flags[0] == 0:
+            if self.config.optim.clip_grad > 0:
+                torch.nn.utils.clip_grad_norm_(s.objective.parameters(), self.config.optim.clip_grad)
+            s.optimizer.step()
+        s.optimizer.zero_grad(set_to_none=True)
+        s.state.batches_in_epoch += len(batches)
         if flags[0] == 0:
             s.skipped_in_a_row = 0
             return output, flags
@@ -381,19 +382,7 @@ class Trainer:
                 json.dumps({"param_abs_sum": fingerprint, "global_batch": s.global_batch,
                             "world_size": s.accelerator.num_processes}))
         if s.accelerator.is_main_process:
-            self._export_encoder(s.objective)
+            rundir.export_encoder(self.run_dir, s.objective.encoder())
         return RunSummary(self.run_dir, s.state.step, s.last_loss, seconds, session_samples / max(seconds, 1e-9),
                           s.last_checkpoint, s.resumed_from, {"decode_errors": s.decode_errors},
                           s.accelerator.is_main_process)
-
-    def _export_encoder(self, objective: Objective) -> None:
-        """The encoder alone, for eval and export (the decoder/heads are training-only); its sha256
-        goes to run.json so a damaged file is never evaluated."""
-        from safetensors.torch import save_file
-
-        encoder = objective.encoder()
-        tmp = self.run_dir / "encoder.safetensors.tmp"
-        save_file({k: v.detach().cpu().contiguous() for k, v in encoder.state_dict().items()}, tmp)
-        digest = checkpoints.sha256_file(tmp)
-        os.replace(tmp, self.run_dir / "encoder.safetensors")
-        rundir.update_run_info(self.run_dir, {"encoder_sha256": digest, "encoder_depth": encoder.depth})
