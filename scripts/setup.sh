@@ -7,10 +7,10 @@ export DEBIAN_FRONTEND=noninteractive
 SUDO=""
 if [ "$(id -u)" != "0" ] && command -v sudo >/dev/null; then SUDO="sudo"; fi
 if command -v apt-get >/dev/null; then
-    # Fashion-MNIST (demo, benchmarks, slow tests); Chromium renders the report in its browser test;
+    # Fashion-MNIST (demo, benchmarks, slow tests) and openclipart (image-text benchmark); Chromium renders the report in its browser test;
     # slurm-wlm + munge run a real single-node SLURM for the cluster tests
     $SUDO apt-get update -qq
-    $SUDO apt-get install -y -qq dataset-fashion-mnist chromium slurm-wlm munge >/dev/null
+    $SUDO apt-get install -y -qq dataset-fashion-mnist openclipart-png chromium slurm-wlm munge >/dev/null
 fi
 # The two pins first: pip takes them from the local wheel cache on our machines; a looser
 # requirement would pull another multi-GB build.
