@@ -57,6 +57,9 @@ def test_clip_end_to_end_through_the_cli(caption_shards, tmp_path):
     assert 0 <= result["top1"] <= result["top5"] == 1.0 and result["test_samples"] == expected
     assert (run / "eval" / "zero-shot.random.json").is_file()
     assert main(["eval", "knn", str(run), "--train", str(caption_shards / "train"), *common]) == 0  # image tower
+    assert sum(map(sum, result["confusion"])) == expected
+    assert main(["report", str(run)]) == 0
+    assert "Zero-shot confusion" in (run / "report" / "index.html").read_text()
     assert main(["pretrain", "clip", "--data", str(caption_shards / "train"), "--out", str(run), "--resume", "auto",
                  *ARGS, "train.max_steps=8", "train.ckpt_every_steps=3"]) == 0
     assert json.loads((run / "run.json").read_text())["artifacts"] == info["artifacts"]  # not refitted

@@ -90,16 +90,19 @@ def eval_zero_shot(source: EncoderSource, test: str, classes_file: Path | None =
     loader = make_loader(LoaderSpec(shards, 256, transform, train=False, fields=("image", "label")), workers)[1]
     tally = ReadTally(shards.expected)
     top1 = top5 = 0
+    confusion = torch.zeros(len(names), len(names), dtype=torch.long)  # [true, predicted]
     for batch in counted(loader, tally):
         scores = model.encode_image(batch["image"]) @ classifier.T
         ranked = scores.topk(min(5, len(names)), dim=1).indices
         top1 += (ranked[:, 0] == batch["label"]).sum().item()
         top5 += (ranked == batch["label"].unsqueeze(1)).any(dim=1).sum().item()
+        confusion.index_put_((batch["label"], ranked[:, 0]), torch.ones(len(ranked), dtype=torch.long), accumulate=True)
     check_tally(test, FeatureSet({}, None, [], tally), max_skipped)
     if not tally.read:
         raise ConfigError(f"no test samples in {test}")
     payload = {"top1": top1 / tally.read, "top5": top5 / tally.read, "chance": 1 / len(names), "classes": names,
-               "templates": templates, "test_samples": tally.read, "samples": {"test": tally.as_dict()}}
+               "templates": templates, "test_samples": tally.read, "samples": {"test": tally.as_dict()},
+               "confusion": confusion.tolist()}
     return write_result(source, "zero-shot", payload, {"test": test}, time.monotonic() - start), payload
 
 

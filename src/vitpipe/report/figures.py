@@ -150,3 +150,17 @@ def retrieval_grid(queries: list[np.ndarray], hits: list[list[tuple[np.ndarray, 
         for axis in axes[row]:
             axis.axis("off")
     return _save(fig, out)
+
+
+def confusion_matrix(counts: list[list[int]], names: list[str], out: Path) -> Path:
+    """Rows: true class, columns: predicted; each row normalised to its class size."""
+    matrix = np.asarray(counts, dtype=float)
+    matrix = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
+    size = 0.35 * len(names) + 2
+    fig, axis = plt.subplots(figsize=(size, size))
+    axis.imshow(matrix, cmap="Blues", vmin=0, vmax=1)
+    axis.set_xticks(range(len(names)), names, rotation=90, fontsize=7)
+    axis.set_yticks(range(len(names)), names, fontsize=7)
+    axis.set_xlabel("predicted")
+    axis.set_ylabel("true")
+    return _save(fig, out)

@@ -86,6 +86,33 @@ def _attention_distance(ctx: FigureContext) -> Section | None:
             "images: local heads sit low, global heads high.", png)
 
 
+def _zero_shot_confusion(ctx: FigureContext) -> Section | None:
+    import json
+
+    path = ctx.run_dir / "eval" / "zero-shot.json"
+    if not path.is_file():
+        return None
+    result = json.loads(path.read_text())
+    png = figures.confusion_matrix(result["confusion"], result["classes"], ctx.out_dir / "zero_shot_confusion.png")
+    return ("Zero-shot confusion", f"Rows: true class, columns: the class whose prompts scored highest "
+            f"(top-1 {result['top1']:.3f}, chance {result['chance']:.3f}).", png)
+
+
+def _text_query_grid(ctx: FigureContext) -> Section | None:
+    import shutil
+
+    grid = ctx.run_dir / "eval" / "retrieval-text" / "query_text.png"
+    if not grid.is_file():
+        return None
+    png = ctx.out_dir / "retrieval_text_query.png"
+    shutil.copyfile(grid, png)
+    return "Text query", "The last `vitpipe eval retrieval --text` query and its nearest images.", png
+
+
+register_figure("clip", _zero_shot_confusion)
+register_figure("clip", _text_query_grid)
+
+
 ENCODER_FIGURES: list[FigureFn] = [_cls_attention, _positions, _attention_distance]
 """Figures of the encoder itself; each draws only what its encoder has (ViT attention, positions)."""
 
