@@ -122,6 +122,28 @@ def test_image_folder_labels_captions_and_bad_files(tmp_path):
     assert Image.open(__import__("io").BytesIO(samples["dog_cmyk"]["png"])).mode == "RGB"
 
 
+@pytest.mark.parametrize("background,expected", [("white", (255, 255, 255)), ("black", (0, 0, 0)),
+                                                 ("#808080", (128, 128, 128))])
+def test_transparent_pixels_land_on_the_chosen_background(tmp_path, background, expected):
+    """Clip-art is mostly transparent: what those pixels become must be the user's choice, never
+    whatever RGB values the transparent pixels happen to hold."""
+    pixels = np.zeros((8, 8, 4), dtype=np.uint8)
+    pixels[..., :3] = (10, 200, 30)  # hidden colour under alpha 0
+    pixels[2:6, 2:6] = (200, 0, 0, 255)
+    (tmp_path / "art").mkdir()
+    Image.fromarray(pixels, "RGBA").save(tmp_path / "art" / "red_square.png")
+    ingest(str(tmp_path / "art"), tmp_path / "out", IngestConfig(background=background), progress=False)
+    image = np.asarray(Image.open(__import__("io").BytesIO(read_all(tmp_path / "out")["red_square"]["png"])))
+    assert tuple(image[0, 0]) == expected and tuple(image[3, 3]) == (200, 0, 0)
+
+
+def test_background_is_checked_and_refused_where_it_cannot_be_honoured(tmp_path, url_list, capsys):
+    assert main(["ingest", str(tmp_path), "--out", str(tmp_path / "o"), "background=not-a-colour"]) == 2
+    assert "ingest.background" in capsys.readouterr().err
+    assert main(["ingest", str(url_list), "--out", str(tmp_path / "web"), "background=black"]) == 2
+    assert "composites transparency on white only" in capsys.readouterr().err
+
+
 def test_filters_and_val_split(tmp_path):
     root = tmp_path / "imgs"
     root.mkdir()

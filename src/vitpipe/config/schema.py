@@ -77,6 +77,9 @@ class IngestConfig:
     filename_captions: bool = False
     """Image folders: an image without a sidecar .txt gets its file name as caption
     (`red_sports-car.png` -> "red sports car"), e.g. for clip-art collections titled by file name."""
+    background: str = "white"
+    """Colour transparent pixels are composited on (any PIL colour: white, black, gray, #808080).
+    URL lists are decoded by img2dataset, which composites on white: other colours are refused there."""
 
     def __post_init__(self) -> None:
         check(self.image_size >= 0, "ingest.image_size must be >= 0")
@@ -91,6 +94,12 @@ class IngestConfig:
         check(self.max_pixels > 0 and self.max_download_bytes > 0, "ingest size bounds must be > 0")
         check(0.0 <= self.val_fraction < 1.0, "ingest.val_fraction must be in [0, 1)")
         check(self.max_aspect == 0 or self.max_aspect >= 1, "ingest.max_aspect must be 0 (off) or >= 1")
+        from PIL import ImageColor
+
+        try:
+            ImageColor.getrgb(self.background)
+        except ValueError:
+            raise ConfigError(f"ingest.background: {self.background!r} is not a colour (white, black, #808080)") from None
         for cidr in self.allow_networks:
             try:
                 ipaddress.ip_network(cidr, strict=False)

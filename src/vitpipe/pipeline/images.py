@@ -6,7 +6,7 @@ import io
 import warnings
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageColor
 
 EXTENSIONS = ("jpg", "png", "webp")
 _PIL_FORMATS = {"jpg": "JPEG", "png": "PNG", "webp": "WEBP"}
@@ -43,15 +43,16 @@ def open_bounded(data: bytes, max_pixels: int) -> Image.Image:
     return image
 
 
-def to_rgb(image: Image.Image) -> Image.Image:
-    """Any mode (CMYK, palette, alpha, 16-bit greyscale) to RGB; alpha is composited on white."""
+def to_rgb(image: Image.Image, background: str = "white") -> Image.Image:
+    """Any mode (CMYK, palette, alpha, 16-bit greyscale) to RGB; alpha is composited on ``background``
+    (a PIL colour) rather than dropped, which would leave whatever the transparent pixels hold."""
     if image.mode == "RGB":
         return image
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
-        background = Image.new("RGB", rgba.size, (255, 255, 255))
-        background.paste(rgba, mask=rgba.getchannel("A"))
-        return background
+        canvas = Image.new("RGB", rgba.size, ImageColor.getrgb(background)[:3])
+        canvas.paste(rgba, mask=rgba.getchannel("A"))
+        return canvas
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):
         array = np.asarray(image, dtype=np.float64)
         top = array.max() or 1.0

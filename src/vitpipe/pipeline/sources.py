@@ -137,7 +137,7 @@ def make_sample(data: bytes, key: str, config: IngestConfig, source_ext: str | N
     if keep_bytes:
         payload, ext = data, source_ext
     else:
-        converted = image if image.mode in ("RGB", "L") else to_rgb(image)
+        converted = image if image.mode in ("RGB", "L") else to_rgb(image, config.background)
         converted = resize_to_fit(converted, config.image_size, config.resize_mode)
         payload, ext = encode(converted, target_ext, config.encode_quality), target_ext
     return Sample(key=key, image=payload, ext=ext, original_size=original_size, label=label, text=text,

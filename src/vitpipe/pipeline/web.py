@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Iterator
 
 import pyarrow.parquet as pq
+from PIL import ImageColor
 
 from vitpipe.config import ConfigError, IngestConfig
 from vitpipe.pipeline.fetch import FetchPolicy
@@ -117,6 +118,9 @@ def img2dataset_kwargs(url_list: Path, output_folder: Path, config: IngestConfig
 def download(url_list: Path, work_dir: Path, config: IngestConfig) -> Path:
     """Run img2dataset (resumable) into ``work_dir/img2dataset`` and return that folder."""
     columns = check_url_list(url_list, config.url_col, config.caption_col)
+    if ImageColor.getrgb(config.background)[:3] != (255, 255, 255):
+        raise ConfigError(f"ingest.background={config.background}: URL lists are resized by img2dataset, which "
+                          "composites transparency on white only; ingest a folder for another background")
     extra = [config.label_col] if config.label_col and config.label_col in columns else None
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations phones home on import
     from img2dataset import download as i2d_download
