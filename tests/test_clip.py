@@ -79,6 +79,20 @@ def test_long_captions_are_cut_and_counted(caption_shards, tmp_path):
     assert all(r["captions_truncated"] == 8 for r in records)
 
 
+def test_tokens_pad_to_the_longest_caption_with_the_same_features():
+    """Padding to the batch's longest caption instead of the context removes text-tower work; the
+    causal mask makes it exact."""
+    from vitpipe.ssl.text import PAD
+
+    model = _tiny_clip()
+    tokens, _ = model.tokenize.encode(["red", "blue square", "red"])
+    assert tokens.shape[1] < model.tokenize.context_length
+    padded = torch.full((3, model.tokenize.context_length), PAD, dtype=torch.long)
+    padded[:, :tokens.shape[1]] = tokens
+    with torch.no_grad():
+        assert torch.allclose(model.encode_text(tokens), model.encode_text(padded), atol=1e-6)
+
+
 def test_locked_image_tuning_from_another_run(caption_shards, tmp_path, capsys):
     mae = tmp_path / "mae"
     assert main(["pretrain", "mae", "--data", str(caption_shards / "train"), "--out", str(mae),

@@ -45,11 +45,13 @@ class Tokenize:
             from tokenizers import Tokenizer
 
             self._tokenizer = Tokenizer.from_str(self.tokenizer_json.decode())
-        tokens = torch.full((len(captions), self.context_length), PAD, dtype=torch.long)
-        truncated = 0
-        for row, encoding in enumerate(self._tokenizer.encode_batch(captions)):
-            ids = [SOT, *encoding.ids][: self.context_length - 1] + [EOT]
-            truncated += len(encoding.ids) + 2 > self.context_length
+        encodings = self._tokenizer.encode_batch(captions)
+        rows = [[SOT, *encoding.ids][: self.context_length - 1] + [EOT] for encoding in encodings]
+        truncated = sum(len(encoding.ids) + 2 > self.context_length for encoding in encodings)
+        # padded to the batch's longest caption, not the context: under the causal mask no position
+        # up to [EOT] sees the padding after it, so the features are the same and the work is less
+        tokens = torch.full((len(captions), max(map(len, rows), default=2)), PAD, dtype=torch.long)
+        for row, ids in enumerate(rows):
             tokens[row, : len(ids)] = torch.tensor(ids)
         return tokens, truncated
 
