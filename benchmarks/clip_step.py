@@ -69,6 +69,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--steps", type=int, default=3, help="timed steps per round")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--full-context", action="store_true",
+                        help="give vitpipe captions padded to the context too (where its lead comes from)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -83,6 +85,8 @@ def main() -> None:
         padded = torch.zeros(len(chunk), 32, dtype=torch.long)
         padded[:, :tokens.shape[1]] = tokens
         padded[torch.arange(len(chunk)), (tokens == 2).int().argmax(dim=1)] = 4095  # open_clip pools at the argmax id
+        if args.full_context:
+            tokens = torch.cat([tokens, torch.zeros(len(chunk), 32 - tokens.shape[1], dtype=torch.long)], dim=1)
         batches.append((torch.randn(len(chunk), 3, 32, 32), tokens, padded))
 
     def vitpipe_step(images, tokens, _):

@@ -128,6 +128,22 @@ def _clip_worker(rank: int, init_file: str, out_dir: str, state: dict, images, t
     dist.destroy_process_group()
 
 
+def _accumulating_worker(rank: int, init_file: str, out_dir: str, state: dict, images, tokens) -> None:
+    import torch.distributed as dist
+
+    from vitpipe.ssl.distributed import sum_gradients
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    model = _tiny_clip(state)
+    mine = range(4 * rank, 4 * (rank + 1))
+    batches = [{"image": images[i:i + 2], "tokens": tokens[i:i + 2]} for i in mine[::2]]
+    output = model.backward_accumulated(batches, lambda loss: loss.backward())
+    sum_gradients(model.parameters())  # what the trainer does after backward_accumulated
+    grads = {name: param.grad for name, param in model.named_parameters() if param.grad is not None}
+    torch.save({"loss": output.loss.detach(), "grads": grads}, f"{out_dir}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
 def _tiny_clip(state=None):
     from vitpipe.ssl.clip import fit_artifacts
 
@@ -155,6 +171,26 @@ def test_global_negatives_equal_one_process_on_the_whole_batch(tmp_path):
     for rank in range(2):
         saved = torch.load(tmp_path / f"rank{rank}.pt")
         assert saved["loss"].item() == pytest.approx(loss.item(), abs=1e-5)
+        for name, grad in saved["grads"].items():
+            assert torch.allclose(grad, dict(model.named_parameters())[name].grad, atol=1e-5), name
+
+
+def test_accumulation_across_processes_equals_one_process_on_the_whole_batch(tmp_path):
+    """2 gloo processes x 2 micro-batches of 2: every process's loss is the 8-pair batch's, and the
+    summed gradients are one process's on all 8 pairs (1e-5), the temperature's included."""
+    import torch.multiprocessing as mp
+
+    model = _tiny_clip()
+    images = torch.randn(8, 3, 16, 16)
+    tokens, _ = model.tokenize.encode([f"{c} square {i}" for i in range(4) for c in ("red", "blue")])
+    mp.spawn(_accumulating_worker, args=(str(tmp_path / "init"), str(tmp_path), model.state_dict(), images, tokens),
+             nprocs=2, join=True)
+    loss, _ = model.forward_loss(model.encode_image(images), model.encode_text(tokens))
+    loss.backward()
+    for rank in range(2):
+        saved = torch.load(tmp_path / f"rank{rank}.pt")
+        assert saved["loss"].item() == pytest.approx(loss.item(), abs=1e-5)
+        assert set(saved["grads"]) == {n for n, p in model.named_parameters() if p.grad is not None}
         for name, grad in saved["grads"].items():
             assert torch.allclose(grad, dict(model.named_parameters())[name].grad, atol=1e-5), name
 
@@ -206,3 +242,27 @@ def test_trainer_uses_contrastive_accumulation(caption_shards, tmp_path):
                  "train.max_steps=3", "train.batch_size=4", "train.grad_accum=2"]) == 0
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3] and all(r["samples"] == 8 * r["step"] for r in records)
+
+
+def test_two_processes_with_contrastive_accumulation_train_one_model(caption_shards, tmp_path):
+    """torchrun, 2 processes x 2 micro-batches of 4: one model (same parameters on both ranks), 16
+    pairs a step, disjoint samples."""
+    import os
+    import subprocess
+
+    from test_distributed import LAUNCHERS
+
+    run = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([*LAUNCHERS["torchrun"], "pretrain", "clip", "--data", str(caption_shards / "train"),
+                             "--out", str(run), *ARGS, "train.batch_size=4", "train.grad_accum=2", "train.max_steps=2",
+                             "train.record_keys=true", "data.shuffle_buffer=0"],
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    finals = [json.loads((run / "audit" / f"rank{r}.final.json").read_text()) for r in range(2)]
+    assert finals[0]["param_abs_sum"] == finals[1]["param_abs_sum"] and finals[0]["global_batch"] == 16
+    lines = [[json.loads(line) for line in (run / "audit" / f"rank{r}.jsonl").read_text().splitlines()] for r in range(2)]
+    assert all(sorted(line["step"] for line in rank) == [1, 1, 2, 2] for rank in lines)  # 2 micro-batches a step
+    assert all(len(line["keys"]) == 4 for rank in lines for line in rank)
+    assert not {k for line in lines[0] for k in line["keys"]} & {k for line in lines[1] for k in line["keys"]}
+    assert [json.loads(line)["samples"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [16, 32]

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vitpipe.config import ConfigError, PretrainConfig, check, to_dict
-from vitpipe.ssl.distributed import gather_with_grad
+from vitpipe.ssl.distributed import gather_others, gather_with_grad, is_first_process
 from vitpipe.ssl.objective import Objective, ObjectiveSpec, Output
 from vitpipe.ssl.text import TextTransformer, Tokenize, fit_bpe
 from vitpipe.ssl.vit import VisionTransformer
@@ -58,6 +58,16 @@ class CLIPConfig:
         check(self.vocab_size >= 300, "clip.vocab_size must be >= 300 (the byte alphabet and special tokens)")
         check(self.unlocked_blocks >= 0 and self.tokenizer_samples >= 1, "bad clip.unlocked_blocks / tokenizer_samples")
         check(not self.unlocked_blocks or self.lock_image, "clip.unlocked_blocks needs clip.lock_image=true")
+
+
+def contrastive_loss(image: torch.Tensor, text: torch.Tensor,
+                     logit_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[N, E] unit image and text features, pair i = (image i, text i) -> (symmetric cross-entropy,
+    image-to-text top-1 accuracy)."""
+    logits = logit_scale.exp() * image @ text.T
+    labels = torch.arange(len(image), device=image.device)
+    loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+    return loss, (logits.argmax(dim=1) == labels).float().mean()
 
 
 class CLIP(Objective):
@@ -101,16 +111,10 @@ class CLIP(Objective):
         """[B, L] token ids -> [B, E], unit length."""
         return F.normalize(self.text_proj(self.text(tokens)), dim=-1)
 
-    def forward_loss(self, image: torch.Tensor, text: torch.Tensor,
-                     scale_grad: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward_loss(self, image: torch.Tensor, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Symmetric cross-entropy over the global batch (every process's pairs are negatives for
         every other's); returns (loss, image-to-text top-1 accuracy)."""
-        image, text = gather_with_grad(image), gather_with_grad(text)
-        scale = self.logit_scale if scale_grad else self.logit_scale.detach()
-        logits = scale.exp() * image @ text.T
-        labels = torch.arange(len(image), device=image.device)
-        loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
-        return loss, (logits.argmax(dim=1) == labels).float().mean()
+        return contrastive_loss(gather_with_grad(image), gather_with_grad(text), self.logit_scale)
 
     def forward(self, batch: dict[str, Any]) -> Output:
         loss, accuracy = self.forward_loss(self.encode_image(batch["image"]), self.encode_text(batch["tokens"]))
@@ -119,22 +123,33 @@ class CLIP(Objective):
 
     def backward_accumulated(self, batches: list[dict[str, Any]], backward) -> Output:
         """Gradient accumulation that keeps the whole step's batch as negatives (open_clip's
-        accum_freq): features of every micro-batch without gradient, then each micro-batch again
-        with gradient against the cached rest; the summed gradients are the full batch's.
-        ``backward(loss)`` is called once per micro-batch; nothing is called for a non-finite loss."""
+        accum_freq): features of every micro-batch without gradient (and every other process's), then
+        each micro-batch again with gradient against the cached rest. The loss of each pass is the
+        global batch's; the gradients each process gets are its own samples' share, to be summed
+        over processes (``distributed.sum_gradients``). ``backward(loss)`` is called once per
+        micro-batch; nothing is called for a non-finite loss."""
         with torch.no_grad():
             cached = [(self.encode_image(b["image"]), self.encode_text(b["tokens"])) for b in batches]
-            loss, accuracy = self.forward_loss(torch.cat([c[0] for c in cached]), torch.cat([c[1] for c in cached]))
+            others = [gather_others(torch.cat([c[i] for c in cached])) for i in (0, 1)]
+            loss, accuracy = self._pairs_loss(cached, others)
         if torch.isfinite(loss):
             for index, batch in enumerate(batches):
                 own = (self.encode_image(batch["image"]), self.encode_text(batch["tokens"]))
                 mixed = [own if i == index else c for i, c in enumerate(cached)]
-                # every pass computes the same full-batch loss: the temperature's gradient is taken once
-                backward(self.forward_loss(torch.cat([m[0] for m in mixed]), torch.cat([m[1] for m in mixed]),
-                                           scale_grad=index == 0)[0])
+                # every pass computes the same global loss: the temperature's gradient is taken once
+                backward(self._pairs_loss(mixed, others, scale_grad=index == 0 and is_first_process())[0])
         truncated = sum(float(b.get("captions_truncated", 0)) for b in batches)
         return Output(loss, {"logit_scale": self.logit_scale.exp().item(), "batch_i2t_top1": accuracy,
                              "captions_truncated": truncated})
+
+    def _pairs_loss(self, pairs: list[tuple[torch.Tensor, torch.Tensor]], others: list[torch.Tensor],
+                    scale_grad: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """forward_loss over this process's (image, text) micro-batches and the other processes'
+        cached features, on this process alone (the loss does not depend on the order of pairs)."""
+        image = torch.cat([p[0] for p in pairs] + [others[0]])
+        text = torch.cat([p[1] for p in pairs] + [others[1]])
+        scale = self.logit_scale if scale_grad else self.logit_scale.detach()
+        return contrastive_loss(image, text, scale)
 
     @torch.no_grad()
     def on_step_end(self, step: int, max_steps: int) -> None:

@@ -15,3 +15,47 @@ def gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
     from torch.distributed.nn.functional import all_gather
 
     return torch.cat(all_gather(tensor.contiguous()), dim=0)
+
+
+def _world() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def is_first_process() -> bool:
+    return _world() == 1 or dist.get_rank() == 0
+
+
+@torch.no_grad()
+def gather_others(tensor: torch.Tensor) -> torch.Tensor:
+    """[B, ...] on each process -> the other processes' [(world - 1) * B, ...], without gradient
+    (a contrastive step's cached negatives); empty on one process."""
+    if _world() == 1:
+        return tensor[:0]
+    parts = [torch.empty_like(tensor) for _ in range(_world())]
+    dist.all_gather(parts, tensor.contiguous())
+    return torch.cat([part for rank, part in enumerate(parts) if rank != dist.get_rank()], dim=0)
+
+
+@torch.no_grad()
+def sum_gradients(parameters) -> None:
+    """All-reduce (sum) the gradients every process computed from its own samples' features, in one
+    flat buffer; for losses whose gradient is the sum of the processes' parts (contrastive
+    accumulation), where DDP's mean would be wrong by the world size. A parameter with a gradient
+    on some processes only (the temperature, taken once) gets zeros on the others first."""
+    trainable = [p for p in parameters if p.requires_grad]
+    if _world() == 1 or not trainable:
+        return
+    from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+    anywhere = torch.tensor([float(p.grad is not None) for p in trainable], device=trainable[0].device)
+    dist.all_reduce(anywhere)
+    grads = []
+    for param, count in zip(trainable, anywhere.tolist()):
+        if count and param.grad is None:
+            param.grad = torch.zeros_like(param)
+        if count:
+            grads.append(param.grad)
+    flat = _flatten_dense_tensors(grads)
+    dist.all_reduce(flat)
+    for grad, summed in zip(grads, _unflatten_dense_tensors(flat, grads)):
+        grad.copy_(summed)

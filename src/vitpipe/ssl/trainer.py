@@ -20,11 +20,12 @@ from typing import Any, Callable
 
 import torch
 
-from vitpipe.config import ConfigError, PretrainConfig, to_dict
+from vitpipe.config import PretrainConfig, to_dict
 from vitpipe.pipeline.loader import LoaderSpec, ShardDataset, make_loader
 from vitpipe.pipeline.shardset import resolve_shards
 from vitpipe.pipeline.transforms import TransformSpec
 from vitpipe.ssl import artifacts, checkpoints, optim, registry, rundir
+from vitpipe.ssl.distributed import sum_gradients
 from vitpipe.ssl.health import monitor
 from vitpipe.ssl.launch import RunLock, StopFlag, make_accelerator
 from vitpipe.ssl.objective import Objective
@@ -209,9 +210,6 @@ class Trainer:
     def _loop(self, s: _Session) -> None:
         max_steps, accum = self.config.train.max_steps, self.config.train.grad_accum
         grouped = accum > 1 and hasattr(s.objective, "backward_accumulated")
-        if grouped and s.accelerator.num_processes > 1:
-            raise ConfigError(f"{self.config.objective}: train.grad_accum > 1 runs on one process; with several, "
-                              "raise train.batch_size instead (the contrastive batch is global already)")
         while s.state.step < max_steps:
             s.dataset.set_position(s.state.epoch, s.state.batches_in_epoch)
             group: list[dict[str, Any]] = []
@@ -273,12 +271,16 @@ class Trainer:
 
     def _group_step(self, s: _Session, group: list[dict[str, Any]]):
         """One optimizer step from ``grad_accum`` micro-batches through the objective's own
-        ``backward_accumulated`` (one process; gradients are not divided by the micro-batch count)."""
+        ``backward_accumulated``, on the unwrapped model (DDP's mean is not this loss's gradient):
+        each process's gradients are its samples' share of the global loss, summed here."""
         batches = [self._prepare(s, batch) for batch in group]
         scale = len(batches)  # accelerator.backward divides by grad_accum; the objective's losses must not be
         output = s.objective.backward_accumulated(batches, lambda loss: s.accelerator.backward(loss * scale))
-        flags = [0.0 if torch.isfinite(output.loss.detach()) else 1.0, 1.0 if s.stop.signal else 0.0,
-                 1.0 if self._checkpoint_due(s.state.step + 1, s.last_checkpoint_time) else 0.0]
+        sum_gradients(s.objective.parameters())
+        flags = torch.tensor([0.0 if torch.isfinite(output.loss.detach()) else 1.0, 1.0 if s.stop.signal else 0.0,
+                              1.0 if self._checkpoint_due(s.state.step + 1, s.last_checkpoint_time) else 0.0],
+                             device=s.accelerator.device)
+        flags = s.accelerator.reduce(flags, reduction="sum").tolist()
         if flags[0] == 0:
             if self.config.optim.clip_grad > 0:
                 torch.nn.utils.clip_grad_norm_(s.objective.parameters(), self.config.optim.clip_grad)
