@@ -1,7 +1,7 @@
 """CLIP on real image-text pairs: zero-shot and retrieval against random init and chance.
 
     python benchmarks/clip_quality.py --data fashion-mnist --out /work/bench/clip_fm --steps 600
-    python benchmarks/clip_quality.py --data openclipart --out /work/bench/clip_art --steps 600
+    python benchmarks/clip_quality.py --data openclipart --out /work/bench/clip_art --steps 600 --lit
 
 fashion-mnist: the train/test images written as class folders, each with a caption drawn from
 several templates ("a photo of a {class}", "a {class} on a plain background", ...), the sanity row
@@ -54,6 +54,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--train-images", type=int, default=20_000)
+    parser.add_argument("--lit", action="store_true", help="add the LiT row: an MAE run, then CLIP on its locked encoder")
     parser.add_argument("overrides", nargs="*", help="key=value overrides of the clip config")
     args = parser.parse_args()
     out, rows = args.out, []
@@ -70,12 +71,19 @@ def main() -> None:
                   "filename_captions=true", "image_size=32", "resize_mode=border", "val_fraction=0.15"])
     train = shards / "train"
     test = shards / ("test" if args.data == "fashion-mnist" else "val")
-    run = out / "clip"
-    seconds = step(["pretrain", "clip", "--data", str(train), "--out", str(run), "--resume", "auto",
-                    "model.size=tiny", "model.patch_size=4", "data.image_size=32", "train.batch_size=128",
-                    f"train.max_steps={args.steps}", "train.log_every=20", "data.num_workers=1", *args.overrides])
-    rows.append({"row": "clip pretraining", "steps": args.steps, "seconds": round(seconds)})
-    for name, flags in (("clip", []), ("random init", ["--init", "random"])):
+    shape = ["model.size=tiny", "model.patch_size=4", "data.image_size=32", "train.batch_size=128",
+             f"train.max_steps={args.steps}", "train.log_every=20", "data.num_workers=1", *args.overrides]
+    runs = {"clip": (out / "clip", [])}
+    if args.lit:  # LiT: an MAE on the same images (no captions), then only the text side learns
+        mae = out / "mae"
+        seconds = step(["pretrain", "mae", "--data", str(train), "--out", str(mae), "--resume", "auto", *shape])
+        rows.append({"row": "mae pretraining (for LiT)", "steps": args.steps, "seconds": round(seconds)})
+        runs["lit (mae encoder, locked)"] = (out / "lit", [f"clip.image_init={mae}", "clip.lock_image=true"])
+    for name, (run, extra) in runs.items():
+        seconds = step(["pretrain", "clip", "--data", str(train), "--out", str(run), "--resume", "auto", *shape, *extra])
+        rows.append({"row": f"{name} pretraining", "steps": args.steps, "seconds": round(seconds)})
+    for name, run, flags in [(name, run, []) for name, (run, _) in runs.items()] + [
+            ("random init", out / "clip", ["--init", "random"])]:
         step(["eval", "zero-shot", str(run), "--test", str(test), *flags])
         step(["eval", "retrieval", str(run), "--index", str(test), *flags])
         suffix = ".random" if flags else ""

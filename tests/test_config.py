@@ -58,3 +58,12 @@ def test_malformed_config_exit_2(tmp_path, capsys, content):
     assert main(["config", "show", str(path)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("argv", [["nosuch"], ["eval", "nosuch"], ["pretrain", "mae", "--no-such-flag"]])
+def test_usage_errors_exit_2_whichever_click_typer_brings(argv, capsys):
+    """Newer typer releases raise their vendored click's exceptions: still usage errors, exit 2."""
+    from vitpipe.cli import main
+
+    assert main(argv) == 2
+    assert "Traceback" not in capsys.readouterr().err

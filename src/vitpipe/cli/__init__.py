@@ -49,6 +49,20 @@ def _root(debug: Annotated[bool, typer.Option("--debug", help="Show the tracebac
         os.environ[DEBUG_ENV] = "1"
 
 
+def _click_exception_types() -> tuple[tuple[type, ...], tuple[type, ...]]:
+    """(UsageError, ClickException) classes of click and of the copy newer typer releases vendor
+    (``typer._click``), whichever are installed: both raise their own."""
+    import importlib
+
+    modules = []
+    for name in ("click.exceptions", "typer._click.exceptions"):
+        try:
+            modules.append(importlib.import_module(name))
+        except ImportError:
+            pass
+    return tuple(m.UsageError for m in modules), tuple(m.ClickException for m in modules)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point; also callable from tests as ``main([...])`` returning the exit code."""
     try:
@@ -66,12 +80,11 @@ def main(argv: list[str] | None = None) -> int:
         error_line(str(err))
         code = EXIT_USAGE
     except Exception as err:
-        import click
-
-        if isinstance(err, click.exceptions.UsageError):
+        usage_errors, click_errors = _click_exception_types()
+        if isinstance(err, usage_errors):
             err.show()
             code = EXIT_USAGE
-        elif isinstance(err, click.exceptions.ClickException):
+        elif isinstance(err, click_errors):
             err.show()
             code = err.exit_code
         elif os.environ.get(DEBUG_ENV):

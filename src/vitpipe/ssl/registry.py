@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from vitpipe.config import ConfigError, PretrainConfig, from_dict, load_config, read_yaml, with_section
-from vitpipe.ssl import classify, clip, jepa, mae
+from vitpipe.ssl import classify, clip, igpt, jepa, mae
 from vitpipe.ssl.objective import Objective, ObjectiveSpec
 
 OBJECTIVES: dict[str, ObjectiveSpec] = {}
@@ -28,6 +28,7 @@ def register(spec: ObjectiveSpec) -> ObjectiveSpec:
 register(mae.SPEC)
 register(jepa.SPEC)
 register(clip.SPEC)
+register(igpt.SPEC)
 register(classify.SPEC)
 
 
