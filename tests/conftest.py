@@ -123,3 +123,14 @@ def tiny_shards(tmp_path):
     # sizes 5,5,5,5,3
     ingest(str(folder), tmp_path / "shards", IngestConfig(shard_size=5), progress=False)
     return tmp_path / "shards"
+
+
+@pytest.fixture
+def labelled_shards(tmp_path):
+    from vitpipe.config import IngestConfig
+    from vitpipe.pipeline.ingest import ingest
+
+    folder = write_image_folder(tmp_path / "imgs", per_class=16, classes=("a", "b"))
+    ingest(str(folder), tmp_path / "shards", IngestConfig(shard_size=10, val_fraction=0.25, image_size=16),
+           progress=False)
+    return tmp_path / "shards"

@@ -91,7 +91,7 @@ def test_memory_budget_refuses_with_the_numbers(tmp_path, tiny_shards, capsys):
 
 
 def test_igpt_end_to_end_through_the_cli(labelled_shards, tmp_path, capsys):
-    train, test = labelled_shards
+    train, test = labelled_shards / "train", labelled_shards / "val"
     run = tmp_path / "run"
     assert main(["pretrain", "igpt", "--data", str(train), "--out", str(run), *ARGS, "train.max_steps=4"]) == 0
     info = json.loads((run / "run.json").read_text())
@@ -112,14 +112,14 @@ def test_igpt_end_to_end_through_the_cli(labelled_shards, tmp_path, capsys):
     from PIL import Image
 
     grid = Image.open(tmp_path / "grid.png")
-    assert grid.size[1] > grid.size[0]  # 3 rows of (given | completion | original)
+    assert grid.size == (3 * 64, 3 * 64)  # 3 rows of (given | completion | original), 64 px each
     assert main(["report", str(run)]) == 0
     page = (run / "report" / "index.html").read_text()
     assert "Linear probe by layer" in page and "Completions" in page and "bits per dim" in page
 
 
 def test_finetune_reads_a_chosen_layer(labelled_shards, tmp_path):
-    train, test = labelled_shards
+    train, test = labelled_shards / "train", labelled_shards / "val"
     run = tmp_path / "run"
     assert main(["pretrain", "igpt", "--data", str(train), "--out", str(run), *ARGS, "train.max_steps=2"]) == 0
     assert main(["eval", "finetune", str(run), "--train", str(train), "--test", str(test), "train.max_steps=2",
@@ -136,7 +136,14 @@ def test_sample_refuses_other_objectives_and_bert(tiny_shards, tmp_path, capsys)
     capsys.readouterr()
     assert main(["sample", str(mae), "--prompt", str(tiny_shards), "--out", str(tmp_path / "g.png")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "igpt" in err[0]
+    assert len(err) == 1 and "needs an igpt run" in err[0] and "is a mae run" in err[0]
+    bert = tmp_path / "bert"
+    assert main(["pretrain", "igpt", "--data", str(tiny_shards), "--out", str(bert), *ARGS, "train.max_steps=1",
+                 "igpt.objective=bert"]) == 0
+    capsys.readouterr()
+    assert main(["sample", str(bert), "--prompt", str(tiny_shards), "--out", str(tmp_path / "g.png")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "igpt.objective=ar" in err[0]
 
 
 def test_palette_fit_command_and_reuse(tiny_shards, tmp_path, capsys):

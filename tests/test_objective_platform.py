@@ -132,18 +132,6 @@ def toy_registered(monkeypatch):
     FITS["count"] = 0
 
 
-@pytest.fixture
-def labelled_shards(tmp_path):
-    from conftest import write_image_folder
-    from vitpipe.config import IngestConfig
-    from vitpipe.pipeline.ingest import ingest
-
-    folder = write_image_folder(tmp_path / "imgs", per_class=16, classes=("a", "b"))
-    ingest(str(folder), tmp_path / "shards", IngestConfig(shard_size=10, val_fraction=0.25, image_size=16),
-           progress=False)
-    return tmp_path / "shards"
-
-
 ARGS = ["model.size=micro", "data.image_size=16", "train.batch_size=8", "train.log_every=1", "data.num_workers=0",
         "train.tensorboard=false", "train.ckpt_every_steps=2"]
 

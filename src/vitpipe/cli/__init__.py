@@ -23,7 +23,9 @@ config_app = typer.Typer(help="Show resolved configs.", no_args_is_help=True)
 eval_app = typer.Typer(help="How good is the representation: probes, k-NN, retrieval, fine-tuning.",
                        no_args_is_help=True)
 slurm_app = typer.Typer(help="Run vitpipe commands as SLURM jobs that survive preemption.", no_args_is_help=True)
-for name, sub in (("shards", shards_app), ("config", config_app), ("eval", eval_app), ("slurm", slurm_app)):
+palette_app = typer.Typer(help="Colour palettes for pixel-sequence models (igpt).", no_args_is_help=True)
+for name, sub in (("shards", shards_app), ("config", config_app), ("eval", eval_app), ("slurm", slurm_app),
+                  ("palette", palette_app)):
     app.add_typer(sub, name=name)
 
 app.command()(data.ingest)
@@ -40,6 +42,9 @@ eval_app.command("knn")(evaluate.eval_knn)
 eval_app.command("retrieval")(evaluate.eval_retrieval)
 eval_app.command("finetune")(evaluate.eval_finetune)
 eval_app.command("zero-shot")(evaluate.eval_zero_shot)
+eval_app.command("bits-per-dim")(evaluate.eval_bits_per_dim)
+app.command()(evaluate.sample)
+palette_app.command("fit")(data.palette_fit)
 
 
 @app.callback()

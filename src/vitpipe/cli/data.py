@@ -109,3 +109,32 @@ def _objective_of(data: dict) -> str | None:
         return data["objective"]
     named = [name for name, spec in registry.OBJECTIVES.items() if spec.section in data]
     return named[0] if len(named) == 1 else None
+
+
+@user_errors
+def palette_fit(
+    shards: Annotated[str, typer.Argument(help="Shards whose pixels the palette is fitted on.")],
+    out: Annotated[Path, typer.Option("--out", help="Palette file (JSON) to write; igpt.palette=FILE reuses it.")],
+    size: Annotated[int, typer.Option("--size", help="Colours (k-means centroids).")] = 16,
+    resolution: Annotated[int, typer.Option("--resolution", help="Images are reduced to this side first, as igpt.resolution.")] = 16,
+    channels: Annotated[int, typer.Option("--channels", help="1 (greyscale) or 3 (RGB), as data.channels.")] = 3,
+    images: Annotated[int, typer.Option("--images", help="Images read.")] = 2000,
+    pixels: Annotated[int, typer.Option("--pixels", help="Pixels k-means runs on (a seeded draw).")] = 200_000,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the draw and of k-means.")] = 0,
+) -> None:
+    """Fit a k-means colour palette (faiss) on shards, once, for several igpt runs."""
+    import os
+
+    from vitpipe.config import DataConfig
+    from vitpipe.ssl.artifacts import read_samples
+    from vitpipe.ssl.igpt import IGPTConfig, palette_from_shards
+
+    data = DataConfig(shards=shards, image_size=resolution, channels=channels)
+    igpt = IGPTConfig(resolution=resolution, palette_size=size, palette_images=images, palette_pixels=pixels,
+                      palette_seed=seed)
+    content = palette_from_shards(data, igpt, lambda fields, limit: read_samples(data, fields, limit))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".tmp-{out.name}")
+    tmp.write_bytes(content)
+    os.replace(tmp, out)
+    typer.echo(f"wrote {out} ({size} colours, {channels} channel{'s' if channels > 1 else ''})")

@@ -45,7 +45,7 @@ def eval_linear_probe(
     train: Annotated[str, typer.Option("--train", help="Labelled training shards.")],
     test: Annotated[str, typer.Option("--test", help="Labelled test shards (reported only).")],
     init: InitOpt = "trained", pixels: PixelsOpt = False, pool: PoolOpt = None, workers: WorkersOpt = 2,
-    layers: Annotated[Optional[str], typer.Option("--layers", help="Comma-separated blocks to probe, 0-based, e.g. 3,7,11.")] = None,
+    layers: Annotated[Optional[str], typer.Option("--layers", help="Blocks to probe, 0-based, e.g. 3,7,11, or all (the per-layer curve).")] = None,
     epochs: Annotated[int, typer.Option(help="Probe training epochs.")] = 30,
     concat: Annotated[bool, typer.Option("--concat", help="Also probe the --layers concatenated.")] = False,
     lrs: Annotated[str, typer.Option(help="Learning rates of the sweep.")] = "0.01,0.03,0.1,0.3,1,3,10",
@@ -58,9 +58,9 @@ def eval_linear_probe(
 
     _check_pool(pool)
     settings = ProbeSettings(lrs=_floats(lrs), weight_decays=_floats(wds), epochs=epochs)
-    layer_list = [int(x) for x in layers.split(",")] if layers else None
-    path, result = run_probe(source_for(run, init, pixels), train, test, layer_list, pool, settings, workers, concat,
-                             max_skipped)
+    source = source_for(run, init, pixels)
+    layer_list = _layer_list(layers, source)
+    path, result = run_probe(source, train, test, layer_list, pool, settings, workers, concat, max_skipped)
     rows = [("top1", f"{result['top1']:.4f}"), ("top5", f"{result['top5']:.4f}"), ("val top1", f"{result['val_top1']:.4f}"),
             ("layer", result["layer"]), ("lr / wd", f"{result['lr']} / {result['weight_decay']}")]
     rows += [(f"top1 {name}", f"{r['top1']:.4f}") for name, r in result["per_layer"].items()] if layer_list else []
@@ -174,6 +174,17 @@ def eval_finetune(
                                 ("steps", str(result["steps"])), ("train seconds", str(result["train_seconds"]))], path)
 
 
+def _layer_list(layers: Optional[str], source) -> list[int] | None:
+    if not layers:
+        return None
+    if layers.strip() == "all":
+        return list(range(source.depth()))
+    try:
+        return [int(x) for x in layers.split(",") if x.strip()]
+    except ValueError:
+        raise ConfigError(f"--layers: expected comma-separated block numbers or all, got {layers!r}") from None
+
+
 def _floats(text: str) -> tuple[float, ...]:
     try:
         return tuple(float(x) for x in text.split(",") if x.strip())
@@ -198,3 +209,37 @@ def eval_zero_shot(
     path, result = run_zero_shot(source_for(run, init, False), test, classes, templates, workers, max_skipped)
     _print_result("zero-shot", [("top1", f"{result['top1']:.4f}"), ("top5", f"{result['top5']:.4f}"),
                                 ("chance", f"{result['chance']:.4f}"), ("classes", str(len(result["classes"])))], path)
+
+
+@user_errors
+def eval_bits_per_dim(
+    run: RunArg,
+    test: Annotated[str, typer.Option("--test", help="Held-out shards.")],
+    init: InitOpt = "trained", workers: WorkersOpt = 2, max_skipped: MaxSkippedOpt = 0.01,
+) -> None:
+    """Held-out loss of a pixel-sequence model (igpt) in bits per palette index."""
+    from vitpipe.downstream.evaluate import source_for
+    from vitpipe.downstream.pixels import eval_bits_per_dim as run_bits
+
+    path, result = run_bits(source_for(run, init, False), test, workers, max_skipped)
+    _print_result("bits per dim", [("bits per dim", f"{result['bits_per_dim']:.4f}"),
+                                   ("uniform palette", f"{result['uniform_bits']:.4f}"),
+                                   ("images", str(result["test_samples"]))], path)
+
+
+@user_errors
+def sample(
+    run: RunArg,
+    prompt: Annotated[str, typer.Option("--prompt", help="Shards whose first images are completed.")],
+    out: Annotated[Path, typer.Option("--out", help="PNG grid: upper half given | completion | original.")],
+    n: Annotated[int, typer.Option("--n", help="Images to complete.")] = 8,
+    temperature: Annotated[float, typer.Option(help="Softmax temperature of the sampling.")] = 1.0,
+    top_k: Annotated[int, typer.Option("--top-k", help="Sample among the K likeliest colours (0 = all).")] = 0,
+    seed: Annotated[int, typer.Option(help="Seed of the sampling.")] = 0,
+    workers: WorkersOpt = 2,
+) -> None:
+    """iGPT: complete the lower half of held-out images, one palette index at a time."""
+    from vitpipe.downstream.pixels import sample as run_sample
+
+    path = run_sample(run, prompt, n, out, temperature, top_k, seed, workers)
+    typer.echo(f"wrote {path}")

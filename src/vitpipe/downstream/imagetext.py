@@ -17,8 +17,8 @@ from vitpipe.pipeline.loader import LoaderSpec, ReadTally, counted, make_loader
 from vitpipe.pipeline.manifest import find_manifest
 from vitpipe.pipeline.shardset import resolve_shards
 from vitpipe.pipeline.transforms import TransformSpec
-from vitpipe.ssl.checkpoints import latest_verified, log_stderr
-from vitpipe.ssl.runs import build_run_objective, locate_run, run_dir_of
+from vitpipe.ssl import registry
+from vitpipe.ssl.runs import load_run_objective, run_dir_of
 
 TEMPLATES = ["a photo of a {}.", "a picture of a {}.", "an image of a {}.", "a {}.", "a drawing of a {}.",
              "a close-up photo of a {}.", "a photo of the {}.", "a rendering of a {}."]
@@ -44,21 +44,12 @@ def class_names(test: str, classes_file: Path | None) -> list[str]:
 def load_image_text_model(source: EncoderSource):
     """The whole objective (both towers, projections, tokenizer): trained from the newest verified
     checkpoint, or a random init of the same shape."""
-    from safetensors.torch import load_file
-
     if source.kind == "pixels":
         raise ConfigError("zero-shot needs an image-text model; --pixels has no text side")
-    model = build_run_objective(source.run, source.config, seed=source.seed if source.kind == "random" else None)
-    if not all(hasattr(model, name) for name in ("encode_image", "encode_text", "tokenize")):
+    if registry.get(source.config.objective).towers != ("image", "text"):
         raise ConfigError(f"zero-shot needs an image-text objective (clip); this run is {source.config.objective}")
-    if source.kind == "trained":
-        _, weights = locate_run(source.run)
-        checkpoint = weights.parent if weights.name == "model.safetensors" else latest_verified(
-            run_dir_of(source.run), log_stderr, set_aside=False)
-        if checkpoint is None:
-            raise ConfigError(f"{source.run}: no checkpoint holds the text tower")
-        model.load_state_dict(load_file(checkpoint / "model.safetensors"))
-    return model.eval()
+    return load_run_objective(source.run, source.config, seed=source.seed if source.kind == "random" else None,
+                              trained=source.kind == "trained")
 
 
 @torch.no_grad()

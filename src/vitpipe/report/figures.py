@@ -164,3 +164,16 @@ def confusion_matrix(counts: list[list[int]], names: list[str], out: Path) -> Pa
     axis.set_xlabel("predicted")
     axis.set_ylabel("true")
     return _save(fig, out)
+
+
+def layer_probe_curve(per_layer: dict[str, dict], out: Path) -> Path:
+    """Linear-probe test top-1 (and the val top-1 it was picked on) against the block probed."""
+    blocks = sorted((int(name.removeprefix("block")), result) for name, result in per_layer.items()
+                    if name.startswith("block"))
+    fig, axis = plt.subplots(figsize=(5, 3.2))
+    axis.plot([b for b, _ in blocks], [r["top1"] for _, r in blocks], marker="o", label="test top-1")
+    axis.plot([b for b, _ in blocks], [r["val_top1"] for _, r in blocks], marker=".", alpha=0.6, label="val top-1")
+    axis.set(xlabel="block (0-based)", ylabel="top-1", title="linear probe by layer")
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=7)
+    return _save(fig, out)

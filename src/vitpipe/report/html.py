@@ -79,6 +79,8 @@ def _eval_rows(run_dir: Path) -> list[dict[str, Any]]:
         result = json.loads(path.read_text())
         if "recall" in result:
             metric = ", ".join(f"R@{k} {v:.3f}" for k, v in result["recall"].items()) or "(unlabelled)"
+        elif "bits_per_dim" in result:
+            metric = f"{result['bits_per_dim']:.3f} bits per dim (uniform {result['uniform_bits']:.2f})"
         else:
             metric = f"top-1 {result['top1']:.4f}"
         rows.append({"task": result.get("task", path.stem), "baseline": result.get("baseline") or "pretrained",

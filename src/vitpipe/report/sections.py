@@ -113,7 +113,40 @@ register_figure("clip", _zero_shot_confusion)
 register_figure("clip", _text_query_grid)
 
 
-ENCODER_FIGURES: list[FigureFn] = [_cls_attention, _positions, _attention_distance]
+def _completions(ctx: FigureContext) -> Section | None:
+    from PIL import Image
+
+    from vitpipe.downstream.pixels import completion_grid
+
+    if ctx.objective is None or ctx.objective.config.objective != "ar":
+        return None
+    with torch.no_grad():
+        grid = completion_grid(ctx.objective, ctx.images[:6], torch.Generator().manual_seed(0))
+    png = ctx.out_dir / "completions.png"
+    Image.fromarray(grid).save(png)
+    palette = ctx.objective.encoder().palette
+    note = " (a greyscale palette: the data has one channel)" if palette.shape[1] == 1 else ""
+    return ("Completions", f"Upper half given (lower half grey) | the model's completion, sampled at temperature 1 "
+            f"| the image as the model sees it: {len(palette)} palette colours{note}.", png)
+
+
+register_figure("igpt", _completions)
+
+
+def _layer_probe(ctx: FigureContext) -> Section | None:
+    import json
+
+    path = ctx.run_dir / "eval" / "linear-probe.json"
+    per_layer = json.loads(path.read_text()).get("per_layer", {}) if path.is_file() else {}
+    if sum(name.startswith("block") for name in per_layer) < 2:
+        return None
+    png = figures.layer_probe_curve(per_layer, ctx.out_dir / "layer_probe.png")
+    best = max((name for name in per_layer if name.startswith("block")), key=lambda name: per_layer[name]["val_top1"])
+    return ("Linear probe by layer", f"`vitpipe eval linear-probe --layers ...`: test top-1 of the probe on each "
+            f"block's average-pooled features (best on val: {best}).", png)
+
+
+ENCODER_FIGURES: list[FigureFn] = [_cls_attention, _positions, _attention_distance, _layer_probe]
 """Figures of the encoder itself; each draws only what its encoder has (ViT attention, positions)."""
 
 

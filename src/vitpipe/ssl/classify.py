@@ -1,4 +1,4 @@
-"""Supervised classification on top of the ViT: the objective used for fine-tuning."""
+"""Supervised classification on top of a pretrained encoder: the objective used for fine-tuning."""
 
 from __future__ import annotations
 
@@ -26,12 +26,16 @@ class FinetuneConfig:
     """Freeze the first K transformer blocks."""
     freeze_patch_embed: bool = False
     """Freeze the patch embedding."""
+    layer: int = -1
+    """Classify from this block's features (0-based; -1 = the last): later blocks are dropped (iGPT's
+    best features sit mid-stack)."""
 
     def __post_init__(self) -> None:
         check(self.num_classes == 0 or self.num_classes >= 2, "finetune.num_classes must be 0 (from the data) or >= 2")
         check(0 <= self.label_smoothing < 1, "finetune.label_smoothing must be in [0, 1)")
         check(0 < self.layer_decay <= 1, "finetune.layer_decay must be in (0, 1]")
         check(self.freeze_blocks >= 0, "finetune.freeze_blocks must be >= 0")
+        check(self.layer >= -1, "finetune.layer must be -1 (the last block) or a block number")
 
 
 class Classifier(Objective):
@@ -41,6 +45,9 @@ class Classifier(Objective):
     def __init__(self, encoder: VisionTransformer, config: FinetuneConfig) -> None:
         super().__init__()
         check(config.num_classes >= 2, "finetune.num_classes must be >= 2 (or 0 with labelled shards)")
+        if config.layer >= 0:
+            check(config.layer < encoder.depth, f"finetune.layer={config.layer}: the encoder has blocks 0..{encoder.depth - 1}")
+            encoder.blocks = encoder.blocks[: config.layer + 1]
         self.backbone = encoder
         self.config = config
         self.head = nn.Linear(encoder.embed_dim, config.num_classes)
@@ -50,13 +57,13 @@ class Classifier(Objective):
 
     def _freeze(self) -> None:
         frozen = []
-        if self.config.freeze_patch_embed:
-            frozen.append(self.backbone.patch_embed)
+        if self.config.freeze_patch_embed:  # a ViT's patch embedding, a pixel model's colour embedding
+            frozen.append(getattr(self.backbone, "patch_embed", None) or self.backbone.token_embed)
         frozen += list(self.backbone.blocks[: self.config.freeze_blocks])
         for module in frozen:
             for param in module.parameters():
                 param.requires_grad_(False)
-        if self.config.freeze_blocks and self.backbone.cls_token is not None:
+        if self.config.freeze_blocks and getattr(self.backbone, "cls_token", None) is not None:
             self.backbone.cls_token.requires_grad_(False)  # it only reaches the first block
 
     def encoder(self) -> VisionTransformer:
@@ -71,7 +78,7 @@ class Classifier(Objective):
         decay = self.config.layer_decay
         if name.startswith("backbone.blocks."):
             return decay ** (depth - int(name.split(".")[2]))
-        if name.startswith(("backbone.patch_embed", "backbone.cls_token", "backbone.pos_embed")):
+        if name.startswith(("backbone.patch_embed", "backbone.cls_token", "backbone.pos_embed", "backbone.token_embed")):
             return decay ** (depth + 1)
         return 1.0
 

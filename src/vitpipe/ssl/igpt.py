@@ -269,8 +269,13 @@ def fit_artifacts(config: PretrainConfig, read) -> dict[str, bytes]:
         check(len(colours) == igpt.palette_size, f"igpt.palette={igpt.palette} has {len(colours)} colours; "
                                                  f"set igpt.palette_size={len(colours)}")
         return {PALETTE: path.read_bytes()}
+    return {PALETTE: palette_from_shards(data, igpt, read)}
+
+
+def palette_from_shards(data, igpt: IGPTConfig, read) -> bytes:
+    """A palette file's bytes: k-means on pixels of the shards ``read`` yields (``data``: DataConfig)."""
     pixels = sample_pixels(read, data, igpt)
-    return {PALETTE: palette_bytes(fit_palette(pixels, igpt.palette_size, igpt.palette_seed), ", ".join(data.shards))}
+    return palette_bytes(fit_palette(pixels, igpt.palette_size, igpt.palette_seed), data.shards)
 
 
 def sample_pixels(read, data, igpt: IGPTConfig) -> np.ndarray:
@@ -280,7 +285,7 @@ def sample_pixels(read, data, igpt: IGPTConfig) -> np.ndarray:
     parts = [to_unit_range(batch["image"], mean, std, igpt.resolution).reshape(-1, channels)
              for batch in read(("image",), igpt.palette_images)]
     if not parts:
-        raise ConfigError(f"{', '.join(data.shards)}: no images to fit the palette on")
+        raise ConfigError(f"{data.shards}: no images to fit the palette on")
     pixels = torch.cat(parts).numpy()
     rng = np.random.default_rng(igpt.palette_seed)
     return pixels[rng.choice(len(pixels), size=min(igpt.palette_pixels, len(pixels)), replace=False)]

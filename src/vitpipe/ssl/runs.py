@@ -69,3 +69,20 @@ def load_run_encoder(run_or_checkpoint: Path, config: PretrainConfig | None = No
         objective.load_state_dict(load_file(weights))
         encoder = objective.encoder()
     return encoder.eval(), run_config, weights
+
+
+def load_run_objective(run_or_checkpoint: Path, config: PretrainConfig | None = None, seed: int | None = None,
+                       trained: bool = True):
+    """The whole objective (heads, decoders, text tower, not just the encoder): from the given
+    checkpoint or the run's newest verified one; ``trained=False`` gives a random init of the same shape."""
+    from safetensors.torch import load_file
+
+    model = build_run_objective(run_or_checkpoint, config, seed=seed)
+    if trained:
+        _, weights = locate_run(run_or_checkpoint)
+        checkpoint = weights.parent if weights.name == "model.safetensors" else checkpoints.latest_verified(
+            run_dir_of(run_or_checkpoint), checkpoints.log_stderr, set_aside=False)
+        if checkpoint is None:
+            raise ConfigError(f"{run_or_checkpoint}: no checkpoint holds the whole model (only its encoder was kept)")
+        model.load_state_dict(load_file(checkpoint / "model.safetensors"))
+    return model.eval()
