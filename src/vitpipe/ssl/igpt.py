@@ -294,18 +294,16 @@ def sample_pixels(read, data, igpt: IGPTConfig) -> np.ndarray:
 def build(config: PretrainConfig, artifacts: dict[str, bytes]) -> IGPT:
     igpt, model, data = config.igpt, config.model, config.data
     palette = load_palette(artifacts[PALETTE], data.channels, f"artifact {PALETTE}")
-    check_memory(config)
     encoder = PixelTransformer(palette, data.mean, data.std, igpt.resolution, model.embed_dim, model.depth,
                                model.num_heads, model.mlp_ratio, causal=igpt.objective == "ar")
     return IGPT(encoder, igpt)
 
 
-def step_memory_bytes(batch: int, length: int, width: int, depth: int, heads: int, vocab: int) -> float:
-    """Estimated peak bytes of one training step's activations (fp32): per block ~24 saved [T, D]
-    tensors plus the attention scores the non-fused path keeps, and the logits with their gradient.
-    Checked against measured peaks in benchmarks/RESULTS.md (iGPT memory)."""
-    per_block = 24 * length * width + 2 * heads * length * length
-    return 4.0 * batch * (depth * per_block + 3 * length * vocab)
+def step_memory_bytes(batch: int, length: int, width: int, depth: int, vocab: int) -> float:
+    """Estimated peak bytes of one training step (fp32): ~20 saved [T, D] tensors per block (fused
+    attention keeps no T x T scores) plus the logits and their gradient. Measured against real
+    peaks at 16x16 and 24x24 in benchmarks/RESULTS.md (iGPT memory): within 10%."""
+    return 4.0 * batch * (depth * 20 * length * width + 3 * length * vocab)
 
 
 def check_memory(config: PretrainConfig) -> None:
@@ -313,18 +311,18 @@ def check_memory(config: PretrainConfig) -> None:
 
     igpt, model = config.igpt, config.model
     length = igpt.resolution**2
-    need = step_memory_bytes(config.train.batch_size, length, model.embed_dim, model.depth, model.num_heads,
-                             igpt.palette_size)
+    need = step_memory_bytes(config.train.batch_size, length, model.embed_dim, model.depth, igpt.palette_size)
     budget = igpt.memory_budget_gb * 2**30 or 0.8 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     if need > budget:
         raise ConfigError(f"igpt: a step of train.batch_size={config.train.batch_size} x {length} tokens "
-                          f"({igpt.resolution}x{igpt.resolution}) needs ~{need / 2**30:.1f} GiB of activations, over "
+                          f"({igpt.resolution}x{igpt.resolution}) needs ~{need / 2**30:.1f} GiB, over "
                           f"the {budget / 2**30:.1f} GiB budget (igpt.memory_budget_gb); lower train.batch_size "
                           "(raise train.grad_accum) or igpt.resolution")
 
 
 SPEC = ObjectiveSpec(
     name="igpt", build=build, section="igpt", section_type=IGPTConfig, fit_artifacts=fit_artifacts,
+    preflight=check_memory,
     # the paper's optimizer (AdamW betas 0.9/0.95, no weight decay for the small models), images
     # kept whole and in [-1, 1] like the palette; width/depth/heads come from model.*
     defaults={"optim": {"betas": [0.9, 0.95], "weight_decay": 0.0, "base_lr": 1e-3, "warmup_fraction": 0.05},

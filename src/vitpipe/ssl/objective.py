@@ -102,6 +102,9 @@ class ObjectiveSpec:
     """(config, read) -> {file name: bytes}, fitted once from the training shards before training
     (a tokenizer, a palette); ``read(fields, limit)`` yields decoded batches. Saved under
     RUN/artifacts/, checksummed in run.json, handed to ``build`` by every later command."""
+    preflight: Callable[[Any], None] | None = None
+    """(config) -> None, raising ConfigError for a training run this machine cannot do (e.g. a step
+    that would not fit in memory); called before every training session, never at evaluation."""
     summary: str = ""
     """One line for `vitpipe pretrain --help` and `vitpipe config show --objective`."""
     towers: tuple[str, ...] = ("image",)

@@ -144,6 +144,9 @@ class Trainer:
 
         config, train = self.config, self.config.train
         is_main = accelerator.is_main_process
+        spec = registry.OBJECTIVES.get(config.objective)
+        if spec is not None and spec.preflight is not None:
+            spec.preflight(config)
         start = rundir.start_checkpoint(self.run_dir, config, self.resume, is_main)
         fitted = self._artifacts(accelerator, refit=start is None)
         set_seed(train.seed)  # identical initial parameters on every rank
