@@ -78,6 +78,12 @@ def main() -> None:
                 picked[name] = ["--layer", best.removeprefix("block")]
             where = f" ({result['pool']}, {result['layer']})" if "layer" in result and flags != ["--pixels"] else ""
             record({"row": f"{task}: {name}{where}", "top1": result["top1"], "seconds": round(seconds)})
+    if args.objective == "igpt":  # held-out likelihood and completions: what a generative model is for
+        seconds = step(["eval", "bits-per-dim", str(run), "--test", test])
+        result = json.loads((run / "eval" / "bits-per-dim.json").read_text())
+        record({"row": f"bits per dim on test (uniform palette: {result['uniform_bits']:.2f})",
+                "value": result["bits_per_dim"], "seconds": round(seconds)})
+        step(["sample", str(run), "--prompt", test, "--n", "8", "--out", str(out / "completions.png")])
     for fraction in [float(f) for f in args.fractions.split(",") if f.strip()]:  # "" skips fine-tuning
         for name, flags in ((f"from {label}", []), ("from scratch", ["--init", "random"])):
             seconds = step(["eval", "finetune", str(run), "--train", train, "--test", test,
@@ -89,7 +95,7 @@ def main() -> None:
                     "seconds": round(seconds)})
     print("\n| row | top-1 | wall-clock s |\n|---|---:|---:|")
     for row in rows:
-        top1 = f"{row['top1']:.4f}" if "top1" in row else "—"
+        top1 = f"{row['top1']:.4f}" if "top1" in row else f"{row['value']:.4f}" if "value" in row else "—"
         print(f"| {row['row']} | {top1} | {row['seconds']} |")
 
 

@@ -135,7 +135,7 @@ class PixelTransformer(nn.Module):
     Given images it quantizes them itself, so evaluation feeds it like any encoder."""
 
     def __init__(self, palette: torch.Tensor, mean: list[float], std: list[float], resolution: int, width: int,
-                 depth: int, heads: int, mlp_ratio: float, causal: bool) -> None:
+                 depth: int, heads: int, mlp_ratio: float, causal: bool, drop_path: float = 0.0) -> None:
         super().__init__()
         channels = palette.shape[1]
         self.embed_dim, self.resolution, self.causal = width, resolution, causal
@@ -145,7 +145,8 @@ class PixelTransformer(nn.Module):
         self.special = len(palette)  # start-of-image (ar) or mask (bert) token
         self.token_embed = nn.Embedding(len(palette) + 1, width)
         self.pos_embed = nn.Parameter(torch.zeros(1, resolution**2, width))
-        self.blocks = nn.ModuleList(Block(width, heads, mlp_ratio) for _ in range(depth))
+        rates = torch.linspace(0, drop_path, depth).tolist()  # stochastic depth, as the ViT (fine-tuning)
+        self.blocks = nn.ModuleList(Block(width, heads, mlp_ratio, rate) for rate in rates)
         self.norm = nn.LayerNorm(width, eps=LN_EPS)
         self.apply(init_weights)
         nn.init.normal_(self.token_embed.weight, std=0.02)
@@ -295,7 +296,8 @@ def build(config: PretrainConfig, artifacts: dict[str, bytes]) -> IGPT:
     igpt, model, data = config.igpt, config.model, config.data
     palette = load_palette(artifacts[PALETTE], data.channels, f"artifact {PALETTE}")
     encoder = PixelTransformer(palette, data.mean, data.std, igpt.resolution, model.embed_dim, model.depth,
-                               model.num_heads, model.mlp_ratio, causal=igpt.objective == "ar")
+                               model.num_heads, model.mlp_ratio, causal=igpt.objective == "ar",
+                               drop_path=model.drop_path)
     return IGPT(encoder, igpt)
 
 
