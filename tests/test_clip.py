@@ -266,3 +266,23 @@ def test_two_processes_with_contrastive_accumulation_train_one_model(caption_sha
     assert all(len(line["keys"]) == 4 for rank in lines for line in rank)
     assert not {k for line in lines[0] for k in line["keys"]} & {k for line in lines[1] for k in line["keys"]}
     assert [json.loads(line)["samples"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [16, 32]
+
+
+def test_vitpipe_export_keeps_the_text_tower(caption_shards, tmp_path):
+    """`--format vitpipe` of a CLIP run is usable for zero-shot elsewhere: both towers, the
+    projections, the temperature and the tokenizer come back with ``load_exported(whole=True)``."""
+    from vitpipe.export import load_exported
+    from vitpipe.ssl.runs import load_run_objective
+
+    run = tmp_path / "run"
+    assert main(["pretrain", "clip", "--data", str(caption_shards / "train"), "--out", str(run), *ARGS,
+                 "train.max_steps=2"]) == 0
+    assert main(["export", str(run), "--format", "vitpipe", "--out", str(tmp_path / "exp")]) == 0
+    exported, trained = load_exported(tmp_path / "exp", whole=True), load_run_objective(run)
+    tokens, _ = exported.tokenize.encode(["a red square", "green"])
+    images = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(exported.encode_text(tokens), trained.encode_text(tokens))
+        assert torch.equal(exported.encode_image(images), trained.encode_image(images))
+    assert torch.equal(exported.logit_scale, trained.logit_scale)
+    assert isinstance(load_exported(tmp_path / "exp"), type(trained.encoder()))  # the image tower alone by default

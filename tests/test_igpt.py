@@ -160,3 +160,16 @@ def test_palette_fit_command_and_reuse(tiny_shards, tmp_path, capsys):
     assert main(["pretrain", "igpt", "--data", str(tiny_shards), "--out", str(tmp_path / "r2"), *ARGS,
                  "igpt.palette_size=4", f"igpt.palette={grey}"]) == 2
     assert "1-channel colours" in capsys.readouterr().err
+
+
+def test_finetune_layer_drops_the_blocks_after_it():
+    from vitpipe.ssl.classify import Classifier, FinetuneConfig
+
+    encoder = tiny_igpt().encoder()
+    images = torch.rand(2, 3, 16, 16) * 2 - 1
+    with torch.no_grad():
+        expected = encoder.pool(encoder.intermediate_layers(images, [1])[0])
+        classifier = Classifier(encoder, FinetuneConfig(num_classes=3, layer=1))
+        assert classifier.backbone.depth == 2 and torch.allclose(classifier.backbone(images), expected, atol=1e-6)
+    with pytest.raises(Exception, match="finetune.layer=5: the encoder has blocks 0..2"):
+        Classifier(tiny_igpt().encoder(), FinetuneConfig(num_classes=3, layer=5))

@@ -283,3 +283,18 @@ def test_url_ingest_resumes_after_kill(tmp_path, image_server):
     manifest = ingest(str(urls), out, config, progress=False)
     assert {p.name: p.stat().st_mtime_ns for p in work.glob("0000[01].tar")} == kept  # not downloaded again
     assert set(read_all(out)) == set(read_all(tmp_path / "ref")) and manifest["written"] == reference["written"] == 20
+
+
+def test_val_fraction_carves_from_an_official_train_split_only():
+    """`fashion-mnist:train --val-fraction 0.1` promised train/ and val/; train samples that came with
+    their split named were never carved before. A test split stays whole."""
+    from vitpipe.pipeline.ingest import Accounts
+    from vitpipe.pipeline.sources import Sample
+
+    accounts, config = Accounts(), IngestConfig(val_fraction=0.5, dedup=False)
+    def split(key, name):
+        return accounts.split_of(Sample(key, b"", "png", key, (8, 8), split=name), config)
+    train = [split(f"train_{i}", "train") for i in range(200)]
+    assert 60 < train.count("val") < 140 and set(train) == {"train", "val"}
+    assert {split(f"test_{i}", "test") for i in range(50)} == {"test"}
+    assert {split(f"x_{i}", None) for i in range(50)} == {"train", "val"}

@@ -17,7 +17,7 @@ from einops import rearrange
 
 from vitpipe.config import ConfigError, from_dict, to_dict
 from vitpipe.ssl import artifacts, registry
-from vitpipe.ssl.runs import load_run_encoder, run_dir_of
+from vitpipe.ssl.runs import load_run_encoder, load_run_objective, run_dir_of
 from vitpipe.ssl.vit import VisionTransformer
 
 TIMM_NAMES = {"micro": "vit_tiny", "mini": "vit_tiny", "tiny": "vit_tiny", "small": "vit_small", "base": "vit_base",
@@ -71,8 +71,9 @@ def export(run: Path, out: Path, fmt: str = "timm") -> Path:
         if not isinstance(encoder, VisionTransformer):
             raise ConfigError(f"the {config.objective} encoder is not a ViT; export it with --format vitpipe")
         state, cfg = timm_state_dict(encoder), timm_config(encoder, config.model.size)
-    else:
-        state = {k: v.detach().cpu().contiguous() for k, v in encoder.state_dict().items()}
+    else:  # the whole objective: a CLIP's text tower and projections, an iGPT's output head
+        whole = load_run_objective(run, config)
+        state = {k: v.detach().cpu().contiguous() for k, v in whole.state_dict().items()}
         files = artifacts.load(run_dir_of(run))
         for name, data in files.items():
             (out / "artifacts").mkdir(exist_ok=True)
@@ -88,8 +89,9 @@ def export(run: Path, out: Path, fmt: str = "timm") -> Path:
     return out
 
 
-def load_exported(directory: Path) -> torch.nn.Module:
-    """The encoder of a ``--format vitpipe`` export, rebuilt through its objective's registry entry."""
+def load_exported(directory: Path, whole: bool = False) -> torch.nn.Module:
+    """The encoder of a ``--format vitpipe`` export (``whole``: the whole objective, e.g. a CLIP with
+    ``encode_image``, ``encode_text`` and ``tokenize``), rebuilt through its objective's registry entry."""
     from safetensors.torch import load_file
 
     directory = Path(directory)
@@ -98,9 +100,9 @@ def load_exported(directory: Path) -> torch.nn.Module:
         raise ConfigError(f"{directory} is not a --format vitpipe export")
     config = from_dict(registry.config_class(cfg["objective"]), cfg["config"])
     files = {name: (directory / "artifacts" / name).read_bytes() for name in cfg.get("artifacts", [])}
-    encoder = registry.build_objective(config, files).encoder()
-    encoder.load_state_dict(load_file(directory / "model.safetensors"), strict=True)
-    return encoder.eval()
+    objective = registry.build_objective(config, files)
+    objective.load_state_dict(load_file(directory / "model.safetensors"), strict=True)
+    return objective.eval() if whole else objective.encoder().eval()
 
 
 def model_card(run: Path, config, cfg: dict[str, Any], fmt: str) -> str:

@@ -21,7 +21,8 @@ def ingest(
     url_col: Annotated[Optional[str], typer.Option(help="URL column of a URL list.")] = None,
     caption_col: Annotated[Optional[str], typer.Option(help="Caption column of a URL list.")] = None,
     shard_size: Annotated[Optional[int], typer.Option(help="Samples per shard.")] = None,
-    val_fraction: Annotated[Optional[float], typer.Option(help="Carve a validation split.")] = None,
+    val_fraction: Annotated[Optional[float], typer.Option(help="Carve a validation split (from train only).")] = None,
+    split: Annotated[Optional[str], typer.Option(help="Hugging Face datasets: take only this split.")] = None,
     processes: Annotated[Optional[int], typer.Option(help="Download processes (URL lists).")] = None,
     threads: Annotated[Optional[int], typer.Option(help="Download threads per process.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an earlier ingest in --out.")] = False,
@@ -32,7 +33,7 @@ def ingest(
     from vitpipe.pipeline.ingest import ingest as run_ingest
 
     options = dict(image_size=image_size, url_col=url_col, caption_col=caption_col, shard_size=shard_size,
-                   val_fraction=val_fraction, processes=processes, threads=threads)
+                   val_fraction=val_fraction, processes=processes, threads=threads, split=split)
     cfg = load_config(IngestConfig, config, overrides, {k: v for k, v in options.items() if v is not None})
     manifest = run_ingest(source, out, cfg, overwrite=overwrite)
     _print_ingest_summary(manifest, out)

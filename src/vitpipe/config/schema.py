@@ -74,6 +74,8 @@ class IngestConfig:
     """Integer label column of a URL list or Hugging Face dataset (ignored when missing)."""
     text_col: str | None = None
     """Hugging Face datasets: caption column."""
+    split: str = ""
+    """Hugging Face datasets: take only this split ("" = every split the dataset has, each to OUT/<split>/)."""
     filename_captions: bool = False
     """Image folders: an image without a sidecar .txt gets its file name as caption
     (`red_sports-car.png` -> "red sports car"), e.g. for clip-art collections titled by file name."""

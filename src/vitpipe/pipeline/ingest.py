@@ -21,7 +21,7 @@ from vitpipe.config import ConfigError, IngestConfig, to_dict
 from vitpipe.pipeline import manifest as manifest_io
 from vitpipe.pipeline.sources import (
     FASHION_MNIST_CLASSES, Failure, Record, Sample, SourceSpec, folder_label_map, iter_fashion_mnist,
-    iter_folder, iter_hf, iter_idx, parse_source,
+    iter_folder, iter_idx, parse_source,
 )
 from vitpipe.pipeline.tario import write_tar_atomic
 
@@ -99,6 +99,8 @@ def _records(spec: SourceSpec, work: Path, config: IngestConfig) -> Iterator[Rec
     elif spec.kind == "folder":
         yield from iter_folder(Path(spec.location), config)
     elif spec.kind == "hf":
+        from vitpipe.pipeline.hf import iter_hf
+
         yield from iter_hf(spec.location, config)
     elif spec.kind == "idx":
         yield from iter_idx(spec.location, spec.extra.get("labels"), config, split=None, prefix="")
@@ -171,8 +173,9 @@ class Accounts:
         if reason:
             self.filtered[reason] += 1
             return None
-        split = record.split or (split_of_key(record.key, config.val_fraction, config.seed)
-                                 if config.val_fraction else "train")
+        split = record.split or "train"
+        if split == "train" and config.val_fraction:  # carved from train only: a test split stays whole
+            split = split_of_key(record.key, config.val_fraction, config.seed)
         if config.dedup and split != "test":  # an official test split is kept as it is
             if record.content_hash in self.hashes:
                 self.duplicates += 1
@@ -192,7 +195,7 @@ def ingest(source: str, out: Path, config: IngestConfig, *, overwrite: bool = Fa
     if done is not None:
         done["resumed_nothing_to_do"] = True
         return done
-    flat = config.val_fraction == 0 and not (spec.kind == "fashion-mnist" and spec.extra["split"] == "all")
+    flat = config.val_fraction == 0 and not _has_splits(spec, config)
     writers: dict[str, SplitWriter] = {}
     accounts = Accounts()
     start = time.monotonic()
@@ -232,13 +235,28 @@ def _manifest(spec: SourceSpec, config: IngestConfig, settings: dict[str, Any], 
         source=spec.describe(), settings=to_dict(config), settings_full=settings, rows=accounts.rows,
         written=written, failures=dict(accounts.failures), filtered=dict(accounts.filtered),
         duplicates=accounts.duplicates, splits=splits, failure_examples=accounts.examples,
-        label_map=_label_map(spec), seconds=seconds,
+        label_map=_label_map(spec, config), seconds=seconds,
     )
 
 
-def _label_map(spec: SourceSpec) -> dict[str, int] | None:
+def _has_splits(spec: SourceSpec, config: IngestConfig) -> bool:
+    """Does the source bring several splits of its own (each to OUT/<split>/)?"""
+    if spec.kind == "fashion-mnist":
+        return spec.extra["split"] == "all"
+    if spec.kind == "hf":
+        from vitpipe.pipeline.hf import open_splits
+
+        return None not in open_splits(spec.location, config.split)
+    return False
+
+
+def _label_map(spec: SourceSpec, config: IngestConfig) -> dict[str, int] | None:
     if spec.kind == "fashion-mnist":
         return {name: index for index, name in enumerate(FASHION_MNIST_CLASSES)}
     if spec.kind == "folder":
         return folder_label_map(Path(spec.location)) or None
+    if spec.kind == "hf":
+        from vitpipe.pipeline.hf import label_names
+
+        return label_names(spec.location, config)
     return None

@@ -71,13 +71,18 @@ class SourceSpec:
             paths = [Path(p) for p in (self.location, self.extra.get("labels")) if p]
         elif self.kind == "fashion-mnist":
             paths = sorted(Path(self.location).glob("*.gz"))
-        else:  # folder, hf
+        elif self.kind == "hf":
+            from vitpipe.pipeline.hf import hf_files
+
+            paths = hf_files(self.location)
+        else:  # folder
             paths = sorted(p for p in Path(self.location).rglob("*") if p.is_file())
         digest = hashlib.sha256()
         for path in paths:
             stat = path.stat()
-            digest.update(f"{path.relative_to(self.location) if self.kind != 'idx' else path}\0"
-                          f"{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+            name = path.relative_to(self.location) if self.kind in ("folder", "fashion-mnist") or (
+                self.kind == "hf" and Path(self.location).is_dir()) else path
+            digest.update(f"{name}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
         return {"files": len(paths), "sha256": digest.hexdigest()}
 
 
@@ -92,10 +97,11 @@ def parse_source(text: str) -> SourceSpec:
                               "install it with: apt-get install -y dataset-fashion-mnist")
         return SourceSpec("fashion-mnist", str(FASHION_MNIST_DIR), {"split": split})
     if text.startswith("hf:"):
-        path = Path(text[3:])
-        if not path.exists():
-            raise ConfigError(f"Hugging Face dataset not found: {path}")
-        return SourceSpec("hf", str(path))
+        from vitpipe.pipeline.hf import hf_files
+
+        if not hf_files(text[3:]):
+            raise ConfigError(f"Hugging Face dataset not found: {text[3:]} (a folder, a parquet file or a glob)")
+        return SourceSpec("hf", text[3:])
     if text.startswith("idx:"):
         images, _, labels = text[4:].partition(",")
         for item in filter(None, (images, labels)):
@@ -251,66 +257,3 @@ def iter_fashion_mnist(split: str, config: IngestConfig) -> Iterator[Record]:
                             split=name, prefix=f"{name}_")
 
 
-# ---------------------------------------------------------------------------------------------
-# Hugging Face datasets (local only)
-# ---------------------------------------------------------------------------------------------
-
-
-def iter_hf(location: str, config: IngestConfig) -> Iterator[Record]:
-    """A dataset saved with ``save_to_disk`` (or a DatasetDict: every split is ingested)."""
-    import datasets
-
-    try:
-        loaded = datasets.load_from_disk(location)
-    except FileNotFoundError as err:
-        raise ConfigError(f"{location}: not a dataset saved with save_to_disk ({err})") from None
-    splits = loaded.items() if isinstance(loaded, datasets.DatasetDict) else [(None, loaded)]
-    for split_name, dataset in splits:
-        columns = dataset.column_names
-        if config.image_col not in columns:
-            raise ConfigError(f"{location}: no image column {config.image_col!r}; columns: {', '.join(columns)}")
-        if config.image_col in dataset.features and isinstance(dataset.features[config.image_col], datasets.Image):
-            dataset = dataset.cast_column(config.image_col, datasets.Image(decode=False))
-        has_label = config.label_col is not None and config.label_col in columns
-        has_text = config.text_col is not None and config.text_col in columns
-        prefix = f"{split_name}_" if split_name else ""
-        for index, row in enumerate(dataset):
-            ref = f"{prefix}{index}"
-            value = row[config.image_col]
-            data, ext = _hf_image_bytes(value)
-            if data is None:
-                yield Failure("not_an_image", ref, f"unsupported image value {type(value).__name__}")
-                continue
-            try:
-                yield make_sample(
-                    data, f"{prefix}{index:09d}", config, ext,
-                    label=int(row[config.label_col]) if has_label and row[config.label_col] is not None else None,
-                    text=str(row[config.text_col]) if has_text and row[config.text_col] is not None else None,
-                    meta={"source": ref},
-                )
-            except ImageRejected as err:
-                yield Failure(err.reason, ref, str(err))
-
-
-def _hf_image_bytes(value: Any) -> tuple[bytes | None, str | None]:
-    import io
-
-    if isinstance(value, dict):
-        if value.get("bytes"):
-            path = value.get("path") or ""
-            return value["bytes"], _ext_of(path)
-        if value.get("path") and Path(value["path"]).is_file():
-            return Path(value["path"]).read_bytes(), _ext_of(value["path"])
-        return None, None
-    if isinstance(value, (bytes, bytearray)):
-        return bytes(value), None
-    if hasattr(value, "save"):  # a PIL image
-        buffer = io.BytesIO()
-        value.save(buffer, format="PNG")
-        return buffer.getvalue(), "png"
-    return None, None
-
-
-def _ext_of(path: str) -> str | None:
-    suffix = Path(path).suffix.lower().lstrip(".")
-    return {"jpeg": "jpg"}.get(suffix, suffix) or None
