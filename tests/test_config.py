@@ -60,10 +60,28 @@ def test_malformed_config_exit_2(tmp_path, capsys, content):
     assert err.startswith("error: ") and len(err.strip().splitlines()) == 1
 
 
-@pytest.mark.parametrize("argv", [["nosuch"], ["eval", "nosuch"], ["pretrain", "mae", "--no-such-flag"]])
+COMMANDS = [["ingest", "DIR", "--out", "X"], ["shards", "verify", "DIR"], ["config", "show"], ["pretrain", "mae"],
+            ["export", "RUN"], ["report", "RUN"], ["demo"], ["slurm", "render"], ["slurm", "submit"],
+            ["eval", "linear-probe", "RUN"], ["eval", "knn", "RUN"], ["eval", "retrieval", "RUN"],
+            ["eval", "finetune", "RUN"], ["eval", "zero-shot", "RUN"], ["eval", "bits-per-dim", "RUN"],
+            ["sample", "RUN"], ["palette", "fit", "DIR"]]
+
+
+@pytest.mark.parametrize("argv", [["nosuch"], ["eval", "nosuch"], *[[*c, "--bogus"] for c in COMMANDS]],
+                         ids=lambda argv: " ".join(argv))
 def test_usage_errors_exit_2_whichever_click_typer_brings(argv, capsys):
     """Newer typer releases raise their vendored click's exceptions: still usage errors, exit 2."""
     from vitpipe.cli import main
 
     assert main(argv) == 2
     assert "Traceback" not in capsys.readouterr().err
+
+
+def test_version_and_bare_command(capsys):
+    from vitpipe import __version__
+    from vitpipe.cli import main
+
+    assert main(["--version"]) == 0 and capsys.readouterr().out.strip() == f"vitpipe {__version__}"
+    assert main([]) == 2
+    captured = capsys.readouterr()
+    assert "Usage" in captured.out + captured.err

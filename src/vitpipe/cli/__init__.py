@@ -16,7 +16,10 @@ from vitpipe.cli import data, evaluate, train
 from vitpipe.cli.common import DEBUG_ENV, EXIT_USAGE, error_line, runtime_failure_line
 from vitpipe.config import ConfigError
 
-app = typer.Typer(help=__doc__.splitlines()[0], no_args_is_help=True, add_completion=False,
+HELP = ("vitpipe: self-supervised ViT pretraining from raw images to numbers. ingest shards, pretrain "
+        "mae|clip|igpt|jepa, eval the representation, report, export.")
+
+app = typer.Typer(help=HELP, no_args_is_help=True, add_completion=False,
                   pretty_exceptions_enable=False, rich_markup_mode="rich")
 shards_app = typer.Typer(help="Inspect and check shard sets.", no_args_is_help=True)
 config_app = typer.Typer(help="Show resolved configs.", no_args_is_help=True)
@@ -47,8 +50,18 @@ app.command()(evaluate.sample)
 palette_app.command("fit")(data.palette_fit)
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from vitpipe import __version__
+
+        typer.echo(f"vitpipe {__version__}")
+        raise typer.Exit(0)
+
+
 @app.callback()
-def _root(debug: Annotated[bool, typer.Option("--debug", help="Show the traceback of a runtime failure.")] = False) -> None:
+def _root(debug: Annotated[bool, typer.Option("--debug", help="Show the traceback of a runtime failure.")] = False,
+          version: Annotated[bool, typer.Option("--version", is_eager=True, callback=_print_version,
+                                                help="Print the version and exit.")] = False) -> None:
     """Options for every command."""
     if debug:
         os.environ[DEBUG_ENV] = "1"
