@@ -137,6 +137,26 @@ def test_transparent_pixels_land_on_the_chosen_background(tmp_path, background, 
     assert tuple(image[0, 0]) == expected and tuple(image[3, 3]) == (200, 0, 0)
 
 
+@pytest.mark.parametrize("background,expected", [("white", (255, 255, 255)), ("#808080", (128, 128, 128))])
+def test_letterbox_and_colour_key_transparency_use_the_background_too(tmp_path, background, expected):
+    """A wide clip-art image padded to a square: the bars are the background colour (img2dataset pads
+    URL images with white), not black; an RGB PNG whose tRNS colour key marks pixels transparent
+    gets them composited like an alpha channel."""
+    (tmp_path / "art").mkdir()
+    wide = Image.new("RGB", (16, 8), (200, 0, 0))
+    wide.save(tmp_path / "art" / "wide.png")
+    keyed = Image.new("RGB", (8, 8), (0, 0, 0))
+    keyed.paste((0, 0, 255), (2, 2, 6, 6))
+    keyed.save(tmp_path / "art" / "keyed.png", transparency=(0, 0, 0))
+    ingest(str(tmp_path / "art"), tmp_path / "out", IngestConfig(background=background, image_size=16,
+                                                                  resize_mode="border"), progress=False)
+    samples = read_all(tmp_path / "out")
+    padded = np.asarray(Image.open(__import__("io").BytesIO(samples["wide"]["png"])).convert("RGB"))
+    assert tuple(padded[0, 8]) == expected and tuple(padded[8, 8]) == (200, 0, 0)
+    keyed_out = np.asarray(Image.open(__import__("io").BytesIO(samples["keyed"]["png"])).convert("RGB"))
+    assert tuple(keyed_out[0, 0]) == expected and tuple(keyed_out[8, 8]) == (0, 0, 255)
+
+
 def test_background_is_checked_and_refused_where_it_cannot_be_honoured(tmp_path, url_list, capsys):
     assert main(["ingest", str(tmp_path), "--out", str(tmp_path / "o"), "background=not-a-colour"]) == 2
     assert "ingest.background" in capsys.readouterr().err

@@ -46,9 +46,9 @@ def open_bounded(data: bytes, max_pixels: int) -> Image.Image:
 def to_rgb(image: Image.Image, background: str = "white") -> Image.Image:
     """Any mode (CMYK, palette, alpha, 16-bit greyscale) to RGB; alpha is composited on ``background``
     (a PIL colour) rather than dropped, which would leave whatever the transparent pixels hold."""
-    if image.mode == "RGB":
+    if image.mode == "RGB" and "transparency" not in image.info:
         return image
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+    if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:  # tRNS colour keys on P, RGB, L too
         rgba = image.convert("RGBA")
         canvas = Image.new("RGB", rgba.size, ImageColor.getrgb(background)[:3])
         canvas.paste(rgba, mask=rgba.getchannel("A"))
@@ -60,8 +60,9 @@ def to_rgb(image: Image.Image, background: str = "white") -> Image.Image:
     return image.convert("RGB")
 
 
-def resize_to_fit(image: Image.Image, size: int, mode: str) -> Image.Image:
-    """Resize like img2dataset's modes so local and web sources give the same shapes."""
+def resize_to_fit(image: Image.Image, size: int, mode: str, background: str = "white") -> Image.Image:
+    """Resize like img2dataset's modes so local and web sources give the same shapes; "border" pads
+    with ``background`` (img2dataset pads with white), the colour transparency is composited on."""
     if size <= 0 or mode == "no":
         return image
     width, height = image.size
@@ -75,7 +76,8 @@ def resize_to_fit(image: Image.Image, size: int, mode: str) -> Image.Image:
     image = image.resize((max(1, round(width * scale)), max(1, round(height * scale))), Image.BICUBIC)
     if mode == "keep_ratio":
         return image
-    canvas = Image.new(image.mode, (size, size), 0)  # "border": pad to a square with black
+    fill = ImageColor.getcolor(background, image.mode if image.mode in ("RGB", "L") else "RGB")
+    canvas = Image.new(image.mode, (size, size), fill)  # "border": pad to a square
     canvas.paste(image, ((size - image.width) // 2, (size - image.height) // 2))
     return canvas
 

@@ -138,13 +138,14 @@ def make_sample(data: bytes, key: str, config: IngestConfig, source_ext: str | N
     target_ext = config.encode_format if config.encode_format != "auto" else "png"
     keep_bytes = (
         config.image_size == 0 and source_ext in EXTENSIONS and image.mode in ("RGB", "L")
-        and config.encode_format in ("auto", source_ext)
+        and "transparency" not in image.info and config.encode_format in ("auto", source_ext)
     )
     if keep_bytes:
         payload, ext = data, source_ext
     else:
-        converted = image if image.mode in ("RGB", "L") else to_rgb(image, config.background)
-        converted = resize_to_fit(converted, config.image_size, config.resize_mode)
+        opaque = image.mode in ("RGB", "L") and "transparency" not in image.info
+        converted = image if opaque else to_rgb(image, config.background)
+        converted = resize_to_fit(converted, config.image_size, config.resize_mode, config.background)
         payload, ext = encode(converted, target_ext, config.encode_quality), target_ext
     return Sample(key=key, image=payload, ext=ext, original_size=original_size, label=label, text=text,
                   content_hash=content_hash or hashlib.sha256(data).hexdigest(), meta=meta or {})
@@ -238,7 +239,7 @@ def iter_idx(images_path: str, labels_path: str | None, config: IngestConfig, sp
 
     for index, pixels in enumerate(images):
         image = Image.fromarray(pixels, "L")
-        resized = resize_to_fit(image, config.image_size, config.resize_mode)
+        resized = resize_to_fit(image, config.image_size, config.resize_mode, config.background)
         ext = config.encode_format if config.encode_format != "auto" else "png"
         yield Sample(
             key=f"{prefix}{index:06d}", image=encode(resized, ext, config.encode_quality), ext=ext,
