@@ -24,6 +24,7 @@ from vitpipe.pipeline.loader import DataError, LoaderSpec, ReadTally, counted, m
 from vitpipe.pipeline.shardset import ShardSet, resolve_shards
 from vitpipe.pipeline.tario import sha256_file
 from vitpipe.pipeline.transforms import TransformSpec
+from vitpipe.ssl import registry
 from vitpipe.ssl.rundir import read_run_info
 from vitpipe.ssl.runs import build_run_objective, load_run_encoder, locate_run, run_dir_of
 
@@ -59,6 +60,11 @@ class EncoderSource:
     def resolve(cls, run: Path, kind: str = "trained", seed: int = 0) -> "EncoderSource":
         if kind not in ("trained", "random", "pixels"):
             raise ConfigError(f"unknown encoder source {kind!r}")
+        if kind == "pixels":  # raw pixels need the run's input settings, not its weights
+            config_file = run_dir_of(run) / "config.yaml"
+            if not config_file.is_file():
+                raise ConfigError(f"{run} is neither a run directory nor a checkpoint")
+            return cls(kind, registry.run_config(config_file), Path(run), None, seed)
         config, weights = locate_run(run)  # the weights are read once, by build()
         return cls(kind, config, Path(run), weights if kind == "trained" else None, seed)
 
