@@ -111,11 +111,18 @@ def test_image_folder_labels_captions_and_bad_files(tmp_path):
     (root / "dog" / "broken.png").write_bytes(encode_image(make_image(7))[:60])
     make_image(9, mode="CMYK").save(root / "dog" / "cmyk.jpg")
     make_image(0).save(root / "dog" / "dup.png")  # same pixels as cat/0.png
+    (root / "dog" / "bark.wav").write_bytes(b"RIFF....WAVE")
+    (root / "dog" / "logo.svg").write_text("<svg/>")
+    make_image(11).save(root / "dog" / "LOUD.JPG")
+    (root / "dog" / "LOUD.txt").write_text("a loud dog")  # a sidecar of an upper-case .JPG: never a row
+    (root / "dog" / "garbage.png").write_bytes(b"not a png at all")
     manifest = ingest(str(root), tmp_path / "out", IngestConfig(shard_size=4), progress=False)
     assert_accounting(manifest)
     assert manifest["label_map"] == {"cat": 0, "dog": 1}
-    assert manifest["failures"] == {"empty_file": 1, "not_an_image": 1, "truncated_image": 1}
-    assert manifest["duplicates"] == 1 and manifest["written"] == 7
+    assert manifest["failures"] == {"empty_file": 1, "not_an_image": 1, "truncated_image": 1}  # garbage.png
+    assert manifest["filtered"] == {"skipped_non_image": 3}  # notes.md, bark.wav, logo.svg: not failures
+    assert manifest["duplicates"] == 1 and manifest["written"] == 8 and manifest["rows"] == 15
+    assert read_all(tmp_path / "out")["dog_LOUD"]["txt"] == b"a loud dog"
     samples = read_all(tmp_path / "out")
     assert samples["cat_0"]["txt"] == b"a cat" and samples["cat_0"]["cls"] == b"0"
     assert samples["dog_cmyk"]["cls"] == b"1"

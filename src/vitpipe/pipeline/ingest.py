@@ -20,7 +20,7 @@ from typing import Any, Iterable, Iterator
 from vitpipe.config import ConfigError, IngestConfig, to_dict
 from vitpipe.pipeline import manifest as manifest_io
 from vitpipe.pipeline.sources import (
-    FASHION_MNIST_CLASSES, Failure, Record, Sample, SourceSpec, folder_label_map, iter_fashion_mnist,
+    FASHION_MNIST_CLASSES, Failure, Record, Sample, Skipped, SourceSpec, folder_label_map, iter_fashion_mnist,
     iter_folder, iter_idx, parse_source,
 )
 from vitpipe.pipeline.tario import write_tar_atomic
@@ -163,6 +163,9 @@ class Accounts:
     def split_of(self, record: Record, config: IngestConfig) -> str | None:
         """The split a record goes to, or None when it was counted as failed/filtered/duplicate."""
         self.rows += 1
+        if isinstance(record, Skipped):
+            self.filtered[record.reason] += 1
+            return None
         if isinstance(record, Failure):
             self.failures[record.reason] += 1
             bucket = self.examples.setdefault(record.reason, [])

@@ -49,7 +49,16 @@ class Failure:
     detail: str = ""
 
 
-Record = Sample | Failure
+@dataclass
+class Skipped:
+    """A file that was never meant to be an image (a sound, an SVG, notes): counted under
+    ``filtered[reason]``, not as a failure."""
+
+    reason: str
+    ref: str
+
+
+Record = Sample | Failure | Skipped
 
 
 @dataclass
@@ -168,7 +177,8 @@ def caption_from_filename(path: Path) -> str:
 
 
 def iter_folder(root: Path, config: IngestConfig) -> Iterator[Record]:
-    """Every file below ``root`` is a row: images become samples, anything else a failure.
+    """Every image file below ``root`` is a row (a sample, or a failure if it does not decode); other
+    files are counted as ``skipped_non_image``.
 
     Labels come from the first-level sub-folder (when there are sub-folders); a sidecar
     ``name.txt`` next to ``name.jpg`` becomes the caption, else (``filename_captions``) the file
@@ -176,21 +186,22 @@ def iter_folder(root: Path, config: IngestConfig) -> Iterator[Record]:
     """
     labels = folder_label_map(root)
     seen_keys: set[str] = set()
-    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+    files = sorted(p for p in root.rglob("*") if p.is_file()
+                   and not any(part.startswith(".") for part in p.relative_to(root).parts))
+    image_stems = {p.with_suffix("") for p in files if p.suffix.lower() in IMAGE_SUFFIXES}
+    for path in files:
         relative = path.relative_to(root)
-        if any(part.startswith(".") for part in relative.parts):
-            continue
         suffix = path.suffix.lower()
-        if suffix == ".txt" and any(path.with_suffix(s).exists() for s in IMAGE_SUFFIXES):
-            continue  # a caption sidecar, read with its image
+        if suffix == ".txt" and path.with_suffix("") in image_stems:
+            continue  # a caption sidecar, read with its image: never a row of its own
+        if suffix not in IMAGE_SUFFIXES:
+            yield Skipped("skipped_non_image", str(relative))
+            continue
         label = labels.get(relative.parts[0]) if len(relative.parts) > 1 else None
         key = sanitize_key(str(relative.with_suffix("")))
         while key in seen_keys:
             key += "_"
         seen_keys.add(key)
-        if suffix not in IMAGE_SUFFIXES:
-            yield Failure("not_an_image", str(relative), f"unsupported file type {suffix or '(none)'}")
-            continue
         caption_path = path.with_suffix(".txt")
         caption = caption_path.read_text(errors="replace").strip() if caption_path.exists() else None
         if caption is None and config.filename_captions:
