@@ -85,3 +85,13 @@ def test_version_and_bare_command(capsys):
     assert main([]) == 2
     captured = capsys.readouterr()
     assert "Usage" in captured.out + captured.err
+
+
+def test_list_overrides_are_typed():
+    """`data.mean=0.3,0.4,0.5` on the command line is three floats (it was three strings, refused)."""
+    from vitpipe.ssl import registry
+
+    config = registry.pretrain_config("mae", None, ["data.mean=0.3,0.4,0.5", "optim.betas=0.9,0.95",
+                                                    "data.std=1e-1,0.2,0.3"])
+    assert config.data.mean == [0.3, 0.4, 0.5] and config.optim.betas == [0.9, 0.95]
+    assert config.data.std == [0.1, 0.2, 0.3]

@@ -173,3 +173,36 @@ def test_timm_export_loads_strictly_and_matches(tmp_path, size, pool, class_toke
     x = torch.randn(3, 3, 16, 16)
     with torch.no_grad():
         assert torch.allclose(model(x), encoder(x), atol=1e-5)
+
+
+def test_timm_local_dir_and_its_own_transform_reproduce_vitpipe_features(tmp_path):
+    """A timm user's path: `create_model("local-dir:DIR", pretrained=True)`, then timm's
+    `resolve_model_data_config` + `create_transform` on a PIL image, gives vitpipe's features for the
+    same image through vitpipe's eval transform (non-square image, non-ImageNet normalisation)."""
+    timm = pytest.importorskip("timm")
+    import numpy as np
+    from PIL import Image
+    from safetensors.torch import save_file
+
+    from vitpipe.config import save_config
+    from vitpipe.export import export
+    from vitpipe.pipeline.transforms import TransformSpec, build_transform
+
+    config = tiny_config("data.mean=0.3,0.4,0.5", "data.std=0.2,0.25,0.3", "model.pool=gap")
+    run = tmp_path / "run"
+    save_config(config, run / "config.yaml")
+    torch.manual_seed(0)
+    encoder = VisionTransformer(config.model, 16, 3).eval()
+    save_file({k: v.contiguous() for k, v in encoder.state_dict().items()}, run / "encoder.safetensors")
+    out = export(run, tmp_path / "export", "timm")
+    model = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
+    data_config = timm.data.resolve_model_data_config(model)
+    assert tuple(data_config["mean"]) == (0.3, 0.4, 0.5) and data_config["crop_pct"] == 1.0
+    timm_transform = timm.data.create_transform(**data_config, is_training=False)
+    ours = build_transform(TransformSpec("eval", 16, 3, mean=(0.3, 0.4, 0.5), std=(0.2, 0.25, 0.3)))
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (24, 40, 3), dtype=np.uint8))
+    with torch.no_grad():
+        theirs = model(timm_transform(image).unsqueeze(0))
+        mine = encoder(ours(image).unsqueeze(0))
+    assert (theirs - mine).abs().max() < 1e-4
+    assert "names timm's builder only" in (out / "README.md").read_text()

@@ -36,9 +36,14 @@ def timm_state_dict(encoder: VisionTransformer) -> dict[str, torch.Tensor]:
     return state
 
 
-def timm_config(encoder: VisionTransformer, size: str) -> dict[str, Any]:
+def timm_config(encoder: VisionTransformer, size: str, mean: list[float], std: list[float]) -> dict[str, Any]:
+    """timm's hub layout; ``pretrained_cfg`` carries vitpipe's eval preprocessing (resize the short
+    side bicubic to the input size, centre crop, this normalisation) so timm's own
+    ``resolve_model_data_config`` + ``create_transform`` reproduce vitpipe's features. The
+    architecture names timm's builder; ``model_args`` override its patch and image size."""
     model = encoder.config
     architecture = f"{TIMM_NAMES[size]}_patch16_224"
+    channels = encoder.in_chans
     return {
         "architecture": architecture,
         "model_args": {
@@ -48,7 +53,9 @@ def timm_config(encoder: VisionTransformer, size: str) -> dict[str, Any]:
             "fc_norm": False, "num_classes": 0,
         },
         "num_features": model.embed_dim,
-        "pretrained_cfg": {"input_size": [encoder.in_chans, encoder.image_size, encoder.image_size]},
+        "pretrained_cfg": {"input_size": [channels, encoder.image_size, encoder.image_size],
+                           "mean": list(mean[:channels]), "std": list(std[:channels]), "interpolation": "bicubic",
+                           "crop_pct": 1.0, "crop_mode": "center", "num_classes": 0},
     }
 
 
@@ -70,7 +77,7 @@ def export(run: Path, out: Path, fmt: str = "timm") -> Path:
     if fmt in ("timm", "hf"):
         if not isinstance(encoder, VisionTransformer):
             raise ConfigError(f"the {config.objective} encoder is not a ViT; export it with --format vitpipe")
-        state, cfg = timm_state_dict(encoder), timm_config(encoder, config.model.size)
+        state, cfg = timm_state_dict(encoder), timm_config(encoder, config.model.size, config.data.mean, config.data.std)
     else:  # the whole objective: a CLIP's text tower and projections, an iGPT's output head
         whole = load_run_objective(run, config)
         state = {k: v.detach().cpu().contiguous() for k, v in whole.state_dict().items()}
@@ -124,10 +131,12 @@ def model_card(run: Path, config, cfg: dict[str, Any], fmt: str) -> str:
         front = "---\nlibrary_name: timm\ntags:\n- image-feature-extraction\n- timm\n- vitpipe\n" \
                 f"- {config.objective}\nlicense: other\n---\n\n"
     args = cfg.get("model_args") or {**cfg["config"]["model"], "image_size": config.data.image_size}
-    load = ("```python\nimport json, timm, safetensors.torch\n"
-            "cfg = json.load(open(\"config.json\"))\n"
-            "model = timm.create_model(cfg[\"architecture\"], **cfg[\"model_args\"]); "
-            "model.load_state_dict(safetensors.torch.load_file(\"model.safetensors\"), strict=True)\n```\n"
+    load = ("```python\nimport timm\n"
+            "model = timm.create_model(\"local-dir:DIR\", pretrained=True)  # config.json + model.safetensors\n"
+            "data = timm.data.resolve_model_data_config(model)  # vitpipe's resize, crop and normalisation\n"
+            "transform = timm.data.create_transform(**data, is_training=False)\n```\n"
+            f"`{cfg['architecture']}` names timm's builder only: `model_args` override its patch size "
+            f"({args.get('patch_size')}), image size ({args.get('img_size', args.get('image_size'))}) and width.\n"
             if fmt != "vitpipe" else
             "```python\nfrom vitpipe.export import load_exported\n"
             "encoder = load_exported(\"DIR\")  # rebuilt through its objective; strict weights\n```\n")

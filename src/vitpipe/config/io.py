@@ -41,8 +41,8 @@ def _coerce(value: Any, kind: Any, key: str) -> Any:
         raise last or ConfigError(f"{key}: bad value {value!r}")
     if origin is list:
         (item,) = typing.get_args(kind)
-        if isinstance(value, str):  # `key=a,b` on the command line
-            value = [part.strip() for part in value.split(",") if part.strip()]
+        if isinstance(value, str):  # `key=a,b` on the command line: each part read as a YAML scalar
+            value = [yaml.safe_load(part.strip()) for part in value.split(",") if part.strip()]
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key}: expected a list, got {value!r}")
         return [_coerce(v, item, key) for v in value]
