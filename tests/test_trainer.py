@@ -35,10 +35,13 @@ def losses(run: Path) -> dict[int, list[float]]:
     return out
 
 
-def test_pretrain_cli_smoke(tiny_shards, tmp_path):
+def test_pretrain_cli_smoke(tiny_shards, tmp_path, capsys):
     run = tmp_path / "run"
     assert main(["pretrain", "mae", "--data", str(tiny_shards), "--out", str(run), *RUN_ARGS,
                  "train.max_steps=6", "train.tensorboard=true"]) == 0
+    # no terminal (a SLURM log, a pipe): a plain line per logged step instead of a progress bar
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step ")]
+    assert len(lines) == 6 and lines[-1].startswith("step 6/6  loss ") and "img/s" in lines[-1] and "eta" in lines[-1]
     records = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
     assert all(math.isfinite(r["loss"]) and r["lr"] >= 0 for r in records)

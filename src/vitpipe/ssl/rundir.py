@@ -160,3 +160,12 @@ def export_encoder(run_dir: Path, encoder) -> None:
     digest = checkpoints.sha256_file(tmp)
     os.replace(tmp, run_dir / "encoder.safetensors")
     update_run_info(run_dir, {"encoder_sha256": digest, "encoder_depth": encoder.depth})
+
+
+def progress_line(record: dict[str, Any], max_steps: int, global_batch: int) -> str:
+    """``step 120/1000  loss 1.2345  lr 4.57e-04  img/s 27.4  eta 0:34:15`` (ETA at the last rate)."""
+    rate = record["img_per_s"] / max(global_batch, 1)
+    eta = (max_steps - record["step"]) / rate if rate > 0 else None
+    eta_text = time.strftime("%H:%M:%S", time.gmtime(eta)) if eta is not None and eta < 86400 else "?"
+    return (f"step {record['step']}/{max_steps}  loss {record['loss']:.4f}  lr {record['lr']:.2e}  "
+            f"img/s {record['img_per_s']}  eta {eta_text}")

@@ -117,6 +117,8 @@ class Trainer:
         self.build_objective = build_objective or registry.build_objective
         self.resume = resume
         self.progress = sys.stderr.isatty() if progress is None else progress
+        self.progress_lines = progress is None and not self.progress
+        """No terminal (a SLURM log, a pipe): a plain line per logged step on stdout instead of a bar."""
         self.on_preempt = on_preempt
         """Called on the main process after a signal checkpoint (e.g. SLURM requeue); its dict is logged."""
 
@@ -351,6 +353,9 @@ class Trainer:
         s.accelerator.log({k: v for k, v in record.items() if k != "step"}, step=state.step)
         if s.bar is not None:
             s.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{record['lr']:.2e}", img_s=record["img_per_s"])
+        elif self.progress_lines:
+            print(rundir.progress_line(record, self.config.train.max_steps, self.config.train.batch_size
+                                * self.config.train.grad_accum * s.accelerator.num_processes), flush=True)
 
     def _health(self, s: _Session) -> dict[str, float]:
         train = self.config.train
