@@ -95,3 +95,17 @@ def test_list_overrides_are_typed():
                                                     "data.std=1e-1,0.2,0.3"])
     assert config.data.mean == [0.3, 0.4, 0.5] and config.optim.betas == [0.9, 0.95]
     assert config.data.std == [0.1, 0.2, 0.3]
+
+
+def test_ingest_help_lists_the_settings_with_defaults(capsys):
+    import dataclasses
+
+    from vitpipe.cli import main
+    from vitpipe.config import IngestConfig
+
+    assert main(["ingest", "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())  # the help box wraps lines
+    text = text.replace("│ ", "").replace(" │", "")
+    for field in dataclasses.fields(IngestConfig):
+        assert field.name in text, field.name
+    assert "shard_size=10000" in text.replace(" ", "") and "(default 10000)" in text

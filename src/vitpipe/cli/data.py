@@ -11,22 +11,34 @@ from vitpipe.cli.common import user_errors
 from vitpipe.config import CONFIG_KINDS, ConfigError, IngestConfig, dump_yaml, load_config, read_yaml
 
 
+def _ingest_defaults() -> dict[str, object]:
+    import dataclasses
+
+    return {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            for f in dataclasses.fields(IngestConfig)}
+
+
+_DEFAULTS = _ingest_defaults()
+_KEYS_HELP = "key=value ingest settings, with their defaults: " + ", ".join(
+    f"{name}={value}" for name, value in _DEFAULTS.items()) + " (docs: vitpipe/config/schema.py IngestConfig)."
+
+
 @user_errors
 def ingest(
     source: Annotated[str, typer.Argument(help="URL list (.csv .tsv .txt .parquet .jsonl[.gz]), image folder, "
                                                "hf:PATH, idx:IMAGES[,LABELS] or fashion-mnist[:train|:test]")],
     out: Annotated[Path, typer.Option("--out", help="Output directory for shards and manifest.")],
     config: Annotated[Optional[Path], typer.Option("--config", help="YAML with ingest settings.")] = None,
-    image_size: Annotated[Optional[int], typer.Option(help="Resize to fit N pixels (0 keeps sizes).")] = None,
-    url_col: Annotated[Optional[str], typer.Option(help="URL column of a URL list.")] = None,
+    image_size: Annotated[Optional[int], typer.Option(help=f"Resize to fit N pixels (0 keeps sizes; default {_DEFAULTS['image_size']}).")] = None,
+    url_col: Annotated[Optional[str], typer.Option(help=f"URL column of a URL list (default {_DEFAULTS['url_col']}).")] = None,
     caption_col: Annotated[Optional[str], typer.Option(help="Caption column of a URL list.")] = None,
-    shard_size: Annotated[Optional[int], typer.Option(help="Samples per shard.")] = None,
-    val_fraction: Annotated[Optional[float], typer.Option(help="Carve a validation split (from train only).")] = None,
+    shard_size: Annotated[Optional[int], typer.Option(help=f"Samples per shard (default {_DEFAULTS['shard_size']}).")] = None,
+    val_fraction: Annotated[Optional[float], typer.Option(help=f"Carve a validation split from train (default {_DEFAULTS['val_fraction']}).")] = None,
     split: Annotated[Optional[str], typer.Option(help="Hugging Face datasets: take only this split.")] = None,
-    processes: Annotated[Optional[int], typer.Option(help="Download processes (URL lists).")] = None,
-    threads: Annotated[Optional[int], typer.Option(help="Download threads per process.")] = None,
+    processes: Annotated[Optional[int], typer.Option(help=f"Download processes, URL lists (default {_DEFAULTS['processes']}).")] = None,
+    threads: Annotated[Optional[int], typer.Option(help=f"Download threads per process (default {_DEFAULTS['threads']}).")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an earlier ingest in --out.")] = False,
-    overrides: Annotated[Optional[list[str]], typer.Argument(help="key=value ingest settings.",
+    overrides: Annotated[Optional[list[str]], typer.Argument(help=_KEYS_HELP,
                                                              show_default=False)] = None,
 ) -> None:
     """Turn a source into verified WebDataset shards + sizes.json + manifest.json."""
