@@ -82,6 +82,21 @@ def test_url_list_through_img2dataset(tmp_path, url_list):
     assert sum(sizes.values()) == 17
 
 
+def test_url_ingest_in_a_pipe_prints_only_vitpipe_output(tmp_path, image_server):
+    """Piped (a scheduler log): img2dataset's progress bars and bandwidth prints, its workers' too,
+    go to the work folder's log; what reaches the pipe is vitpipe's own summary."""
+    urls = tmp_path / "urls.txt"
+    urls.write_text("".join(f"{image_server}/img/{i}.png\n" for i in range(4)))
+    result = subprocess.run([sys.executable, "-m", "vitpipe", "ingest", str(urls), "--out", str(tmp_path / "out"),
+                             "allow_networks=127.0.0.1/32", "--processes", "1", "--threads", "2"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    printed = result.stdout + result.stderr
+    assert "it/s" not in printed and "bandwidth" not in printed.lower() and "%|" not in printed
+    assert "written" in result.stdout
+    assert "bandwidth" in (tmp_path / "out" / "_work" / "img2dataset.log").read_text()  # where it went
+
+
 @pytest.mark.parametrize("suffix", [".tsv", ".jsonl", ".parquet", ".txt", ".csv.gz"])
 def test_url_list_formats(tmp_path, image_server, suffix):
     urls = [f"{image_server}/img/{i}.png" for i in range(4)]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import sys
 from pathlib import Path
 from typing import Iterator
 
@@ -127,9 +128,32 @@ def download(url_list: Path, work_dir: Path, config: IngestConfig) -> Path:
 
     output = work_dir / "img2dataset"
     output.mkdir(parents=True, exist_ok=True)
-    with _bounded_img2dataset(config):
+    with _bounded_img2dataset(config), _output_to(None if sys.stderr.isatty() else work_dir / "img2dataset.log"):
         i2d_download(**img2dataset_kwargs(url_list, output, config, extra))
     return output
+
+
+@contextlib.contextmanager
+def _output_to(log: Path | None):
+    """Without a terminal, img2dataset's progress bars and prints (its worker processes' too: they
+    inherit the file descriptors) go to ``log``, not into the user's pipe or scheduler log."""
+    if log is None:
+        yield
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    with open(log, "ab") as handle:
+        os.dup2(handle.fileno(), 1)
+        os.dup2(handle.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            for fd, copy in zip((1, 2), saved):
+                os.dup2(copy, fd)
+                os.close(copy)
 
 
 REASON_PATTERNS = [
