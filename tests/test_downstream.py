@@ -307,3 +307,31 @@ def test_finetune_probe_init_starts_from_the_subset_probe(tiny_run, tiny_labelle
     assert crop.scale == (0.5, 1.0)
     with pytest.raises(ConfigError, match="pretraining resolution"):
         probe_head(source, train, finetune_config(source, train, ["data.image_size=24"]))
+
+
+def test_an_indexed_image_queried_by_its_own_file_is_found_first(tmp_path, capsys):
+    """The query goes through the index's own ingest-time processing (here: letterboxed to 16 px on
+    grey), not the eval resize-and-centre-crop, so non-square images find themselves at rank 1."""
+    import numpy as np
+    from PIL import Image
+
+    from vitpipe.config import IngestConfig, save_config
+    from vitpipe.pipeline.ingest import ingest
+    from vitpipe.ssl import registry
+
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    sizes = [(40, 24), (24, 40), (30, 18), (18, 30), (32, 32), (50, 20)]
+    for index, (width, height) in enumerate(sizes):
+        Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(folder / f"p{index}.png")
+    ingest(str(folder), tmp_path / "shards", IngestConfig(image_size=16, resize_mode="border", background="gray"),
+           progress=False)
+    run = tmp_path / "run"
+    save_config(registry.pretrain_config("mae", None, ["data.image_size=16", "model.size=micro"]), run / "config.yaml")
+    for index in range(len(sizes)):
+        capsys.readouterr()
+        assert main(["eval", "retrieval", str(run), "--index", str(tmp_path / "shards"), "--pixels", "--workers", "0",
+                     "--query", str(folder / f"p{index}.png"), "--top-k", "2"]) == 0
+        hits = [line.split("\t") for line in capsys.readouterr().out.splitlines() if line.count("\t") == 2]
+        assert hits[0][1] == f"p{index}" and float(hits[0][2]) > 0.9999, (index, hits)

@@ -157,7 +157,7 @@ def query_image(source: EncoderSource, image_path: Path, top_k: int, pool: str |
     if not Path(image_path).is_file():
         raise ConfigError(f"query image not found: {image_path}")
     try:
-        image = decode_rgb(Path(image_path).read_bytes())
+        image = decode_rgb(as_ingested(Path(image_path), ids["shards"]))
     except ImageRejected as err:
         raise ConfigError(f"query image {image_path}: {err}") from None
     config = source.config
@@ -170,6 +170,24 @@ def query_image(source: EncoderSource, image_path: Path, top_k: int, pool: str |
                                                                            pool or ids.get("pool"))
     similarity, neighbours = search(index, feature.numpy(), min(top_k, index.ntotal))
     return [(ids["keys"][i], float(s)) for i, s in zip(neighbours[0], similarity[0]) if i >= 0]
+
+
+def as_ingested(image_path: Path, index_shards: str) -> bytes:
+    """The query image's bytes after the same ingest-time processing (transparency on the
+    background, resize mode and size, encoding) the indexed images had, read from their manifest:
+    an image that is in the index then finds itself. Shards without a vitpipe manifest: unchanged."""
+    from vitpipe.config import IngestConfig, from_dict
+    from vitpipe.pipeline.manifest import find_manifest
+    from vitpipe.pipeline.sources import make_sample
+
+    data = image_path.read_bytes()
+    shards = resolve_shards(index_shards)
+    manifest = find_manifest(shards.directory) if shards.directory else None
+    settings = json.loads(manifest.read_text()).get("settings") if manifest else None
+    if not settings:
+        return data
+    ext = {"jpeg": "jpg"}.get(image_path.suffix.lower().lstrip("."), image_path.suffix.lower().lstrip("."))
+    return make_sample(data, "query", from_dict(IngestConfig, settings), ext or None).image
 
 
 def _has_labels(shard_url: str) -> bool:
