@@ -340,3 +340,28 @@ def test_val_fraction_carves_from_an_official_train_split_only():
     assert 60 < train.count("val") < 140 and set(train) == {"train", "val"}
     assert {split(f"test_{i}", "test") for i in range(50)} == {"test"}
     assert {split(f"x_{i}", None) for i in range(50)} == {"train", "val"}
+
+
+@pytest.mark.parametrize("source", ["folder", "idx"])
+def test_every_shard_holds_a_mix_of_classes(tmp_path, source):
+    """Folders and IDX files list samples class by class; written in that order, shard 0 held one
+    class only. Shuffled (seeded) at ingest, each shard's label histogram is close to the dataset's."""
+    classes = ("a", "b", "c", "d")
+    if source == "folder":
+        spec = str(write_image_folder(tmp_path / "imgs", per_class=50, classes=classes))
+    else:
+        labels = np.repeat(np.arange(4, dtype=np.uint8), 50)
+        images = np.random.default_rng(0).integers(0, 255, size=(200, 8, 8), dtype=np.uint8)
+        for array, name in ((images, "img.gz"), (labels, "lab.gz")):
+            header = b"\x00\x00\x08" + bytes([array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+            (tmp_path / name).write_bytes(gzip.compress(header + array.tobytes()))
+        spec = f"idx:{tmp_path / 'img.gz'},{tmp_path / 'lab.gz'}"
+    manifest = ingest(spec, tmp_path / "out", IngestConfig(shard_size=50), progress=False)
+    assert manifest["settings"]["shuffle"] is True
+    for shard in sorted((tmp_path / "out").glob("*.tar")):
+        with open(shard, "rb") as handle:
+            labels_in_shard = [int(s["cls"]) for s in iter_tar_samples(handle)]
+        counts = np.bincount(labels_in_shard, minlength=4)
+        assert len(labels_in_shard) == 50 and counts.min() >= 5 and counts.max() <= 22, (shard.name, counts)
+    ingest(spec, tmp_path / "again", IngestConfig(shard_size=50), progress=False)
+    assert list(read_all(tmp_path / "again")) == list(read_all(tmp_path / "out"))  # seeded: the same order

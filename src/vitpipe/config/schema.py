@@ -67,7 +67,10 @@ class IngestConfig:
     val_fraction: float = 0.0
     """Fraction of samples carved out as a validation split (by key hash, so stable across reruns)."""
     seed: int = 0
-    """Seed of the train/val split."""
+    """Seed of the train/val split and of the shuffle."""
+    shuffle: bool = True
+    """Write samples in a seeded random order, so every shard holds a mix of classes (folders, IDX
+    and HF datasets list them class by class). URL lists keep the list's own order."""
     image_col: str = "image"
     """Hugging Face datasets: image column."""
     label_col: str | None = "label"

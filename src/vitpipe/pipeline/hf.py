@@ -8,12 +8,17 @@ from __future__ import annotations
 
 import glob
 import os
+import random
 from pathlib import Path
 from typing import Any, Iterator
+
+import numpy as np
 
 from vitpipe.config import ConfigError, IngestConfig
 from vitpipe.pipeline.sources import Failure, ImageRejected, Record, make_sample
 
+SHUFFLE_BUFFER = 1000
+"""Rows a streamed dataset is shuffled through (memory: this many encoded images)."""
 FILE_BUILDERS = {".parquet": "parquet", ".arrow": "arrow", ".jsonl": "json", ".json": "json", ".csv": "csv"}
 
 
@@ -112,7 +117,7 @@ def iter_hf(location: str, config: IngestConfig) -> Iterator[Record]:
         if isinstance((dataset.features or {}).get(config.image_col), datasets.Image):
             dataset = dataset.cast_column(config.image_col, datasets.Image(decode=False))
         prefix = f"{split_name}_" if split_name else ""
-        for index, row in enumerate(dataset):
+        for index, row in _rows(dataset, config, isinstance(dataset, datasets.IterableDataset)):
             ref = f"{prefix}{index}"
             data, ext = image_bytes(row[config.image_col])
             if data is None:
@@ -129,6 +134,25 @@ def iter_hf(location: str, config: IngestConfig) -> Iterator[Record]:
                 continue
             sample.split = split_name
             yield sample
+
+
+def _rows(dataset, config: IngestConfig, streamed: bool) -> Iterator[tuple[int, dict]]:
+    """(row number in the dataset, row): the key stays the row's own whatever the order. Shuffled
+    (seeded, so a rerun sees the same order): a random permutation for datasets on disk, a bounded
+    buffer for streams."""
+    if not config.shuffle:
+        yield from enumerate(dataset)
+    elif not streamed:
+        for index in np.random.default_rng(config.seed).permutation(len(dataset)):
+            yield int(index), dataset[int(index)]
+    else:
+        rng, buffer = random.Random(config.seed), []
+        for item in enumerate(dataset):
+            buffer.append(item)
+            if len(buffer) >= SHUFFLE_BUFFER:
+                yield buffer.pop(rng.randrange(len(buffer)))
+        rng.shuffle(buffer)
+        yield from buffer
 
 
 def image_bytes(value: Any) -> tuple[bytes | None, str | None]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import random
 import re
 import struct
 from dataclasses import dataclass, field
@@ -189,6 +190,8 @@ def iter_folder(root: Path, config: IngestConfig) -> Iterator[Record]:
     files = sorted(p for p in root.rglob("*") if p.is_file()
                    and not any(part.startswith(".") for part in p.relative_to(root).parts))
     image_stems = {p.with_suffix("") for p in files if p.suffix.lower() in IMAGE_SUFFIXES}
+    if config.shuffle:  # seeded: a rerun after a crash sees the same order and skips finished shards
+        random.Random(config.seed).shuffle(files)
     for path in files:
         relative = path.relative_to(root)
         suffix = path.suffix.lower()
@@ -248,7 +251,9 @@ def iter_idx(images_path: str, labels_path: str | None, config: IngestConfig, sp
         raise ConfigError(f"{labels_path}: {len(labels)} labels for {len(images)} images")
     from PIL import Image
 
-    for index, pixels in enumerate(images):
+    order = np.random.default_rng(config.seed).permutation(len(images)) if config.shuffle else range(len(images))
+    for index in map(int, order):
+        pixels = images[index]
         image = Image.fromarray(pixels, "L")
         resized = resize_to_fit(image, config.image_size, config.resize_mode, config.background)
         ext = config.encode_format if config.encode_format != "auto" else "png"
