@@ -206,3 +206,59 @@ def test_timm_local_dir_and_its_own_transform_reproduce_vitpipe_features(tmp_pat
         mine = encoder(ours(image).unsqueeze(0))
     assert (theirs - mine).abs().max() < 1e-4
     assert "names timm's builder only" in (out / "README.md").read_text()
+
+
+@pytest.mark.parametrize("pool", ["cls", "gap"])
+def test_hf_export_is_a_real_transformers_checkpoint(tmp_path, pool):
+    """`AutoModel.from_pretrained(DIR)` loads every weight (nothing missing, nothing unexpected, so
+    nothing silently random) and, through `AutoImageProcessor`, gives vitpipe's features for the
+    same non-square image: CLS, pooled output and mean-pooled patches within 1e-4."""
+    transformers = pytest.importorskip("transformers")
+    import numpy as np
+    from PIL import Image
+    from safetensors.torch import save_file
+
+    from vitpipe.config import save_config
+    from vitpipe.export import export
+    from vitpipe.pipeline.transforms import TransformSpec, build_transform
+
+    config = tiny_config("data.mean=0.3,0.4,0.5", "data.std=0.2,0.25,0.3", f"model.pool={pool}",
+                         "model.pos_embed=learned")
+    run = tmp_path / "run"
+    save_config(config, run / "config.yaml")
+    torch.manual_seed(0)
+    encoder = VisionTransformer(config.model, 16, 3).eval()
+    save_file({k: v.contiguous() for k, v in encoder.state_dict().items()}, run / "encoder.safetensors")
+    out = export(run, tmp_path / "hf", "hf")
+    model, info = transformers.AutoModel.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    processor = transformers.AutoImageProcessor.from_pretrained(out)
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (24, 40, 3), dtype=np.uint8))
+    ours = build_transform(TransformSpec("eval", 16, 3, mean=(0.3, 0.4, 0.5), std=(0.2, 0.25, 0.3)))(image)
+    pixels = processor(images=image, return_tensors="pt")["pixel_values"]
+    assert (pixels[0] - ours).abs().max() < 1e-4
+    with torch.no_grad():
+        result = model.eval()(pixel_values=pixels)
+        tokens = encoder.forward_features(ours.unsqueeze(0))
+    assert (result.last_hidden_state - tokens).abs().max() < 1e-4
+    assert (result.pooler_output - tokens[:, 0]).abs().max() < 1e-4
+    assert (result.last_hidden_state[:, 1:].mean(dim=1) - encoder.pool(tokens, "gap")).abs().max() < 1e-4
+    assert "library_name: transformers" in (out / "README.md").read_text()
+
+
+@pytest.mark.parametrize("overrides,message", [(["model.class_token=false", "model.pool=gap"], "has none"),
+                                               (["model.pool=map"], "attention-pooling head")])
+def test_hf_export_refuses_what_transformers_cannot_hold(tmp_path, capsys, overrides, message):
+    from safetensors.torch import save_file
+
+    from vitpipe.cli import main
+    from vitpipe.config import save_config
+
+    config = tiny_config(*overrides)
+    run = tmp_path / "run"
+    save_config(config, run / "config.yaml")
+    encoder = VisionTransformer(config.model, 16, 3)
+    save_file({k: v.contiguous() for k, v in encoder.state_dict().items()}, run / "encoder.safetensors")
+    assert main(["export", str(run), "--format", "hf", "--out", str(tmp_path / "hf")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0]

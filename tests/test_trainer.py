@@ -57,7 +57,8 @@ def test_pretrain_cli_smoke(tiny_shards, tmp_path, capsys):
     assert (tmp_path / "exp" / "model.safetensors").is_file()
     assert main(["export", str(run), "--out", str(tmp_path / "hf"), "--format", "hf"]) == 0
     card = (tmp_path / "hf" / "README.md").read_text()
-    assert card.startswith("---\nlibrary_name: timm") and "timm.create_model" in card and "steps: 6" in card
+    assert card.startswith("---\nlibrary_name: transformers") and "AutoModel.from_pretrained" in card
+    assert "steps: 6" in card and (tmp_path / "hf" / "preprocessor_config.json").is_file()
     assert info["data_manifest_sha256"] in card
 
 

@@ -59,6 +59,52 @@ def timm_config(encoder: VisionTransformer, size: str, mean: list[float], std: l
     }
 
 
+def hf_files(encoder: VisionTransformer, mean: list[float], std: list[float]) -> tuple[dict[str, torch.Tensor], dict, dict]:
+    """(weights, config.json, preprocessor_config.json) of a transformers ``ViTModel`` with this
+    encoder's weights: ``AutoModel.from_pretrained(DIR)`` loads it with no missing or unexpected key,
+    and ``AutoImageProcessor`` gives vitpipe's eval preprocessing (short side bicubic, centre crop,
+    this normalisation). What ViTModel cannot represent is refused, not written to load wrong."""
+    model = encoder.config
+    if not model.class_token:
+        raise ConfigError("transformers' ViTModel always has a CLS token and this encoder has none "
+                          "(model.class_token=false); export it with --format timm or --format vitpipe")
+    if model.pool == "map" or model.conv_stem:
+        raise ConfigError(f"transformers' ViTModel has no {'attention-pooling head' if model.pool == 'map' else 'convolutional stem'}; "
+                          "export it with --format timm or --format vitpipe")
+    state = {k: v.detach().cpu() for k, v in encoder.state_dict().items()}
+    dim, patch, channels = model.embed_dim, model.patch_size, encoder.in_chans
+    out = {"embeddings.cls_token": state["cls_token"], "embeddings.position_embeddings": state["pos_embed"],
+           "embeddings.patch_embeddings.projection.weight": rearrange(
+               state["patch_embed.proj.weight"], "d (p1 p2 c) -> d c p1 p2", p1=patch, p2=patch),
+           "embeddings.patch_embeddings.projection.bias": state["patch_embed.proj.bias"],
+           "layernorm.weight": state["norm.weight"], "layernorm.bias": state["norm.bias"],
+           # identity pooler with a linear activation: pooler_output is the final CLS token itself
+           "pooler.dense.weight": torch.eye(dim), "pooler.dense.bias": torch.zeros(dim)}
+    renames = {"norm1": "layernorm_before", "norm2": "layernorm_after", "attn.proj": "attention.output.dense",
+               "mlp.fc1": "intermediate.dense", "mlp.fc2": "output.dense"}
+    for index in range(encoder.depth):
+        ours, theirs = f"blocks.{index}.", f"encoder.layer.{index}."
+        for old, new in renames.items():
+            for kind in ("weight", "bias"):
+                out[f"{theirs}{new}.{kind}"] = state[f"{ours}{old}.{kind}"]
+        for kind in ("weight", "bias"):  # fused qkv rows are (q | k | v), each (heads x head_dim)
+            for name, part in zip(("query", "key", "value"), state[f"{ours}attn.qkv.{kind}"].chunk(3, dim=0)):
+                out[f"{theirs}attention.attention.{name}.{kind}"] = part
+    config = {"architectures": ["ViTModel"], "model_type": "vit", "hidden_size": dim,
+              "num_hidden_layers": model.depth, "num_attention_heads": model.num_heads,
+              "intermediate_size": int(dim * model.mlp_ratio), "hidden_act": "gelu", "hidden_dropout_prob": 0.0,
+              "attention_probs_dropout_prob": 0.0, "layer_norm_eps": 1e-6, "image_size": encoder.image_size,
+              "patch_size": patch, "num_channels": channels, "qkv_bias": True, "pooler_act": "linear",
+              "pooler_output_size": dim, "encoder_stride": patch, "torch_dtype": "float32",
+              "vitpipe_pool": model.pool}
+    processor = {"image_processor_type": "CLIPImageProcessor", "do_resize": True,
+                 "size": {"shortest_edge": encoder.image_size}, "resample": 3, "do_center_crop": True,
+                 "crop_size": {"height": encoder.image_size, "width": encoder.image_size}, "do_rescale": True,
+                 "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": list(mean[:channels]),
+                 "image_std": list(std[:channels]), "do_convert_rgb": channels == 3}
+    return {k: v.contiguous() for k, v in out.items()}, config, processor
+
+
 FORMATS = ("timm", "hf", "vitpipe")
 
 
@@ -74,10 +120,13 @@ def export(run: Path, out: Path, fmt: str = "timm") -> Path:
     encoder, config, source = load_run_encoder(run)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    if fmt in ("timm", "hf"):
-        if not isinstance(encoder, VisionTransformer):
-            raise ConfigError(f"the {config.objective} encoder is not a ViT; export it with --format vitpipe")
+    if fmt in ("timm", "hf") and not isinstance(encoder, VisionTransformer):
+        raise ConfigError(f"the {config.objective} encoder is not a ViT; export it with --format vitpipe")
+    if fmt == "timm":
         state, cfg = timm_state_dict(encoder), timm_config(encoder, config.model.size, config.data.mean, config.data.std)
+    elif fmt == "hf":
+        state, cfg, processor = hf_files(encoder, config.data.mean, config.data.std)
+        (out / "preprocessor_config.json").write_text(json.dumps(processor, indent=2) + "\n")
     else:  # the whole objective: a CLIP's text tower and projections, an iGPT's output head
         whole = load_run_objective(run, config)
         state = {k: v.detach().cpu().contiguous() for k, v in whole.state_dict().items()}
@@ -89,7 +138,7 @@ def export(run: Path, out: Path, fmt: str = "timm") -> Path:
                "artifacts": sorted(files)}
     cfg["vitpipe"] = {"objective": config.objective, "source": str(source), "mean": config.data.mean,
                       "std": config.data.std}
-    save_file(state, out / "model.safetensors.tmp")
+    save_file(state, out / "model.safetensors.tmp", metadata={"format": "pt"})
     os.replace(out / "model.safetensors.tmp", out / "model.safetensors")
     (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     (out / "README.md").write_text(model_card(Path(run), config, cfg, fmt))
@@ -128,10 +177,17 @@ def model_card(run: Path, config, cfg: dict[str, Any], fmt: str) -> str:
         evals.append(f"| {result.get('task', path.stem)} | {result.get('baseline') or 'this model'} | {value} |")
     front = ""
     if fmt == "hf":
-        front = "---\nlibrary_name: timm\ntags:\n- image-feature-extraction\n- timm\n- vitpipe\n" \
+        front = "---\nlibrary_name: transformers\npipeline_tag: image-feature-extraction\ntags:\n- vit\n- vitpipe\n" \
                 f"- {config.objective}\nlicense: other\n---\n\n"
-    args = cfg.get("model_args") or {**cfg["config"]["model"], "image_size": config.data.image_size}
-    load = ("```python\nimport timm\n"
+    args = {**to_dict(config.model), "image_size": config.data.image_size}
+    load = ("```python\nfrom transformers import AutoImageProcessor, AutoModel\n"
+            "model, processor = AutoModel.from_pretrained(\"DIR\"), AutoImageProcessor.from_pretrained(\"DIR\")\n"
+            "out = model(**processor(images=image, return_tensors=\"pt\"))\n"
+            + ("features = out.last_hidden_state[:, 0]  # = out.pooler_output (identity pooler)\n```\n"
+               if config.model.pool == "cls" else
+               "features = out.last_hidden_state[:, 1:].mean(dim=1)  # vitpipe's gap pooling\n```\n")
+            if fmt == "hf" else
+            "```python\nimport timm\n"
             "model = timm.create_model(\"local-dir:DIR\", pretrained=True)  # config.json + model.safetensors\n"
             "data = timm.data.resolve_model_data_config(model)  # vitpipe's resize, crop and normalisation\n"
             "transform = timm.data.create_transform(**data, is_training=False)\n```\n"
@@ -142,7 +198,7 @@ def model_card(run: Path, config, cfg: dict[str, Any], fmt: str) -> str:
             "encoder = load_exported(\"DIR\")  # rebuilt through its objective; strict weights\n```\n")
     lines = [
         f"{front}# {run_dir.name}: ViT encoder pretrained with {config.objective.upper()} by vitpipe\n",
-        f"- architecture: `{cfg['architecture']}` with {args.get('embed_dim')} wide, {args.get('depth')} blocks, "
+        f"- architecture: `{cfg.get('architecture') or cfg['architectures'][0]}` with {args.get('embed_dim')} wide, {args.get('depth')} blocks, "
         f"{args.get('num_heads')} heads, patch {args.get('patch_size')}, {args.get('img_size', args.get('image_size'))} px input",
         f"- objective: {config.objective}; steps: {steps}; global batch: {info.get('global_batch')}; "
         f"peak lr: {info.get('peak_lr')}",
