@@ -144,6 +144,21 @@ def _accumulating_worker(rank: int, init_file: str, out_dir: str, state: dict, i
     dist.destroy_process_group()
 
 
+def _two_processes_against_one(tmp_path, worker):
+    """Run ``worker`` on 2 gloo processes over 8 image-caption pairs; return the one-process model
+    (gradients of the whole batch in .grad), its loss, and what each rank saved."""
+    import torch.multiprocessing as mp
+
+    model = _tiny_clip()
+    images = torch.randn(8, 3, 16, 16)
+    tokens, _ = model.tokenize.encode([f"{c} square {i}" for i in range(4) for c in ("red", "blue")])
+    mp.spawn(worker, args=(str(tmp_path / "init"), str(tmp_path), model.state_dict(), images, tokens),
+             nprocs=2, join=True)
+    loss, _ = model.forward_loss(model.encode_image(images), model.encode_text(tokens))
+    loss.backward()
+    return model, loss, [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(2)]
+
+
 def _tiny_clip(state=None):
     from vitpipe.ssl.clip import fit_artifacts
 
@@ -159,17 +174,8 @@ def _tiny_clip(state=None):
 def test_global_negatives_equal_one_process_on_the_whole_batch(tmp_path):
     """2 gloo processes with 4 pairs each: the loss and the (DDP-averaged) gradients equal one
     process's on all 8 pairs, to 1e-5."""
-    import torch.multiprocessing as mp
-
-    model = _tiny_clip()
-    images = torch.randn(8, 3, 16, 16)
-    tokens, _ = model.tokenize.encode([f"{c} square {i}" for i in range(4) for c in ("red", "blue")])
-    mp.spawn(_clip_worker, args=(str(tmp_path / "init"), str(tmp_path), model.state_dict(), images, tokens),
-             nprocs=2, join=True)
-    loss, _ = model.forward_loss(model.encode_image(images), model.encode_text(tokens))
-    loss.backward()
-    for rank in range(2):
-        saved = torch.load(tmp_path / f"rank{rank}.pt")
+    model, loss, ranks = _two_processes_against_one(tmp_path, _clip_worker)
+    for saved in ranks:
         assert saved["loss"].item() == pytest.approx(loss.item(), abs=1e-5)
         for name, grad in saved["grads"].items():
             assert torch.allclose(grad, dict(model.named_parameters())[name].grad, atol=1e-5), name
@@ -178,17 +184,8 @@ def test_global_negatives_equal_one_process_on_the_whole_batch(tmp_path):
 def test_accumulation_across_processes_equals_one_process_on_the_whole_batch(tmp_path):
     """2 gloo processes x 2 micro-batches of 2: every process's loss is the 8-pair batch's, and the
     summed gradients are one process's on all 8 pairs (1e-5), the temperature's included."""
-    import torch.multiprocessing as mp
-
-    model = _tiny_clip()
-    images = torch.randn(8, 3, 16, 16)
-    tokens, _ = model.tokenize.encode([f"{c} square {i}" for i in range(4) for c in ("red", "blue")])
-    mp.spawn(_accumulating_worker, args=(str(tmp_path / "init"), str(tmp_path), model.state_dict(), images, tokens),
-             nprocs=2, join=True)
-    loss, _ = model.forward_loss(model.encode_image(images), model.encode_text(tokens))
-    loss.backward()
-    for rank in range(2):
-        saved = torch.load(tmp_path / f"rank{rank}.pt")
+    model, loss, ranks = _two_processes_against_one(tmp_path, _accumulating_worker)
+    for saved in ranks:
         assert saved["loss"].item() == pytest.approx(loss.item(), abs=1e-5)
         assert set(saved["grads"]) == {n for n, p in model.named_parameters() if p.grad is not None}
         for name, grad in saved["grads"].items():

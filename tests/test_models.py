@@ -175,6 +175,21 @@ def test_timm_export_loads_strictly_and_matches(tmp_path, size, pool, class_toke
         assert torch.allclose(model(x), encoder(x), atol=1e-5)
 
 
+def saved_encoder_run(tmp_path, *overrides: str):
+    """A run directory holding only a config and a random encoder's weights: what export reads."""
+    from safetensors.torch import save_file
+
+    from vitpipe.config import save_config
+
+    config = tiny_config(*overrides)
+    run = tmp_path / "run"
+    save_config(config, run / "config.yaml")
+    torch.manual_seed(0)
+    encoder = VisionTransformer(config.model, 16, 3).eval()
+    save_file({k: v.contiguous() for k, v in encoder.state_dict().items()}, run / "encoder.safetensors")
+    return run, encoder
+
+
 def test_timm_local_dir_and_its_own_transform_reproduce_vitpipe_features(tmp_path):
     """A timm user's path: `create_model("local-dir:DIR", pretrained=True)`, then timm's
     `resolve_model_data_config` + `create_transform` on a PIL image, gives vitpipe's features for the
@@ -182,18 +197,10 @@ def test_timm_local_dir_and_its_own_transform_reproduce_vitpipe_features(tmp_pat
     timm = pytest.importorskip("timm")
     import numpy as np
     from PIL import Image
-    from safetensors.torch import save_file
-
-    from vitpipe.config import save_config
     from vitpipe.export import export
     from vitpipe.pipeline.transforms import TransformSpec, build_transform
 
-    config = tiny_config("data.mean=0.3,0.4,0.5", "data.std=0.2,0.25,0.3", "model.pool=gap")
-    run = tmp_path / "run"
-    save_config(config, run / "config.yaml")
-    torch.manual_seed(0)
-    encoder = VisionTransformer(config.model, 16, 3).eval()
-    save_file({k: v.contiguous() for k, v in encoder.state_dict().items()}, run / "encoder.safetensors")
+    run, encoder = saved_encoder_run(tmp_path, "data.mean=0.3,0.4,0.5", "data.std=0.2,0.25,0.3", "model.pool=gap")
     out = export(run, tmp_path / "export", "timm")
     model = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
     data_config = timm.data.resolve_model_data_config(model)
@@ -216,19 +223,11 @@ def test_hf_export_is_a_real_transformers_checkpoint(tmp_path, pool):
     transformers = pytest.importorskip("transformers")
     import numpy as np
     from PIL import Image
-    from safetensors.torch import save_file
-
-    from vitpipe.config import save_config
     from vitpipe.export import export
     from vitpipe.pipeline.transforms import TransformSpec, build_transform
 
-    config = tiny_config("data.mean=0.3,0.4,0.5", "data.std=0.2,0.25,0.3", f"model.pool={pool}",
-                         "model.pos_embed=learned")
-    run = tmp_path / "run"
-    save_config(config, run / "config.yaml")
-    torch.manual_seed(0)
-    encoder = VisionTransformer(config.model, 16, 3).eval()
-    save_file({k: v.contiguous() for k, v in encoder.state_dict().items()}, run / "encoder.safetensors")
+    run, encoder = saved_encoder_run(tmp_path, "data.mean=0.3,0.4,0.5", "data.std=0.2,0.25,0.3", f"model.pool={pool}",
+                                     "model.pos_embed=learned")
     out = export(run, tmp_path / "hf", "hf")
     model, info = transformers.AutoModel.from_pretrained(out, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
@@ -249,16 +248,9 @@ def test_hf_export_is_a_real_transformers_checkpoint(tmp_path, pool):
 @pytest.mark.parametrize("overrides,message", [(["model.class_token=false", "model.pool=gap"], "has none"),
                                                (["model.pool=map"], "attention-pooling head")])
 def test_hf_export_refuses_what_transformers_cannot_hold(tmp_path, capsys, overrides, message):
-    from safetensors.torch import save_file
-
     from vitpipe.cli import main
-    from vitpipe.config import save_config
 
-    config = tiny_config(*overrides)
-    run = tmp_path / "run"
-    save_config(config, run / "config.yaml")
-    encoder = VisionTransformer(config.model, 16, 3)
-    save_file({k: v.contiguous() for k, v in encoder.state_dict().items()}, run / "encoder.safetensors")
+    run, _ = saved_encoder_run(tmp_path, *overrides)
     assert main(["export", str(run), "--format", "hf", "--out", str(tmp_path / "hf")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0]
