@@ -11,22 +11,31 @@ from vitpipe.cli import main
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
+VIEWPORTS = {"desktop": {"width": 1280, "height": 900}, "phone": {"width": 390, "height": 844}}
+
+
 def check_in_browser(page_path: Path, screenshot: Path) -> None:
+    """Every image loads, no console error, and at a phone's width nothing is wider than the screen
+    (wide tables scroll inside their box); a full-page screenshot per width beside ``screenshot``."""
     playwright = pytest.importorskip("playwright.sync_api")
     errors: list[str] = []
     with playwright.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=[
             "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
             "--disable-sync", "--no-first-run", "--disable-quic"])
-        page = browser.new_page(viewport={"width": 1200, "height": 900})
-        page.on("console", lambda message: errors.append(message.text) if message.type == "error" else None)
-        page.on("pageerror", lambda error: errors.append(str(error)))
-        page.on("requestfailed", lambda request: errors.append(f"failed: {request.url}"))
-        page.goto(page_path.resolve().as_uri(), wait_until="load")
-        images = page.evaluate("Array.from(document.images).map(i => [i.src, i.complete && i.naturalWidth > 0])")
-        page.screenshot(path=str(screenshot), full_page=True)
+        for name, viewport in VIEWPORTS.items():
+            page = browser.new_page(viewport=viewport)
+            page.on("console", lambda message: errors.append(message.text) if message.type == "error" else None)
+            page.on("pageerror", lambda error: errors.append(str(error)))
+            page.on("requestfailed", lambda request: errors.append(f"failed: {request.url}"))
+            page.goto(page_path.resolve().as_uri(), wait_until="load")
+            images = page.evaluate("Array.from(document.images).map(i => [i.src, i.complete && i.naturalWidth > 0])")
+            overflow = page.evaluate("document.documentElement.scrollWidth - window.innerWidth")
+            page.screenshot(path=str(screenshot.with_name(f"{screenshot.stem}-{name}.png")), full_page=True)
+            page.close()
+            assert images and all(ok for _, ok in images), images
+            assert overflow <= 1, f"{name}: the page is {overflow} px wider than the screen"
         browser.close()
-    assert images and all(ok for _, ok in images), images
     assert not errors, errors
 
 
@@ -44,10 +53,25 @@ def test_report_page_loads_every_image(tmp_path, tiny_shards):
     for section in ("MAE reconstructions", "CLS attention", "Position embeddings", "Attention distance", "Retrieval"):
         assert section in text
     assert "http://" not in text and "https://" not in text  # no network assets
+    assert "Resolved config" in text and "rows / written" in text and "pretrained vs baselines" in text
     check_in_browser(page, tmp_path / "report.png")
     artifacts = Path(__file__).parent.parent / "test-artifacts"  # kept by CI, ignored by git
     artifacts.mkdir(exist_ok=True)
-    shutil.copy(tmp_path / "report.png", artifacts / "report.png")
+    for name in VIEWPORTS:
+        shutil.copy(tmp_path / f"report-{name}.png", artifacts / f"report-{name}.png")
+
+
+def test_report_marks_a_pretrained_encoder_worse_than_its_baseline(tmp_path):
+    from vitpipe.report.html import _eval_rows
+
+    (tmp_path / "eval").mkdir()
+    for name, baseline, top1 in (("knn", None, 0.60), ("knn.random", "random-init", 0.65),
+                                 ("knn.pixels", "raw-pixels", 0.50)):
+        (tmp_path / "eval" / f"{name}.json").write_text(json.dumps({"task": "knn", "baseline": baseline,
+                                                                     "top1": top1}))
+    rows = {row["baseline"]: row for row in _eval_rows(tmp_path)}
+    assert rows["pretrained"]["worse"] and "-0.050 vs random-init (WORSE)" in rows["pretrained"]["versus"]
+    assert "+0.100 vs raw-pixels" in rows["pretrained"]["versus"]
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (scripts/setup.sh installs it)")
@@ -65,4 +89,5 @@ def test_demo_end_to_end(tmp_path):
     check_in_browser(out / "mae" / "report" / "index.html", tmp_path / "demo.png")
     artifacts = Path(__file__).parent.parent / "test-artifacts"
     artifacts.mkdir(exist_ok=True)
-    shutil.copy(tmp_path / "demo.png", artifacts / "demo-report.png")
+    for name in VIEWPORTS:
+        shutil.copy(tmp_path / f"demo-{name}.png", artifacts / f"demo-report-{name}.png")

@@ -79,6 +79,7 @@ def cls_attention(encoder: VisionTransformer, images: torch.Tensor, mean, std, o
     weights = attention_per_layer(encoder, images)[-1]  # [B, H, T, T]
     heads = weights.shape[1]
     grid = encoder.grid
+    top = float(weights[:, :, 0, encoder.num_prefix_tokens:].max())  # one colour scale for every map
     fig, axes = plt.subplots(len(images), heads + 1, figsize=(1.5 * (heads + 1), 1.5 * len(images)), squeeze=False)
     for row in range(len(images)):
         image = _to_image(images[row], mean, std)
@@ -86,12 +87,15 @@ def cls_attention(encoder: VisionTransformer, images: torch.Tensor, mean, std, o
         for head in range(heads):
             attention = weights[row, head, 0, encoder.num_prefix_tokens:].reshape(1, 1, *grid)
             attention = F.interpolate(attention, size=images.shape[-2:], mode="nearest")[0, 0]
-            axes[row, head + 1].imshow(attention.numpy(), cmap="inferno")
+            shown = axes[row, head + 1].imshow(attention.numpy(), cmap="inferno", vmin=0, vmax=top)
             if row == 0:
                 axes[row, head + 1].set_title(f"head {head}", fontsize=8)
         for axis in axes[row]:
             axis.axis("off")
     axes[0, 0].set_title("image", fontsize=8)
+    bar = fig.colorbar(shown, ax=axes[:, 1:].ravel().tolist(), shrink=0.6, pad=0.02)
+    bar.set_label("attention weight", fontsize=7)
+    bar.ax.tick_params(labelsize=6)
     return _save(fig, out)
 
 
@@ -104,9 +108,10 @@ def position_similarity(encoder: VisionTransformer, out: Path) -> Path:
     fig, axes = plt.subplots(rows, cols, figsize=(0.6 * cols + 1, 0.6 * rows + 0.5), squeeze=False)
     for r in range(rows):
         for c in range(cols):
-            axes[r, c].imshow(similarity[r, c], vmin=-1, vmax=1, cmap="viridis")
+            shown = axes[r, c].imshow(similarity[r, c], vmin=-1, vmax=1, cmap="viridis")
             axes[r, c].axis("off")
     fig.suptitle("position embedding cosine similarity", fontsize=9)
+    fig.colorbar(shown, ax=axes.ravel().tolist(), shrink=0.6, pad=0.02).ax.tick_params(labelsize=6)
     return _save(fig, out)
 
 

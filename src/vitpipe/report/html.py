@@ -23,12 +23,41 @@ from vitpipe.ssl.runs import load_run_encoder
 SAMPLE_IMAGES = 6
 
 
-def _sample_batch(config: PretrainConfig, shards: str, count: int) -> torch.Tensor:
+def held_out_shards(train: str) -> str:
+    """The split beside the training shards that a run never saw (``S/val`` or ``S/test`` next to
+    ``S/train``), else the training shards themselves."""
+    directory = Path(train)
+    if directory.is_dir() and directory.name == "train":
+        for name in ("val", "test"):
+            if (directory.parent / name / "sizes.json").is_file():
+                return str(directory.parent / name)
+    return train
+
+
+def _sample_batch(config: PretrainConfig, shards: str, count: int, pool: int = 512) -> torch.Tensor:
+    """``count`` example images spread over the labels (one of each label in turn, from the first
+    ``pool`` samples), not the first ``count`` samples of the first shard."""
     transform = TransformSpec("eval", config.data.image_size, config.data.channels, mean=tuple(config.data.mean),
                               std=tuple(config.data.std))
-    spec = LoaderSpec(resolve_shards(shards), count, transform, train=False, fields=("image",))
-    _, loader = make_loader(spec, 0)
-    return next(counted(loader, ReadTally(None)))["image"][:count]
+    shard_set = resolve_shards(shards)
+    labelled = _has_labels(shard_set)
+    spec = LoaderSpec(shard_set, pool, transform, train=False, fields=("image", "label") if labelled else ("image",))
+    batch = next(counted(make_loader(spec, 0)[1], ReadTally(None)))
+    if not labelled:
+        return batch["image"][:count]
+    by_label: dict[int, list[int]] = {}
+    for index, label in enumerate(batch["label"].tolist()):
+        by_label.setdefault(label, []).append(index)
+    order = [rows[i] for i in range(max(map(len, by_label.values()))) for rows in by_label.values() if i < len(rows)]
+    return batch["image"][order[:count]]
+
+
+def _has_labels(shard_set) -> bool:
+    from vitpipe.pipeline.shardset import open_shard
+    from vitpipe.pipeline.tario import iter_tar_samples
+
+    with open_shard(shard_set.urls[0]) as handle:
+        return "cls" in next(iter_tar_samples(handle), {})
 
 
 def _load_objective(run_dir: Path):
@@ -77,15 +106,46 @@ def _eval_rows(run_dir: Path) -> list[dict[str, Any]]:
     rows = []
     for path in sorted((run_dir / "eval").glob("*.json")):
         result = json.loads(path.read_text())
+        value, higher = result.get("top1"), True
         if "recall" in result:
             metric = ", ".join(f"R@{k} {v:.3f}" for k, v in result["recall"].items()) or "(unlabelled)"
+            value = result["recall"].get("1")
         elif "bits_per_dim" in result:
             metric = f"{result['bits_per_dim']:.3f} bits per dim (uniform {result['uniform_bits']:.2f})"
+            value, higher = result["bits_per_dim"], False
         else:
             metric = f"top-1 {result['top1']:.4f}"
         rows.append({"task": result.get("task", path.stem), "baseline": result.get("baseline") or "pretrained",
-                     "metric": metric, "seconds": result.get("seconds"), "file": path.name})
+                     "metric": metric, "value": value, "higher_better": higher, "seconds": result.get("seconds"),
+                     "file": path.name, "versus": ""})
+    for row in rows:  # the pretrained number beside its baselines: deltas, and losses marked
+        if row["baseline"] != "pretrained" or row["value"] is None:
+            continue
+        notes = []
+        for other in rows:
+            if other["task"] == row["task"] and other["baseline"] != "pretrained" and other["value"] is not None:
+                delta = (row["value"] - other["value"]) * (1 if row["higher_better"] else -1)
+                notes.append((delta, f"{'+' if delta >= 0 else '-'}{abs(delta):.3f} vs {other['baseline']}"
+                                      + (" (WORSE)" if delta < 0 else "")))
+        row["versus"] = "; ".join(text for _, text in notes)
+        row["worse"] = any(delta < 0 for delta, _ in notes)
     return rows
+
+
+def _manifest_summary(shards: str) -> list[tuple[str, str]]:
+    from vitpipe.pipeline.manifest import find_manifest
+
+    shard_set = resolve_shards(shards)
+    path = find_manifest(shard_set.directory) if shard_set.directory else None
+    if path is None:
+        return [("shards", f"{shards} (no vitpipe manifest)")]
+    manifest = json.loads(path.read_text())
+    splits = ", ".join(f"{name} {split.get('written')}" for name, split in manifest.get("splits", {}).items())
+    return [("manifest", str(path)), ("source", json.dumps(manifest.get("source"))),
+            ("rows / written", f"{manifest.get('rows')} / {manifest.get('written')}"),
+            ("failed", json.dumps(manifest.get("failures") or {})), ("filtered", json.dumps(manifest.get("filtered") or {})),
+            ("duplicates", str(manifest.get("duplicates"))), ("splits", splits),
+            ("labels", str(len(manifest.get("label_map") or {})) + " classes")]
 
 
 def build_report(run_dir: Path) -> Path:
@@ -100,7 +160,7 @@ def build_report(run_dir: Path) -> Path:
     sections.append(("Training", "Loss, learning rate and throughput per logged step.", curve.name))
 
     encoder, _, weights = load_run_encoder(run_dir)
-    images = _sample_batch(config, config.data.shards, SAMPLE_IMAGES)
+    images = _sample_batch(config, held_out_shards(config.data.shards), SAMPLE_IMAGES)
     context = FigureContext(run_dir, config, _load_objective(run_dir), encoder, images, out_dir)
     sections += [(title, caption, png.name) for title, caption, png in figure_sections(context)]
     png = _retrieval_section(run_dir, config, encoder, out_dir)
@@ -129,29 +189,42 @@ def _render(run_dir, config, records, info, sections, eval_rows, weights) -> str
              ("git revision", (info.get("git_revision") or "")[:12]), ("encoder", weights)]
     fact_rows = "".join(f"<tr><th>{esc(str(k))}</th><td>{esc(str(v))}</td></tr>" for k, v in facts)
     if eval_rows:
-        body = "".join(f"<tr><td>{esc(r['task'])}</td><td>{esc(r['baseline'])}</td><td>{esc(r['metric'])}</td>"
+        worse = ' class="worse"'
+        body = "".join(f"<tr{worse if r.get('worse') else ''}><td>{esc(r['task'])}</td>"
+                       f"<td>{esc(r['baseline'])}</td><td>{esc(r['metric'])}</td><td>{esc(r['versus'])}</td>"
                        f"<td>{esc(str(r['seconds']))}</td><td>{esc(r['file'])}</td></tr>" for r in eval_rows)
-        evals = ("<table><tr><th>task</th><th>encoder</th><th>result</th><th>seconds</th><th>file</th></tr>"
-                 f"{body}</table>")
+        evals = ("<div class=\"wide\"><table><tr><th>task</th><th>encoder</th><th>result</th><th>pretrained vs "
+                 f"baselines</th><th>seconds</th><th>file</th></tr>{body}</table></div>")
     else:
         evals = "<p>No evaluations yet: run <code>vitpipe eval ...</code> on this run.</p>"
     figures_html = "".join(
         f"<section><h2>{esc(title)}</h2><p>{esc(caption)}</p><img src=\"{esc(png)}\" alt=\"{esc(title)}\"></section>"
         for title, caption, png in sections)
+    data_rows = "".join(f"<tr><th>{esc(k)}</th><td>{esc(v)}</td></tr>" for k, v in _manifest_summary(config.data.shards))
+    resolved = (run_dir / "config.yaml").read_text() if (run_dir / "config.yaml").is_file() else ""
+    details = (f"<section><h2>Data</h2><div class=\"wide\"><table>{data_rows}</table></div></section>"
+               f"<details><summary>Resolved config (config.yaml)</summary><pre>{esc(resolved)}</pre></details>")
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>vitpipe report: {esc(run_dir.name)}</title>
 <style>
-body {{ font-family: system-ui, sans-serif; max-width: 1100px; margin: 2em auto; color: #222; }}
+body {{ font-family: system-ui, sans-serif; max-width: 1100px; margin: 1.5em auto; padding: 0 1em; color: #222; }}
 table {{ border-collapse: collapse; margin: 0.5em 0 1.5em; }}
-th, td {{ border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: left; font-size: 0.9em; }}
-img {{ max-width: 100%; border: 1px solid #eee; }}
-section {{ margin-bottom: 2em; }}
+th, td {{ border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: left; font-size: 0.9em; vertical-align: top; }}
+td, h1, p {{ overflow-wrap: anywhere; }}
+h1 {{ font-size: 1.4em; }}
+tr.worse td {{ background: #fde8e8; }}
+.wide {{ overflow-x: auto; }}
+img {{ max-width: 100%; height: auto; border: 1px solid #eee; }}
+section {{ margin-bottom: 1.5em; }}
+pre {{ background: #f6f6f6; padding: 0.6em; overflow-x: auto; font-size: 0.8em; }}
+@media (max-width: 600px) {{ body {{ margin: 0.5em auto; }} th, td {{ font-size: 0.8em; padding: 0.2em 0.35em; }} }}
 </style></head><body>
 <h1>vitpipe report: {esc(str(run_dir))}</h1>
 <p>Generated {time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}.</p>
-<table>{fact_rows}</table>
+<div class="wide"><table>{fact_rows}</table></div>
 <h2>Evaluation</h2>{evals}
 {figures_html}
+{details}
 </body></html>
 """
 
