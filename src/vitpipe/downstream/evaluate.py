@@ -19,7 +19,7 @@ from vitpipe.downstream.probe import ProbeSettings, linear_probe
 from vitpipe.downstream.retrieval import (
     IndexSettings, build_index, knn_classify, load_index, recall_at_k, save_index, search,
 )
-from vitpipe.pipeline.shardset import resolve_shards
+from vitpipe.pipeline.shardset import has_labels, resolve_shards
 from vitpipe.pipeline.manifest import manifest_hash
 from vitpipe.ssl.runs import run_dir_of
 from vitpipe.ssl.rundir import git_revision
@@ -129,7 +129,7 @@ def eval_retrieval(source: EncoderSource, index_shards: str, settings: IndexSett
     """Build (and save) the index over ``index_shards``; report label-match recall@1/5/10 when labelled."""
     start = time.monotonic()
     shards = resolve_shards(index_shards)
-    labelled = _has_labels(shards.urls[0])
+    labelled = has_labels(shards.urls[0])
     features = _features(source, index_shards, None, pool, workers, need_labels=labelled, max_skipped=max_skipped)
     name = _names(source, None)[0]
     index = build_index(features.features[name], settings)
@@ -188,16 +188,6 @@ def as_ingested(image_path: Path, index_shards: str) -> bytes:
         return data
     ext = {"jpeg": "jpg"}.get(image_path.suffix.lower().lstrip("."), image_path.suffix.lower().lstrip("."))
     return make_sample(data, "query", from_dict(IngestConfig, settings), ext or None).image
-
-
-def _has_labels(shard_url: str) -> bool:
-    from vitpipe.pipeline.shardset import open_shard
-    from vitpipe.pipeline.tario import iter_tar_samples
-
-    with open_shard(shard_url) as handle:
-        for sample in iter_tar_samples(handle):
-            return "cls" in sample
-    return False
 
 
 def hit_grid(query: Path | str, hits: list[tuple[str, float]], shard_spec: str, out: Path) -> Path:

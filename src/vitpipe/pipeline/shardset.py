@@ -147,3 +147,13 @@ def images_by_key(shard_spec: str, keys: set[str]) -> dict[str, Image.Image]:
         if len(found) == len(keys):
             break
     return found
+
+
+def has_labels(shard_url: str) -> bool:
+    """Does the shard's first sample carry a ``cls`` label (shards are labelled throughout or not at all)?"""
+    from vitpipe.pipeline.tario import iter_tar_samples
+
+    with open_shard(shard_url) as handle:
+        for sample in iter_tar_samples(handle):
+            return "cls" in sample
+    return False

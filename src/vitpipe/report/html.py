@@ -12,7 +12,7 @@ import torch
 
 from vitpipe.config import ConfigError, PretrainConfig
 from vitpipe.pipeline.loader import LoaderSpec, ReadTally, counted, make_loader
-from vitpipe.pipeline.shardset import images_by_key, resolve_shards
+from vitpipe.pipeline.shardset import has_labels, images_by_key, resolve_shards
 from vitpipe.pipeline.transforms import TransformSpec, build_transform
 from vitpipe.report import figures
 from vitpipe.report.sections import FigureContext, figure_sections
@@ -40,7 +40,7 @@ def _sample_batch(config: PretrainConfig, shards: str, count: int, pool: int = 5
     transform = TransformSpec("eval", config.data.image_size, config.data.channels, mean=tuple(config.data.mean),
                               std=tuple(config.data.std))
     shard_set = resolve_shards(shards)
-    labelled = _has_labels(shard_set)
+    labelled = has_labels(shard_set.urls[0])
     spec = LoaderSpec(shard_set, pool, transform, train=False, fields=("image", "label") if labelled else ("image",))
     batch = next(counted(make_loader(spec, 0)[1], ReadTally(None)))
     if not labelled:
@@ -50,14 +50,6 @@ def _sample_batch(config: PretrainConfig, shards: str, count: int, pool: int = 5
         by_label.setdefault(label, []).append(index)
     order = [rows[i] for i in range(max(map(len, by_label.values()))) for rows in by_label.values() if i < len(rows)]
     return batch["image"][order[:count]]
-
-
-def _has_labels(shard_set) -> bool:
-    from vitpipe.pipeline.shardset import open_shard
-    from vitpipe.pipeline.tario import iter_tar_samples
-
-    with open_shard(shard_set.urls[0]) as handle:
-        return "cls" in next(iter_tar_samples(handle), {})
 
 
 def _load_objective(run_dir: Path):
