@@ -161,8 +161,7 @@ def query_image(source: EncoderSource, image_path: Path, top_k: int, pool: str |
     except ImageRejected as err:
         raise ConfigError(f"query image {image_path}: {err}") from None
     config = source.config
-    transform = build_transform(TransformSpec("eval", config.data.image_size, config.data.channels,
-                                              mean=tuple(config.data.mean), std=tuple(config.data.std)))
+    transform = build_transform(TransformSpec.for_eval(config.data))
     tensor = transform(image).unsqueeze(0)
     encoder = source.build()
     with torch.no_grad():

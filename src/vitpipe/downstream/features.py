@@ -142,8 +142,7 @@ def extract(source: EncoderSource, shard_spec: str, *, layers: list[int] | None 
         if pool == "map" and getattr(encoder, "attn_pool", None) is None:
             raise ConfigError("--pool map needs an encoder trained with model.pool=map")
     fields = ("image", "label", "key") if need_labels else ("image", "key")
-    transform = TransformSpec("eval", config.data.image_size, config.data.channels, mean=tuple(config.data.mean),
-                              std=tuple(config.data.std))
+    transform = TransformSpec.for_eval(config.data)
     spec = LoaderSpec(shards, batch_size, transform, train=False, fields=fields)
     _, loader = make_loader(spec, num_workers)
     chunks: dict[str, list[np.ndarray]] = {name: [] for name in names}

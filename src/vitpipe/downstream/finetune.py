@@ -101,8 +101,7 @@ def probe_head(source: EncoderSource, train: str, config: PretrainConfig) -> tup
 def evaluate_classifier(model: Classifier, config: PretrainConfig, test: str, workers: int,
                         max_skipped: float = 0.01) -> dict[str, Any]:
     model.eval()
-    transform = TransformSpec("eval", config.data.image_size, config.data.channels, mean=tuple(config.data.mean),
-                              std=tuple(config.data.std))
+    transform = TransformSpec.for_eval(config.data)
     shards = resolve_shards(test)
     spec = LoaderSpec(shards, 256, transform, train=False, fields=("image", "label"))
     _, loader = make_loader(spec, workers)

@@ -76,8 +76,7 @@ def eval_zero_shot(source: EncoderSource, test: str, classes_file: Path | None =
     classifier = class_embeddings(model, names, templates)
     config = source.config
     shards = resolve_shards(test)
-    transform = TransformSpec("eval", config.data.image_size, config.data.channels, mean=tuple(config.data.mean),
-                              std=tuple(config.data.std))
+    transform = TransformSpec.for_eval(config.data)
     loader = make_loader(LoaderSpec(shards, 256, transform, train=False, fields=("image", "label")), workers)[1]
     tally = ReadTally(shards.expected)
     top1 = top5 = 0
@@ -102,8 +101,7 @@ def embed_pairs(model, source: EncoderSource, spec: str, workers: int, max_skipp
     """Image and caption embeddings of every pair in ``spec``: ([N, E], [N, E], keys, tally)."""
     config = source.config
     shards = resolve_shards(spec)
-    transform = TransformSpec("eval", config.data.image_size, config.data.channels, mean=tuple(config.data.mean),
-                              std=tuple(config.data.std))
+    transform = TransformSpec.for_eval(config.data)
     loader = make_loader(LoaderSpec(shards, 256, transform, train=False, fields=("image", "text", "key")), workers)[1]
     tally = ReadTally(shards.expected)
     images, texts, keys = [], [], []

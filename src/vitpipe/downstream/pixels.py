@@ -32,7 +32,7 @@ def load_pixel_model(source: EncoderSource):
 
 def _loader(source: EncoderSource, spec: str, workers: int, fields=("image",)):
     data = source.config.data
-    transform = TransformSpec("eval", data.image_size, data.channels, mean=tuple(data.mean), std=tuple(data.std))
+    transform = TransformSpec.for_eval(data)
     shards = resolve_shards(spec)
     return shards, make_loader(LoaderSpec(shards, 128, transform, train=False, fields=fields), workers)[1]
 

@@ -19,6 +19,12 @@ class TransformSpec:
     mean: tuple[float, ...] = (0.5, 0.5, 0.5)
     std: tuple[float, ...] = (0.5, 0.5, 0.5)
 
+    @classmethod
+    def for_eval(cls, data) -> "TransformSpec":
+        """Resize + centre crop at ``data.image_size`` with ``data``'s normalisation (a DataConfig):
+        what every evaluation, fitter and report figure feeds a model."""
+        return cls("eval", data.image_size, data.channels, mean=tuple(data.mean), std=tuple(data.std))
+
 
 PRESETS = ("mae", "finetune", "eval", "none")
 

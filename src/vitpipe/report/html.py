@@ -37,8 +37,7 @@ def held_out_shards(train: str) -> str:
 def _sample_batch(config: PretrainConfig, shards: str, count: int, pool: int = 512) -> torch.Tensor:
     """``count`` example images spread over the labels (one of each label in turn, from the first
     ``pool`` samples), not the first ``count`` samples of the first shard."""
-    transform = TransformSpec("eval", config.data.image_size, config.data.channels, mean=tuple(config.data.mean),
-                              std=tuple(config.data.std))
+    transform = TransformSpec.for_eval(config.data)
     shard_set = resolve_shards(shards)
     labelled = has_labels(shard_set.urls[0])
     spec = LoaderSpec(shard_set, pool, transform, train=False, fields=("image", "label") if labelled else ("image",))
@@ -77,8 +76,7 @@ def _retrieval_section(run_dir: Path, config: PretrainConfig, encoder, out_dir: 
     keys = ids["keys"]
     query_keys = keys[:: max(1, len(keys) // 5)][:5]
     images = images_by_key(ids["shards"], set(query_keys))
-    transform = build_transform(TransformSpec("eval", config.data.image_size, config.data.channels,
-                                              mean=tuple(config.data.mean), std=tuple(config.data.std)))
+    transform = build_transform(TransformSpec.for_eval(config.data))
     batch = torch.stack([transform(images[k]) for k in query_keys])
     with torch.no_grad():
         features = encoder.pool(encoder.forward_features(batch), ids.get("pool"))

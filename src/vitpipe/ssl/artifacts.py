@@ -70,7 +70,7 @@ def read_samples(data, fields: tuple[str, ...], limit: int):
     from vitpipe.pipeline.shardset import resolve_shards
     from vitpipe.pipeline.transforms import TransformSpec
 
-    transform = TransformSpec("eval", data.image_size, data.channels, mean=tuple(data.mean), std=tuple(data.std))
+    transform = TransformSpec.for_eval(data)
     spec = LoaderSpec(resolve_shards(data.shards), 256, transform, train=False, fields=fields)
     seen = 0
     for batch in counted(make_loader(spec, data.num_workers)[1], ReadTally(None), fields[0]):
