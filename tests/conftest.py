@@ -134,3 +134,24 @@ def labelled_shards(tmp_path):
     ingest(str(folder), tmp_path / "shards", IngestConfig(shard_size=10, val_fraction=0.25, image_size=16),
            progress=False)
     return tmp_path / "shards"
+
+
+FAILURE_ROUTES = {
+    "/404": "http_4xx", "/500": "http_5xx", "/slow": "timeout", "/to-file": "bad_redirect",
+    "/not-image": "not_an_image", "/truncated.jpg": "not_an_image", "/bomb.png": "too_many_pixels",
+    "/empty": "empty_file", "/big": "too_large",
+}
+
+
+@pytest.fixture
+def url_list(tmp_path, image_server):
+    good = [f"/img/{i}.png" for i in range(12)] + ["/img/12.jpg", "/redirect/13.png", "/cmyk.jpg", "/gray.png",
+                                                    "/rgba.png"]
+    rows = [("url", "caption")]
+    rows += [(image_server + p, f"a photo number {i}") for i, p in enumerate(good)]
+    rows += [(image_server + "/img/3.png", "duplicate of three")]
+    rows += [(image_server + p, "bad") for p in FAILURE_ROUTES]
+    rows += [("file:///etc/passwd", "local file"), ("ftp://127.0.0.1/x.png", "ftp")]
+    path = tmp_path / "urls.csv"
+    path.write_text("\n".join(",".join(r) for r in rows) + "\n")
+    return path

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import encode_image, make_image, write_image_folder
+from conftest import FAILURE_ROUTES, encode_image, make_image, write_image_folder
 from vitpipe.cli import main
 from vitpipe.config import IngestConfig
 from vitpipe.pipeline.ingest import ingest
@@ -32,27 +32,6 @@ def assert_accounting(manifest):
     assert manifest["rows"] == (manifest["written"] + manifest["failed"] + sum(manifest["filtered"].values())
                                 + manifest["duplicates"])
     assert manifest["failed"] == sum(manifest["failures"].values())
-
-
-FAILURE_ROUTES = {
-    "/404": "http_4xx", "/500": "http_5xx", "/slow": "timeout", "/to-file": "bad_redirect",
-    "/not-image": "not_an_image", "/truncated.jpg": "not_an_image", "/bomb.png": "too_many_pixels",
-    "/empty": "empty_file", "/big": "too_large",
-}
-
-
-@pytest.fixture
-def url_list(tmp_path, image_server):
-    good = [f"/img/{i}.png" for i in range(12)] + ["/img/12.jpg", "/redirect/13.png", "/cmyk.jpg", "/gray.png",
-                                                    "/rgba.png"]
-    rows = [("url", "caption")]
-    rows += [(image_server + p, f"a photo number {i}") for i, p in enumerate(good)]
-    rows += [(image_server + "/img/3.png", "duplicate of three")]
-    rows += [(image_server + p, "bad") for p in FAILURE_ROUTES]
-    rows += [("file:///etc/passwd", "local file"), ("ftp://127.0.0.1/x.png", "ftp")]
-    path = tmp_path / "urls.csv"
-    path.write_text("\n".join(",".join(r) for r in rows) + "\n")
-    return path
 
 
 def web_config(**kw):
@@ -310,21 +289,38 @@ def test_kill_9_then_rerun_finishes_missing_shards_only(tmp_path):
     assert verify(out).ok
 
 
-def test_url_ingest_resumes_after_kill(tmp_path, image_server):
+def test_url_ingest_resumes_after_kill(tmp_path, image_server, monkeypatch):
+    import vitpipe.pipeline.ingest as ingest_module
+
     urls = tmp_path / "urls.txt"
     urls.write_text("".join(f"{image_server}/img/{i}.png\n" for i in range(20)))
     config = web_config(caption_col=None, shard_size=5)
     reference = ingest(str(urls), tmp_path / "ref", config, progress=False)
-    out = tmp_path / "out"
-    ingest(str(urls), out, config, progress=False)
-    # simulate a crash after img2dataset finished two of its shards: drop the rest and our outputs
+    assert not (tmp_path / "ref" / "_work" / "img2dataset").exists()  # removed once complete
+    out, real_finish = tmp_path / "out", ingest_module._finish
+
+    def killed(*_):  # the kill lands before the manifest, after the shards
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ingest_module, "_finish", killed)
+    with pytest.raises(KeyboardInterrupt):
+        ingest(str(urls), out, config, progress=False)
+    # and img2dataset had finished only two of its shards: drop the rest and our outputs
     work = out / "_work" / "img2dataset"
-    for path in list(work.glob("0000[23]*")) + list(out.glob("*.tar")) + [out / "manifest.json"]:
+    for path in list(work.glob("0000[23]*")) + list(out.glob("*.tar")):
         path.unlink()
     kept = {p.name: p.stat().st_mtime_ns for p in work.glob("0000[01].tar")}
+    at_finish = {}
+
+    def finish(out_dir, manifest):
+        at_finish.update({p.name: p.stat().st_mtime_ns for p in work.glob("0000[01].tar")})
+        real_finish(out_dir, manifest)
+
+    monkeypatch.setattr(ingest_module, "_finish", finish)
     manifest = ingest(str(urls), out, config, progress=False)
-    assert {p.name: p.stat().st_mtime_ns for p in work.glob("0000[01].tar")} == kept  # not downloaded again
+    assert at_finish == kept and len(kept) == 2  # not downloaded again
     assert set(read_all(out)) == set(read_all(tmp_path / "ref")) and manifest["written"] == reference["written"] == 20
+    assert not work.exists()
 
 
 def test_val_fraction_carves_from_an_official_train_split_only():

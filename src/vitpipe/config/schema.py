@@ -45,6 +45,13 @@ class IngestConfig:
     """img2dataset download processes."""
     threads: int = 16
     """img2dataset download threads per process."""
+    distributor: str = "local"
+    """Where a URL list is downloaded and post-processed: local (img2dataset's processes on this
+    machine) | pyspark (download, dedup and re-sharding as Spark tasks; `pip install vitpipe[spark]`
+    and a Java runtime; OUT must be on a filesystem every executor sees)."""
+    spark_master: str = ""
+    """Spark master URL for distributor=pyspark ("" = $SPARK_MASTER, else what spark-submit set,
+    else local[processes])."""
     timeout: float = 10.0
     """Seconds before a download is given up."""
     retries: int = 0
@@ -94,6 +101,7 @@ class IngestConfig:
         check(1 <= self.encode_quality <= 100, "ingest.encode_quality must be in 1..100")
         check(self.shard_size >= 1, "ingest.shard_size must be >= 1")
         check(self.processes >= 1 and self.threads >= 1, "ingest.processes and ingest.threads must be >= 1")
+        check(self.distributor in ("local", "pyspark"), "ingest.distributor must be local or pyspark")
         check(self.timeout > 0, "ingest.timeout must be > 0")
         check(self.retries >= 0, "ingest.retries must be >= 0")
         check(self.max_pixels > 0 and self.max_download_bytes > 0, "ingest size bounds must be > 0")

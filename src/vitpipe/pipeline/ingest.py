@@ -54,30 +54,35 @@ class SplitWriter:
     def flush(self) -> None:
         if not self.buffer:
             return
-        name = f"{len(self.shards):05d}.tar"
-        path = self.directory / name
-        stats_path = self.directory / f"{len(self.shards):05d}_stats.json"
-        if path.exists() and stats_path.exists():
-            entry = json.loads(stats_path.read_text())
-            keys = [s.key for s in self.buffer]
-            if entry.get("first_key") != keys[0] or entry.get("samples") != len(keys):
-                raise ConfigError(f"{path} does not hold the samples this ingest would write there; "
-                                  "rerun with --overwrite")
-            self.skipped_existing += 1
-        else:
-            self.directory.mkdir(parents=True, exist_ok=True)
-            size, digest = write_tar_atomic(path, (_to_wds(s) for s in self.buffer))
-            labels = Counter(s.label for s in self.buffer if s.label is not None)
-            entry = {
-                "file": name, "samples": len(self.buffer), "bytes": size, "sha256": digest,
-                "first_key": self.buffer[0].key, "last_key": self.buffer[-1].key,
-                "labels": {str(k): v for k, v in sorted(labels.items())},
-                "captions": sum(s.text is not None for s in self.buffer),
-            }
-            manifest_io.write_json_atomic(stats_path, entry)
+        entry, reused = write_shard(self.directory, len(self.shards), self.buffer)
+        self.skipped_existing += reused
         self.shards.append(entry)
         self.written += len(self.buffer)
         self.buffer = []
+
+
+def write_shard(directory: Path, index: int, samples: list[Sample]) -> tuple[dict[str, Any], bool]:
+    """Write shard ``index`` of a split and its stats file; returns (stats, reused). A shard a killed
+    run already completed is kept when it holds these samples, refused when it holds others."""
+    name = f"{index:05d}.tar"
+    path, stats_path = directory / name, directory / f"{index:05d}_stats.json"
+    if path.exists() and stats_path.exists():
+        entry = json.loads(stats_path.read_text())
+        if entry.get("first_key") != samples[0].key or entry.get("samples") != len(samples):
+            raise ConfigError(f"{path} does not hold the samples this ingest would write there; "
+                              "rerun with --overwrite")
+        return entry, True
+    directory.mkdir(parents=True, exist_ok=True)
+    size, digest = write_tar_atomic(path, (_to_wds(s) for s in samples))
+    labels = Counter(s.label for s in samples if s.label is not None)
+    entry = {
+        "file": name, "samples": len(samples), "bytes": size, "sha256": digest,
+        "first_key": samples[0].key, "last_key": samples[-1].key,
+        "labels": {str(k): v for k, v in sorted(labels.items())},
+        "captions": sum(s.text is not None for s in samples),
+    }
+    manifest_io.write_json_atomic(stats_path, entry)
+    return entry, False
 
 
 def _to_wds(sample: Sample) -> dict[str, bytes]:
@@ -163,28 +168,38 @@ class Accounts:
     def split_of(self, record: Record, config: IngestConfig) -> str | None:
         """The split a record goes to, or None when it was counted as failed/filtered/duplicate."""
         self.rows += 1
-        if isinstance(record, Skipped):
-            self.filtered[record.reason] += 1
-            return None
-        if isinstance(record, Failure):
-            self.failures[record.reason] += 1
-            bucket = self.examples.setdefault(record.reason, [])
+        outcome, where = place(record, config)
+        if outcome == "failed":
+            self.failures[where] += 1
+            bucket = self.examples.setdefault(where, [])
             if len(bucket) < MAX_EXAMPLES_PER_REASON:
                 bucket.append({"ref": record.ref, "detail": record.detail[:300]})
             return None
-        reason = _filter_reason(record, config)
-        if reason:
-            self.filtered[reason] += 1
+        if outcome == "filtered":
+            self.filtered[where] += 1
             return None
-        split = record.split or "train"
-        if split == "train" and config.val_fraction:  # carved from train only: a test split stays whole
-            split = split_of_key(record.key, config.val_fraction, config.seed)
-        if config.dedup and split != "test":  # an official test split is kept as it is
+        if config.dedup and where != "test":  # an official test split is kept as it is
             if record.content_hash in self.hashes:
                 self.duplicates += 1
                 return None
             self.hashes.add(record.content_hash)
-        return split
+        return where
+
+
+def place(record: Record, config: IngestConfig) -> tuple[str, str]:
+    """("failed" | "filtered", reason) or ("sample", split) for one record, before dedup (which
+    needs every record before it: a set here, a Spark window in vitpipe.pipeline.spark)."""
+    if isinstance(record, Skipped):
+        return "filtered", record.reason
+    if isinstance(record, Failure):
+        return "failed", record.reason
+    reason = _filter_reason(record, config)
+    if reason:
+        return "filtered", reason
+    split = record.split or "train"
+    if split == "train" and config.val_fraction:  # carved from train only: a test split stays whole
+        split = split_of_key(record.key, config.val_fraction, config.seed)
+    return "sample", split
 
 
 def ingest(source: str, out: Path, config: IngestConfig, *, overwrite: bool = False,
@@ -192,6 +207,10 @@ def ingest(source: str, out: Path, config: IngestConfig, *, overwrite: bool = Fa
     """Ingest ``source`` into ``out``; returns the manifest (also written to out/manifest.json)."""
     spec = parse_source(source)
     out = Path(out)
+    if config.distributor == "pyspark":  # before anything is written
+        from vitpipe.pipeline import spark
+
+        spark.check_can_run(spec)
     settings = {"source": spec.describe(), "ingest": to_dict(config)}
     fingerprint = spec.fingerprint()
     done = _prepare_output(out, settings, fingerprint, overwrite)
@@ -199,9 +218,23 @@ def ingest(source: str, out: Path, config: IngestConfig, *, overwrite: bool = Fa
         done["resumed_nothing_to_do"] = True
         return done
     flat = config.val_fraction == 0 and not _has_splits(spec, config)
+    start = time.monotonic()
+    if config.distributor == "pyspark":
+        from vitpipe.pipeline import spark
+
+        writers, accounts = spark.ingest_url_list(Path(spec.location), out, config, flat)
+    else:
+        writers, accounts = _write_locally(spec, out, config, flat, progress)
+    manifest = _manifest(spec, config, settings, writers, accounts, flat, time.monotonic() - start)
+    manifest["source_fingerprint"] = fingerprint
+    _finish(out, manifest)
+    return manifest
+
+
+def _write_locally(spec: SourceSpec, out: Path, config: IngestConfig, flat: bool,
+                   progress: bool | None) -> tuple[dict[str, SplitWriter], Accounts]:
     writers: dict[str, SplitWriter] = {}
     accounts = Accounts()
-    start = time.monotonic()
     records: Iterable[Record] = _records(spec, out / WORK_DIR, config)
     if sys.stderr.isatty() if progress is None else progress:
         from tqdm import tqdm
@@ -216,10 +249,14 @@ def ingest(source: str, out: Path, config: IngestConfig, *, overwrite: bool = Fa
         writers[split].add(record)
     for writer in writers.values():
         writer.flush()
-    manifest = _manifest(spec, config, settings, writers, accounts, flat, time.monotonic() - start)
-    manifest["source_fingerprint"] = fingerprint
+    return writers, accounts
+
+
+def _finish(out: Path, manifest: dict[str, Any]) -> None:
+    """The manifest marks the ingest complete; only then is img2dataset's copy of the data removed
+    (a rerun of a complete ingest needs nothing but the manifest)."""
     manifest_io.write_json_atomic(out / "manifest.json", manifest)
-    return manifest
+    shutil.rmtree(out / WORK_DIR / "img2dataset", ignore_errors=True)
 
 
 def _manifest(spec: SourceSpec, config: IngestConfig, settings: dict[str, Any], writers: dict[str, SplitWriter],

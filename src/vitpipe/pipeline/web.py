@@ -24,6 +24,9 @@ from vitpipe.pipeline.fetch import FetchPolicy
 from vitpipe.pipeline.sources import Failure, Record, Sample
 from vitpipe.pipeline.tario import iter_tar_samples
 
+OPENCV_PIXEL_BOUND = "OPENCV_IO_MAX_IMAGE_PIXELS"  # vitpipe set CV_IO_MAX_IMAGE_PIXELS, which OpenCV never reads
+
+
 def _input_format(path: Path) -> str:
     name = path.name.lower()
     gz = name.endswith(".gz")
@@ -72,18 +75,20 @@ def _bounded_img2dataset(config: IngestConfig):
     from vitpipe.pipeline.bounded_downloader import BoundedDownloader
 
     original = i2d_main.Downloader
-    i2d_main.Downloader = functools.partial(BoundedDownloader, policy=fetch_policy(config))
-    previous_env = os.environ.get("CV_IO_MAX_IMAGE_PIXELS")
-    # OpenCV refuses to allocate beyond this during imdecode: the decompression-bomb bound
-    os.environ["CV_IO_MAX_IMAGE_PIXELS"] = str(config.max_pixels)
+    i2d_main.Downloader = functools.partial(BoundedDownloader, policy=fetch_policy(config),
+                                            max_pixels=config.max_pixels)
+    previous_env = os.environ.get(OPENCV_PIXEL_BOUND)
+    # OpenCV refuses to allocate beyond this in imdecode (read when cv2 is imported: img2dataset's
+    # spawned workers inherit it); BoundedDownloader checks image headers as well
+    os.environ[OPENCV_PIXEL_BOUND] = str(config.max_pixels)
     try:
         yield
     finally:
         i2d_main.Downloader = original
         if previous_env is None:
-            os.environ.pop("CV_IO_MAX_IMAGE_PIXELS", None)
+            os.environ.pop(OPENCV_PIXEL_BOUND, None)
         else:
-            os.environ["CV_IO_MAX_IMAGE_PIXELS"] = previous_env
+            os.environ[OPENCV_PIXEL_BOUND] = previous_env
 
 
 def img2dataset_kwargs(url_list: Path, output_folder: Path, config: IngestConfig,
@@ -113,6 +118,8 @@ def img2dataset_kwargs(url_list: Path, output_folder: Path, config: IngestConfig
         disallowed_header_directives=[],
         enable_wandb=False,
         save_additional_columns=extra_columns or None,
+        # on Spark, img2dataset finds vitpipe's session (vitpipe.pipeline.spark) and maps its shards there
+        distributor="pyspark" if config.distributor == "pyspark" else "multiprocessing",
     )
 
 
