@@ -149,3 +149,27 @@ def test_array_sweep_writes_one_result_per_task(slurm, tmp_path, capsys):
     assert sorted(losses(tmp_path / "sweep_0")) == [1, 2]
     assert sorted(losses(tmp_path / "sweep_1")) == [1, 2, 3]
     assert "seed: 2" in (tmp_path / "sweep_1" / "config.yaml").read_text()
+
+
+def test_spark_ingest_on_a_standalone_cluster_in_a_slurm_job(slurm, tmp_path, capsys, url_list):
+    """`slurm submit -- ingest ... distributor=pyspark`: a Spark master and worker started inside
+    the allocation, executors downloading from the loopback server; the same shards as local mode."""
+    pytest.importorskip("pyspark", reason="pip install 'vitpipe[spark]'")
+    from test_ingest import web_config
+    from vitpipe.pipeline.ingest import ingest
+
+    settings = ["caption_col=caption", "timeout=1.5", "max_pixels=1000000", "max_download_bytes=1000000",
+                "image_size=16", "shard_size=6", "threads=8", "allow_networks=127.0.0.1/32"]
+    local = ingest(str(url_list), tmp_path / "local", web_config(), progress=False)
+    (job,) = submit(capsys, ["--output", str(tmp_path / "spark-%j.out"), "--cpus-per-task", "2", "--",
+                             "ingest", str(url_list), "--out", str(tmp_path / "spark"), "distributor=pyspark",
+                             *settings])
+    state = slurm.wait_for(job, ("COMPLETED", "FAILED", "CANCELLED"), timeout=300)
+    log = (tmp_path / f"spark-{job}.out").read_text()
+    assert state == "COMPLETED", log
+    manifest = json.loads((tmp_path / "spark" / "manifest.json").read_text())
+    assert manifest["settings"]["spark_master"].startswith("spark://")
+    for key in ("rows", "written", "failures", "filtered", "duplicates"):
+        assert manifest[key] == local[key], key
+    tars = {p.name: p.read_bytes() for p in (tmp_path / "spark").glob("*.tar")}
+    assert tars == {p.name: p.read_bytes() for p in (tmp_path / "local").glob("*.tar")} and tars

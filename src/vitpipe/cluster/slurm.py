@@ -82,9 +82,7 @@ def launcher(spec: JobSpec, command: list[str]) -> str:
             f"--rdzv_endpoint \"$MASTER_ADDR:$MASTER_PORT\" --rdzv_id \"$SLURM_JOB_ID\" -m vitpipe {args}")
 
 
-def render(spec: JobSpec, command: list[str], array: list[list[str]] | None = None) -> str:
-    """A readable sbatch script. With ``array``, task i appends ``array[i]`` (key=value overrides)."""
-    command = vitpipe_command(command)
+def _header(spec: JobSpec, array: list[list[str]] | None = None) -> list[str]:
     lines = ["#!/bin/bash", f"#SBATCH --job-name={spec.job_name}", f"#SBATCH --nodes={spec.nodes}",
              "#SBATCH --ntasks-per-node=1", f"#SBATCH --cpus-per-task={spec.cpus_per_task}",
              f"#SBATCH --time={spec.time}"]
@@ -109,6 +107,17 @@ def render(spec: JobSpec, command: list[str], array: list[list[str]] | None = No
         f"export MASTER_PORT={spec.port}",
         "export PYTHONUNBUFFERED=1",
     ]
+    return lines
+
+
+def render(spec: JobSpec, command: list[str], array: list[list[str]] | None = None) -> str:
+    """A readable sbatch script. With ``array``, task i appends ``array[i]`` (key=value overrides)."""
+    command = vitpipe_command(command)
+    if command[0] == "ingest" and "distributor=pyspark" in command:
+        if array:
+            raise ConfigError("--sweep does not apply to a Spark ingest")
+        return render_spark_ingest(spec, command)
+    lines = _header(spec, array)
     launch = launcher(spec, command)
     forwarded = "USR1" if launch.startswith(shlex.quote(sys.executable) + " -m vitpipe") else "TERM"
     if array:
@@ -182,3 +191,35 @@ def requeue_if_slurm() -> dict[str, bool]:
     if result.returncode != 0:
         print(f"vitpipe: scontrol requeue {job} failed: {result.stderr.strip()}", file=sys.stderr)
     return {"slurm_requeued": result.returncode == 0}
+
+
+def render_spark_ingest(spec: JobSpec, command: list[str]) -> str:
+    """A standalone Spark cluster inside the allocation (master on the first node, one worker per
+    node with the task's CPUs), the ingest's driver in the batch shell, the cluster stopped after.
+    A requeued or rerun job resumes the ingest (downloaded and written shards are kept)."""
+    python = shlex.quote(sys.executable)
+    ingest = " ".join(_quote(part) for part in command)
+    worker = ('"$SPARK_HOME/bin/spark-class" org.apache.spark.deploy.worker.Worker --cores "$SLURM_CPUS_PER_TASK" '
+              '--webui-port 0 --work-dir "${TMPDIR:-/tmp}/vitpipe-spark-$SLURM_JOB_ID" "$SPARK_MASTER"')
+    lines = _header(spec)
+    lines = [line for line in lines if "--signal=" not in line]  # nothing to checkpoint: reruns resume
+    lines += [
+        f"export SPARK_HOME=$({python} -c 'import os, pyspark; print(os.path.dirname(pyspark.__file__))')",
+        f'export SPARK_MASTER="spark://$MASTER_ADDR:{spec.port}"',
+        "",
+        "# a standalone Spark master on this node, a worker on every node of the allocation",
+        f'"$SPARK_HOME/bin/spark-class" org.apache.spark.deploy.master.Master --host "$MASTER_ADDR" --port {spec.port} '
+        "--webui-port 0 &",
+        "MASTER_PID=$!",
+        f'for _ in $(seq 120); do (exec 3<>"/dev/tcp/$MASTER_ADDR/{spec.port}") 2>/dev/null && break; sleep 1; done',
+        f"srun --kill-on-bad-exit=0 bash -c {shlex.quote(worker)} &",
+        "WORKERS=$!",
+        "trap 'kill \"$WORKERS\" \"$MASTER_PID\" 2>/dev/null' EXIT",
+        "",
+        f'{python} -m vitpipe {ingest} spark_master="$SPARK_MASTER"',
+        "CODE=$?",
+        'echo "vitpipe: ingest exited with $CODE"',
+        'exit "$CODE"',
+        "",
+    ]
+    return "\n".join(lines)
