@@ -1,14 +1,18 @@
 """Downstream evaluation against brute-force references, and the eval CLI end to end."""
 
 import json
+import os
+import subprocess
 
+import faiss
 import numpy as np
 import pytest
 import torch
 
 from vitpipe.cli import main
+from vitpipe.config import ConfigError
 from vitpipe.downstream.probe import ProbeSettings, linear_probe, train_heads
-from vitpipe.downstream.retrieval import (IndexSettings, build_index, knn_classify, load_index, recall_at_k,
+from vitpipe.downstream.retrieval import (IndexSettings, build_index, gpu_count, knn_classify, load_index, recall_at_k,
                                           save_index, search)
 
 
@@ -104,9 +108,56 @@ def test_retrieval_index_save_load_and_recall(tmp_path):
     for k in (1, 5):
         expected = np.mean([np.any(y[order[i, :k]] == y[i]) for i in range(300)])
         assert recall[k] == pytest.approx(expected)
-    for kind in ("ivf", "hnsw"):
-        approx = build_index(x, IndexSettings(kind=kind, nlist=4, nprobe=4))
+    for kind in ("ivf", "ivfpq", "hnsw"):
+        approx = build_index(x, IndexSettings(kind=kind, nlist=4, nprobe=4, pq_m=8))
         assert recall_at_k(approx, x, y, ks=(1,))[1] > 0.9
+        assert knn_classify(x, y, x[:50], y[:50], ks=(10,), settings=IndexSettings(kind=kind, nlist=4, pq_m=8))[10] > 0.9
+
+
+def test_vectorised_recall_counts_like_the_loop_it_replaced():
+    """Neighbour lists with the query itself in any position and IVF's -1 padding."""
+    from vitpipe.downstream.retrieval import recall_at_k as vectorised
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 3, size=60)
+    neighbours = np.stack([rng.permutation(60)[:12] for _ in range(60)])
+    neighbours[rng.random(neighbours.shape) < 0.15] = -1
+    neighbours[np.arange(0, 60, 4), rng.integers(0, 12, size=15)] = np.arange(0, 60, 4)  # itself
+
+    class Fixed:
+        ntotal = 60
+
+        def search(self, queries, k):
+            return np.zeros((60, k), np.float32), neighbours[:, :k]
+
+    recall = vectorised(Fixed(), np.ones((60, 4), np.float32), labels, ks=(1, 5, 10))
+    for k in (1, 5, 10):
+        hits = []
+        for row, ids in enumerate(neighbours[:, :11]):  # the search asks for max(ks) + 1
+            others = [i for i in ids if i != row and i >= 0][:k]
+            hits.append(bool(others) and bool(np.any(labels[others] == labels[row])))
+        assert recall[k] == pytest.approx(np.mean(hits))
+
+
+def test_ivfpq_refuses_what_it_cannot_build():
+    x, _ = separable(n=300, seed=1)
+    with pytest.raises(ConfigError, match="must divide"):
+        build_index(x, IndexSettings(kind="ivfpq", pq_m=7))
+    with pytest.raises(ConfigError, match="at least 256"):
+        build_index(x[:100], IndexSettings(kind="ivfpq", pq_m=8))
+
+
+@pytest.mark.skipif(gpu_count() == 0, reason="faiss sees no GPU (CPU build or no device)")
+def test_gpu_search_equals_cpu_search():
+    x, y = separable(n=2000, seed=7)
+    cpu = build_index(x)
+    gpu = build_index(x, keep_on_gpus=True)
+    assert not isinstance(gpu, faiss.IndexFlatIP)  # really moved
+    _, n_cpu = search(cpu, x[:100], 10)
+    _, n_gpu = search(gpu, x[:100], 10)
+    assert (n_cpu == n_gpu).mean() > 0.99
+    assert knn_classify(x, y, x[:200], y[:200], ks=(10,))[10] == pytest.approx(
+        (brute_knn(x, y, x[:200], 10, 0.07, int(y.max()) + 1) == y[:200]).mean())
 
 
 def test_fitted_head_folds_batchnorm_exactly():
@@ -163,7 +214,7 @@ def test_eval_cli_with_baselines(tiny_run, tiny_labelled_shards, tmp_path, capsy
     assert 0 <= result["top1"] <= 1 and set(result["per_layer"]) == {"block0", "block1", "block0+block1"}
     assert result["provenance"]["data"]["train"]["manifest_sha256"]
     assert result["provenance"]["encoder"].endswith("encoder.safetensors")
-    assert list((tiny_run / "eval" / "cache").glob("*.npz"))
+    assert list((tiny_run / "eval" / "cache").glob("*/features.npy"))
 
     query = next((tmp_path / "imgs" / "a").glob("*.png"))
     assert main(["eval", "retrieval", str(tiny_run), "--index", train, "--workers", "0"]) == 0
@@ -335,3 +386,59 @@ def test_an_indexed_image_queried_by_its_own_file_is_found_first(tmp_path, capsy
                      "--query", str(folder / f"p{index}.png"), "--top-k", "2"]) == 0
         hits = [line.split("\t") for line in capsys.readouterr().out.splitlines() if line.count("\t") == 2]
         assert hits[0][1] == f"p{index}" and float(hits[0][2]) > 0.9999, (index, hits)
+
+
+@pytest.mark.parametrize("launcher", ["torchrun", "accelerate"])
+def test_extraction_on_two_processes_equals_one(tiny_run, tiny_labelled_shards, tmp_path, launcher):
+    """Under a launcher each process reads half the shards into numbered parts; the first merges
+    them in key order: the same features, labels, keys and read counts as one process, and the
+    same k-NN result, printed once."""
+    import shutil
+
+    from test_distributed import LAUNCHERS
+
+    train, test = str(tiny_labelled_shards / "train"), str(tiny_labelled_shards / "val")
+    single, multi = tmp_path / "single", tmp_path / "multi"
+    shutil.copytree(tiny_run, single)
+    shutil.copytree(tiny_run, multi)
+    assert main(["eval", "knn", str(single), "--train", train, "--test", test, "--workers", "0"]) == 0
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([*LAUNCHERS[launcher], "eval", "knn", str(multi), "--train", train, "--test", test,
+                             "--workers", "1"], env=env, capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("k-NN") == 1  # the first process reports; the other only extracted
+    stores = sorted(p.name for p in (single / "eval" / "cache").iterdir())
+    assert stores == sorted(p.name for p in (multi / "eval" / "cache").iterdir()) and len(stores) == 2  # no parts left
+    for name in stores:
+        one, two = single / "eval" / "cache" / name, multi / "eval" / "cache" / name
+        assert json.loads((one / "index.json").read_text()) == json.loads((two / "index.json").read_text())
+        assert np.array_equal(np.load(one / "labels.npy"), np.load(two / "labels.npy"))
+        np.testing.assert_allclose(np.load(one / "features.npy"), np.load(two / "features.npy"), atol=1e-5)
+    knn = [json.loads((run / "eval" / "knn.json").read_text()) for run in (single, multi)]
+    assert knn[0]["per_k"] == knn[1]["per_k"] and knn[0]["samples"] == knn[1]["samples"]
+
+
+def test_feature_parts_merge_in_key_order_and_a_killed_runs_parts_are_dropped(tmp_path, monkeypatch):
+    from vitpipe.downstream import featurestore
+    from vitpipe.pipeline.loader import ReadTally
+
+    monkeypatch.setattr(featurestore, "CHUNK_ROWS", 8)  # several numbered parts per process
+    parts, store = tmp_path / "parts", tmp_path / "store"
+    parts.mkdir()
+    np.save(parts / "layer0.r0001.00009.npy", np.ones((3, 4), np.float32))  # left by a killed run
+    rng = np.random.default_rng(0)
+    keys = [f"k{i:03d}" for i in rng.permutation(50)]
+    features, labels = rng.normal(size=(50, 4)).astype(np.float32), rng.integers(0, 5, size=50)
+    for rank in (0, 1):
+        writer = featurestore.PartWriter(parts, rank, ["last"])
+        rows = list(range(rank, 50, 2))
+        for start in range(0, len(rows), 5):
+            batch = rows[start:start + 5]
+            writer.add({"last": features[batch]}, [keys[i] for i in batch], labels[batch])
+        writer.close(ReadTally(None, read=len(rows)), with_labels=True)
+    tally = featurestore.merge(parts, 2, {"last": store}, expected=50)
+    merged, merged_labels, merged_keys, stored_tally = featurestore.load(store)
+    order = np.argsort(keys)
+    assert merged_keys == sorted(keys) and np.array_equal(merged, features[order])
+    assert np.array_equal(merged_labels, labels[order]) and not parts.exists()
+    assert tally.read == stored_tally.read == 50 and stored_tally.lost == 0

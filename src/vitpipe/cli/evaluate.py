@@ -61,6 +61,8 @@ def eval_linear_probe(
     source = source_for(run, init, pixels)
     layer_list = _layer_list(layers, source)
     path, result = run_probe(source, train, test, layer_list, pool, settings, workers, concat, max_skipped)
+    if path is None:  # a torchrun process other than the first: its share of the features is written
+        return
     rows = [("top1", f"{result['top1']:.4f}"), ("top5", f"{result['top5']:.4f}"), ("val top1", f"{result['val_top1']:.4f}"),
             ("layer", result["layer"]), ("lr / wd", f"{result['lr']} / {result['weight_decay']}")]
     rows += [(f"top1 {name}", f"{r['top1']:.4f}") for name, r in result["per_layer"].items()] if layer_list else []
@@ -76,13 +78,22 @@ def eval_knn(
     temperature: Annotated[float, typer.Option(help="Vote weight exp(cos / T).")] = 0.07,
     layer: Annotated[Optional[int], typer.Option("--layer", help="Block to use, 0-based (default: the output).")] = None,
     max_skipped: MaxSkippedOpt = 0.01,
+    index_type: Annotated[str, typer.Option("--index-type", help="flat (exact) | ivf | ivfpq | hnsw: the reference set's index")] = "flat",
+    nlist: Annotated[int, typer.Option(help="IVF cells.")] = 100,
+    nprobe: Annotated[int, typer.Option(help="IVF cells searched.")] = 8,
+    pq_m: Annotated[int, typer.Option(help="IVF-PQ: bytes per vector.")] = 16,
 ) -> None:
-    """Weighted k-NN (k = 10, 20, 200) on L2-normalised features with FAISS."""
+    """Weighted k-NN (k = 10, 20, 200) on L2-normalised features with FAISS (on the GPUs when
+    faiss-gpu sees any). Exact by default."""
     from vitpipe.downstream.evaluate import eval_knn as run_knn, source_for
+    from vitpipe.downstream.retrieval import IndexSettings
 
     _check_pool(pool)
+    settings = IndexSettings(kind=index_type, nlist=nlist, nprobe=nprobe, pq_m=pq_m)
     path, result = run_knn(source_for(run, init, pixels), train, test, temperature=temperature, pool=pool,
-                           workers=workers, layer=layer, max_skipped=max_skipped)
+                           workers=workers, layer=layer, max_skipped=max_skipped, index=settings)
+    if path is None:  # a torchrun process other than the first: its share of the features is written
+        return
     _print_result("k-NN", [(f"top1 k={k}", f"{v:.4f}") for k, v in result["per_k"].items()], path)
 
 
@@ -92,10 +103,11 @@ def eval_retrieval(
     index: Annotated[str, typer.Option("--index", help="Shards to index.")],
     query: Annotated[Optional[Path], typer.Option("--query", help="An image to search for.")] = None,
     top_k: Annotated[int, typer.Option("--top-k", help="Hits to show for --query.")] = 8,
-    index_type: Annotated[str, typer.Option("--index-type", help="flat (exact) | ivf | hnsw")] = "flat",
+    index_type: Annotated[str, typer.Option("--index-type", help="flat (exact) | ivf | ivfpq (compressed: for indexes larger than memory) | hnsw")] = "flat",
     nlist: Annotated[int, typer.Option(help="IVF cells.")] = 100,
     nprobe: Annotated[int, typer.Option(help="IVF cells searched.")] = 8,
     hnsw_m: Annotated[int, typer.Option(help="HNSW neighbours per node.")] = 32,
+    pq_m: Annotated[int, typer.Option(help="IVF-PQ: bytes per vector (sub-quantisers; must divide the dimension).")] = 16,
     init: InitOpt = "trained", pixels: PixelsOpt = False, pool: PoolOpt = None, workers: WorkersOpt = 2,
     max_skipped: MaxSkippedOpt = 0.01,
     text: Annotated[Optional[str], typer.Option("--text", help="Image-text runs: a caption to search images for.")] = None,
@@ -103,18 +115,24 @@ def eval_retrieval(
     """Build a FAISS index over shards (saved in RUN/eval/retrieval/), report recall@1/5/10, answer
     --query; for image-text runs also recall both ways between images and their captions, and --text."""
     from vitpipe.downstream.evaluate import eval_retrieval as run_retrieval, hit_grid, query_image, run_dir_of, source_for
+    from vitpipe.downstream.featurestore import Processes
     from vitpipe.downstream.retrieval import IndexSettings
     from vitpipe.pipeline.shardset import resolve_shards
 
     _check_pool(pool)
+    processes = Processes.from_env()
+    if processes.world > 1 and (query is not None or text is not None):
+        raise ConfigError("--query and --text answer on one process: build the index under torchrun, then query without it")
     source = source_for(run, init, pixels)
-    settings = IndexSettings(kind=index_type, nlist=nlist, nprobe=nprobe, hnsw_m=hnsw_m)
+    settings = IndexSettings(kind=index_type, nlist=nlist, nprobe=nprobe, hnsw_m=hnsw_m, pq_m=pq_m)
     index_dir = run_dir_of(run) / "eval" / f"retrieval{source.baseline_suffix}"
     built = json.loads((index_dir / "ids.json").read_text()) if (index_dir / "ids.json").is_file() else {}
     current = (index, resolve_shards(index).identity())
     if query is None or (built.get("shards"), built.get("shards_identity")) != current:
         # (re)build unless a query reuses the index of these very shards (same files, same content)
         path, result = run_retrieval(source, index, settings, pool, workers, max_skipped)
+        if path is None:  # a torchrun process other than the first
+            return
         rows = [(f"recall@{k}", f"{v:.4f}") for k, v in result["recall"].items()] + [("indexed", str(result["size"]))]
         _print_result("retrieval", rows, path)
     if query is not None:

@@ -14,6 +14,7 @@ import numpy as np
 
 from vitpipe import __version__
 from vitpipe.config import ConfigError, to_dict
+from vitpipe.downstream.featurestore import Processes
 from vitpipe.downstream.features import PIXELS, EncoderSource, FeatureSet, extract, layer_names
 from vitpipe.downstream.probe import ProbeSettings, linear_probe
 from vitpipe.downstream.retrieval import (
@@ -60,10 +61,12 @@ def write_result(source: EncoderSource, name: str, payload: dict[str, Any], data
 
 
 def _features(source: EncoderSource, spec: str, layers: list[int] | None, pool: str | None, workers: int,
-              need_labels: bool = True, max_skipped: float = 0.01) -> FeatureSet:
+              need_labels: bool = True, max_skipped: float = 0.01) -> FeatureSet | None:
+    """Under torchrun / accelerate launch every process extracts its share; only the first gets the
+    features back (None elsewhere: those processes are done)."""
     cache = run_dir_of(source.run) / "eval" / "cache"
     return extract(source, spec, layers=layers, pool=pool, num_workers=workers, cache_dir=cache,
-                   need_labels=need_labels, max_skipped=max_skipped)
+                   need_labels=need_labels, max_skipped=max_skipped, processes=Processes.from_env())
 
 
 def _read_counts(**sets: FeatureSet) -> dict[str, Any]:
@@ -77,12 +80,14 @@ def _names(source: EncoderSource, layers: list[int] | None) -> list[str]:
 
 def eval_linear_probe(source: EncoderSource, train: str, test: str, layers: list[int] | None = None,
                       pool: str | None = None, settings: ProbeSettings = ProbeSettings(),
-                      workers: int = 2, concat: bool = False, max_skipped: float = 0.01) -> tuple[Path, dict[str, Any]]:
+                      workers: int = 2, concat: bool = False, max_skipped: float = 0.01) -> tuple[Path | None, dict[str, Any]]:
     """``concat`` adds one more candidate: the probed layers' features side by side (as DINO probes
     its last blocks); the validation split picks among all candidates."""
     start = time.monotonic()
     train_set = _features(source, train, layers, pool, workers, max_skipped=max_skipped)
     test_set = _features(source, test, layers, pool, workers, max_skipped=max_skipped)
+    if train_set is None or test_set is None:
+        return None, {}
     names = _names(source, layers)
     if concat and len(names) > 1:
         joined = "+".join(names)
@@ -107,17 +112,21 @@ def eval_linear_probe(source: EncoderSource, train: str, test: str, layers: list
 
 def eval_knn(source: EncoderSource, train: str, test: str, ks: tuple[int, ...] = (10, 20, 200),
              temperature: float = 0.07, pool: str | None = None, workers: int = 2,
-             layer: int | None = None, max_skipped: float = 0.01) -> tuple[Path, dict[str, Any]]:
+             layer: int | None = None, max_skipped: float = 0.01,
+             index: IndexSettings = IndexSettings()) -> tuple[Path | None, dict[str, Any]]:
     start = time.monotonic()
     layers = None if layer is None or source.kind == "pixels" else [layer]
     train_set = _features(source, train, layers, pool, workers, max_skipped=max_skipped)
     test_set = _features(source, test, layers, pool, workers, max_skipped=max_skipped)
+    if train_set is None or test_set is None:
+        return None, {}
     name = _names(source, layers)[0]
     accuracy = knn_classify(train_set.features[name], train_set.labels, test_set.features[name], test_set.labels,
-                            ks, temperature)
+                            ks, temperature, index)
     best_k = 20 if 20 in accuracy else max(accuracy, key=accuracy.get)
     payload = {"top1": accuracy[best_k], "k": best_k, "per_k": {str(k): v for k, v in accuracy.items()},
                "temperature": temperature, "pool": pool or source.config.model.pool, "layer": name,
+               "index": asdict(index),
                "train_samples": len(train_set.keys), "test_samples": len(test_set.keys),
                "samples": _read_counts(train=train_set, test=test_set)}
     path = write_result(source, "knn", payload, {"train": train, "test": test}, time.monotonic() - start)
@@ -125,12 +134,14 @@ def eval_knn(source: EncoderSource, train: str, test: str, ks: tuple[int, ...] =
 
 
 def eval_retrieval(source: EncoderSource, index_shards: str, settings: IndexSettings = IndexSettings(),
-                   pool: str | None = None, workers: int = 2, max_skipped: float = 0.01) -> tuple[Path, dict[str, Any]]:
+                   pool: str | None = None, workers: int = 2, max_skipped: float = 0.01) -> tuple[Path | None, dict[str, Any]]:
     """Build (and save) the index over ``index_shards``; report label-match recall@1/5/10 when labelled."""
     start = time.monotonic()
     shards = resolve_shards(index_shards)
     labelled = has_labels(shards.urls[0])
     features = _features(source, index_shards, None, pool, workers, need_labels=labelled, max_skipped=max_skipped)
+    if features is None:
+        return None, {}
     name = _names(source, None)[0]
     index = build_index(features.features[name], settings)
     directory = run_dir_of(source.run) / "eval" / f"retrieval{source.baseline_suffix}"

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,6 +20,8 @@ import torch
 from torch import nn
 
 from vitpipe.config import ConfigError, PretrainConfig, to_dict
+from vitpipe.downstream import featurestore
+from vitpipe.downstream.featurestore import Processes
 from vitpipe.pipeline.loader import DataError, LoaderSpec, ReadTally, counted, make_loader
 from vitpipe.pipeline.shardset import ShardSet, resolve_shards
 from vitpipe.pipeline.tario import sha256_file
@@ -117,24 +119,52 @@ def _canonical(name: str, depth: int) -> str:
 @torch.no_grad()
 def extract(source: EncoderSource, shard_spec: str, *, layers: list[int] | None = None, pool: str | None = None,
             batch_size: int = 256, num_workers: int = 2, cache_dir: Path | None = None,
-            need_labels: bool = True, device: str | None = None, max_skipped: float = 0.01) -> FeatureSet:
-    """Features of every sample of ``shard_spec`` (each exactly once, in a fixed order).
-    ``max_skipped``: the fraction of expected samples that may be unreadable before this fails."""
+            need_labels: bool = True, device: str | None = None, max_skipped: float = 0.01,
+            processes: Processes = Processes()) -> FeatureSet | None:
+    """Features of every sample of ``shard_spec`` (each exactly once, rows in key order).
+    ``max_skipped``: the fraction of expected samples that may be unreadable before this fails.
+    With several ``processes`` (torchrun), each reads its share of the shards; the first returns
+    the merged features, the others None."""
     config = source.config
     shards = resolve_shards(shard_spec)
     names = [PIXELS] if source.kind == "pixels" else layer_names(layers)
     depth = source.depth()
     if source.kind != "pixels" and any(not -depth <= layer < depth for layer in layers or []):
         raise ConfigError(f"--layers: the encoder has blocks 0..{depth - 1}; got {layers}")
-    cache_paths: dict[str, Path] = {}
-    if cache_dir is not None:
-        cache_paths = {name: Path(cache_dir) / f"{cache_key(source, shards, _canonical(name, depth), pool or 'default', config.data.image_size)}.npz"
-                       for name in names}
-        if all(path.is_file() for path in cache_paths.values()):
-            cached = _load_cache(cache_paths)
-            if cached.tally.expected == shards.expected and len(cached.keys) == cached.tally.read:
-                return check_tally(shard_spec, cached, max_skipped)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if cache_dir is None:
+        if processes.world > 1:
+            raise ConfigError("extraction on several processes needs a cache directory to meet in")
+        with tempfile.TemporaryDirectory(prefix="vitpipe-features-") as scratch:
+            found = extract(source, shard_spec, layers=layers, pool=pool, batch_size=batch_size,
+                            num_workers=num_workers, cache_dir=Path(scratch), need_labels=need_labels,
+                            device=device, max_skipped=max_skipped)
+            return FeatureSet({k: np.array(v) for k, v in found.features.items()}, found.labels, found.keys, found.tally)
+    targets = {name: Path(cache_dir) / cache_key(source, shards, _canonical(name, depth), pool or "default",
+                                                 config.data.image_size) for name in names}
+    if not all(featurestore.is_complete(target, need_labels) for target in targets.values()):
+        parts = Path(cache_dir) / (hashlib.sha256("".join(map(str, targets.values())).encode()).hexdigest()[:24] + ".parts")
+        _extract_parts(source, shards, names, layers, pool, batch_size, num_workers, need_labels,
+                       device or processes.device(), parts, processes)
+        processes.barrier()
+        if not processes.first:
+            return None
+        tally = featurestore.merge(parts, processes.world, targets, shards.expected)
+        if not tally.read:
+            if tally.lost:
+                raise DataError(f"{shard_spec}: no sample could be read; {tally.summary()}")
+            raise ConfigError(f"no samples in {shard_spec}")
+    if not processes.first:
+        return None
+    stores = {name: featurestore.load(target) for name, target in targets.items()}
+    _, labels, keys, tally = next(iter(stores.values()))
+    result = FeatureSet({name: store[0] for name, store in stores.items()}, labels if need_labels else None, keys, tally)
+    return check_tally(shard_spec, result, max_skipped)
+
+
+def _extract_parts(source: EncoderSource, shards, names: list[str], layers: list[int] | None, pool: str | None,
+                   batch_size: int, num_workers: int, need_labels: bool, device: str, parts: Path,
+                   processes: Processes) -> None:
+    """This process's share of the shards -> numbered feature parts in ``parts``."""
     encoder = source.build()
     pool = pool or getattr(getattr(encoder, "config", None), "pool", None)  # a ViT's configured pooling
     if encoder is not None:
@@ -142,34 +172,24 @@ def extract(source: EncoderSource, shard_spec: str, *, layers: list[int] | None 
         if pool == "map" and getattr(encoder, "attn_pool", None) is None:
             raise ConfigError("--pool map needs an encoder trained with model.pool=map")
     fields = ("image", "label", "key") if need_labels else ("image", "key")
-    transform = TransformSpec.for_eval(config.data)
-    spec = LoaderSpec(shards, batch_size, transform, train=False, fields=fields)
+    transform = TransformSpec.for_eval(source.config.data)
+    spec = LoaderSpec(shards, batch_size, transform, train=False, fields=fields, rank=processes.rank,
+                      world_size=processes.world)
     _, loader = make_loader(spec, num_workers)
-    chunks: dict[str, list[np.ndarray]] = {name: [] for name in names}
-    labels, keys = [], []
-    tally = ReadTally(shards.expected)
+    writer = featurestore.PartWriter(parts, processes.rank, names)
+    tally = ReadTally(None)  # what this process read; the merge sets the expected total
     for batch in counted(loader, tally):
         images = batch["image"].to(device)
         if encoder is None:
-            chunks[PIXELS].append(images.flatten(1).cpu().numpy())
+            features = {PIXELS: images.flatten(1).cpu().numpy()}
         elif not layers:
-            chunks["last"].append(encoder.pool(encoder.forward_features(images), pool).cpu().numpy())
+            features = {"last": encoder.pool(encoder.forward_features(images), pool).cpu().numpy()}
         else:
-            for name, tokens in zip(names, encoder.intermediate_layers(images, layers)):
-                # attention pooling was trained on the last block only; average the others
-                chunks[name].append(encoder.pool(tokens, "gap" if pool == "map" else pool).cpu().numpy())
-        if need_labels:
-            labels.append(batch["label"].numpy())
-        keys.extend(batch["key"])
-    if not keys:
-        if tally.lost:
-            raise DataError(f"{shard_spec}: no sample could be read; {tally.summary()}")
-        raise ConfigError(f"no samples in {shard_spec}")
-    result = FeatureSet({name: np.concatenate(parts).astype(np.float32) for name, parts in chunks.items()},
-                        np.concatenate(labels).astype(np.int64) if need_labels else None, keys, tally)
-    for name, path in cache_paths.items():
-        _save_cache(path, FeatureSet({name: result.features[name]}, result.labels, result.keys, tally))
-    return check_tally(shard_spec, result, max_skipped)
+            # attention pooling was trained on the last block only; average the others
+            features = {name: encoder.pool(tokens, "gap" if pool == "map" else pool).cpu().numpy()
+                        for name, tokens in zip(names, encoder.intermediate_layers(images, layers))}
+        writer.add(features, list(batch["key"]), batch["label"].numpy() if need_labels else None)
+    writer.close(tally, need_labels)
 
 
 def check_tally(shard_spec: str, features: FeatureSet, max_skipped: float) -> FeatureSet:
@@ -182,30 +202,3 @@ def check_tally(shard_spec: str, features: FeatureSet, max_skipped: float) -> Fe
                             f"{max_skipped:.1%} (--max-skipped)")
         print(f"warning: {shard_spec}: {tally.summary()}", file=sys.stderr)
     return features
-
-
-def _save_cache(path: Path, features: FeatureSet) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.npz")
-    arrays = {f"feat__{k}": v for k, v in features.features.items()}
-    if features.labels is not None:
-        arrays["labels"] = features.labels
-    arrays["keys"] = np.array(features.keys)  # a unicode array; never an object array (no pickle)
-    arrays["tally"] = np.array(json.dumps(features.tally.as_dict()))
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
-
-
-def _load_cache(paths: dict[str, Path]) -> FeatureSet:
-    """Layer name -> its cache file (one feature array each; "last" may be stored as "block11")."""
-    features: dict[str, np.ndarray] = {}
-    for name, path in paths.items():
-        with np.load(path, allow_pickle=False) as data:
-            (stored,) = [entry for entry in data.files if entry.startswith("feat__")]
-            features[name] = data[stored]
-            labels = data["labels"] if "labels" in data.files else None
-            keys = data["keys"].tolist()
-            tally = ReadTally.from_dict(json.loads(str(data["tally"]))) if "tally" in data.files else None
-    if tally is None:  # written before samples were counted: cannot vouch for it
-        return FeatureSet(features, labels, keys, ReadTally(-1))
-    return FeatureSet(features, labels, keys, tally)
