@@ -130,3 +130,15 @@ def test_resolve_shards_forms(tmp_path):
         resolve_shards(str(directory / "{00000..00009}.tar"))
     with pytest.raises(ConfigError):
         resolve_shards(tmp_path / "empty_dir_that_does_not_exist")
+
+
+def test_label_subset_is_drawn_independently_of_the_val_split():
+    """Ingest assigns val by the key's hash under the seed; the label subset used the same hash, so
+    train keys (hash >= val_fraction) never fell in a subset smaller than val_fraction."""
+    from vitpipe.pipeline.ingest import split_of_key
+    from vitpipe.pipeline.loader import in_subset
+
+    train = [k for k in (f"img_{i}" for i in range(20000)) if split_of_key(k, 0.3, seed=0) == "train"]
+    for fraction in (0.1, 0.5):
+        chosen = sum(in_subset(k, fraction, seed=0) for k in train) / len(train)
+        assert abs(chosen - fraction) < 0.02, (fraction, chosen)

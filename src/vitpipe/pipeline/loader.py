@@ -67,10 +67,13 @@ class LoaderSpec:
 
 
 def in_subset(key: str, fraction: float, seed: int) -> bool:
-    """Whether a sample belongs to the fixed ``fraction`` subset for ``seed`` (stable across runs and ranks)."""
+    """Whether a sample belongs to the fixed ``fraction`` subset for ``seed`` (stable across runs and ranks).
+    Hashed apart from ingest's train/val assignment (``split_of_key``, sha256 of "seed:key"): with
+    the same hash, a 10% label subset of train carved with --val-fraction 0.1 and the same seed
+    was empty, and any subset smaller than the val fraction shrank."""
     if fraction >= 1:
         return True
-    digest = hashlib.sha256(f"{seed}:{key}".encode()).digest()
+    digest = hashlib.sha256(f"subset:{seed}:{key}".encode()).digest()
     return int.from_bytes(digest[:8], "big") / 2**64 < fraction
 
 
