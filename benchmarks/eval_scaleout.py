@@ -66,14 +66,16 @@ def child(run: str, spec: str, cache: str) -> None:
     start = time.perf_counter()
     result = extract(EncoderSource.resolve(Path(run)), spec, num_workers=1, cache_dir=Path(cache), processes=processes)
     if result is not None:
-        print(json.dumps({"images": len(result.keys), "seconds": time.perf_counter() - start}))
+        print(json.dumps({"images": len(result.keys), "seconds": time.perf_counter() - start,
+                          "self_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
 
 
 def bench_extract(args: argparse.Namespace) -> None:
     shards, run = prepare(args.work)
     print(f"fp32 matmul: {matmul_gflops():.0f} GFLOP/s (2 threads, this process)")
     files = sorted(shards.glob("*.tar"))
-    print("| images | processes | images/s | peak RSS of the largest process (MiB) |\n|---:|---:|---:|---:|")
+    print("| images | processes | images/s | peak RSS, first extraction process (MiB) | peak RSS, largest process "
+          "incl. loader workers (MiB) |\n|---:|---:|---:|---:|---:|")
     for size in [int(s) for s in args.sizes.split(",")]:
         count = max(1, size // 10000)
         spec = str(files[0]) if count == 1 else "{" + ",".join(str(f) for f in files[:count]) + "}"
@@ -94,7 +96,7 @@ def bench_extract(args: argparse.Namespace) -> None:
                 raise SystemExit("extraction failed")
             measured = json.loads(lines[0])
             print(f"| {measured['images']} | {processes} | {measured['images'] / measured['seconds']:.0f} | "
-                  f"{int(lines[1]) / 2**20:.0f} |", flush=True)
+                  f"{measured['self_rss'] / 2**20:.0f} | {int(lines[1]) / 2**20:.0f} |", flush=True)
 
 
 def bench_knn(args: argparse.Namespace) -> None:
@@ -110,22 +112,26 @@ def bench_knn(args: argparse.Namespace) -> None:
         queries = rng.standard_normal((args.queries, args.dim), dtype=np.float32)
         faiss.normalize_L2(queries)
         nlist = int(4 * np.sqrt(size))
-        indexes = {
-            "flat": lambda: faiss.IndexFlatIP(args.dim),
-            f"IVF{nlist}, nprobe {args.nprobe}": lambda: faiss.IndexIVFFlat(
-                faiss.IndexFlatIP(args.dim), args.dim, nlist, faiss.METRIC_INNER_PRODUCT),
-            f"IVF{nlist}-PQ{args.pq_m}, nprobe {args.nprobe}": lambda: faiss.IndexIVFPQ(
-                faiss.IndexFlatIP(args.dim), args.dim, nlist, args.pq_m, 8, faiss.METRIC_INNER_PRODUCT),
-        }
+        indexes = {"flat": (lambda: faiss.IndexFlatIP(args.dim), 0)}
+        for nprobe in [int(n) for n in args.nprobe.split(",")]:
+            indexes[f"IVF{nlist}, nprobe {nprobe}"] = (lambda: faiss.IndexIVFFlat(
+                faiss.IndexFlatIP(args.dim), args.dim, nlist, faiss.METRIC_INNER_PRODUCT), nprobe)
+            indexes[f"IVF{nlist}-PQ{args.pq_m}, nprobe {nprobe}"] = (lambda: faiss.IndexIVFPQ(
+                faiss.IndexFlatIP(args.dim), args.dim, nlist, args.pq_m, 8, faiss.METRIC_INNER_PRODUCT), nprobe)
+        trained: dict[str, object] = {}
         exact = None
-        for name, make in indexes.items():
+        for name, (make, nprobe) in indexes.items():
+            kind = name.split(",")[0]
             start = time.perf_counter()
-            index = make()
-            if not index.is_trained:
-                index.train(base)
-                index.nprobe = args.nprobe
-            index.add(base)
-            built = time.perf_counter() - start
+            if kind not in trained:  # one trained index per kind; nprobe is a search-time setting
+                index = make()
+                if not index.is_trained:
+                    index.train(base)
+                index.add(base)
+                trained[kind] = (index, time.perf_counter() - start)
+            index, built = trained[kind]
+            if nprobe:
+                index.nprobe = nprobe
             start = time.perf_counter()
             _, found = index.search(queries, 10)
             rate = args.queries / (time.perf_counter() - start)
@@ -150,7 +156,7 @@ def main() -> None:
     knn.add_argument("--sizes", default="100000,1000000")
     knn.add_argument("--dim", type=int, default=192)
     knn.add_argument("--queries", type=int, default=1000)
-    knn.add_argument("--nprobe", type=int, default=16)
+    knn.add_argument("--nprobe", default="16,128", help="IVF cells searched: one row per value")
     knn.add_argument("--pq-m", type=int, default=24)
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True) if args.what == "extract" else None

@@ -62,7 +62,8 @@ def session(config: IngestConfig):
         yield active
         return
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)  # executors run this interpreter
-    builder = SparkSession.builder.appName("vitpipe-ingest").config("spark.ui.enabled", "false")
+    builder = (SparkSession.builder.appName("vitpipe-ingest").config("spark.ui.enabled", "false")
+               .config("spark.ui.showConsoleProgress", str(sys.stderr.isatty()).lower()))  # no bars in logs
     master = config.spark_master or os.environ.get("SPARK_MASTER")
     if master:
         builder = builder.master(master)

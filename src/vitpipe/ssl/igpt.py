@@ -324,7 +324,7 @@ def check_memory(config: PretrainConfig) -> None:
 
 SPEC = ObjectiveSpec(
     name="igpt", build=build, section="igpt", section_type=IGPTConfig, fit_artifacts=fit_artifacts,
-    preflight=check_memory,
+    preflight=check_memory, probe_layers="all",
     # the paper's optimizer (AdamW betas 0.9/0.95, no weight decay for the small models), images
     # kept whole and in [-1, 1] like the palette; width/depth/heads come from model.*
     defaults={"optim": {"betas": [0.9, 0.95], "weight_decay": 0.0, "base_lr": 1e-3, "warmup_fraction": 0.05},

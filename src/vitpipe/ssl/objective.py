@@ -107,5 +107,8 @@ class ObjectiveSpec:
     that would not fit in memory); called before every training session, never at evaluation."""
     summary: str = ""
     """One line for `vitpipe pretrain --help` and `vitpipe config show --objective`."""
+    probe_layers: str = "last"
+    """Where `vitpipe compare` probes by default: "last" (the output) or "all" (every block, for
+    objectives whose best features sit mid-stack, as iGPT's do)."""
     towers: tuple[str, ...] = ("image",)
     """What it embeds: ("image",), or ("image", "text") for image-text models (zero-shot, text retrieval)."""

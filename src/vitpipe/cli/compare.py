@@ -1,0 +1,39 @@
+"""`vitpipe compare`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from vitpipe.cli.common import user_errors
+
+
+@user_errors
+def compare(
+    runs: Annotated[list[Path], typer.Argument(help="Pretraining run directories (any objectives).")],
+    train: Annotated[str, typer.Option("--train", help="Labelled training shards of the evals.")],
+    test: Annotated[str, typer.Option("--test", help="Labelled test shards; must be data no run pretrained on.")],
+    out: Annotated[Path, typer.Option("--out", help="Where compare.json and index.html go.")],
+    suite: Annotated[str, typer.Option(help="Evals: any of probe,knn,finetune.")] = "probe,knn,finetune",
+    layers: Annotated[str, typer.Option(help="Probe layers: auto (every block where the objective's best "
+                                             "layer is not the last) | all | last.")] = "auto",
+    label_fraction: Annotated[float, typer.Option(help="Labels the fine-tune sees.")] = 0.1,
+    finetune_set: Annotated[Optional[list[str]], typer.Option("--finetune-set", help="key=value setting of every fine-tune (repeatable), e.g. train.max_steps=300.")] = None,
+    probe_epochs: Annotated[int, typer.Option(help="Linear-probe epochs.")] = 30,
+    workers: Annotated[int, typer.Option("--workers", help="DataLoader workers for feature extraction.")] = 2,
+) -> None:
+    """The same evaluation suite on every run, each beside the random init of its architecture and
+    raw pixels, with each run's pretraining cost: OUT/compare.json and OUT/index.html. Finished
+    evals and extracted features are reused, so a rerun is free."""
+    from vitpipe.downstream.compare import CompareSettings, compare as run_compare
+
+    settings = CompareSettings(tuple(s.strip() for s in suite.split(",") if s.strip()), layers, label_fraction,
+                               tuple(finetune_set or ()), probe_epochs, workers)
+    result = run_compare(runs, train, test, out, settings, log=lambda line: typer.echo(line, err=True))
+    for row in result["runs"]:
+        scores = ", ".join(f"{task} {e['trained']['top1']:.3f} ({e['delta_vs_random']:+.3f} vs random)"
+                           for task, e in row["evals"].items())
+        typer.echo(f"{row['objective']:6s} {row['name']}: {scores}")
+    typer.echo(f"wrote {out / 'compare.json'} and {out / 'index.html'}")

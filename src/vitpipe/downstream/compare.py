@@ -1,0 +1,229 @@
+"""`vitpipe compare`: one evaluation suite over several pretraining runs, each beside the random
+init of its own architecture and raw pixels, with what each run's pretraining cost.
+
+Every number comes from the `vitpipe eval` functions and lands in the run's own RUN/eval/ files;
+a finished eval whose data, settings and encoder still match is read back instead of rerun, and
+features are cached by `extract`, so rerunning a comparison costs nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from vitpipe.config import ConfigError
+from vitpipe.downstream.features import EncoderSource
+from vitpipe.pipeline.manifest import manifest_hash, shard_hashes
+from vitpipe.pipeline.shardset import resolve_shards
+from vitpipe.ssl import registry
+from vitpipe.ssl.runs import run_dir_of
+
+SUITE = ("probe", "knn", "finetune")
+BASELINES = ("trained", "random", "pixels")
+
+
+@dataclass
+class CompareSettings:
+    suite: tuple[str, ...] = SUITE
+    """Evals to run: probe (linear), knn, finetune (at ``label_fraction`` of the labels)."""
+    layers: str = "auto"
+    """Probe layers: auto (every block for objectives whose best layer is not the last, e.g. igpt;
+    the output otherwise) | all | last."""
+    label_fraction: float = 0.1
+    """Fraction of the training labels the fine-tune sees (a fixed seeded subset)."""
+    finetune_overrides: tuple[str, ...] = ()
+    """key=value settings of every fine-tune (e.g. train.max_steps=300)."""
+    probe_epochs: int = 30
+    workers: int = 2
+    """DataLoader workers for feature extraction."""
+
+    def __post_init__(self) -> None:
+        unknown = set(self.suite) - set(SUITE)
+        if unknown or not self.suite:
+            raise ConfigError(f"--suite takes {','.join(SUITE)}; got {','.join(self.suite) or 'nothing'}")
+        if self.layers not in ("auto", "all", "last"):
+            raise ConfigError("--layers must be auto, all or last")
+        if not 0 < self.label_fraction <= 1:
+            raise ConfigError("--label-fraction must be in (0, 1]")
+
+
+def shard_identity(spec: str) -> tuple[set[str], set[str]]:
+    """(resolved local paths, manifest sha256s) of the shards ``spec`` names."""
+    shards = resolve_shards(spec)
+    names = {Path(url).name for url in shards.urls}
+    hashes = {sha for name, sha in (shard_hashes(shards.directory) if shards.directory else {}).items() if name in names}
+    return {str(Path(url).resolve()) for url in shards.urls if "://" not in url}, hashes
+
+
+def check_data(runs: list[Path], test: str) -> list[str]:
+    """Refuse a run whose test shards are among its pretraining shards (same file or same content);
+    warn (returned lines) when the runs were pretrained on different data."""
+    test_paths, test_hashes = shard_identity(test)
+    manifests = {}
+    for run in runs:
+        config = registry.run_config(run_dir_of(run) / "config.yaml")
+        try:
+            paths, hashes = shard_identity(config.data.shards)
+        except ConfigError:  # pretraining shards moved away: nothing to compare against
+            paths, hashes = set(), set()
+        shared = (paths & test_paths) | (hashes & test_hashes)
+        if shared:
+            raise ConfigError(f"{run}: the test shards overlap its pretraining data ({len(shared)} shard(s)); "
+                              "test on a split the run never saw")
+        info = _run_info(run)
+        manifests[str(run)] = info.get("data_manifest_sha256") or config.data.shards
+    warnings = []
+    if len(set(manifests.values())) > 1:
+        warnings.append("warning: the runs were pretrained on different data (manifests "
+                        + ", ".join(f"{Path(r).name} {str(m)[:12]}" for r, m in manifests.items()) + ")")
+    return warnings
+
+
+def _run_info(run: Path) -> dict[str, Any]:
+    path = run_dir_of(run) / "run.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def probe_layers(source: EncoderSource, setting: str) -> list[int] | None:
+    if source.kind == "pixels" or setting == "last":
+        return None
+    spec = registry.get(source.config.objective)
+    if setting == "all" or spec.probe_layers == "all":
+        return list(range(source.depth()))
+    return None
+
+
+def _result_path(source: EncoderSource, name: str) -> Path:
+    return run_dir_of(source.run) / "eval" / f"{name}{source.baseline_suffix}.json"
+
+
+def _reusable(path: Path, source: EncoderSource, train: str, test: str, check) -> dict[str, Any] | None:
+    """A finished eval of these data (same manifests), this encoder (newer than its weights) and
+    these settings (``check(result)``), or None."""
+    if not path.is_file():
+        return None
+    result = json.loads(path.read_text())
+    data = result.get("provenance", {}).get("data", {})
+    for name, spec in (("train", train), ("test", test)):
+        shards = resolve_shards(spec)
+        current = manifest_hash(shards.directory) if shards.directory else None
+        if data.get(name, {}).get("shards") != spec or data.get(name, {}).get("manifest_sha256") != current:
+            return None
+    if source.weights is not None and path.stat().st_mtime < source.weights.stat().st_mtime:
+        return None
+    return result if check(result) else None
+
+
+def run_eval(task: str, source: EncoderSource, train: str, test: str, settings: CompareSettings) -> dict[str, Any]:
+    """One eval of the suite for one encoder source: reused when finished, else run."""
+    from vitpipe.downstream import evaluate
+    from vitpipe.downstream.finetune import finetune
+    from vitpipe.downstream.probe import ProbeSettings
+
+    if task == "probe":
+        layers = probe_layers(source, settings.layers)
+        wanted = {f"block{i}" for i in layers} if layers else None
+
+        def check(r):
+            return r["settings"]["epochs"] == settings.probe_epochs and (wanted is None or wanted <= set(r["per_layer"]))
+
+        found = _reusable(_result_path(source, "linear-probe"), source, train, test, check)
+        if found is None:
+            found = _written(evaluate.eval_linear_probe(source, train, test, layers, None,
+                                                        ProbeSettings(epochs=settings.probe_epochs), settings.workers))
+    elif task == "knn":
+        found = _reusable(_result_path(source, "knn"), source, train, test, lambda r: True)
+        if found is None:
+            found = _written(evaluate.eval_knn(source, train, test, workers=settings.workers))
+    else:
+        overrides = [f"data.subset_fraction={settings.label_fraction}", *settings.finetune_overrides]
+        name = "finetune" if settings.label_fraction == 1 else f"finetune-labels{settings.label_fraction:g}"
+        found = _reusable(_result_path(source, name), source, train, test,
+                          lambda r: r.get("overrides") == overrides)
+        if found is None:
+            found = _written(finetune(source, train, test, overrides))
+    return _summary(task, found)
+
+
+def _written(outcome: tuple[Path, dict[str, Any]]) -> dict[str, Any]:
+    """The result file an eval wrote (what a rerun reads back), not just its in-memory payload."""
+    return json.loads(outcome[0].read_text())
+
+
+def _summary(task: str, result: dict[str, Any]) -> dict[str, Any]:
+    summary = {"top1": result["top1"], "seconds": result.get("seconds")}
+    if task == "probe":
+        summary["layer"] = result.get("layer")
+        summary["per_layer"] = {name: r["top1"] for name, r in result.get("per_layer", {}).items() if "+" not in name}
+    if task == "finetune":
+        summary["label_fraction"] = result.get("label_fraction")
+    return summary
+
+
+def _encoder_facts(source: EncoderSource) -> dict[str, Any]:
+    config = source.config
+    from safetensors import safe_open
+
+    with safe_open(str(source.weights), "pt") as handle:  # counted from the file: no model built
+        params = sum(_numel(handle.get_slice(name).get_shape()) for name in handle.keys())
+    return {"size": config.model.size, "embed_dim": config.model.embed_dim, "depth": source.depth(),
+            "patch_size": config.model.patch_size, "image_size": config.data.image_size, "parameters": params}
+
+
+def _numel(shape) -> int:
+    total = 1
+    for dim in shape:
+        total *= int(dim)
+    return total
+
+
+def compare(runs: list[Path], train: str, test: str, out: Path, settings: CompareSettings = CompareSettings(),
+            log=print) -> dict[str, Any]:
+    """Run (or read back) the suite for every run and baseline; write OUT/compare.json and index.html."""
+    from vitpipe.downstream.cost import pretraining_cost
+    from vitpipe.report.compare_page import write_page
+
+    if len({run_dir_of(r).resolve() for r in runs}) < len(runs):
+        raise ConfigError("a run is named twice")
+    warnings = check_data(runs, test)
+    for line in warnings:
+        print(line, file=sys.stderr)
+    pixels_memo: dict[tuple, dict[str, Any]] = {}
+    rows = []
+    for run in runs:
+        trained = EncoderSource.resolve(run, "trained")
+        row = {"run": str(run), "name": run_dir_of(run).name, "objective": trained.config.objective,
+               "encoder": _encoder_facts(trained), "cost": pretraining_cost(run), "evals": {}}
+        report = run_dir_of(run) / "report" / "index.html"
+        row["report"] = os.path.relpath(report, out) if report.is_file() else None
+        for task in settings.suite:
+            row["evals"][task] = {}
+            for kind in BASELINES:
+                if task == "finetune" and kind == "pixels":
+                    continue
+                log(f"compare: {row['name']}: {task} ({kind})")
+                source = trained if kind == "trained" else EncoderSource.resolve(run, kind)
+                data = source.config.data
+                memo_key = (task, data.image_size, data.channels, tuple(data.mean), tuple(data.std))
+                if kind == "pixels" and memo_key in pixels_memo:  # raw pixels do not depend on the run
+                    row["evals"][task][kind] = pixels_memo[memo_key]
+                    continue
+                row["evals"][task][kind] = run_eval(task, source, train, test, settings)
+                if kind == "pixels":
+                    pixels_memo[memo_key] = row["evals"][task][kind]
+            scores = row["evals"][task]
+            scores["delta_vs_random"] = scores["trained"]["top1"] - scores["random"]["top1"]
+        rows.append(row)
+    result = {"created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "train": train, "test": test,
+              "settings": asdict(settings), "warnings": warnings, "runs": rows}
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / "compare.json.tmp"
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    os.replace(tmp, out / "compare.json")
+    write_page(result, out)
+    return result

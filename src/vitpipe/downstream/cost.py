@@ -1,0 +1,53 @@
+"""What a pretraining run cost: optimizer steps, samples seen, wall-clock, and FLOPs (one real
+training step of the run's objective on its own data, counted by torch's FlopCounterMode)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+
+from vitpipe.config import ConfigError
+from vitpipe.pipeline.loader import LoaderSpec, make_loader
+from vitpipe.pipeline.shardset import resolve_shards
+from vitpipe.pipeline.transforms import TransformSpec
+from vitpipe.ssl import registry
+from vitpipe.ssl.checkpoints import latest_verified, log_stderr
+from vitpipe.ssl.runs import build_run_objective, run_dir_of
+
+COUNT_BATCH = 8
+
+
+def pretraining_cost(run: Path) -> dict[str, Any]:
+    run_dir = run_dir_of(run)
+    checkpoint = latest_verified(run_dir, log_stderr, set_aside=False)
+    state = json.loads((checkpoint / "state.json").read_text()) if checkpoint else {}
+    samples = state.get("samples_seen")
+    per_sample = flops_per_sample(run_dir)
+    return {"steps": state.get("step"), "samples_seen": samples, "wall_seconds": state.get("wall_seconds"),
+            "world_size": state.get("world_size"), "flops_per_sample": per_sample,
+            "flops": per_sample * samples if per_sample and samples else None}
+
+
+def flops_per_sample(run_dir: Path) -> float | None:
+    """Forward + backward FLOPs of a training step, per sample (matmuls, convolutions, attention:
+    what FlopCounterMode counts; elementwise work is not). None when the training data is gone."""
+    config = registry.run_config(run_dir / "config.yaml")
+    try:
+        shards = resolve_shards(config.data.shards)
+    except ConfigError:
+        return None
+    objective = build_run_objective(run_dir, config, seed=0).train()
+    data = config.data
+    transform = TransformSpec(objective.transform_preset, data.image_size, data.channels, data.crop_scale_min,
+                              data.hflip, tuple(data.mean), tuple(data.std))
+    spec = LoaderSpec(shards, COUNT_BATCH, transform, train=True, fields=tuple(objective.batch_fields),
+                      seed=config.train.seed, shuffle_buffer=COUNT_BATCH, samples_per_epoch=COUNT_BATCH,
+                      batch_hook=objective.batch_hook())
+    batch = next(iter(make_loader(spec, 0)[1]))
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        objective(batch).loss.backward()
+    return counter.get_total_flops() / COUNT_BATCH

@@ -1,0 +1,91 @@
+"""`vitpipe compare` end to end on two objectives: the table, the baselines, the costs, the page in a
+real browser, a free rerun, and the refusals."""
+
+import json
+
+import pytest
+
+from conftest import write_image_folder
+from test_igpt import ARGS as IGPT_ARGS
+from test_report_demo import CHROMIUM, check_in_browser
+from test_trainer import RUN_ARGS
+from vitpipe.cli import main
+from vitpipe.config import IngestConfig
+from vitpipe.pipeline.ingest import ingest
+
+FAST = ["--probe-epochs", "2", "--workers", "0", "--finetune-set", "train.max_steps=2",
+        "--finetune-set", "train.batch_size=2", "--finetune-set", "data.num_workers=0"]
+
+
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("compare")
+    folder = write_image_folder(root / "imgs", per_class=40, classes=("a", "b", "c"))
+    ingest(str(folder), root / "shards", IngestConfig(shard_size=30, val_fraction=0.3, image_size=16), progress=False)
+    train = str(root / "shards" / "train")
+    assert main(["pretrain", "mae", "--data", train, "--out", str(root / "mae"), *RUN_ARGS, "train.max_steps=3"]) == 0
+    assert main(["pretrain", "igpt", "--data", train, "--out", str(root / "igpt"), *IGPT_ARGS, "train.max_steps=3"]) == 0
+    return root
+
+
+def test_compare_two_objectives_with_baselines_costs_and_page(two_runs, tmp_path, capsys, monkeypatch):
+    root = two_runs
+    args = ["compare", str(root / "mae"), str(root / "igpt"), "--train", str(root / "shards" / "train"),
+            "--test", str(root / "shards" / "val"), "--out", str(tmp_path / "cmp"), *FAST]
+    assert main(args) == 0
+    result = json.loads((tmp_path / "cmp" / "compare.json").read_text())
+    rows = {row["objective"]: row for row in result["runs"]}
+    assert set(rows) == {"mae", "igpt"} and not result["warnings"]  # same pretraining data
+    for row in rows.values():
+        assert set(row["evals"]) == {"probe", "knn", "finetune"}
+        assert set(row["evals"]["finetune"]) == {"trained", "random", "delta_vs_random"}  # no pixel fine-tune
+        for task, scores in row["evals"].items():
+            assert 0 <= scores["trained"]["top1"] <= 1
+            assert scores["delta_vs_random"] == pytest.approx(scores["trained"]["top1"] - scores["random"]["top1"])
+        cost = row["cost"]
+        assert cost["steps"] == 3 and cost["samples_seen"] == 24 and cost["wall_seconds"] > 0
+        assert cost["flops"] == pytest.approx(cost["flops_per_sample"] * 24) and cost["flops_per_sample"] > 1e5
+    # iGPT's best layer is mid-stack: probed at every block; MAE at its output
+    assert set(rows["igpt"]["evals"]["probe"]["trained"]["per_layer"]) == {"block0", "block1", "block2"}
+    assert rows["mae"]["evals"]["probe"]["trained"]["per_layer"] == {"last": rows["mae"]["evals"]["probe"]["trained"]["top1"]}
+    assert rows["mae"]["encoder"]["parameters"] > 0 and rows["mae"]["encoder"]["depth"] == 2
+    assert (root / "mae" / "eval" / "finetune-labels0.1.json").is_file()
+    page = (tmp_path / "cmp" / "index.html").read_text()
+    assert "layers.png" in page and "probe.png" in page and "http" not in page
+
+    # a rerun reads every finished eval back: no eval function may run
+    import vitpipe.downstream.evaluate as evaluate
+    import vitpipe.downstream.finetune as finetune
+
+    def forbidden(*_, **__):
+        raise AssertionError("an eval ran again")
+
+    for module, name in ((evaluate, "eval_linear_probe"), (evaluate, "eval_knn"), (finetune, "finetune")):
+        monkeypatch.setattr(module, name, forbidden)
+    assert main([*args[:-len(FAST) - 2], "--out", str(tmp_path / "again"), *FAST]) == 0
+    again = json.loads((tmp_path / "again" / "compare.json").read_text())
+    assert [r["evals"] for r in again["runs"]] == [r["evals"] for r in result["runs"]]
+
+    if CHROMIUM:
+        check_in_browser(tmp_path / "cmp" / "index.html", tmp_path / "compare.png")
+
+
+def test_compare_refuses_test_data_a_run_pretrained_on(two_runs, tmp_path, capsys):
+    root = two_runs
+    code = main(["compare", str(root / "mae"), "--train", str(root / "shards" / "train"),
+                 "--test", str(root / "shards" / "train"), "--out", str(tmp_path / "x"), *FAST])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "overlap" in err[0] and not (tmp_path / "x").exists()
+
+
+def test_compare_warns_when_runs_saw_different_data(two_runs, tmp_path):
+    from vitpipe.downstream.compare import check_data
+
+    root = two_runs
+    folder = write_image_folder(tmp_path / "other", per_class=8, classes=("x", "y"))
+    ingest(str(folder), tmp_path / "other_shards", IngestConfig(shard_size=8, image_size=16), progress=False)
+    assert main(["pretrain", "mae", "--data", str(tmp_path / "other_shards"), "--out", str(tmp_path / "other_run"),
+                 *RUN_ARGS, "train.max_steps=1"]) == 0
+    warnings = check_data([root / "mae", tmp_path / "other_run"], str(root / "shards" / "val"))
+    assert len(warnings) == 1 and "different data" in warnings[0]
+    assert check_data([root / "mae", root / "igpt"], str(root / "shards" / "val")) == []
