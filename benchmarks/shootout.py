@@ -1,0 +1,108 @@
+"""The four-objective shoot-out on Fashion-MNIST: the same CPU budget each, then `vitpipe compare`.
+
+    python benchmarks/shootout.py --out /work/bench/shootout [--minutes 20] [--objectives mae,jepa,igpt,clip]
+        [--finetune-steps 1000] [--label-fraction 0.1]
+
+1. `vitpipe ingest fashion-mnist` (train 60k / test 10k); for CLIP, class folders with captions
+   from class-name templates (benchmarks/clip_quality.py), ingested the same way: a separately
+   marked row, since its captions carry the labels.
+2. Each objective with its recipe, configs/<objective>_fashion_mnist_cpu.yaml (ViT-Ti/4 at 32 px
+   where it uses a ViT; iGPT: its 16x16 pixel transformer). The budget is wall-clock: a 30-step
+   calibration run measures the objective's images/s on this machine, and the run gets
+   max_steps = minutes x images/s / batch (its schedule then ends on time).
+3. `vitpipe compare` on every run: linear probe (every block for iGPT), k-NN, fine-tune on
+   --label-fraction of the labels for --finetune-steps, each beside random init and raw pixels.
+Every step is a public `vitpipe` command (printed, timed). Writes OUT/compare/compare.json and
+index.html, and prints the table for RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from clip_quality import fashion_folders
+from quality import step  # the same printed, timed `vitpipe` step
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+
+def images_per_second(run: Path) -> float:
+    """Median throughput of the calibration run's logged steps after the first (warm-up) ones."""
+    rates = sorted(json.loads(line)["img_per_s"] for line in (run / "metrics.jsonl").read_text().splitlines()
+                   if "img_per_s" in line and json.loads(line).get("step", 0) > 10)
+    return rates[len(rates) // 2]
+
+
+def pretrain(objective: str, data: Path, out: Path, minutes: float) -> dict:
+    config = CONFIGS / f"{objective}_fashion_mnist_cpu.yaml"
+    batch = int(next(line.split(":")[1] for line in config.read_text().splitlines()
+                     if line.strip().startswith("batch_size:")))
+    calibration = out / f"calibrate_{objective}"
+    if not (calibration / "encoder.safetensors").exists():
+        step(["pretrain", objective, "--config", str(config), "--data", str(data), "--out", str(calibration),
+              "--resume", "auto", "train.max_steps=30", "train.log_every=1", "train.tensorboard=false"])
+    rate = images_per_second(calibration)
+    steps = max(1, int(minutes * 60 * rate / batch))
+    run = out / objective
+    seconds = step(["pretrain", objective, "--config", str(config), "--data", str(data), "--out", str(run),
+                    "--resume", "auto", f"train.max_steps={steps}"])
+    return {"objective": objective, "calibrated_img_per_s": rate, "steps": steps, "batch": batch,
+            "seconds": round(seconds)}
+
+
+def table(result: dict) -> str:
+    lines = ["| objective | steps x batch | minutes | probe (layer) | k-NN | fine-tune | random init probe / k-NN / "
+             "fine-tune | pixels probe / k-NN |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for row in result["runs"]:
+        e, cost = row["evals"], row["cost"]
+        name = row["objective"] + (" (captions from class names: separate row)" if row["objective"] == "clip" else "")
+        get = lambda task, kind: f"{e[task][kind]['top1']:.3f}" if task in e and kind in e[task] else "-"  # noqa: E731
+        layer = e.get("probe", {}).get("trained", {}).get("layer", "")
+        lines.append(f"| {name} | {cost['steps']} x {cost['samples_seen'] // max(1, cost['steps'])} | "
+                     f"{cost['wall_seconds'] / 60:.1f} | "
+                     f"{get('probe', 'trained')} ({layer}) | {get('knn', 'trained')} | {get('finetune', 'trained')} | "
+                     f"{get('probe', 'random')} / {get('knn', 'random')} / {get('finetune', 'random')} | "
+                     f"{get('probe', 'pixels')} / {get('knn', 'pixels')} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--minutes", type=float, default=20.0, help="pretraining budget per objective (wall-clock)")
+    parser.add_argument("--objectives", default="mae,jepa,igpt,clip")
+    parser.add_argument("--finetune-steps", type=int, default=1000)
+    parser.add_argument("--label-fraction", type=float, default=0.1)
+    parser.add_argument("--suite", default="probe,knn,finetune")
+    parser.add_argument("--eval-train-shards", type=int, default=0,
+                        help="evals train on the first K shards (10,000 images each) of the train split; 0 = all 60,000")
+    args = parser.parse_args()
+    out = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    fm = out / "fm"
+    if not (fm / "manifest.json").exists():
+        step(["ingest", "fashion-mnist", "--out", str(fm)])
+    objectives = args.objectives.split(",")
+    if "clip" in objectives and not (out / "captions" / "train" / "manifest.json").exists():
+        fashion_folders(out / "folders", 60_000)
+        for split in ("train", "test"):
+            step(["ingest", str(out / "folders" / split), "--out", str(out / "captions" / split), "--shard-size",
+                  "10000", "image_size=32", "resize_mode=border"])
+    runs = []
+    for objective in objectives:
+        data = out / "captions" / "train" if objective == "clip" else fm / "train"
+        runs.append(pretrain(objective, data, out, args.minutes))
+    (out / "pretraining.json").write_text(json.dumps(runs, indent=2) + "\n")
+    train = fm / "train"
+    if args.eval_train_shards:
+        train = "{" + ",".join(str(p) for p in sorted(train.glob("*.tar"))[:args.eval_train_shards]) + "}"
+    step(["compare", *[str(out / o) for o in objectives], "--train", str(train), "--test", str(fm / "test"),
+          "--out", str(out / "compare"), "--suite", args.suite, "--label-fraction", str(args.label_fraction),
+          "--finetune-set", f"train.max_steps={args.finetune_steps}"])
+    print(table(json.loads((out / "compare" / "compare.json").read_text())))
+
+
+if __name__ == "__main__":
+    main()
