@@ -188,6 +188,11 @@ def compare(runs: list[Path], train: str, test: str, out: Path, settings: Compar
     from vitpipe.downstream.cost import pretraining_cost
     from vitpipe.report.compare_page import write_page
 
+    from vitpipe.downstream.featurestore import Processes
+
+    if Processes.from_env().world > 1:
+        raise ConfigError("vitpipe compare runs on one process (its features can be extracted first on many: "
+                          "torchrun ... -m vitpipe eval knn RUN --train ... --test ...)")
     if len({run_dir_of(r).resolve() for r in runs}) < len(runs):
         raise ConfigError("a run is named twice")
     warnings = check_data(runs, test)
