@@ -97,7 +97,8 @@ def main() -> None:
     (out / "pretraining.json").write_text(json.dumps(runs, indent=2) + "\n")
     train = fm / "train"
     if args.eval_train_shards:
-        train = "{" + ",".join(str(p) for p in sorted(train.glob("*.tar"))[:args.eval_train_shards]) + "}"
+        chosen = [str(p) for p in sorted(train.glob("*.tar"))[:args.eval_train_shards]]
+        train = chosen[0] if len(chosen) == 1 else "{" + ",".join(chosen) + "}"  # braces need two items
     step(["compare", *[str(out / o) for o in objectives], "--train", str(train), "--test", str(fm / "test"),
           "--out", str(out / "compare"), "--suite", args.suite, "--label-fraction", str(args.label_fraction),
           "--finetune-set", f"train.max_steps={args.finetune_steps}"])
