@@ -173,3 +173,27 @@ def test_spark_ingest_on_a_standalone_cluster_in_a_slurm_job(slurm, tmp_path, ca
         assert manifest[key] == local[key], key
     tars = {p.name: p.read_bytes() for p in (tmp_path / "spark").glob("*.tar")}
     assert tars == {p.name: p.read_bytes() for p in (tmp_path / "local").glob("*.tar")} and tars
+
+
+def test_run_lock_dies_with_its_process_even_if_a_forked_child_lives_on(tmp_path):
+    """kill -9 of a trainer whose DataLoader workers (forked children) are still alive: the rerun
+    must not be refused while they wind down."""
+    import signal
+    import subprocess
+    import sys
+
+    from vitpipe.ssl.launch import RunLock
+
+    code = ("import os, sys, time; from pathlib import Path; from vitpipe.ssl.launch import RunLock; "
+            "lock = RunLock(Path(sys.argv[1])); lock.acquire(); child = os.fork(); "
+            "time.sleep(60) if child == 0 else (print(child, flush=True), time.sleep(60))")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "run")], stdout=subprocess.PIPE, text=True)
+    child = int(proc.stdout.readline())
+    try:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        lock = RunLock(tmp_path / "run")
+        lock.acquire()  # refused before: the sleeping child held the flock
+        lock.release()
+    finally:
+        os.kill(child, signal.SIGKILL)

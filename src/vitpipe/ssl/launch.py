@@ -40,6 +40,18 @@ def check_launch(num_processes: int) -> None:
                     f"or `torchrun --nproc_per_node {value} -m vitpipe ...`")
 
 
+_HELD_LOCKS: list = []
+"""Open lock files of this process. A forked child (a DataLoader worker) closes its copies at once:
+a flock belongs to the open file, which a child shares, so a worker outliving its killed trainer
+by a few seconds kept the run locked and a prompt rerun was refused."""
+
+
+def _drop_inherited_locks() -> None:
+    for handle in _HELD_LOCKS:
+        handle.close()  # the child's descriptor only; the parent keeps its lock
+    _HELD_LOCKS.clear()
+
+
 class RunLock:
     """One writer per run directory: a second job on the same run gets a clear error."""
 
@@ -67,6 +79,10 @@ class RunLock:
                 pass
             handle.close()
         self.handle = handle
+        if not _HELD_LOCKS and not getattr(RunLock, "_fork_hook", False):
+            os.register_at_fork(after_in_child=_drop_inherited_locks)
+            RunLock._fork_hook = True
+        _HELD_LOCKS.append(handle)
         self.handle.seek(0)
         self.handle.truncate()
         self.handle.write(f"pid {os.getpid()} on {os.uname().nodename}"
@@ -81,6 +97,8 @@ class RunLock:
                 self.path.unlink()
             except FileNotFoundError:
                 pass
+            if self.handle in _HELD_LOCKS:
+                _HELD_LOCKS.remove(self.handle)
             self.handle.close()
             self.handle = None
 
