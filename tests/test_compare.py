@@ -89,3 +89,18 @@ def test_compare_warns_when_runs_saw_different_data(two_runs, tmp_path):
     warnings = check_data([root / "mae", tmp_path / "other_run"], str(root / "shards" / "val"))
     assert len(warnings) == 1 and "different data" in warnings[0]
     assert check_data([root / "mae", root / "igpt"], str(root / "shards" / "val")) == []
+
+
+def test_compare_does_not_reuse_an_eval_made_with_other_layers(two_runs, tmp_path):
+    """A `--layers 0,1` probe or a `--layer 0` k-NN left in RUN/eval/ is another measurement: compare
+    runs the output-layer one instead of reporting the sweep's best block as the output."""
+    root = two_runs
+    train, test = str(root / "shards" / "train"), str(root / "shards" / "val")
+    assert main(["eval", "linear-probe", str(root / "mae"), "--train", train, "--test", test, "--workers", "0",
+                 "--epochs", "2", "--layers", "0,1"]) == 0
+    assert main(["eval", "knn", str(root / "mae"), "--train", train, "--test", test, "--workers", "0", "--layer", "0"]) == 0
+    assert main(["compare", str(root / "mae"), "--train", train, "--test", test, "--out", str(tmp_path / "c"),
+                 "--suite", "probe,knn", *FAST]) == 0
+    row = json.loads((tmp_path / "c" / "compare.json").read_text())["runs"][0]
+    assert set(row["evals"]["probe"]["trained"]["per_layer"]) == {"last"}
+    assert json.loads((root / "mae" / "eval" / "knn.json").read_text())["layer"] == "last"

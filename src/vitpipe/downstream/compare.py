@@ -21,6 +21,7 @@ from vitpipe.downstream.features import EncoderSource
 from vitpipe.pipeline.manifest import manifest_hash, shard_hashes
 from vitpipe.pipeline.shardset import resolve_shards
 from vitpipe.ssl import registry
+from vitpipe.ssl.rundir import read_run_info
 from vitpipe.ssl.runs import run_dir_of
 
 SUITE = ("probe", "knn", "finetune")
@@ -75,18 +76,13 @@ def check_data(runs: list[Path], test: str) -> list[str]:
         if shared:
             raise ConfigError(f"{run}: the test shards overlap its pretraining data ({len(shared)} shard(s)); "
                               "test on a split the run never saw")
-        info = _run_info(run)
+        info = read_run_info(run_dir_of(run))
         manifests[str(run)] = info.get("data_manifest_sha256") or config.data.shards
     warnings = []
     if len(set(manifests.values())) > 1:
         warnings.append("warning: the runs were pretrained on different data (manifests "
                         + ", ".join(f"{Path(r).name} {str(m)[:12]}" for r, m in manifests.items()) + ")")
     return warnings
-
-
-def _run_info(run: Path) -> dict[str, Any]:
-    path = run_dir_of(run) / "run.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def probe_layers(source: EncoderSource, setting: str) -> list[int] | None:
@@ -96,10 +92,6 @@ def probe_layers(source: EncoderSource, setting: str) -> list[int] | None:
     if setting == "all" or spec.probe_layers == "all":
         return list(range(source.depth()))
     return None
-
-
-def _result_path(source: EncoderSource, name: str) -> Path:
-    return run_dir_of(source.run) / "eval" / f"{name}{source.baseline_suffix}.json"
 
 
 def _reusable(path: Path, source: EncoderSource, train: str, test: str, check) -> dict[str, Any] | None:
@@ -122,28 +114,32 @@ def _reusable(path: Path, source: EncoderSource, train: str, test: str, check) -
 def run_eval(task: str, source: EncoderSource, train: str, test: str, settings: CompareSettings) -> dict[str, Any]:
     """One eval of the suite for one encoder source: reused when finished, else run."""
     from vitpipe.downstream import evaluate
-    from vitpipe.downstream.finetune import finetune
+    from vitpipe.downstream.evaluate import result_path
+    from vitpipe.downstream.features import PIXELS, layer_names
+    from vitpipe.downstream.finetune import finetune, result_name
     from vitpipe.downstream.probe import ProbeSettings
 
     if task == "probe":
         layers = probe_layers(source, settings.layers)
-        wanted = {f"block{i}" for i in layers} if layers else None
+        # exactly these layers: a sweep's best block must not stand in for the output, nor the reverse
+        wanted = {PIXELS} if source.kind == "pixels" else set(layer_names(layers))
 
         def check(r):
-            return r["settings"]["epochs"] == settings.probe_epochs and (wanted is None or wanted <= set(r["per_layer"]))
+            return r["settings"]["epochs"] == settings.probe_epochs and {n for n in r["per_layer"] if "+" not in n} == wanted
 
-        found = _reusable(_result_path(source, "linear-probe"), source, train, test, check)
+        found = _reusable(result_path(source, "linear-probe"), source, train, test, check)
         if found is None:
             found = _written(evaluate.eval_linear_probe(source, train, test, layers, None,
                                                         ProbeSettings(epochs=settings.probe_epochs), settings.workers))
     elif task == "knn":
-        found = _reusable(_result_path(source, "knn"), source, train, test, lambda r: True)
+        # the default k-NN only: not one on another block (--layer) or an approximate index
+        found = _reusable(result_path(source, "knn"), source, train, test,
+                          lambda r: r.get("layer") in ("last", PIXELS) and r.get("index", {}).get("kind") == "flat")
         if found is None:
             found = _written(evaluate.eval_knn(source, train, test, workers=settings.workers))
     else:
         overrides = [f"data.subset_fraction={settings.label_fraction}", *settings.finetune_overrides]
-        name = "finetune" if settings.label_fraction == 1 else f"finetune-labels{settings.label_fraction:g}"
-        found = _reusable(_result_path(source, name), source, train, test,
+        found = _reusable(result_path(source, result_name(settings.label_fraction)), source, train, test,
                           lambda r: r.get("overrides") == overrides)
         if found is None:
             found = _written(finetune(source, train, test, overrides))

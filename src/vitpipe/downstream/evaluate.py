@@ -38,9 +38,13 @@ def _data_id(spec: str) -> dict[str, Any]:
             "samples": shards.total}
 
 
+def result_path(source: EncoderSource, name: str) -> Path:
+    """RUN/eval/<name>[.random|.pixels].json"""
+    return run_dir_of(source.run) / "eval" / f"{name}{source.baseline_suffix}.json"
+
+
 def write_result(source: EncoderSource, name: str, payload: dict[str, Any], data: dict[str, str],
                  seconds: float) -> Path:
-    run_dir = run_dir_of(source.run)
     result = {
         "task": name, "baseline": {"trained": None, "random": "random-init", "pixels": "raw-pixels"}[source.kind],
         **payload,
@@ -52,7 +56,7 @@ def write_result(source: EncoderSource, name: str, payload: dict[str, Any], data
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         },
     }
-    path = run_dir / "eval" / f"{name}{source.baseline_suffix}.json"
+    path = result_path(source, name)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(result, indent=2) + "\n")

@@ -117,6 +117,11 @@ def evaluate_classifier(model: Classifier, config: PretrainConfig, test: str, wo
     return {"top1": correct / total, "test_samples": total, "samples": {"test": tally.as_dict()}}
 
 
+def result_name(label_fraction: float) -> str:
+    """One result file per label fraction: finetune.json, finetune-labels0.1.json, ..."""
+    return "finetune" if label_fraction == 1.0 else f"finetune-labels{label_fraction:g}"
+
+
 def finetune(source: EncoderSource, train: str, test: str, overrides: list[str] | None = None,
              probe_init: bool = False, max_skipped: float = 0.01) -> tuple[Path, dict[str, Any]]:
     """Train (resumable, under RUN/finetune/<tag>/), then evaluate top-1 on ``test``. ``overrides``
@@ -142,6 +147,6 @@ def finetune(source: EncoderSource, train: str, test: str, overrides: list[str] 
     payload = {**scores, "label_fraction": fraction, "steps": summary.steps,
                "train_seconds": round(summary.seconds, 1), "run": str(out), "overrides": list(overrides or []),
                "finetune_config": to_dict(config), "probe_init": probe}
-    name = "finetune" if fraction == 1.0 else f"finetune-labels{fraction:g}"  # one file per label fraction
+    name = result_name(fraction)
     path = write_result(source, name, payload, {"train": train, "test": test}, time.monotonic() - start)
     return path, payload
