@@ -40,7 +40,7 @@ def test_compare_two_objectives_with_baselines_costs_and_page(two_runs, tmp_path
         assert set(row["evals"]) == {"probe", "knn", "finetune"}
         assert set(row["evals"]["finetune"]) == {"trained", "random", "delta_vs_random"}  # no pixel fine-tune
         for task, scores in row["evals"].items():
-            assert 0 <= scores["trained"]["top1"] <= 1
+            assert 0 <= scores["trained"]["top1"] <= 1 and scores["trained"]["test_samples"] == 26  # every val image
             assert scores["delta_vs_random"] == pytest.approx(scores["trained"]["top1"] - scores["random"]["top1"])
         cost = row["cost"]
         assert cost["steps"] == 3 and cost["samples_seen"] == 24 and cost["wall_seconds"] > 0

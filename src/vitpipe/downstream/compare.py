@@ -152,7 +152,8 @@ def _written(outcome: tuple[Path, dict[str, Any]]) -> dict[str, Any]:
 
 
 def _summary(task: str, result: dict[str, Any]) -> dict[str, Any]:
-    summary = {"top1": result["top1"], "seconds": result.get("seconds")}
+    summary = {"top1": result["top1"], "seconds": result.get("seconds"), "test_samples": result.get("test_samples"),
+               "train_samples": result.get("train_samples")}
     if task == "probe":
         summary["layer"] = result.get("layer")
         summary["per_layer"] = {name: r["top1"] for name, r in result.get("per_layer", {}).items() if "+" not in name}

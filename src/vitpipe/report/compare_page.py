@@ -127,7 +127,8 @@ img {{ max-width: 100%; height: auto; border: 1px solid #eee; margin: 0.3em 0; }
 @media (max-width: 600px) {{ body {{ margin: 0.5em auto; }} th, td {{ font-size: 0.8em; padding: 0.2em 0.35em; }} }}
 </style></head><body>
 <h1>vitpipe compare: {len(result['runs'])} runs</h1>
-<p>Train {esc(result['train'])}, test {esc(result['test'])}; created {esc(result['created'])}. Linear probe:
+<p>Train {esc(result['train'])}, test {esc(result['test'])} (top-1 on
+{next(iter(result['runs'][0]['evals'].values()))['trained']['test_samples']} test samples); created {esc(result['created'])}. Linear probe:
 {settings['probe_epochs']} epochs, layers {esc(settings['layers'])}; fine-tune on {settings['label_fraction']:g} of
 the labels. Each pretrained number is shown with its difference to the random init of the same
 architecture; a red cell lost to random init or to raw pixels.</p>
