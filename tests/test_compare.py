@@ -49,6 +49,9 @@ def test_compare_two_objectives_with_baselines_costs_and_page(two_runs, tmp_path
     assert set(rows["igpt"]["evals"]["probe"]["trained"]["per_layer"]) == {"block0", "block1", "block2"}
     assert rows["mae"]["evals"]["probe"]["trained"]["per_layer"] == {"last": rows["mae"]["evals"]["probe"]["trained"]["top1"]}
     assert rows["mae"]["encoder"]["parameters"] > 0 and rows["mae"]["encoder"]["depth"] == 2
+    probe = rows["mae"]["evals"]["probe"]["trained"]  # held-out train accuracy: what picks a best encoder
+    assert 0 <= probe["val_top1"] <= 1 and probe["val_top1"] == json.loads(
+        (root / "mae" / "eval" / "linear-probe.json").read_text())["val_top1"]
     assert (root / "mae" / "eval" / "finetune-labels0.1.json").is_file()
     page = (tmp_path / "cmp" / "index.html").read_text()
     assert "layers.png" in page and "probe.png" in page and "http" not in page
@@ -103,4 +106,25 @@ def test_compare_does_not_reuse_an_eval_made_with_other_layers(two_runs, tmp_pat
                  "--suite", "probe,knn", *FAST]) == 0
     row = json.loads((tmp_path / "c" / "compare.json").read_text())["runs"][0]
     assert set(row["evals"]["probe"]["trained"]["per_layer"]) == {"last"}
+    # a sweep with its concatenation is another measurement again; the summary names the winner
+    assert main(["compare", str(root / "mae"), "--train", train, "--test", test, "--out", str(tmp_path / "c2"),
+                 "--suite", "probe", "--layers", "all", "--concat", *FAST]) == 0
+    probe = json.loads((tmp_path / "c2" / "compare.json").read_text())["runs"][0]["evals"]["probe"]["trained"]
+    assert set(probe["per_layer"]) == {"block0", "block1"}
+    assert "block0+block1" in json.loads((root / "mae" / "eval" / "linear-probe.json").read_text())["per_layer"]
     assert json.loads((root / "mae" / "eval" / "knn.json").read_text())["layer"] == "last"
+
+
+def test_compare_reruns_a_finetune_made_without_probe_init(two_runs, tmp_path):
+    """--finetune-probe-init is part of what a fine-tune measured: a finished plain fine-tune is not
+    reused for it, nor the reverse."""
+    root = two_runs
+    args = ["compare", str(root / "mae"), "--train", str(root / "shards" / "train"), "--test", str(root / "shards" / "val"),
+            "--suite", "finetune", *FAST]
+    result_file = root / "mae" / "eval" / "finetune-labels0.1.json"
+    assert main([*args, "--out", str(tmp_path / "plain")]) == 0
+    assert json.loads(result_file.read_text())["probe_init"] is None
+    assert main([*args, "--out", str(tmp_path / "lpft"), "--finetune-probe-init"]) == 0
+    assert json.loads(result_file.read_text())["probe_init"]["val_top1"] >= 0  # the head came from a probe
+    assert main([*args, "--out", str(tmp_path / "plain2")]) == 0
+    assert json.loads(result_file.read_text())["probe_init"] is None

@@ -40,6 +40,11 @@ class CompareSettings:
     finetune_overrides: tuple[str, ...] = ()
     """key=value settings of every fine-tune (e.g. train.max_steps=300)."""
     probe_epochs: int = 30
+    concat: bool = False
+    """Where several layers are probed, one more candidate: all of them side by side (DINO's probe)."""
+    finetune_probe_init: bool = False
+    """Start every fine-tune's head from a linear probe on its labels (LP-FT; the random init's
+    probe is fitted on the random encoder's features)."""
     workers: int = 2
     """DataLoader workers for feature extraction."""
 
@@ -124,13 +129,17 @@ def run_eval(task: str, source: EncoderSource, train: str, test: str, settings: 
         # exactly these layers: a sweep's best block must not stand in for the output, nor the reverse
         wanted = {PIXELS} if source.kind == "pixels" else set(layer_names(layers))
 
+        concat = settings.concat and len(wanted) > 1
+
         def check(r):
-            return r["settings"]["epochs"] == settings.probe_epochs and {n for n in r["per_layer"] if "+" not in n} == wanted
+            return (r["settings"]["epochs"] == settings.probe_epochs and {n for n in r["per_layer"] if "+" not in n} == wanted
+                    and any("+" in n for n in r["per_layer"]) == concat)
 
         found = _reusable(result_path(source, "linear-probe"), source, train, test, check)
         if found is None:
             found = _written(evaluate.eval_linear_probe(source, train, test, layers, None,
-                                                        ProbeSettings(epochs=settings.probe_epochs), settings.workers))
+                                                        ProbeSettings(epochs=settings.probe_epochs), settings.workers,
+                                                        concat))
     elif task == "knn":
         # the default k-NN only: not one on another block (--layer) or an approximate index
         found = _reusable(result_path(source, "knn"), source, train, test,
@@ -140,9 +149,9 @@ def run_eval(task: str, source: EncoderSource, train: str, test: str, settings: 
     else:
         overrides = [f"data.subset_fraction={settings.label_fraction}", *settings.finetune_overrides]
         found = _reusable(result_path(source, result_name(settings.label_fraction)), source, train, test,
-                          lambda r: r.get("overrides") == overrides)
+                          lambda r: r.get("overrides") == overrides and bool(r.get("probe_init")) == settings.finetune_probe_init)
         if found is None:
-            found = _written(finetune(source, train, test, overrides))
+            found = _written(finetune(source, train, test, overrides, settings.finetune_probe_init))
     return _summary(task, found)
 
 
@@ -156,6 +165,7 @@ def _summary(task: str, result: dict[str, Any]) -> dict[str, Any]:
                "train_samples": result.get("train_samples")}
     if task == "probe":
         summary["layer"] = result.get("layer")
+        summary["val_top1"] = result.get("val_top1")  # held out of train: picks a best encoder without the test split
         summary["per_layer"] = {name: r["top1"] for name, r in result.get("per_layer", {}).items() if "+" not in name}
     if task == "finetune":
         summary["label_fraction"] = result.get("label_fraction")
