@@ -29,6 +29,7 @@ from pathlib import Path
 
 from clip_quality import fashion_folders
 from vitpipe.downstream.cost import pretraining_cost
+from vitpipe.downstream.features import layer_label
 from quality import step  # the same printed, timed `vitpipe` step
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
@@ -69,7 +70,7 @@ def table(result: dict) -> str:
         e, cost = row["evals"], row["cost"]
         name = row["objective"] + (" (captions from class names: separate row)" if row["objective"] == "clip" else "")
         get = lambda task, kind: f"{e[task][kind]['top1']:.3f}" if task in e and kind in e[task] else "-"  # noqa: E731
-        layer = e.get("probe", {}).get("trained", {}).get("layer", "")
+        layer = layer_label(e.get("probe", {}).get("trained", {}).get("layer", ""))
         lines.append(f"| {name} | {cost['steps']} x {cost['samples_seen'] // max(1, cost['steps'])} | "
                      f"{cost['wall_seconds'] / 60:.1f} | "
                      f"{get('probe', 'trained')} ({layer}) | {get('knn', 'trained')} | {get('finetune', 'trained')} | "

@@ -128,3 +128,11 @@ def test_compare_reruns_a_finetune_made_without_probe_init(two_runs, tmp_path):
     assert json.loads(result_file.read_text())["probe_init"]["val_top1"] >= 0  # the head came from a probe
     assert main([*args, "--out", str(tmp_path / "plain2")]) == 0
     assert json.loads(result_file.read_text())["probe_init"] is None
+
+
+def test_layer_label_names_a_concatenation_for_people():
+    from vitpipe.downstream.features import layer_label
+
+    assert layer_label("+".join(f"block{i}" for i in range(12))) == "blocks 0-11 concatenated"
+    assert layer_label("block3+block5+block7") == "blocks 3, 5, 7 concatenated"
+    assert layer_label("block9") == "block9" and layer_label("last") == "last"

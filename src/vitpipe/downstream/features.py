@@ -102,6 +102,16 @@ def layer_names(layers: list[int] | None) -> list[str]:
     return ["last"] if not layers else [f"block{layer}" for layer in layers]
 
 
+def layer_label(name: str) -> str:
+    """A probe candidate for people: "block0+block1+...+block11" reads "blocks 0-11 concatenated"."""
+    if "+" not in name:
+        return name
+    blocks = [int(part.removeprefix("block")) for part in name.split("+")]
+    if blocks == list(range(blocks[0], blocks[0] + len(blocks))):
+        return f"blocks {blocks[0]}-{blocks[-1]} concatenated"
+    return f"blocks {', '.join(map(str, blocks))} concatenated"
+
+
 def cache_key(source: EncoderSource, shards: ShardSet, name: str, pool: str, image_size: int) -> str:
     """One cache file per layer, so probing blocks 3,7,11 together serves a later k-NN on block 7."""
     payload = json.dumps({"encoder": source.identity(), "shards": shards.identity(), "layer": name, "pool": pool, "image_size": image_size,

@@ -12,6 +12,8 @@ import matplotlib
 matplotlib.use("Agg")  # files only; never needs a display
 import matplotlib.pyplot as plt  # noqa: E402
 
+from vitpipe.downstream.features import layer_label  # noqa: E402
+
 TITLES = {"probe": "Linear probe top-1", "knn": "k-NN top-1 (k=20)", "finetune": "Fine-tune top-1"}
 COLOURS = {"trained": "#3b6fb6", "random": "#b8b8b8", "pixels": "#e0a040"}
 LABELS = {"trained": "pretrained", "random": "random init", "pixels": "raw pixels"}
@@ -96,7 +98,7 @@ def _table(result: dict[str, Any]) -> str:
             scores = row["evals"][task]
             delta = scores["delta_vs_random"]
             worse = ' class="worse"' if delta < 0 or ("pixels" in scores and scores["trained"]["top1"] < scores["pixels"]["top1"]) else ""
-            layer = f" @{scores['trained']['layer']}" if task == "probe" and scores["trained"].get("layer") not in (None, "last") else ""
+            layer = f" @{layer_label(scores['trained']['layer'])}" if task == "probe" and scores["trained"].get("layer") not in (None, "last") else ""
             others = " / ".join(f"{scores[k]['top1']:.3f}" for k in ("random", "pixels") if k in scores)
             cells.append(f"<td{worse}><b>{scores['trained']['top1']:.3f}</b>{esc(layer)} ({delta:+.3f}) / {others}</td>")
         report = f"<a href=\"{esc(row['report'])}\">report</a>" if row.get("report") else "<small>vitpipe report RUN</small>"
