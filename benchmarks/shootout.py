@@ -11,7 +11,8 @@
    calibration run measures the objective's images/s on this machine, and the run gets
    max_steps = minutes x images/s / batch (its schedule then ends on time).
 3. `vitpipe compare` on every run: linear probe (--layers: every block and their concatenation by
-   default, picked on held-out train images), k-NN, each beside random init and raw pixels.
+   default, picked on held-out train images), k-NN on the single block the probe picked, each
+   beside random init and raw pixels.
 4. `vitpipe compare` on the best encoder (highest probe accuracy on the held-out train images,
    never the test split): fine-tune on --label-fraction of the labels for --finetune-steps,
    beside the same fine-tune from scratch, both with the head started from a linear probe and
@@ -64,16 +65,17 @@ def pretrain(objective: str, data: Path, out: Path, minutes: float) -> dict:
 
 
 def table(result: dict) -> str:
-    lines = ["| objective | steps x batch | minutes | probe (layer) | k-NN | fine-tune | random init probe / k-NN / "
+    lines = ["| objective | steps x batch | minutes | probe (layer) | k-NN (layer) | fine-tune | random init probe / k-NN / "
              "fine-tune | pixels probe / k-NN |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for row in result["runs"]:
         e, cost = row["evals"], row["cost"]
         name = row["objective"] + (" (captions from class names: separate row)" if row["objective"] == "clip" else "")
         get = lambda task, kind: f"{e[task][kind]['top1']:.3f}" if task in e and kind in e[task] else "-"  # noqa: E731
         layer = layer_label(e.get("probe", {}).get("trained", {}).get("layer", ""))
+        knn_layer = e.get("knn", {}).get("trained", {}).get("layer", "")
         lines.append(f"| {name} | {cost['steps']} x {cost['samples_seen'] // max(1, cost['steps'])} | "
                      f"{cost['wall_seconds'] / 60:.1f} | "
-                     f"{get('probe', 'trained')} ({layer}) | {get('knn', 'trained')} | {get('finetune', 'trained')} | "
+                     f"{get('probe', 'trained')} ({layer}) | {get('knn', 'trained')} ({knn_layer}) | {get('finetune', 'trained')} | "
                      f"{get('probe', 'random')} / {get('knn', 'random')} / {get('finetune', 'random')} | "
                      f"{get('probe', 'pixels')} / {get('knn', 'pixels')} |")
     return "\n".join(lines)
@@ -115,8 +117,9 @@ def main() -> None:
     if args.eval_train_shards:
         chosen = [str(p) for p in sorted(train.glob("*.tar"))[:args.eval_train_shards]]
         train = chosen[0] if len(chosen) == 1 else "{" + ",".join(chosen) + "}"  # braces need two items
-    common = ["--train", str(train), "--test", str(fm / "test"), "--layers", args.layers, "--concat"]
-    step(["compare", *[str(out / o) for o in objectives], *common, "--out", str(out / "compare"), "--suite", args.suite])
+    common = ["--train", str(train), "--test", str(fm / "test")]
+    step(["compare", *[str(out / o) for o in objectives], *common, "--out", str(out / "compare"), "--suite", args.suite,
+          "--layers", args.layers, "--concat", *(["--knn-layer", "probe"] if "probe" in args.suite else [])])
     result = json.loads((out / "compare" / "compare.json").read_text())
     if not args.no_finetune:
         # CLIP's captions carry the labels: its row stands apart and is never "the best encoder"

@@ -113,6 +113,14 @@ def test_compare_does_not_reuse_an_eval_made_with_other_layers(two_runs, tmp_pat
     assert set(probe["per_layer"]) == {"block0", "block1"}
     assert "block0+block1" in json.loads((root / "mae" / "eval" / "linear-probe.json").read_text())["per_layer"]
     assert json.loads((root / "mae" / "eval" / "knn.json").read_text())["layer"] == "last"
+    # --knn-layer probe: the k-NN runs on the single block the probe's held-out labels picked
+    assert main(["compare", str(root / "mae"), "--train", train, "--test", test, "--out", str(tmp_path / "c3"),
+                 "--suite", "knn,probe", "--layers", "all", "--concat", "--knn-layer", "probe", *FAST]) == 0
+    per_layer = json.loads((root / "mae" / "eval" / "linear-probe.json").read_text())["per_layer"]
+    picked = max(("block0", "block1"), key=lambda name: per_layer[name]["val_top1"])
+    knn = json.loads((tmp_path / "c3" / "compare.json").read_text())["runs"][0]["evals"]["knn"]
+    assert knn["trained"]["layer"] == picked and knn["pixels"]["layer"] == "pixels"
+    assert json.loads((root / "mae" / "eval" / "knn.json").read_text())["layer"] == picked
 
 
 def test_compare_reruns_a_finetune_made_without_probe_init(two_runs, tmp_path):

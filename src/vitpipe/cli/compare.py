@@ -23,6 +23,7 @@ def compare(
     finetune_set: Annotated[Optional[list[str]], typer.Option("--finetune-set", help="key=value setting of every fine-tune (repeatable), e.g. train.max_steps=300.")] = None,
     probe_epochs: Annotated[int, typer.Option(help="Linear-probe epochs.")] = 30,
     concat: Annotated[bool, typer.Option("--concat", help="Where several layers are probed, also probe them concatenated.")] = False,
+    knn_layer: Annotated[str, typer.Option("--knn-layer", help="k-NN features: last | probe (the single block the probe picked on held-out labels).")] = "last",
     finetune_probe_init: Annotated[bool, typer.Option("--finetune-probe-init", help="Start each fine-tune's head from a linear probe on its labels (LP-FT).")] = False,
     workers: Annotated[int, typer.Option("--workers", help="DataLoader workers for feature extraction.")] = 2,
 ) -> None:
@@ -33,7 +34,7 @@ def compare(
 
     settings = CompareSettings(tuple(s.strip() for s in suite.split(",") if s.strip()), layers, label_fraction,
                                tuple(finetune_set or ()), probe_epochs,
-                               concat, finetune_probe_init, workers)
+                               concat, knn_layer, finetune_probe_init, workers)
     result = run_compare(runs, train, test, out, settings, log=lambda line: typer.echo(line, err=True))
     for row in result["runs"]:
         scores = ", ".join(f"{task} {e['trained']['top1']:.3f} ({e['delta_vs_random']:+.3f} vs random)"

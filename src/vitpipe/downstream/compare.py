@@ -42,6 +42,9 @@ class CompareSettings:
     probe_epochs: int = 30
     concat: bool = False
     """Where several layers are probed, one more candidate: all of them side by side (DINO's probe)."""
+    knn_layer: str = "last"
+    """k-NN features: last (the output) | probe (the single block the probe's held-out labels picked;
+    needs probe in the suite, before knn)."""
     finetune_probe_init: bool = False
     """Start every fine-tune's head from a linear probe on its labels (LP-FT; the random init's
     probe is fitted on the random encoder's features)."""
@@ -54,6 +57,10 @@ class CompareSettings:
             raise ConfigError(f"--suite takes {','.join(SUITE)}; got {','.join(self.suite) or 'nothing'}")
         if self.layers not in ("auto", "all", "last"):
             raise ConfigError("--layers must be auto, all or last")
+        if self.knn_layer not in ("last", "probe"):
+            raise ConfigError("--knn-layer must be last or probe")
+        if self.knn_layer == "probe" and "probe" not in self.suite:
+            raise ConfigError("--knn-layer probe needs probe in --suite")
         if not 0 < self.label_fraction <= 1:
             raise ConfigError("--label-fraction must be in (0, 1]")
 
@@ -141,11 +148,13 @@ def run_eval(task: str, source: EncoderSource, train: str, test: str, settings: 
                                                         ProbeSettings(epochs=settings.probe_epochs), settings.workers,
                                                         concat))
     elif task == "knn":
-        # the default k-NN only: not one on another block (--layer) or an approximate index
+        block = _probe_picked_block(source) if settings.knn_layer == "probe" else None
+        wanted = (PIXELS,) if source.kind == "pixels" else ("last",) if block is None else (f"block{block}",)
+        # exactly this k-NN: not one on another block or an approximate index
         found = _reusable(result_path(source, "knn"), source, train, test,
-                          lambda r: r.get("layer") in ("last", PIXELS) and r.get("index", {}).get("kind") == "flat")
+                          lambda r: r.get("layer") in wanted and r.get("index", {}).get("kind") == "flat")
         if found is None:
-            found = _written(evaluate.eval_knn(source, train, test, workers=settings.workers))
+            found = _written(evaluate.eval_knn(source, train, test, workers=settings.workers, layer=block))
     else:
         overrides = [f"data.subset_fraction={settings.label_fraction}", *settings.finetune_overrides]
         found = _reusable(result_path(source, result_name(settings.label_fraction)), source, train, test,
@@ -153,6 +162,18 @@ def run_eval(task: str, source: EncoderSource, train: str, test: str, settings: 
         if found is None:
             found = _written(finetune(source, train, test, overrides, settings.finetune_probe_init))
     return _summary(task, found)
+
+
+def _probe_picked_block(source: EncoderSource) -> int | None:
+    """The single block with the best held-out probe accuracy in the source's finished probe (None:
+    the output, or pixels)."""
+    from vitpipe.downstream.evaluate import result_path
+
+    if source.kind == "pixels":
+        return None
+    per_layer = json.loads(result_path(source, "linear-probe").read_text())["per_layer"]
+    best = max((name for name in per_layer if "+" not in name), key=lambda name: per_layer[name]["val_top1"])
+    return None if best == "last" else int(best.removeprefix("block")) % source.depth()
 
 
 def _written(outcome: tuple[Path, dict[str, Any]]) -> dict[str, Any]:
@@ -163,8 +184,9 @@ def _written(outcome: tuple[Path, dict[str, Any]]) -> dict[str, Any]:
 def _summary(task: str, result: dict[str, Any]) -> dict[str, Any]:
     summary = {"top1": result["top1"], "seconds": result.get("seconds"), "test_samples": result.get("test_samples"),
                "train_samples": result.get("train_samples")}
-    if task == "probe":
+    if task in ("probe", "knn"):
         summary["layer"] = result.get("layer")
+    if task == "probe":
         summary["val_top1"] = result.get("val_top1")  # held out of train: picks a best encoder without the test split
         summary["per_layer"] = {name: r["top1"] for name, r in result.get("per_layer", {}).items() if "+" not in name}
     if task == "finetune":
@@ -213,7 +235,7 @@ def compare(runs: list[Path], train: str, test: str, out: Path, settings: Compar
                "encoder": _encoder_facts(trained), "cost": pretraining_cost(run), "evals": {}}
         report = run_dir_of(run) / "report" / "index.html"
         row["report"] = os.path.relpath(report, out) if report.is_file() else None
-        for task in settings.suite:
+        for task in (task for task in SUITE if task in settings.suite):  # the probe first: --knn-layer probe reads it
             row["evals"][task] = {}
             for kind in BASELINES:
                 if task == "finetune" and kind == "pixels":

@@ -98,7 +98,7 @@ def _table(result: dict[str, Any]) -> str:
             scores = row["evals"][task]
             delta = scores["delta_vs_random"]
             worse = ' class="worse"' if delta < 0 or ("pixels" in scores and scores["trained"]["top1"] < scores["pixels"]["top1"]) else ""
-            layer = f" @{layer_label(scores['trained']['layer'])}" if task == "probe" and scores["trained"].get("layer") not in (None, "last") else ""
+            layer = f" @{layer_label(scores['trained']['layer'])}" if scores["trained"].get("layer") not in (None, "last") else ""
             others = " / ".join(f"{scores[k]['top1']:.3f}" for k in ("random", "pixels") if k in scores)
             cells.append(f"<td{worse}><b>{scores['trained']['top1']:.3f}</b>{esc(layer)} ({delta:+.3f}) / {others}</td>")
         report = f"<a href=\"{esc(row['report'])}\">report</a>" if row.get("report") else "<small>vitpipe report RUN</small>"
