@@ -29,7 +29,7 @@ import json
 from pathlib import Path
 
 from clip_quality import fashion_folders
-from vitpipe.downstream.cost import pretraining_cost
+from vitpipe.downstream.cost import checkpoint_state
 from vitpipe.downstream.features import layer_label
 from quality import step  # the same printed, timed `vitpipe` step
 
@@ -56,12 +56,12 @@ def pretrain(objective: str, data: Path, out: Path, minutes: float) -> dict:
     rate = images_per_second(calibration)
     steps = max(1, int(minutes * 60 * rate / batch))
     run = out / objective
-    if (run / "encoder.safetensors").exists() and pretraining_cost(run)["steps"] == steps:
-        return None  # finished earlier: its record is in pretraining.json
-    seconds = step(["pretrain", objective, "--config", str(config), "--data", str(data), "--out", str(run),
-                    "--resume", "auto", f"train.max_steps={steps}"])
+    if checkpoint_state(run).get("step") != steps:  # not finished earlier
+        step(["pretrain", objective, "--config", str(config), "--data", str(data), "--out", str(run),
+              "--resume", "auto", f"train.max_steps={steps}"])
+    # the trainer's own wall-clock (the same figure compare reports), not this process's
     return {"objective": objective, "calibrated_img_per_s": rate, "steps": steps, "batch": batch,
-            "seconds": round(seconds)}
+            "seconds": round(checkpoint_state(run)["wall_seconds"])}
 
 
 def table(result: dict) -> str:
@@ -107,12 +107,11 @@ def main() -> None:
         for split in ("train", "test"):
             step(["ingest", str(out / "folders" / split), "--out", str(out / "captions" / split), "--shard-size",
                   "10000", "image_size=32", "resize_mode=border"])
-    record = out / "pretraining.json"
-    runs = {r["objective"]: r for r in json.loads(record.read_text())} if record.exists() else {}
+    runs = []
     for objective in objectives:
         data = out / "captions" / "train" if objective == "clip" else fm / "train"
-        runs[objective] = pretrain(objective, data, out, args.minutes) or runs[objective]
-        record.write_text(json.dumps(list(runs.values()), indent=2) + "\n")
+        runs.append(pretrain(objective, data, out, args.minutes))
+    (out / "pretraining.json").write_text(json.dumps(runs, indent=2) + "\n")
     train = fm / "train"
     if args.eval_train_shards:
         chosen = [str(p) for p in sorted(train.glob("*.tar"))[:args.eval_train_shards]]

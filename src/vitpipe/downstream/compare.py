@@ -173,7 +173,7 @@ def _probe_picked_block(source: EncoderSource) -> int | None:
         return None
     per_layer = json.loads(result_path(source, "linear-probe").read_text())["per_layer"]
     best = max((name for name in per_layer if "+" not in name), key=lambda name: per_layer[name]["val_top1"])
-    return None if best == "last" else int(best.removeprefix("block")) % source.depth()
+    return None if best == "last" else int(best.removeprefix("block"))
 
 
 def _written(outcome: tuple[Path, dict[str, Any]]) -> dict[str, Any]:

@@ -19,12 +19,16 @@ from vitpipe.ssl.runs import build_run_objective, run_dir_of
 COUNT_BATCH = 8
 
 
+def checkpoint_state(run: Path) -> dict[str, Any]:
+    """state.json of the run's latest verified checkpoint (step, samples_seen, wall_seconds, ...); {} if none."""
+    checkpoint = latest_verified(run_dir_of(run), log_stderr, set_aside=False)
+    return json.loads((checkpoint / "state.json").read_text()) if checkpoint else {}
+
+
 def pretraining_cost(run: Path) -> dict[str, Any]:
-    run_dir = run_dir_of(run)
-    checkpoint = latest_verified(run_dir, log_stderr, set_aside=False)
-    state = json.loads((checkpoint / "state.json").read_text()) if checkpoint else {}
+    state = checkpoint_state(run)
     samples = state.get("samples_seen")
-    per_sample = flops_per_sample(run_dir)
+    per_sample = flops_per_sample(run_dir_of(run))
     return {"steps": state.get("step"), "samples_seen": samples, "wall_seconds": state.get("wall_seconds"),
             "world_size": state.get("world_size"), "flops_per_sample": per_sample,
             "flops": per_sample * samples if per_sample and samples else None}

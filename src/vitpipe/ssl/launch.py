@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 from pathlib import Path
@@ -52,6 +53,17 @@ def _drop_inherited_locks() -> None:
     _HELD_LOCKS.clear()
 
 
+@functools.cache
+def _register_fork_hook() -> None:
+    """Once, on first use (not at import)."""
+    os.register_at_fork(after_in_child=_drop_inherited_locks)
+
+
+def _hold(handle) -> None:
+    _register_fork_hook()
+    _HELD_LOCKS.append(handle)
+
+
 class RunLock:
     """One writer per run directory: a second job on the same run gets a clear error."""
 
@@ -79,10 +91,7 @@ class RunLock:
                 pass
             handle.close()
         self.handle = handle
-        if not _HELD_LOCKS and not getattr(RunLock, "_fork_hook", False):
-            os.register_at_fork(after_in_child=_drop_inherited_locks)
-            RunLock._fork_hook = True
-        _HELD_LOCKS.append(handle)
+        _hold(handle)
         self.handle.seek(0)
         self.handle.truncate()
         self.handle.write(f"pid {os.getpid()} on {os.uname().nodename}"
