@@ -144,3 +144,36 @@ def test_layer_label_names_a_concatenation_for_people():
     assert layer_label("+".join(f"block{i}" for i in range(12))) == "blocks 0-11 concatenated"
     assert layer_label("block3+block5+block7") == "blocks 3, 5, 7 concatenated"
     assert layer_label("block9") == "block9" and layer_label("last") == "last"
+
+
+def test_compare_measures_one_random_init_once(two_runs, tmp_path, monkeypatch):
+    """Runs whose random encoders have the same weights, shape and eval transform (here the MAE
+    recipe pretrained twice) share one random-init probe and k-NN, and the second row says whose
+    it is; another patch size or another objective's encoder gets its own."""
+    import vitpipe.downstream.evaluate as evaluate
+
+    root = two_runs
+    train, test = str(root / "shards" / "train"), str(root / "shards" / "val")
+    for name, extra in (("mae_again", []), ("mae_patch8", ["model.patch_size=8"])):
+        assert main(["pretrain", "mae", "--data", train, "--out", str(tmp_path / name), *RUN_ARGS,
+                     "train.max_steps=1", *extra]) == 0
+    ran = []
+    for name in ("eval_linear_probe", "eval_knn"):
+        def recording(source, *args, _real=getattr(evaluate, name), _name=name, **kwargs):
+            ran.append((_name, source.kind, source.run.name))
+            return _real(source, *args, **kwargs)
+        monkeypatch.setattr(evaluate, name, recording)
+    runs = [root / "mae", tmp_path / "mae_again", tmp_path / "mae_patch8", root / "igpt"]
+    assert main(["compare", *map(str, runs), "--train", train, "--test", test, "--out", str(tmp_path / "c"),
+                 "--suite", "probe,knn", *FAST]) == 0
+    rows = {row["name"]: row for row in json.loads((tmp_path / "c" / "compare.json").read_text())["runs"]}
+    for task in ("probe", "knn"):
+        first, again = rows["mae"]["evals"][task]["random"], rows["mae_again"]["evals"][task]["random"]
+        assert again == {**first, "same_as": "mae"} and "same_as" not in first
+        assert "same_as" not in rows["mae_patch8"]["evals"][task]["random"]
+        assert "same_as" not in rows["igpt"]["evals"][task]["random"]
+        assert rows["mae_again"]["evals"][task]["trained"].get("same_as") is None  # trained encoders never shared
+    assert not [call for call in ran if call[1:] == ("random", "mae_again")]
+    assert ("eval_linear_probe", "random", "mae_patch8") in ran
+    assert not (tmp_path / "mae_again" / "eval" / "linear-probe.random.json").exists()
+    assert "the same weights as mae" in (tmp_path / "c" / "index.html").read_text()

@@ -40,7 +40,6 @@ def compare(
         scores = ", ".join(f"{task} {e['trained']['top1']:.3f} ({e['delta_vs_random']:+.3f} vs random)"
                            for task, e in row["evals"].items())
         typer.echo(f"{row['objective']:6s} {row['name']}: {scores}")
-    first = next(iter(result["runs"][0]["evals"].values()))["trained"]
-    typer.echo(f"top-1 on {first['test_samples']} samples of {test} (trained on {first.get('train_samples') or 'the labelled subset of'} "
+    typer.echo(f"top-1 on {result['test_samples']} samples of {test} (trained on {result['train_samples'] or 'the labelled subset of'} "
                f"samples of {train})")
     typer.echo(f"wrote {out / 'compare.json'} and {out / 'index.html'}")

@@ -8,18 +8,22 @@ features are cached by `extract`, so rerunning a comparison costs nothing.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, astuple, dataclass
 from pathlib import Path
 from typing import Any
 
-from vitpipe.config import ConfigError
+import torch
+
+from vitpipe.config import ConfigError, to_dict
 from vitpipe.downstream.features import EncoderSource
 from vitpipe.pipeline.manifest import manifest_hash, shard_hashes
 from vitpipe.pipeline.shardset import resolve_shards
+from vitpipe.pipeline.transforms import TransformSpec
 from vitpipe.ssl import registry
 from vitpipe.ssl.rundir import read_run_info
 from vitpipe.ssl.runs import run_dir_of
@@ -211,6 +215,45 @@ def _numel(shape) -> int:
     return total
 
 
+class BaselineMemo:
+    """Baselines that do not depend on the run are measured once per comparison: raw pixels under
+    the same eval transform, and a random init whose weights (built, seeded), architecture and eval
+    transform are the same (MAE's and CLIP's ViT-Ti of one seed: ~7 CPU-minutes of probe each).
+    A fine-tune is never shared: its recipe comes from the run's own config."""
+
+    def __init__(self) -> None:
+        self.found: dict[tuple, dict[str, Any]] = {}
+        self.random_weights: dict[Path, str] = {}
+
+    def key(self, task: str, source: EncoderSource) -> tuple | None:
+        transform = astuple(TransformSpec.for_eval(source.config.data))
+        if source.kind == "pixels":
+            return task, "pixels", transform
+        if source.kind == "random" and task != "finetune":
+            if source.run not in self.random_weights:
+                self.random_weights[source.run] = _weights_digest(source.build())
+            model = json.dumps(to_dict(source.config)["model"], sort_keys=True)
+            return task, "random", self.random_weights[source.run], model, transform
+        return None
+
+    def get(self, task: str, source: EncoderSource) -> dict[str, Any] | None:
+        key = self.key(task, source)
+        return None if key is None else self.found.get(key)
+
+    def put(self, task: str, source: EncoderSource, summary: dict[str, Any], run_name: str) -> None:
+        key = self.key(task, source)
+        if key is not None:
+            self.found[key] = {**summary, "same_as": run_name}
+
+
+def _weights_digest(module) -> str:
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 def compare(runs: list[Path], train: str, test: str, out: Path, settings: CompareSettings = CompareSettings(),
             log=print) -> dict[str, Any]:
     """Run (or read back) the suite for every run and baseline; write OUT/compare.json and index.html."""
@@ -227,7 +270,7 @@ def compare(runs: list[Path], train: str, test: str, out: Path, settings: Compar
     warnings = check_data(runs, test)
     for line in warnings:
         print(line, file=sys.stderr)
-    pixels_memo: dict[tuple, dict[str, Any]] = {}
+    shared = BaselineMemo()
     rows = []
     for run in runs:
         trained = EncoderSource.resolve(run, "trained")
@@ -240,20 +283,21 @@ def compare(runs: list[Path], train: str, test: str, out: Path, settings: Compar
             for kind in BASELINES:
                 if task == "finetune" and kind == "pixels":
                     continue
-                log(f"compare: {row['name']}: {task} ({kind})")
                 source = trained if kind == "trained" else EncoderSource.resolve(run, kind)
-                data = source.config.data
-                memo_key = (task, data.image_size, data.channels, tuple(data.mean), tuple(data.std))
-                if kind == "pixels" and memo_key in pixels_memo:  # raw pixels do not depend on the run
-                    row["evals"][task][kind] = pixels_memo[memo_key]
-                    continue
-                row["evals"][task][kind] = run_eval(task, source, train, test, settings)
-                if kind == "pixels":
-                    pixels_memo[memo_key] = row["evals"][task][kind]
+                found = shared.get(task, source)
+                if found is not None:
+                    log(f"compare: {row['name']}: {task} ({kind}): the same {kind} features as {found['same_as']}'s")
+                else:
+                    log(f"compare: {row['name']}: {task} ({kind})")
+                    found = run_eval(task, source, train, test, settings)
+                    shared.put(task, source, found, row["name"])
+                row["evals"][task][kind] = found
             scores = row["evals"][task]
             scores["delta_vs_random"] = scores["trained"]["top1"] - scores["random"]["top1"]
         rows.append(row)
+    first = next(iter(rows[0]["evals"].values()))["trained"]
     result = {"created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "train": train, "test": test,
+              "test_samples": first["test_samples"], "train_samples": first.get("train_samples"),
               "settings": asdict(settings), "warnings": warnings, "runs": rows}
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / "compare.json.tmp"

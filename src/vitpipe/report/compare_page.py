@@ -100,7 +100,9 @@ def _table(result: dict[str, Any]) -> str:
             worse = ' class="worse"' if delta < 0 or ("pixels" in scores and scores["trained"]["top1"] < scores["pixels"]["top1"]) else ""
             layer = f" @{layer_label(scores['trained']['layer'])}" if scores["trained"].get("layer") not in (None, "last") else ""
             others = " / ".join(f"{scores[k]['top1']:.3f}" for k in ("random", "pixels") if k in scores)
-            cells.append(f"<td{worse}><b>{scores['trained']['top1']:.3f}</b>{esc(layer)} ({delta:+.3f}) / {others}</td>")
+            shared = scores["random"].get("same_as")  # one random encoder measured once for identical runs
+            note = f"<br><small>random init: the same weights as {esc(shared)}'s</small>" if shared else ""
+            cells.append(f"<td{worse}><b>{scores['trained']['top1']:.3f}</b>{esc(layer)} ({delta:+.3f}) / {others}{note}</td>")
         report = f"<a href=\"{esc(row['report'])}\">report</a>" if row.get("report") else "<small>vitpipe report RUN</small>"
         cells.append(f"<td>{report}</td>")
         body.append("<tr>" + "".join(cells) + "</tr>")
@@ -130,7 +132,7 @@ img {{ max-width: 100%; height: auto; border: 1px solid #eee; margin: 0.3em 0; }
 </style></head><body>
 <h1>vitpipe compare: {len(result['runs'])} runs</h1>
 <p>Train {esc(result['train'])}, test {esc(result['test'])} (top-1 on
-{next(iter(result['runs'][0]['evals'].values()))['trained']['test_samples']} test samples); created {esc(result['created'])}. Linear probe:
+{result['test_samples']} test samples); created {esc(result['created'])}. Linear probe:
 {settings['probe_epochs']} epochs, layers {esc(settings['layers'])}; fine-tune on {settings['label_fraction']:g} of
 the labels. Each pretrained number is shown with its difference to the random init of the same
 architecture; a red cell lost to random init or to raw pixels.</p>
