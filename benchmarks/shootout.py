@@ -29,8 +29,11 @@ import json
 from pathlib import Path
 
 from clip_quality import fashion_folders
+from vitpipe.config import to_dict
+from vitpipe.config.io import merge, read_yaml
 from vitpipe.downstream.cost import checkpoint_state
 from vitpipe.downstream.features import layer_label
+from vitpipe.ssl import registry
 from quality import step  # the same printed, timed `vitpipe` step
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
@@ -56,12 +59,23 @@ def pretrain(objective: str, data: Path, out: Path, minutes: float) -> dict:
     rate = images_per_second(calibration)
     steps = max(1, int(minutes * 60 * rate / batch))
     run = out / objective
+    stale = recipe_mismatch(run, config, steps) if (run / "config.yaml").is_file() else []
+    if stale:  # a run of an older recipe must not stand in for this one
+        raise SystemExit(f"{run} was pretrained with other settings ({', '.join(stale)}): move it away or use another --out")
     if checkpoint_state(run).get("step") != steps:  # not finished earlier
         step(["pretrain", objective, "--config", str(config), "--data", str(data), "--out", str(run),
               "--resume", "auto", f"train.max_steps={steps}"])
     # the trainer's own wall-clock (the same figure compare reports), not this process's
     return {"objective": objective, "calibrated_img_per_s": rate, "steps": steps, "batch": batch,
             "seconds": round(checkpoint_state(run)["wall_seconds"])}
+
+
+def recipe_mismatch(run: Path, recipe: Path, steps: int) -> list[str]:
+    """The recipe's settings (and the step budget) that the run's saved config does not have."""
+    have = to_dict(registry.run_config(run / "config.yaml"))
+    want = merge(read_yaml(recipe), {"train": {"max_steps": steps}})
+    return [f"{section}.{key}" for section, values in want.items() for key, value in values.items()
+            if have.get(section, {}).get(key) != value]
 
 
 def table(result: dict) -> str:
