@@ -53,15 +53,15 @@ def pretrain(objective: str, data: Path, out: Path, minutes: float) -> dict:
     batch = int(next(line.split(":")[1] for line in config.read_text().splitlines()
                      if line.strip().startswith("batch_size:")))
     calibration = out / f"calibrate_{objective}"
+    calibrating = {"max_steps": 30, "log_every": 1, "tensorboard": False}
+    refuse_other_recipe(calibration, config, calibrating)  # an older recipe's speed would set the wrong budget
     if not (calibration / "encoder.safetensors").exists():
         step(["pretrain", objective, "--config", str(config), "--data", str(data), "--out", str(calibration),
-              "--resume", "auto", "train.max_steps=30", "train.log_every=1", "train.tensorboard=false"])
+              "--resume", "auto", *[f"train.{key}={str(value).lower()}" for key, value in calibrating.items()]])
     rate = images_per_second(calibration)
     steps = max(1, int(minutes * 60 * rate / batch))
     run = out / objective
-    stale = recipe_mismatch(run, config, steps) if (run / "config.yaml").is_file() else []
-    if stale:  # a run of an older recipe must not stand in for this one
-        raise SystemExit(f"{run} was pretrained with other settings ({', '.join(stale)}): move it away or use another --out")
+    refuse_other_recipe(run, config, {"max_steps": steps})  # nor may an older recipe's run stand in for this one
     if checkpoint_state(run).get("step") != steps:  # not finished earlier
         step(["pretrain", objective, "--config", str(config), "--data", str(data), "--out", str(run),
               "--resume", "auto", f"train.max_steps={steps}"])
@@ -70,12 +70,16 @@ def pretrain(objective: str, data: Path, out: Path, minutes: float) -> dict:
             "seconds": round(checkpoint_state(run)["wall_seconds"])}
 
 
-def recipe_mismatch(run: Path, recipe: Path, steps: int) -> list[str]:
-    """The recipe's settings (and the step budget) that the run's saved config does not have."""
+def refuse_other_recipe(run: Path, recipe: Path, train: dict) -> None:
+    """Exit when ``run`` exists with settings other than the recipe's and ``train``'s."""
+    if not (run / "config.yaml").is_file():
+        return
     have = to_dict(registry.run_config(run / "config.yaml"))
-    want = merge(read_yaml(recipe), {"train": {"max_steps": steps}})
-    return [f"{section}.{key}" for section, values in want.items() for key, value in values.items()
-            if have.get(section, {}).get(key) != value]
+    want = merge(read_yaml(recipe), {"train": train})
+    stale = [f"{section}.{key}" for section, values in want.items() for key, value in values.items()
+             if have.get(section, {}).get(key) != value]
+    if stale:
+        raise SystemExit(f"{run} was pretrained with other settings ({', '.join(stale)}): move it away or use another --out")
 
 
 def table(result: dict) -> str:
