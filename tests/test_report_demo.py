@@ -47,10 +47,15 @@ def test_report_page_loads_every_image(tmp_path, tiny_shards):
             "train.tensorboard=false", "train.log_every=1"]
     assert main(["pretrain", "mae", "--data", str(tiny_shards), "--out", str(run), *args]) == 0
     assert main(["eval", "retrieval", str(run), "--index", str(tiny_shards), "--workers", "0"]) == 0
+    # a probe over blocks with their concatenation (what the demo runs): the curve draws the single blocks
+    assert main(["eval", "linear-probe", str(run), "--train", str(tiny_shards), "--test", str(tiny_shards),
+                 "--workers", "0", "--epochs", "2", "--layers", "0,1", "--concat"]) == 0
     assert main(["report", str(run)]) == 0
     page = run / "report" / "index.html"
     text = page.read_text()
-    for section in ("MAE reconstructions", "CLS attention", "Position embeddings", "Attention distance", "Retrieval"):
+    assert "layer_probe.png" in text and "the blocks side by side" in text
+    for section in ("MAE reconstructions", "CLS attention", "Position embeddings", "Attention distance", "Retrieval",
+                    "Linear probe by layer"):
         assert section in text
     assert "http://" not in text and "https://" not in text  # no network assets
     assert "Resolved config" in text and "rows / written" in text and "pretrained vs baselines" in text
@@ -78,7 +83,8 @@ def test_report_marks_a_pretrained_encoder_worse_than_its_baseline(tmp_path):
 def test_demo_end_to_end(tmp_path):
     out = tmp_path / "demo"
     code = main(["demo", "--out", str(out), "--train-images", "600", "--test-images", "200",
-                 "train.max_steps=20", "train.batch_size=32", "model.size=micro", "data.num_workers=0"])
+                 "train.max_steps=20", "train.batch_size=32", "model.size=micro", "model.depth=3",
+                 "data.num_workers=0"])  # 3 blocks: the demo probes blocks 1-2 and their concatenation
     assert code == 0
     headline = json.loads((out / "demo.json").read_text())
     assert 0 <= headline["linear_probe_top1"] <= 1 and 0 <= headline["knn_top1_random_init"] <= 1
@@ -86,6 +92,7 @@ def test_demo_end_to_end(tmp_path):
     assert manifest["written"] == 600 and manifest["source"]["kind"] == "url_list"
     sample_labels = manifest["splits"]["train"]["shards"][0]["labels"]
     assert sum(sample_labels.values()) == 600  # labels came through the URL list
+    assert "the blocks side by side" in (out / "mae" / "report" / "index.html").read_text()
     check_in_browser(out / "mae" / "report" / "index.html", tmp_path / "demo.png")
     artifacts = Path(__file__).parent.parent / "test-artifacts"
     artifacts.mkdir(exist_ok=True)

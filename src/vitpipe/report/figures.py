@@ -171,13 +171,15 @@ def confusion_matrix(counts: list[list[int]], names: list[str], out: Path) -> Pa
     return _save(fig, out)
 
 
-def layer_probe_curve(per_layer: dict[str, dict], out: Path) -> Path:
-    """Linear-probe test top-1 (and the val top-1 it was picked on) against the block probed."""
-    blocks = sorted((int(name.removeprefix("block")), result) for name, result in per_layer.items()
-                    if name.startswith("block"))
+def layer_probe_curve(per_block: dict[str, dict], out: Path, concatenated: dict | None = None) -> Path:
+    """Linear-probe test top-1 (and the val top-1 it was picked on) against the block probed
+    ("block3"); ``concatenated``: the probe on all of them side by side, a dashed line."""
+    blocks = sorted((int(name.removeprefix("block")), result) for name, result in per_block.items())
     fig, axis = plt.subplots(figsize=(5, 3.2))
     axis.plot([b for b, _ in blocks], [r["top1"] for _, r in blocks], marker="o", label="test top-1")
     axis.plot([b for b, _ in blocks], [r["val_top1"] for _, r in blocks], marker=".", alpha=0.6, label="val top-1")
+    if concatenated:
+        axis.axhline(concatenated["top1"], linestyle="--", color="grey", label="blocks concatenated, test top-1")
     axis.set(xlabel="block (0-based)", ylabel="top-1", title="linear probe by layer")
     axis.grid(alpha=0.3)
     axis.legend(fontsize=7)

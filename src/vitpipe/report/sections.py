@@ -138,12 +138,15 @@ def _layer_probe(ctx: FigureContext) -> Section | None:
 
     path = ctx.run_dir / "eval" / "linear-probe.json"
     per_layer = json.loads(path.read_text()).get("per_layer", {}) if path.is_file() else {}
-    if sum(name.startswith("block") for name in per_layer) < 2:
+    blocks = {name: result for name, result in per_layer.items() if name.startswith("block") and "+" not in name}
+    if len(blocks) < 2:
         return None
-    png = figures.layer_probe_curve(per_layer, ctx.out_dir / "layer_probe.png")
-    best = max((name for name in per_layer if name.startswith("block")), key=lambda name: per_layer[name]["val_top1"])
+    joined = next((result for name, result in per_layer.items() if "+" in name), None)  # --concat's candidate
+    png = figures.layer_probe_curve(blocks, ctx.out_dir / "layer_probe.png", joined)
+    best = max(blocks, key=lambda name: blocks[name]["val_top1"])
+    side_by_side = f"; the blocks side by side (`--concat`): {joined['top1']:.3f}, the dashed line" if joined else ""
     return ("Linear probe by layer", f"`vitpipe eval linear-probe --layers ...`: test top-1 of the probe on each "
-            f"block's average-pooled features (best on val: {best}).", png)
+            f"block's average-pooled features (best single block on val: {best}{side_by_side}).", png)
 
 
 ENCODER_FIGURES: list[FigureFn] = [_cls_attention, _positions, _attention_distance, _layer_probe]
