@@ -180,6 +180,7 @@ def layer_probe_curve(per_block: dict[str, dict], out: Path, concatenated: dict 
     axis.plot([b for b, _ in blocks], [r["val_top1"] for _, r in blocks], marker=".", alpha=0.6, label="val top-1")
     if concatenated:
         axis.axhline(concatenated["top1"], linestyle="--", color="grey", label="blocks concatenated, test top-1")
+    axis.set_xticks([b for b, _ in blocks])  # blocks are whole numbers
     axis.set(xlabel="block (0-based)", ylabel="top-1", title="linear probe by layer")
     axis.grid(alpha=0.3)
     axis.legend(fontsize=7)
