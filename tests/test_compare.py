@@ -68,6 +68,12 @@ def test_compare_two_objectives_with_baselines_costs_and_page(two_runs, tmp_path
     assert main([*args[:-len(FAST) - 2], "--out", str(tmp_path / "again"), *FAST]) == 0
     again = json.loads((tmp_path / "again" / "compare.json").read_text())
     assert [r["evals"] for r in again["runs"]] == [r["evals"] for r in result["runs"]]
+    # the same shards and runs named by relative paths are the same data: still nothing reruns
+    monkeypatch.chdir(root)
+    assert main(["compare", "mae", "igpt", "--train", "shards/train", "--test", "shards/val",
+                 "--out", str(tmp_path / "relative"), *FAST]) == 0
+    relative = json.loads((tmp_path / "relative" / "compare.json").read_text())
+    assert [r["evals"] for r in relative["runs"]] == [r["evals"] for r in result["runs"]]
 
     if CHROMIUM:
         check_in_browser(tmp_path / "cmp" / "index.html", tmp_path / "compare.png")

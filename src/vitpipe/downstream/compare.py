@@ -21,7 +21,7 @@ import torch
 
 from vitpipe.config import ConfigError, to_dict
 from vitpipe.downstream.features import EncoderSource
-from vitpipe.pipeline.manifest import manifest_hash, shard_hashes
+from vitpipe.pipeline.manifest import shard_hashes
 from vitpipe.pipeline.shardset import resolve_shards
 from vitpipe.pipeline.transforms import TransformSpec
 from vitpipe.ssl import registry
@@ -116,11 +116,14 @@ def _reusable(path: Path, source: EncoderSource, train: str, test: str, check) -
     if not path.is_file():
         return None
     result = json.loads(path.read_text())
+    from vitpipe.downstream.evaluate import data_id
+
     data = result.get("provenance", {}).get("data", {})
     for name, spec in (("train", train), ("test", test)):
-        shards = resolve_shards(spec)
-        current = manifest_hash(shards.directory) if shards.directory else None
-        if data.get(name, {}).get("shards") != spec or data.get(name, {}).get("manifest_sha256") != current:
+        was, now = data.get(name, {}), data_id(spec)
+        # the same shards however they were named (results from before "paths": the same spec string)
+        same_shards = was["paths"] == now["paths"] if "paths" in was else was.get("shards") == spec
+        if not same_shards or was.get("manifest_sha256") != now["manifest_sha256"]:
             return None
     if source.weights is not None and path.stat().st_mtime < source.weights.stat().st_mtime:
         return None

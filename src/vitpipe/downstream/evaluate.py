@@ -32,9 +32,12 @@ def source_for(run: Path, init: str, pixels: bool) -> EncoderSource:
     return EncoderSource.resolve(run, "pixels" if pixels else init)
 
 
-def _data_id(spec: str) -> dict[str, Any]:
+def data_id(spec: str) -> dict[str, Any]:
+    """What an eval was run on: the spec as given, the shards it named (local ones as absolute
+    paths, so "fm/train" and "/data/fm/train" are one data set) and the manifest's sha256."""
     shards = resolve_shards(spec)
-    return {"shards": spec, "manifest_sha256": manifest_hash(shards.directory) if shards.directory else None,
+    return {"shards": spec, "paths": [url if "://" in url else str(Path(url).resolve()) for url in shards.urls],
+            "manifest_sha256": manifest_hash(shards.directory) if shards.directory else None,
             "samples": shards.total}
 
 
@@ -51,7 +54,7 @@ def write_result(source: EncoderSource, name: str, payload: dict[str, Any], data
         "seconds": round(seconds, 2),
         "provenance": {
             "encoder": str(source.weights) if source.weights else source.kind,
-            "config": to_dict(source.config), "data": {k: _data_id(v) for k, v in data.items()},
+            "config": to_dict(source.config), "data": {k: data_id(v) for k, v in data.items()},
             "git_revision": git_revision(), "vitpipe_version": __version__,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         },

@@ -29,7 +29,7 @@ def bar_chart(result: dict[str, Any], task: str, out: Path) -> Path:
         positions = [i + (offset - (len(kinds) - 1) / 2) * width for i in range(len(runs))]
         bars = ax.bar(positions, values, width, color=COLOURS[kind], label=LABELS[kind])
         ax.bar_label(bars, fmt="%.3f", fontsize=7, padding=1)
-    ax.set_xticks(range(len(runs)), [f"{r['objective']}\n{r['name']}" for r in runs], fontsize=8)
+    ax.set_xticks(range(len(runs)), [_run_label(r, "\n") for r in runs], fontsize=8)
     ax.set_ylim(0, 1.22)  # headroom for the legend above the bars
     ax.set_yticks([0, 0.2, 0.4, 0.6, 0.8, 1.0])
     ax.set_ylabel("top-1")
@@ -40,6 +40,11 @@ def bar_chart(result: dict[str, Any], task: str, out: Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def _run_label(row: dict[str, Any], separator: str) -> str:
+    """The objective, and the run's name where it says more ("mae", not "mae mae")."""
+    return row["objective"] if row["name"] == row["objective"] else f"{row['objective']}{separator}{row['name']}"
 
 
 def layer_curves(result: dict[str, Any], out: Path) -> Path | None:
@@ -57,7 +62,7 @@ def layer_curves(result: dict[str, Any], out: Path) -> Path | None:
     for row, blocks in curves:
         depth = row["encoder"]["depth"]
         ax.plot([(b + 1) / depth for b, _ in blocks], [t for _, t in blocks], marker="o", markersize=3,
-                label=f"{row['objective']} {row['name']}")
+                label=_run_label(row, " "))
     ax.set_xlabel("block / depth (1 = output)")
     ax.set_ylabel("probe top-1")
     ax.set_title("Linear probe per layer")
