@@ -50,8 +50,7 @@ def images_per_second(run: Path) -> float:
 
 def pretrain(objective: str, data: Path, out: Path, minutes: float) -> dict:
     config = CONFIGS / f"{objective}_fashion_mnist_cpu.yaml"
-    batch = int(next(line.split(":")[1] for line in config.read_text().splitlines()
-                     if line.strip().startswith("batch_size:")))
+    batch = int(read_yaml(config)["train"]["batch_size"])
     calibration = out / f"calibrate_{objective}"
     calibrating = {"max_steps": 30, "log_every": 1, "tensorboard": False}
     refuse_other_recipe(calibration, config, calibrating)  # an older recipe's speed would set the wrong budget
@@ -62,12 +61,14 @@ def pretrain(objective: str, data: Path, out: Path, minutes: float) -> dict:
     steps = max(1, int(minutes * 60 * rate / batch))
     run = out / objective
     refuse_other_recipe(run, config, {"max_steps": steps})  # nor may an older recipe's run stand in for this one
-    if checkpoint_state(run).get("step") != steps:  # not finished earlier
+    state = checkpoint_state(run)
+    if state.get("step") != steps:  # not finished earlier
         step(["pretrain", objective, "--config", str(config), "--data", str(data), "--out", str(run),
               "--resume", "auto", f"train.max_steps={steps}"])
+        state = checkpoint_state(run)
     # the trainer's own wall-clock (the same figure compare reports), not this process's
     return {"objective": objective, "calibrated_img_per_s": rate, "steps": steps, "batch": batch,
-            "seconds": round(checkpoint_state(run)["wall_seconds"])}
+            "seconds": round(state["wall_seconds"])}
 
 
 def refuse_other_recipe(run: Path, recipe: Path, train: dict) -> None:

@@ -14,6 +14,7 @@ import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -110,6 +111,13 @@ def layer_label(name: str) -> str:
     if blocks == list(range(blocks[0], blocks[0] + len(blocks))):
         return f"blocks {blocks[0]}-{blocks[-1]} concatenated"
     return f"blocks {', '.join(map(str, blocks))} concatenated"
+
+
+def single_blocks(per_layer: dict[str, Any]) -> dict[int, Any]:
+    """Per-layer entries of single blocks by index ("block3" -> 3), in block order; the output
+    ("last"), pixels and concatenations ("block0+block1") left out."""
+    return dict(sorted((int(name.removeprefix("block")), value) for name, value in per_layer.items()
+                       if name.startswith("block") and "+" not in name))
 
 
 def cache_key(source: EncoderSource, shards: ShardSet, name: str, pool: str, image_size: int) -> str:

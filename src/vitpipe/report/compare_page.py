@@ -12,7 +12,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only; never needs a display
 import matplotlib.pyplot as plt  # noqa: E402
 
-from vitpipe.downstream.features import layer_label  # noqa: E402
+from vitpipe.downstream.features import layer_label, single_blocks  # noqa: E402
 
 TITLES = {"probe": "Linear probe top-1", "knn": "k-NN top-1 (k=20)", "finetune": "Fine-tune top-1"}
 COLOURS = {"trained": "#3b6fb6", "random": "#b8b8b8", "pixels": "#e0a040"}
@@ -52,8 +52,7 @@ def layer_curves(result: dict[str, Any], out: Path) -> Path | None:
     curves = []
     for row in result["runs"]:
         per_layer = row["evals"].get("probe", {}).get("trained", {}).get("per_layer", {})
-        blocks = sorted((int(name.removeprefix("block")), top1) for name, top1 in per_layer.items()
-                        if name.startswith("block"))
+        blocks = list(single_blocks(per_layer).items())
         if len(blocks) > 1:
             curves.append((row, blocks))
     if not curves:

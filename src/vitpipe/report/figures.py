@@ -171,10 +171,10 @@ def confusion_matrix(counts: list[list[int]], names: list[str], out: Path) -> Pa
     return _save(fig, out)
 
 
-def layer_probe_curve(per_block: dict[str, dict], out: Path, concatenated: dict | None = None) -> Path:
+def layer_probe_curve(per_block: dict[int, dict], out: Path, concatenated: dict | None = None) -> Path:
     """Linear-probe test top-1 (and the val top-1 it was picked on) against the block probed
-    ("block3"); ``concatenated``: the probe on all of them side by side, a dashed line."""
-    blocks = sorted((int(name.removeprefix("block")), result) for name, result in per_block.items())
+    (``features.single_blocks``); ``concatenated``: the probe on all of them side by side, a dashed line."""
+    blocks = list(per_block.items())
     fig, axis = plt.subplots(figsize=(5, 3.2))
     axis.plot([b for b, _ in blocks], [r["top1"] for _, r in blocks], marker="o", label="test top-1")
     axis.plot([b for b, _ in blocks], [r["val_top1"] for _, r in blocks], marker=".", alpha=0.6, label="val top-1")

@@ -11,6 +11,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from vitpipe.downstream.features import single_blocks
 from vitpipe.report import figures
 from vitpipe.ssl.vit import VisionTransformer
 
@@ -138,12 +139,12 @@ def _layer_probe(ctx: FigureContext) -> Section | None:
 
     path = ctx.run_dir / "eval" / "linear-probe.json"
     per_layer = json.loads(path.read_text()).get("per_layer", {}) if path.is_file() else {}
-    blocks = {name: result for name, result in per_layer.items() if name.startswith("block") and "+" not in name}
+    blocks = single_blocks(per_layer)
     if len(blocks) < 2:
         return None
     joined = next((result for name, result in per_layer.items() if "+" in name), None)  # --concat's candidate
     png = figures.layer_probe_curve(blocks, ctx.out_dir / "layer_probe.png", joined)
-    best = max(blocks, key=lambda name: blocks[name]["val_top1"])
+    best = f"block{max(blocks, key=lambda block: blocks[block]['val_top1'])}"
     side_by_side = f"; the blocks side by side (`--concat`): {joined['top1']:.3f}, the dashed line" if joined else ""
     return ("Linear probe by layer", f"`vitpipe eval linear-probe --layers ...`: test top-1 of the probe on each "
             f"block's average-pooled features (best single block on val: {best}{side_by_side}).", png)
