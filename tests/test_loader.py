@@ -111,14 +111,22 @@ def test_truncated_tar_is_counted_not_fatal(tmp_path):
     assert len(tally.shard_errors) == 1 and tally.missing == 12 - tally.read
 
 
-def test_labels_required_when_asked(tmp_path):
+def test_unlabelled_samples_are_counted_and_left_out_and_no_label_at_all_is_told_first(tmp_path):
+    from vitpipe.pipeline.census import require
+
     directory = tmp_path / "nolabel"
     directory.mkdir()
-    write_tar_atomic(directory / "00000.tar", [{"__key__": "a", "png": encode_image(make_image(1))}])
-    spec = LoaderSpec(resolve_shards(directory), 1, TransformSpec("eval", 8), train=False, fields=("image", "label"))
+    write_tar_atomic(directory / "00000.tar", [{"__key__": "a", "png": encode_image(make_image(1))},
+                                               {"__key__": "b", "png": encode_image(make_image(2)), "cls": b"-1"},
+                                               {"__key__": "c", "png": encode_image(make_image(3)), "cls": b"1"}])
+    spec = LoaderSpec(resolve_shards(directory), 4, TransformSpec("eval", 8), train=False, fields=("image", "label"))
     _, loader = make_loader(spec, 0)
-    with pytest.raises(ConfigError, match="no label"):
-        list(loader)
+    batches = list(loader)
+    assert [b["label"].tolist() for b in batches] == [[1]] and batches[0]["skipped"] == {"unlabelled": 2}
+    require(resolve_shards(directory), "x", ("label",), "an eval")  # one label is enough to serve
+    write_tar_atomic(directory / "00000.tar", [{"__key__": "a", "png": encode_image(make_image(1))}])
+    with pytest.raises(ConfigError, match="1 of 1 samples have no label"):
+        require(resolve_shards(directory), "x", ("label",), "an eval")
 
 
 def test_resolve_shards_forms(tmp_path):

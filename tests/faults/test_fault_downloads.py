@@ -137,7 +137,7 @@ def test_ingest_classifies_hostile_rows_within_its_timeout(tmp_path, hostile):
 def test_ingest_refuses_loopback_by_default(tmp_path, hostile):
     urls = tmp_path / "urls.txt"
     urls.write_text(f"http://127.0.0.1:{hostile}/ok.png\n")
-    assert main(["ingest", str(urls), "--out", str(tmp_path / "out")]) == 0
+    assert main(["ingest", str(urls), "--out", str(tmp_path / "out")]) == 1  # nothing written is a failure
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert manifest["written"] == 0 and manifest["failures"] == {"blocked_address": 1}
 

@@ -111,6 +111,10 @@ def main(argv: list[str] | None = None) -> int:
         else:
             error_line(runtime_failure_line(err))
             code = 1
+    finally:
+        from vitpipe.pipeline.workers import kill_leftover_workers
+
+        kill_leftover_workers()
     if argv is None:
         sys.exit(code)
     return code

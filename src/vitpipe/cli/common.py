@@ -25,7 +25,7 @@ def runtime_failure_line(err: BaseException) -> str:
         where = f" writing {err.filename}" if getattr(err, "filename", None) else ""
         return f"disk full{where}; free space and rerun (finished work is kept)"
     text = (str(err).strip().splitlines() or [""])[0]
-    known = ("TrainingError", "DataError", "CheckpointError")  # their messages are written for users
+    known = ("TrainingError", "DataError", "CheckpointError", "WorkerError", "IngestFailed")  # their messages are written for users
     prefix = "" if type(err).__name__ in known else f"{type(err).__name__}: "
     return f"{prefix}{text} (traceback: rerun with --debug or {DEBUG_ENV}=1)"
 

@@ -42,13 +42,14 @@ def ingest(
                                                              show_default=False)] = None,
 ) -> None:
     """Turn a source into verified WebDataset shards + sizes.json + manifest.json."""
-    from vitpipe.pipeline.ingest import ingest as run_ingest
+    from vitpipe.pipeline.ingest import check_outcome, ingest as run_ingest
 
     options = dict(image_size=image_size, url_col=url_col, caption_col=caption_col, shard_size=shard_size,
                    val_fraction=val_fraction, processes=processes, threads=threads, split=split)
     cfg = load_config(IngestConfig, config, overrides, {k: v for k, v in options.items() if v is not None})
     manifest = run_ingest(source, out, cfg, overwrite=overwrite)
     _print_ingest_summary(manifest, out)
+    check_outcome(manifest, cfg)
 
 
 def _print_ingest_summary(manifest: dict, out: Path) -> None:
@@ -68,6 +69,9 @@ def _print_ingest_summary(manifest: dict, out: Path) -> None:
     for reason, count in manifest["filtered"].items():
         table.add_row(f"filtered: {reason}", str(count))
     table.add_row("duplicates removed", str(manifest["duplicates"]))
+    for name, count in manifest.get("fields", {}).items():
+        if count:
+            table.add_row(f"written {name.replace('_', ' ')}", str(count))
     for name, split in manifest["splits"].items():
         size = sum(s["bytes"] for s in split["shards"])
         table.add_row(f"split {name}", f"{split['written']} in {len(split['shards'])} shards, {size / 1e6:.1f} MB")

@@ -124,6 +124,7 @@ def eval_retrieval(
     if processes.world > 1 and (query is not None or text is not None):
         raise ConfigError("--query and --text answer on one process: build the index under torchrun, then query without it")
     source = source_for(run, init, pixels)
+    pairs = _image_text_pairs(source, index, text)
     settings = IndexSettings(kind=index_type, nlist=nlist, nprobe=nprobe, hnsw_m=hnsw_m, pq_m=pq_m)
     index_dir = run_dir_of(run) / "eval" / f"retrieval{source.baseline_suffix}"
     built = json.loads((index_dir / "ids.json").read_text()) if (index_dir / "ids.json").is_file() else {}
@@ -141,18 +142,39 @@ def eval_retrieval(
             typer.echo(f"{rank}\t{key}\t{similarity:.4f}")
         grid = hit_grid(query, hits, index, index_dir / f"query_{Path(query).stem}.png")
         typer.echo(f"wrote {grid}")
-    _text_retrieval(source, index, text, top_k, workers, max_skipped)
+    if pairs:
+        _text_retrieval(source, index, text, top_k, workers, max_skipped)
+
+
+def _image_text_pairs(source, index: str, text: str | None) -> bool:
+    """Whether to measure image-text retrieval on ``index`` (an image-text run, every sample
+    captioned); told before any work, with --text refused when it cannot be answered."""
+    from vitpipe.pipeline.census import require, take_census
+    from vitpipe.pipeline.shardset import resolve_shards
+    from vitpipe.ssl import registry
+
+    if text is not None and not text.strip():
+        raise ConfigError("--text is empty; give the words to search for")
+    if source.kind == "pixels" or "text" not in registry.get(source.config.objective).towers:
+        if text is not None:
+            raise ConfigError(f"--text needs an image-text run (clip); this run is {source.config.objective}")
+        return False
+    shards = resolve_shards(index)
+    if text is not None:
+        require(shards, index, ("text",), "--text (image-text retrieval)", every=True)
+        return True
+    census = take_census(shards)
+    if census is not None and census.text < census.samples:
+        typer.echo(f"note: {census.samples - census.text} of {census.samples} samples of {index} have no caption: "
+                   "image-text recall skipped", err=True)
+        return False
+    return True
 
 
 def _text_retrieval(source, index: str, text: str | None, top_k: int, workers: int, max_skipped: float) -> None:
     from vitpipe.downstream.evaluate import hit_grid
     from vitpipe.downstream.imagetext import eval_text_retrieval, query_text
-    from vitpipe.ssl import registry
 
-    if source.kind == "pixels" or "text" not in registry.get(source.config.objective).towers:
-        if text is not None:
-            raise ConfigError(f"--text needs an image-text run (clip); this run is {source.config.objective}")
-        return
     path, result = eval_text_retrieval(source, index, workers, max_skipped)
     rows = [(f"{direction} recall@{k}", f"{v:.4f}") for direction in ("image_to_text", "text_to_image")
             for k, v in result[direction].items()]

@@ -92,6 +92,10 @@ class IngestConfig:
     background: str = "white"
     """Colour transparent pixels are composited on (any PIL colour: white, black, gray, #808080).
     URL lists are decoded by img2dataset, which composites on white: other colours are refused there."""
+    max_failed_fraction: float = 1.0
+    """Exit 1 (after writing the manifest) when more than this fraction of rows failed, so a
+    scheduled pipeline stops before pretraining; an ingest that wrote nothing always exits 1.
+    Not part of the shards' identity: changing it never asks for --overwrite."""
 
     def __post_init__(self) -> None:
         check(self.image_size >= 0, "ingest.image_size must be >= 0")
@@ -106,6 +110,7 @@ class IngestConfig:
         check(self.retries >= 0, "ingest.retries must be >= 0")
         check(self.max_pixels > 0 and self.max_download_bytes > 0, "ingest size bounds must be > 0")
         check(0.0 <= self.val_fraction < 1.0, "ingest.val_fraction must be in [0, 1)")
+        check(0.0 <= self.max_failed_fraction <= 1.0, "ingest.max_failed_fraction must be in [0, 1]")
         check(self.max_aspect == 0 or self.max_aspect >= 1, "ingest.max_aspect must be 0 (off) or >= 1")
         from PIL import ImageColor
 
@@ -281,8 +286,8 @@ class TrainConfig:
     deterministic: bool = False
     """Use deterministic algorithms (for bitwise-reproducible resume tests)."""
     health_every: int = 50
-    """Every N steps (at a logged step), log the encoder's feature std and effective rank on the
-    current batch; 0 disables it."""
+    """At step 1 and every N steps (at a logged step; step 1 is always logged), log the encoder's
+    feature std and effective rank on the current batch; 0 disables it."""
     collapse_min_std: float = 1e-3
     """A `collapse` warning when the mean per-dimension std of pooled features falls below this ..."""
     collapse_min_rank: float = 1.5

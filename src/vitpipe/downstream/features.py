@@ -23,6 +23,7 @@ from torch import nn
 from vitpipe.config import ConfigError, PretrainConfig, to_dict
 from vitpipe.downstream import featurestore
 from vitpipe.downstream.featurestore import Processes
+from vitpipe.pipeline.census import UNLABELLED, require
 from vitpipe.pipeline.loader import DataError, LoaderSpec, ReadTally, counted, make_loader
 from vitpipe.pipeline.shardset import ShardSet, resolve_shards
 from vitpipe.pipeline.tario import sha256_file
@@ -145,6 +146,8 @@ def extract(source: EncoderSource, shard_spec: str, *, layers: list[int] | None 
     the merged features, the others None."""
     config = source.config
     shards = resolve_shards(shard_spec)
+    if need_labels:
+        require(shards, shard_spec, ("label",), "a labelled evaluation")
     names = [PIXELS] if source.kind == "pixels" else layer_names(layers)
     depth = source.depth()
     if source.kind != "pixels" and any(not -depth <= layer < depth for layer in layers or []):
@@ -219,4 +222,6 @@ def check_tally(shard_spec: str, features: FeatureSet, max_skipped: float) -> Fe
             raise DataError(f"{shard_spec}: {tally.summary()}: {tally.lost / base:.1%} lost, more than the allowed "
                             f"{max_skipped:.1%} (--max-skipped)")
         print(f"warning: {shard_spec}: {tally.summary()}", file=sys.stderr)
+    elif tally.skipped.get(UNLABELLED):
+        print(f"note: {shard_spec}: {tally.skipped[UNLABELLED]} unlabelled samples left out", file=sys.stderr)
     return features

@@ -17,6 +17,7 @@ from vitpipe.config import ConfigError, PretrainConfig, from_dict, merge, parse_
 from vitpipe.downstream.evaluate import run_dir_of, write_result
 from vitpipe.downstream.features import EncoderSource, FeatureSet, check_tally, extract
 from vitpipe.downstream.probe import fit_linear_head
+from vitpipe.pipeline.census import require
 from vitpipe.pipeline.loader import LoaderSpec, ReadTally, counted, in_subset, make_loader
 from vitpipe.pipeline.shardset import resolve_shards
 from vitpipe.pipeline.manifest import find_manifest
@@ -103,6 +104,7 @@ def evaluate_classifier(model: Classifier, config: PretrainConfig, test: str, wo
     model.eval()
     transform = TransformSpec.for_eval(config.data)
     shards = resolve_shards(test)
+    require(shards, test, ("label",), "a fine-tune's test")
     spec = LoaderSpec(shards, 256, transform, train=False, fields=("image", "label"))
     _, loader = make_loader(spec, workers)
     correct = total = 0

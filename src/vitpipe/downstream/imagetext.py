@@ -13,6 +13,7 @@ import torch
 from vitpipe.config import ConfigError
 from vitpipe.downstream.evaluate import write_result
 from vitpipe.downstream.features import EncoderSource, FeatureSet, check_tally
+from vitpipe.pipeline.census import require
 from vitpipe.pipeline.loader import LoaderSpec, ReadTally, counted, make_loader
 from vitpipe.pipeline.manifest import find_manifest
 from vitpipe.pipeline.shardset import resolve_shards
@@ -38,7 +39,25 @@ def class_names(test: str, classes_file: Path | None) -> list[str]:
         names = [name for name, _ in sorted(label_map.items(), key=lambda item: item[1])]
     if len(names) < 2:
         raise ConfigError("zero-shot needs at least 2 class names")
-    return [name.replace("_", " ") for name in names]
+    names = [name.replace("_", " ") for name in names]
+    repeated = sorted({name for name in names if [n.lower() for n in names].count(name.lower()) > 1})
+    if repeated:
+        raise ConfigError(f"class names must differ (one per label); repeated: {', '.join(repeated)}")
+    return names
+
+
+def check_class_count(test: str, names: list[str], census) -> None:
+    """One name per label: as many names as the manifest's label map holds, and a name for every
+    label the test shards carry (else labels past the list crash, or "chance" silently changes)."""
+    shards = resolve_shards(test)
+    path = find_manifest(shards.directory) if shards.directory else None
+    label_map = json.loads(path.read_text()).get("label_map") if path else None
+    if label_map and len(names) != len(label_map):
+        raise ConfigError(f"{len(names)} class names for the {len(label_map)} labels of {test}'s label map; "
+                          "give one name per label, in label order")
+    if census is not None and census.max_label >= len(names):
+        raise ConfigError(f"{test} has label {census.max_label} but only {len(names)} class names "
+                          f"(labels 0..{len(names) - 1}); give one name per label, in label order")
 
 
 def load_image_text_model(source: EncoderSource):
@@ -76,6 +95,7 @@ def eval_zero_shot(source: EncoderSource, test: str, classes_file: Path | None =
     classifier = class_embeddings(model, names, templates)
     config = source.config
     shards = resolve_shards(test)
+    check_class_count(test, names, require(shards, test, ("label",), "zero-shot"))
     transform = TransformSpec.for_eval(config.data)
     loader = make_loader(LoaderSpec(shards, 256, transform, train=False, fields=("image", "label")), workers)[1]
     tally = ReadTally(shards.expected)
@@ -101,6 +121,7 @@ def embed_pairs(model, source: EncoderSource, spec: str, workers: int, max_skipp
     """Image and caption embeddings of every pair in ``spec``: ([N, E], [N, E], keys, tally)."""
     config = source.config
     shards = resolve_shards(spec)
+    require(shards, spec, ("text",), "image-text retrieval", every=True)
     transform = TransformSpec.for_eval(config.data)
     loader = make_loader(LoaderSpec(shards, 256, transform, train=False, fields=("image", "text", "key")), workers)[1]
     tally = ReadTally(shards.expected)

@@ -112,6 +112,7 @@ def iter_hf(location: str, config: IngestConfig) -> Iterator[Record]:
     import datasets
 
     splits = open_splits(location, config.split)
+    names = label_names(location, config) if config.label_col else None
     for split_name, dataset in splits.items():
         has_label, has_text = check_columns(location, dataset, config)
         if isinstance((dataset.features or {}).get(config.image_col), datasets.Image):
@@ -123,17 +124,47 @@ def iter_hf(location: str, config: IngestConfig) -> Iterator[Record]:
             if data is None:
                 yield Failure("not_an_image", ref, f"unsupported image value {type(row[config.image_col]).__name__}")
                 continue
-            label = row[config.label_col] if has_label else None
-            text = row[config.text_col] if has_text else None
+            label = hf_label(row[config.label_col], config.label_col, names) if has_label else None
+            text, meta = hf_text(row[config.text_col] if has_text else None)
             try:
-                sample = make_sample(data, f"{prefix}{index:09d}", config, ext,
-                                     label=None if label is None else int(label),
-                                     text=None if text is None else str(text), meta={"source": ref})
+                sample = make_sample(data, f"{prefix}{index:09d}", config, ext, label=label, text=text,
+                                     meta={"source": ref, **meta})
             except ImageRejected as err:
                 yield Failure(err.reason, ref, str(err))
                 continue
             sample.split = split_name
             yield sample
+
+
+def hf_label(value: Any, column: str, names: dict[str, int] | None) -> int | None:
+    """A label cell as a class index; None for "no label" (None, or Hugging Face's -1). A value that
+    is not an integer (0.7, "cat" without ClassLabel names to map it) is one ConfigError naming
+    the column: truncating it would score wrong labels without a word."""
+    if value is None:
+        return None
+    if isinstance(value, str) and names and value in names:
+        return names[value]
+    if isinstance(value, (bool, np.bool_)):
+        value = int(value)
+    if isinstance(value, (float, np.floating)) and float(value).is_integer():
+        value = int(value)
+    if not isinstance(value, (int, np.integer)):
+        raise ConfigError(f"label column {column!r} holds {value!r} ({type(value).__name__}), not an integer "
+                          "class index; pick an integer (or ClassLabel) column with label_col=NAME")
+    return int(value) if value >= 0 else None
+
+
+def hf_text(value: Any) -> tuple[str | None, dict[str, Any]]:
+    """A caption cell as text, and what the manifest counts about it: bytes that are not UTF-8
+    are decoded with U+FFFD and marked (``caption_utf8_repaired``), never rewritten silently."""
+    if value is None:
+        return None, {}
+    if isinstance(value, (bytes, bytearray)):
+        try:
+            return bytes(value).decode("utf-8"), {}
+        except UnicodeDecodeError:
+            return bytes(value).decode("utf-8", errors="replace"), {"caption_utf8_repaired": True}
+    return str(value), {}
 
 
 def _rows(dataset, config: IngestConfig, streamed: bool) -> Iterator[tuple[int, dict]]:

@@ -80,6 +80,7 @@ def write_shard(directory: Path, index: int, samples: list[Sample]) -> tuple[dic
         "first_key": samples[0].key, "last_key": samples[-1].key,
         "labels": {str(k): v for k, v in sorted(labels.items())},
         "captions": sum(s.text is not None for s in samples),
+        "captions_utf8_repaired": sum(bool(s.meta.get("caption_utf8_repaired")) for s in samples),
     }
     manifest_io.write_json_atomic(stats_path, entry)
     return entry, False
@@ -211,7 +212,8 @@ def ingest(source: str, out: Path, config: IngestConfig, *, overwrite: bool = Fa
         from vitpipe.pipeline import spark
 
         spark.check_can_run(spec)
-    settings = {"source": spec.describe(), "ingest": to_dict(config)}
+    settings = {"source": spec.describe(),
+                "ingest": {k: v for k, v in to_dict(config).items() if k not in OUTCOME_ONLY}}
     fingerprint = spec.fingerprint()
     done = _prepare_output(out, settings, fingerprint, overwrite)
     if done is not None:
@@ -229,6 +231,27 @@ def ingest(source: str, out: Path, config: IngestConfig, *, overwrite: bool = Fa
     manifest["source_fingerprint"] = fingerprint
     _finish(out, manifest)
     return manifest
+
+
+class IngestFailed(RuntimeError):
+    """The ingest finished (manifest written) but wrote nothing, or failed on too many rows."""
+
+
+OUTCOME_ONLY = ("max_failed_fraction",)
+"""Settings that judge an ingest's outcome without changing its shards."""
+
+
+def check_outcome(manifest: dict[str, Any], config: IngestConfig) -> None:
+    """Raise IngestFailed when nothing was written, or more than ``max_failed_fraction`` of the
+    rows failed: a scheduled pipeline must not go on to pretrain on it."""
+    failed, rows = sum(manifest["failures"].values()), manifest["rows"]
+    reasons = ", ".join(f"{n} {r}" for r, n in sorted(manifest["failures"].items(), key=lambda i: -i[1])[:4])
+    if manifest["written"] == 0:
+        raise IngestFailed(f"nothing written: {rows} rows, {failed} failed ({reasons or 'no failures'}), "
+                           f"{sum(manifest['filtered'].values())} filtered, {manifest['duplicates']} duplicates")
+    if rows and failed / rows > config.max_failed_fraction:
+        raise IngestFailed(f"{failed} of {rows} rows failed ({failed / rows:.1%} > max_failed_fraction="
+                           f"{config.max_failed_fraction}): {reasons}; the manifest lists them")
 
 
 def _write_locally(spec: SourceSpec, out: Path, config: IngestConfig, flat: bool,
@@ -276,7 +299,15 @@ def _manifest(spec: SourceSpec, config: IngestConfig, settings: dict[str, Any], 
         written=written, failures=dict(accounts.failures), filtered=dict(accounts.filtered),
         duplicates=accounts.duplicates, splits=splits, failure_examples=accounts.examples,
         label_map=_label_map(spec, config), seconds=seconds,
-    )
+    ) | {"fields": field_counts([s for w in writers.values() for s in w.shards])}
+
+
+def field_counts(shards: list[dict[str, Any]]) -> dict[str, int]:
+    """Written samples without a label (none, or Hugging Face's -1: left out of labelled evals),
+    without a caption, and with a caption whose bytes were not UTF-8 (decoded with U+FFFD)."""
+    return {"unlabelled": sum(s["samples"] - sum(s["labels"].values()) for s in shards),
+            "uncaptioned": sum(s["samples"] - s["captions"] for s in shards),
+            "captions_utf8_repaired": sum(s.get("captions_utf8_repaired", 0) for s in shards)}
 
 
 def _has_splits(spec: SourceSpec, config: IngestConfig) -> bool:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import random
-import signal
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
@@ -25,16 +24,16 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from vitpipe.config import ConfigError
+from vitpipe.pipeline.census import UNLABELLED, parse_label
 from vitpipe.pipeline.images import EXTENSIONS, ImageRejected, decode_rgb
 from vitpipe.pipeline.shardset import ShardSet, open_shard
 from vitpipe.pipeline.tario import iter_tar_samples
 from vitpipe.pipeline.transforms import TransformSpec, build_transform
+from vitpipe.pipeline.workers import (  # noqa: F401 (DataError, WorkerError: importable from here)
+    WORKER_FAILURE, DataError, ShardLoader, WorkerError, WorkerFailure, leave_stop_signals_to_main,
+)
 
 MIN_SAMPLES_BEFORE_ERROR_CHECK = 100
-
-
-class DataError(RuntimeError):
-    """Too many samples failed to decode."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -189,12 +188,13 @@ class ShardDataset(IterableDataset):
             if "image" in self.spec.fields:
                 item["image"] = self.transform(decode_rgb(raw[ext]))
             if "label" in self.spec.fields:
-                if "cls" not in raw:
-                    raise ConfigError(f"sample {raw['__key__']} has no label (cls); this command needs labelled shards")
                 try:
-                    item["label"] = int(raw["cls"])
+                    label = parse_label(raw["cls"]) if "cls" in raw else None
                 except ValueError:
                     raise ImageRejected("bad_label", repr(raw["cls"][:20])) from None
+                if label is None:  # left out of labelled evals and counted, never voted as a class
+                    raise ImageRejected(UNLABELLED)
+                item["label"] = label
             if "text" in self.spec.fields:
                 if "txt" not in raw:  # a missing caption must never become "" silently
                     raise ConfigError(f"sample {raw['__key__']} has no caption (txt); this command needs "
@@ -222,6 +222,15 @@ class ShardDataset(IterableDataset):
         return batch
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
+        if get_worker_info() is None:
+            yield from self._batches()
+            return
+        try:
+            yield from self._batches()
+        except Exception as err:  # ShardLoader raises it in the main process, in one line
+            yield {WORKER_FAILURE: WorkerFailure.of(err)}
+
+    def _batches(self) -> Iterator[dict[str, Any]]:
         spec = self.spec
         worker, workers = self._slot()
         base_seed = hash((spec.seed, self.epoch, spec.rank, worker)) & 0xFFFF_FFFF
@@ -277,7 +286,7 @@ class ShardDataset(IterableDataset):
         item, reason = self._decode(raw)
         self.seen += 1
         if item is None:
-            self.errors += 1
+            self.errors += reason != UNLABELLED  # left out on purpose, not a failure to decode
             self.skipped[reason] += 1
             # evaluation counts every skipped sample (see ReadTally) and lets its caller decide
             if (self.spec.train and self.seen >= MIN_SAMPLES_BEFORE_ERROR_CHECK
@@ -296,23 +305,14 @@ def _take(iterator: Iterator, count: int) -> list:
     return out
 
 
-def _leave_stop_signals_to_main(worker_id: int) -> None:
-    """SLURM, `kill -- -PGID` and container runtimes signal the whole process group: a worker that
-    died of that SIGTERM would take the run down before the main process could checkpoint. Workers
-    still exit when the main process closes the loader, or dies."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
 def make_loader(spec: LoaderSpec, num_workers: int) -> tuple[ShardDataset, DataLoader]:
     dataset = ShardDataset(spec)
     # its own generator: creating an iterator must not draw from the global RNG, or a resumed run
     # (which restores that RNG) would diverge from an uninterrupted one
-    loader = DataLoader(dataset, batch_size=None, num_workers=num_workers, persistent_workers=False,
+    loader = ShardLoader(dataset, batch_size=None, num_workers=num_workers, persistent_workers=False,
                         prefetch_factor=4 if num_workers else None,
                         generator=torch.Generator().manual_seed(spec.seed),
-                        worker_init_fn=_leave_stop_signals_to_main if num_workers else None)
+                        worker_init_fn=leave_stop_signals_to_main if num_workers else None)
     return dataset, loader
 
 
@@ -334,7 +334,9 @@ class ReadTally:
 
     @property
     def lost(self) -> int:
-        return sum(self.skipped.values()) + self.missing
+        """Samples that should have been read and were not; unlabelled ones a labelled eval leaves
+        out on purpose are counted in ``skipped`` but are not lost."""
+        return sum(n for reason, n in self.skipped.items() if reason != UNLABELLED) + self.missing
 
     def as_dict(self) -> dict[str, Any]:
         return {"expected": self.expected, "read": self.read, "skipped": dict(sorted(self.skipped.items())),

@@ -177,6 +177,15 @@ def caption_from_filename(path: Path) -> str:
     return " ".join(word for word in words if word and not word.isdigit())
 
 
+def read_caption(path: Path) -> tuple[str, bool]:
+    """A sidecar caption, and whether its bytes were not UTF-8 (decoded with U+FFFD, then counted)."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8").strip(), False
+    except UnicodeDecodeError:
+        return data.decode("utf-8", errors="replace").strip(), True
+
+
 def iter_folder(root: Path, config: IngestConfig) -> Iterator[Record]:
     """Every image file below ``root`` is a row (a sample, or a failure if it does not decode); other
     files are counted as ``skipped_non_image``.
@@ -206,13 +215,13 @@ def iter_folder(root: Path, config: IngestConfig) -> Iterator[Record]:
             key += "_"
         seen_keys.add(key)
         caption_path = path.with_suffix(".txt")
-        caption = caption_path.read_text(errors="replace").strip() if caption_path.exists() else None
+        caption, repaired = read_caption(caption_path) if caption_path.exists() else (None, False)
         if caption is None and config.filename_captions:
             caption = caption_from_filename(path)
         ext = {"jpeg": "jpg"}.get(suffix[1:], suffix[1:])
         try:
             yield make_sample(path.read_bytes(), key, config, ext, label=label, text=caption,
-                              meta={"source": str(relative)})
+                              meta={"source": str(relative), **({"caption_utf8_repaired": True} if repaired else {})})
         except ImageRejected as err:
             yield Failure(err.reason, str(relative), str(err))
 

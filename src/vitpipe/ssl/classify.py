@@ -98,7 +98,7 @@ def build(config: PretrainConfig, artifacts: dict[str, bytes]) -> Classifier:
 
 
 SPEC = ObjectiveSpec(
-    name="classify", build=build, section="finetune", section_type=FinetuneConfig,
+    name="classify", build=build, section="finetune", section_type=FinetuneConfig, needs=("label",),
     # the fine-tuning recipe (DeiT/MAE style, shortened): what `vitpipe eval finetune` starts from
     defaults={"optim": {"lr": 1e-3, "weight_decay": 0.05, "betas": [0.9, 0.999], "warmup_fraction": 0.1,
                         "warmup_steps": 0, "min_lr": 1e-6, "clip_grad": 0.0},

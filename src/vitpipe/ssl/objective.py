@@ -110,5 +110,9 @@ class ObjectiveSpec:
     probe_layers: str = "last"
     """Where `vitpipe compare` probes by default: "last" (the output) or "all" (every block, for
     objectives whose best features sit mid-stack, as iGPT's do)."""
+    needs: tuple[str, ...] = ()
+    """Sample fields beyond the image that training reads ("text": every sample must carry one;
+    "label": unlabelled samples are left out). The shards are checked for them before anything is
+    fitted or built, so a shard set that cannot serve the objective is one line, not a worker error."""
     towers: tuple[str, ...] = ("image",)
     """What it embeds: ("image",), or ("image", "text") for image-text models (zero-shot, text retrieval)."""

@@ -21,6 +21,7 @@ from typing import Any, Callable
 import torch
 
 from vitpipe.config import PretrainConfig, to_dict
+from vitpipe.pipeline.census import require_needs
 from vitpipe.pipeline.loader import LoaderSpec, ShardDataset, make_loader
 from vitpipe.pipeline.shardset import resolve_shards
 from vitpipe.pipeline.transforms import TransformSpec
@@ -149,6 +150,8 @@ class Trainer:
         spec = registry.OBJECTIVES.get(config.objective)
         if spec is not None and spec.preflight is not None:
             spec.preflight(config)
+        if spec is not None:
+            require_needs(resolve_shards(config.data.shards), config.data.shards, spec.needs, f"pretrain {config.objective}")
         start = rundir.start_checkpoint(self.run_dir, config, self.resume, is_main)
         fitted = self._artifacts(accelerator, refit=start is None)
         set_seed(train.seed)  # identical initial parameters on every rank
@@ -255,12 +258,7 @@ class Trainer:
         batch = self._prepare(s, batch)
         with accelerator.accumulate(s.model):
             output = s.model(batch)
-            # one all-reduce per micro-batch: non-finite loss, stop signal, checkpoint due
-            flags = torch.tensor([0.0 if torch.isfinite(output.loss.detach()) else 1.0,
-                                  1.0 if s.stop.signal else 0.0,
-                                  1.0 if self._checkpoint_due(s.state.step + 1, s.last_checkpoint_time) else 0.0],
-                                 device=accelerator.device)
-            flags = accelerator.reduce(flags, reduction="sum").tolist()
+            flags = self._flags(s, output.loss)
             if flags[0] == 0:
                 accelerator.backward(output.loss)
                 if accelerator.sync_gradients and optimizer_config.clip_grad > 0:
@@ -274,6 +272,14 @@ class Trainer:
         self._skip_nonfinite(s)
         return None, flags
 
+    def _flags(self, s: _Session, loss: torch.Tensor) -> list[float]:
+        """One all-reduce per micro-batch: [non-finite loss, stop signal, checkpoint due], summed
+        over processes so every rank takes the same branch."""
+        flags = torch.tensor([0.0 if torch.isfinite(loss.detach()) else 1.0, 1.0 if s.stop.signal else 0.0,
+                              1.0 if self._checkpoint_due(s.state.step + 1, s.last_checkpoint_time) else 0.0],
+                             device=s.accelerator.device)
+        return s.accelerator.reduce(flags, reduction="sum").tolist()
+
     def _group_step(self, s: _Session, group: list[dict[str, Any]]):
         """One optimizer step from ``grad_accum`` micro-batches through the objective's own
         ``backward_accumulated``, on the unwrapped model (DDP's mean is not this loss's gradient):
@@ -282,10 +288,7 @@ class Trainer:
         scale = len(batches)  # accelerator.backward divides by grad_accum; the objective's losses must not be
         output = s.objective.backward_accumulated(batches, lambda loss: s.accelerator.backward(loss * scale))
         sum_gradients(s.objective.parameters())
-        flags = torch.tensor([0.0 if torch.isfinite(output.loss.detach()) else 1.0, 1.0 if s.stop.signal else 0.0,
-                              1.0 if self._checkpoint_due(s.state.step + 1, s.last_checkpoint_time) else 0.0],
-                             device=s.accelerator.device)
-        flags = s.accelerator.reduce(flags, reduction="sum").tolist()
+        flags = self._flags(s, output.loss)
         if flags[0] == 0:
             if self.config.optim.clip_grad > 0:
                 torch.nn.utils.clip_grad_norm_(s.objective.parameters(), self.config.optim.clip_grad)
@@ -316,7 +319,7 @@ class Trainer:
         state.samples_seen += s.global_batch
         s.weight_decay = optim.update_weight_decay(s.optimizer, self.config, state.step)
         s.objective.on_step_end(state.step, train.max_steps)
-        if state.step % train.log_every == 0 or state.step == train.max_steps:
+        if state.step % train.log_every == 0 or state.step in (1, train.max_steps):  # step 1: health early
             self._log(s, output)
         if s.bar is not None:
             s.bar.update(1)
@@ -359,7 +362,7 @@ class Trainer:
 
     def _health(self, s: _Session) -> dict[str, float]:
         train = self.config.train
-        if not train.health_every or s.state.step % train.health_every or s.images is None:
+        if not train.health_every or (s.state.step % train.health_every and s.state.step > 1) or s.images is None:
             return {}
         return monitor(s.objective.encoder(), s.images, s.state.step, train, s.metrics.write)
 
