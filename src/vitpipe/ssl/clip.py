@@ -84,15 +84,28 @@ class CLIP(Objective):
         nn.init.normal_(self.text_proj.weight, std=text.embed_dim ** -0.5)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
         self.tokenize = Tokenize(tokenizer, config.context_length)
+        self.captions_truncated = 0  # on this process, since this session started
+        self.locked: list[nn.Module] = []
         if config.lock_image:
             self._lock(config.unlocked_blocks)
 
     def _lock(self, unlocked_blocks: int) -> None:
+        """Freeze the image tower but its last ``unlocked_blocks`` blocks (and its norm then). A locked
+        module is bit-identical after training: no gradient, and kept in eval mode (a conv stem's
+        BatchNorm statistics would move in train mode; drop-path would not be the locked function)."""
         for param in self.backbone.parameters():
             param.requires_grad_(False)
         trainable = list(self.backbone.blocks[len(self.backbone.blocks) - unlocked_blocks:]) if unlocked_blocks else []
         for module in trainable + ([self.backbone.norm] if unlocked_blocks else []):
             module.requires_grad_(True)
+        self.locked = [m for m in self.backbone.modules() if not any(p.requires_grad for p in m.parameters())]
+        self.train(self.training)
+
+    def train(self, mode: bool = True) -> CLIP:
+        super().train(mode)
+        for module in self.locked:
+            module.train(False)
+        return self
 
     def encoder(self) -> VisionTransformer:
         return self.backbone
@@ -119,7 +132,7 @@ class CLIP(Objective):
     def forward(self, batch: dict[str, Any]) -> Output:
         loss, accuracy = self.forward_loss(self.encode_image(batch["image"]), self.encode_text(batch["tokens"]))
         return Output(loss, {"logit_scale": self.logit_scale.exp().item(), "batch_i2t_top1": accuracy,
-                             "captions_truncated": float(batch.get("captions_truncated", 0))})
+                             "captions_truncated": self._count_truncated([batch])})
 
     def backward_accumulated(self, batches: list[dict[str, Any]], backward) -> Output:
         """Gradient accumulation that keeps the whole step's batch as negatives (open_clip's
@@ -138,9 +151,13 @@ class CLIP(Objective):
                 mixed = [own if i == index else c for i, c in enumerate(cached)]
                 # every pass computes the same global loss: the temperature's gradient is taken once
                 backward(self._pairs_loss(mixed, others, scale_grad=index == 0 and is_first_process())[0])
-        truncated = sum(float(b.get("captions_truncated", 0)) for b in batches)
         return Output(loss, {"logit_scale": self.logit_scale.exp().item(), "batch_i2t_top1": accuracy,
-                             "captions_truncated": truncated})
+                             "captions_truncated": self._count_truncated(batches)})
+
+    def _count_truncated(self, batches: list[dict[str, Any]]) -> float:
+        """The running total of captions cut at the context length (this process, this session)."""
+        self.captions_truncated += sum(int(b.get("captions_truncated", 0)) for b in batches)
+        return float(self.captions_truncated)
 
     def _pairs_loss(self, pairs: list[tuple[torch.Tensor, torch.Tensor]], others: list[torch.Tensor],
                     scale_grad: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
@@ -201,6 +218,6 @@ SPEC = ObjectiveSpec(
                         "warmup_fraction": 0.1},
               "data": {"crop_scale_min": 0.9, "hflip": False}, "model": {"pool": "gap"}},
     summary="CLIP: contrastive image-text pretraining (tokenizer fitted on the captions; LiT with clip.image_init)",
-    towers=("image", "text"),
+    towers=("image", "text"), needs=("text",),
 )
 

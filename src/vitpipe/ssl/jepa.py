@@ -147,11 +147,17 @@ class JEPA(Objective):
 
     @torch.no_grad()
     def on_step_end(self, step: int, max_steps: int) -> None:
-        """target <- m * target + (1 - m) * context, m from ema_start to ema_end over training."""
+        """target <- m * target + (1 - m) * context, m from ema_start to ema_end over training, for
+        parameters and floating buffers alike (a conv stem's BatchNorm statistics are the target's
+        too: eval and export use this encoder); integer buffers (batch counts) are copied."""
         momentum = linear(step, max_steps, self.config.ema_start, self.config.ema_end)
         self.momentum.fill_(momentum)
-        for target, online in zip(self.target_encoder.parameters(), self.backbone.parameters()):
-            target.mul_(momentum).add_(online.detach(), alpha=1 - momentum)
+        online = dict(self.backbone.named_parameters()) | dict(self.backbone.named_buffers())
+        for name, target in [*self.target_encoder.named_parameters(), *self.target_encoder.named_buffers()]:
+            if target.is_floating_point():
+                target.mul_(momentum).add_(online[name].detach(), alpha=1 - momentum)
+            else:
+                target.copy_(online[name])
 
 
 def build(config: PretrainConfig, artifacts: dict[str, bytes]) -> JEPA:
