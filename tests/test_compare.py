@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from conftest import write_image_folder
+from conftest import make_image, write_image_folder
 from test_igpt import ARGS as IGPT_ARGS
 from test_report_demo import CHROMIUM, check_in_browser
 from test_trainer import RUN_ARGS
@@ -91,7 +91,11 @@ def test_compare_warns_when_runs_saw_different_data(two_runs, tmp_path):
     from vitpipe.downstream.compare import check_data
 
     root = two_runs
-    folder = write_image_folder(tmp_path / "other", per_class=8, classes=("x", "y"))
+    folder = tmp_path / "other"  # other images: write_image_folder's would repeat the run's (a leak)
+    for offset, label in ((5000, "x"), (5100, "y")):
+        (folder / label).mkdir(parents=True)
+        for index in range(8):
+            make_image(offset + index).save(folder / label / f"{index}.png")
     ingest(str(folder), tmp_path / "other_shards", IngestConfig(shard_size=8, image_size=16), progress=False)
     assert main(["pretrain", "mae", "--data", str(tmp_path / "other_shards"), "--out", str(tmp_path / "other_run"),
                  *RUN_ARGS, "train.max_steps=1"]) == 0

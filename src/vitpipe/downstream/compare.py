@@ -21,6 +21,7 @@ import torch
 
 from vitpipe.config import ConfigError, to_dict
 from vitpipe.downstream.features import EncoderSource
+from vitpipe.pipeline.census import sample_hashes
 from vitpipe.pipeline.manifest import shard_hashes
 from vitpipe.pipeline.shardset import resolve_shards
 from vitpipe.pipeline.transforms import TransformSpec
@@ -78,20 +79,31 @@ def shard_identity(spec: str) -> tuple[set[str], set[str]]:
 
 
 def check_data(runs: list[Path], test: str) -> list[str]:
-    """Refuse a run whose test shards are among its pretraining shards (same file or same content);
-    warn (returned lines) when the runs were pretrained on different data."""
+    """Refuse a run whose test data overlaps its pretraining data: the same shard files, the same
+    shard contents, or any same sample (per-sample sha256, so a copy of the shards without its
+    manifest or the same images re-ingested into other shards is caught); warn (returned lines)
+    when the runs were pretrained on different data."""
     test_paths, test_hashes = shard_identity(test)
+    test_samples = sample_hashes(resolve_shards(test))
+    pretrained: dict[str, set[str]] = {}  # runs pretrained on the same shards are scanned once
     manifests = {}
     for run in runs:
         config = registry.run_config(run_dir_of(run) / "config.yaml")
         try:
             paths, hashes = shard_identity(config.data.shards)
+            if config.data.shards not in pretrained:
+                pretrained[config.data.shards] = sample_hashes(resolve_shards(config.data.shards))
         except ConfigError:  # pretraining shards moved away: nothing to compare against
             paths, hashes = set(), set()
+            pretrained[config.data.shards] = set()
         shared = (paths & test_paths) | (hashes & test_hashes)
         if shared:
             raise ConfigError(f"{run}: the test shards overlap its pretraining data ({len(shared)} shard(s)); "
                               "test on a split the run never saw")
+        seen = len(test_samples & pretrained[config.data.shards])
+        if seen:
+            raise ConfigError(f"{run}: {seen} of {len(test_samples)} test samples are in its pretraining data "
+                              "(the same image by sha256, whatever the shards are called); test on data the run never saw")
         info = read_run_info(run_dir_of(run))
         manifests[str(run)] = info.get("data_manifest_sha256") or config.data.shards
     warnings = []

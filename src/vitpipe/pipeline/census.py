@@ -9,6 +9,8 @@ probe) stops here with one line that says which field is missing in how many sam
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass
 
 from vitpipe.config import ConfigError
@@ -74,6 +76,13 @@ def take_census(shards: ShardSet) -> Census | None:
 
 
 def _count_shard(handle, census: Census) -> None:
+    for members in _samples(handle, ("cls",)):
+        census.count(members)
+
+
+def _samples(handle, read: tuple[str, ...]):
+    """Each sample of an uncompressed tar as {ext: bytes for ``read`` exts, else (offset, size)},
+    seeking past everything else."""
     key, members = None, {}
     while True:
         header = handle.read(512)
@@ -88,17 +97,54 @@ def _count_shard(handle, census: Census) -> None:
             continue
         sample, ext = split_member_name(name)
         if key is not None and sample != key:
-            census.count(members)
+            yield members
             members = {}
         key = sample
-        if ext == "cls":
+        if ext in read:
             members[ext] = handle.read(size)
             handle.seek(padded - size, 1)
         else:
-            members[ext] = None
+            members[ext] = (handle.tell(), size)
             handle.seek(padded, 1)
     if key is not None:
-        census.count(members)
+        yield members
+
+
+def sample_hashes(shards: ShardSet) -> set[str]:
+    """What identifies each sample of local ``shards`` whatever file holds it: the sha256 of its
+    source bytes that ingest writes into every sample's json, or (shards from elsewhere) the sha256
+    of its image bytes. Remote shards are skipped."""
+    hashes: set[str] = set()
+    for url in shards.urls:
+        if "://" in url and not url.startswith("file://"):
+            continue
+        try:
+            with open_shard(url) as handle:
+                for members in _samples(handle, ("json",)):
+                    digest = _sample_hash(handle, members)
+                    if digest:
+                        hashes.add(digest)
+        except (OSError, ValueError):
+            continue
+    return hashes
+
+
+def _sample_hash(handle, members: dict) -> str | None:
+    try:
+        digest = json.loads(members["json"]).get("sha256") if "json" in members else None
+    except ValueError:
+        digest = None
+    if isinstance(digest, str) and digest:
+        return digest
+    image = next((members[ext] for ext in EXTENSIONS if ext in members), None)
+    if image is None:
+        return None
+    offset, size = image
+    here = handle.tell()
+    handle.seek(offset)
+    digest = hashlib.sha256(handle.read(size)).hexdigest()
+    handle.seek(here)
+    return digest
 
 
 def require(shards: ShardSet, spec: str, fields: tuple[str, ...], what: str, every: bool = False) -> Census | None:
