@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import textwrap
 import time
 from dataclasses import asdict
@@ -21,7 +20,7 @@ from vitpipe.downstream.retrieval import (
     IndexSettings, build_index, knn_classify, load_index, recall_at_k, save_index, search,
 )
 from vitpipe.pipeline.shardset import has_labels, resolve_shards
-from vitpipe.pipeline.manifest import manifest_hash
+from vitpipe.pipeline.manifest import manifest_hash, write_json_atomic
 from vitpipe.ssl.runs import run_dir_of
 from vitpipe.ssl.rundir import git_revision
 
@@ -53,17 +52,14 @@ def write_result(source: EncoderSource, name: str, payload: dict[str, Any], data
         **payload,
         "seconds": round(seconds, 2),
         "provenance": {
-            "encoder": str(source.weights) if source.weights else source.kind,
+            "encoder": str(source.weights) if source.weights else source.kind, "step": source.step,
             "config": to_dict(source.config), "data": {k: data_id(v) for k, v in data.items()},
             "git_revision": git_revision(), "vitpipe_version": __version__,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         },
     }
     path = result_path(source, name)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_json_atomic(path, result)
     return path
 
 

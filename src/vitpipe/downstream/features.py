@@ -30,7 +30,7 @@ from vitpipe.pipeline.tario import sha256_file
 from vitpipe.pipeline.transforms import TransformSpec
 from vitpipe.ssl import registry
 from vitpipe.ssl.rundir import read_run_info
-from vitpipe.ssl.runs import build_run_objective, load_run_encoder, locate_run, run_dir_of
+from vitpipe.ssl.runs import build_run_objective, checkpoint_step, load_run_encoder, locate_run, run_dir_of
 
 PIXELS = "pixels"
 
@@ -57,8 +57,11 @@ class EncoderSource:
     run: Path
     """Run directory or checkpoint directory."""
     weights: Path | None = None
-    """File holding the trained encoder (identifies the cache)."""
+    """File holding the trained encoder (identifies the cache); a checkpoint's is pinned against
+    its run's pruning for as long as this process lives."""
     seed: int = 0
+    step: int | None = None
+    """The training step of a checkpoint's weights (None: the run's exported final encoder)."""
 
     @classmethod
     def resolve(cls, run: Path, kind: str = "trained", seed: int = 0) -> "EncoderSource":
@@ -70,7 +73,10 @@ class EncoderSource:
                 raise ConfigError(f"{run} is neither a run directory nor a checkpoint")
             return cls(kind, registry.run_config(config_file), Path(run), None, seed)
         config, weights = locate_run(run)  # the weights are read once, by build()
-        return cls(kind, config, Path(run), weights if kind == "trained" else None, seed)
+        step = checkpoint_step(weights) if kind == "trained" else None
+        if step is not None:  # no final encoder: a run still training (or stopped) is scored as it stands
+            print(f"note: {run}: scoring the checkpoint of step {step} of {config.train.max_steps}", file=sys.stderr)
+        return cls(kind, config, Path(run), weights if kind == "trained" else None, seed, step)
 
     @property
     def baseline_suffix(self) -> str:
@@ -95,8 +101,8 @@ class EncoderSource:
         """The encoder (``Encoder`` protocol), built through the run's registry entry."""
         if self.kind == "pixels":
             return None
-        if self.kind == "trained":
-            return load_run_encoder(self.run)[0]
+        if self.kind == "trained":  # exactly the weights identified (a run in training has newer ones)
+            return load_run_encoder(self.weights.parent if self.step is not None else self.run)[0]
         return build_run_objective(self.run, self.config, seed=self.seed).encoder().eval()
 
 
@@ -162,18 +168,19 @@ def extract(source: EncoderSource, shard_spec: str, *, layers: list[int] | None 
             return FeatureSet({k: np.array(v) for k, v in found.features.items()}, found.labels, found.keys, found.tally)
     targets = {name: Path(cache_dir) / cache_key(source, shards, _canonical(name, depth), pool or "default",
                                                  config.data.image_size) for name in names}
-    if not all(featurestore.is_complete(target, need_labels) for target in targets.values()):
-        parts = Path(cache_dir) / (hashlib.sha256("".join(map(str, targets.values())).encode()).hexdigest()[:24] + ".parts")
-        _extract_parts(source, shards, names, layers, pool, batch_size, num_workers, need_labels,
-                       device or processes.device(), parts, processes)
-        processes.barrier()
-        if not processes.first:
-            return None
-        tally = featurestore.merge(parts, processes.world, targets, shards.expected)
-        if not tally.read:
-            if tally.lost:
-                raise DataError(f"{shard_spec}: no sample could be read; {tally.summary()}")
-            raise ConfigError(f"no samples in {shard_spec}")
+    parts = Path(cache_dir) / (hashlib.sha256("".join(map(str, targets.values())).encode()).hexdigest()[:24] + ".parts")
+    with featurestore.cache_lock(parts, processes):  # a second eval of the same features waits, then reads them
+        if not all(featurestore.is_complete(target, need_labels) for target in targets.values()):
+            _extract_parts(source, shards, names, layers, pool, batch_size, num_workers, need_labels,
+                           device or processes.device(), parts, processes)
+            processes.barrier()
+            if not processes.first:
+                return None
+            tally = featurestore.merge(parts, processes.world, targets, shards.expected)
+            if not tally.read:
+                if tally.lost:
+                    raise DataError(f"{shard_spec}: no sample could be read; {tally.summary()}")
+                raise ConfigError(f"no samples in {shard_spec}")
     if not processes.first:
         return None
     stores = {name: featurestore.load(target) for name, target in targets.items()}

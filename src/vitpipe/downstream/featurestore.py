@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -57,6 +58,26 @@ class Processes:
             # gloo on CPU and GPU alike: only a barrier crosses it; a merge may take a while
             dist.init_process_group("gloo", rank=self.rank, world_size=self.world, timeout=timedelta(hours=2))
         dist.barrier()
+
+
+@contextmanager
+def cache_lock(parts: Path, processes: Processes):
+    """Hold the feature cache of ``parts`` while it is checked, extracted and merged: a second
+    eval of the same features (another command, another job) waits here, then finds them complete,
+    instead of deleting the first one's parts under it. The first process of a job takes the lock;
+    the others pass the barrier once it has it."""
+    from filelock import FileLock
+
+    lock = FileLock(f"{parts}.lock") if processes.first else None
+    if lock is not None:
+        parts.parent.mkdir(parents=True, exist_ok=True)
+        lock.acquire()
+    try:
+        processes.barrier()
+        yield
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 @dataclass

@@ -14,9 +14,11 @@ from vitpipe.config import ConfigError
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
+    """Readers see the old file or the new one, never a part; two writers at once each write
+    their own temp file (the last rename wins)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     with open(tmp, "w") as handle:
         json.dump(data, handle, indent=2, sort_keys=False)
         handle.write("\n")

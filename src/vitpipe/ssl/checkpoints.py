@@ -168,9 +168,59 @@ def save(accelerator, model, optimizer, scheduler, state: dict[str, Any], run_di
         raise CheckpointError(f"{what} while writing checkpoint {final.name}; {kept}") from None
     if accelerator.is_main_process:
         for old in list_checkpoints(run_dir)[:-keep]:
-            shutil.rmtree(old)
+            prune(old)
     accelerator.wait_for_everyone()
     return final
+
+
+PINS = ".pins"
+_PINNED: dict[str, Any] = {}  # checkpoint -> open lock file, held until this process exits
+
+
+def _pin_file(checkpoint: Path) -> Path:
+    return checkpoint.parent / PINS / f"{checkpoint.name}.lock"
+
+
+def pin(checkpoint: Path) -> bool:
+    """Keep ``checkpoint`` from being pruned while this process lives (an eval of a run that is
+    still training reads it): a shared lock that ``prune`` respects. False when the checkpoint is
+    already gone (pruned before the lock was taken: locate the newest again). A run directory this
+    process cannot write is read unpinned."""
+    import fcntl
+
+    checkpoint = Path(checkpoint)
+    if str(checkpoint) in _PINNED:
+        return True
+    try:
+        _pin_file(checkpoint).parent.mkdir(exist_ok=True)
+        handle = open(_pin_file(checkpoint), "a")
+    except OSError:
+        return (checkpoint / "state.json").is_file()
+    fcntl.flock(handle, fcntl.LOCK_SH)  # waits out a prune under way
+    if not (checkpoint / "state.json").is_file():
+        handle.close()
+        return False
+    _PINNED[str(checkpoint)] = handle
+    return True
+
+
+def prune(checkpoint: Path) -> bool:
+    """Delete an old checkpoint unless a reader has pinned it (then it stays, and a later save
+    prunes it); True when deleted."""
+    import fcntl
+
+    path = _pin_file(checkpoint)
+    if not path.is_file():
+        shutil.rmtree(checkpoint)
+        return True
+    with open(path, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        shutil.rmtree(checkpoint)
+        path.unlink(missing_ok=True)
+    return True
 
 
 def is_disk_full(err: BaseException) -> bool:

@@ -38,12 +38,32 @@ def locate_run(run_or_checkpoint: Path) -> tuple[PretrainConfig, Path]:
                                               "rerun the pretrain command with --resume auto to re-export it")
         return config, encoder
     if checkpoint is None:
-        checkpoint = checkpoints.latest_verified(run_dir, checkpoints.log_stderr, set_aside=False)
+        checkpoint = _newest_pinned(run_dir)
+    elif not checkpoints.pin(checkpoint):
+        raise ConfigError(f"checkpoint {checkpoint} was pruned by its run meanwhile")
     elif (problem := checkpoints.verify(checkpoint)) is not None:
         raise checkpoints.CheckpointError(f"checkpoint {checkpoint} is damaged ({problem})")
-    if checkpoint is None:
-        raise ConfigError(f"{run_dir} has no checkpoint yet: the run never completed one")
     return config, checkpoint / "model.safetensors"
+
+
+def _newest_pinned(run_dir: Path) -> Path:
+    """The newest checkpoint that verifies, pinned against its (still training) run's pruning."""
+    for _ in range(10):  # a checkpoint pruned between listing and pinning: a newer one exists
+        listed = checkpoints.list_checkpoints(run_dir)
+        if not listed:
+            raise ConfigError(f"{run_dir} has no checkpoint yet: the run never completed one")
+        if not checkpoints.pin(listed[-1]):
+            continue
+        checkpoint = checkpoints.latest_verified(run_dir, checkpoints.log_stderr, set_aside=False)
+        if checkpoint is not None and checkpoints.pin(checkpoint):  # an older one when the newest is damaged
+            return checkpoint
+    raise ConfigError(f"{run_dir}: its checkpoints were pruned faster than they could be read")
+
+
+def checkpoint_step(weights: Path) -> int | None:
+    """The training step of a checkpoint's weights file (None for an exported encoder)."""
+    state = weights.parent / "state.json"
+    return int(json.loads(state.read_text())["step"]) if weights.name == "model.safetensors" else None
 
 
 def build_run_objective(run_or_checkpoint: Path, config: PretrainConfig | None = None, seed: int | None = None):
