@@ -68,8 +68,10 @@ def hf_files(encoder: VisionTransformer, mean: list[float], std: list[float]) ->
     if not model.class_token:
         raise ConfigError("transformers' ViTModel always has a CLS token and this encoder has none "
                           "(model.class_token=false); export it with --format timm or --format vitpipe")
-    if model.pool == "map" or model.conv_stem:
-        raise ConfigError(f"transformers' ViTModel has no {'attention-pooling head' if model.pool == 'map' else 'convolutional stem'}; "
+    if model.conv_stem:  # timm's VisionTransformer has none either
+        raise ConfigError("transformers' ViTModel has no convolutional stem; export it with --format vitpipe")
+    if model.pool == "map":
+        raise ConfigError("transformers' ViTModel has no attention-pooling head; "
                           "export it with --format timm or --format vitpipe")
     state = {k: v.detach().cpu() for k, v in encoder.state_dict().items()}
     dim, patch, channels = model.embed_dim, model.patch_size, encoder.in_chans
@@ -108,41 +110,62 @@ def hf_files(encoder: VisionTransformer, mean: list[float], std: list[float]) ->
 FORMATS = ("timm", "hf", "vitpipe")
 
 
-def export(run: Path, out: Path, fmt: str = "timm") -> Path:
+def export(run: Path, out: Path, fmt: str = "timm", overwrite: bool = False) -> Path:
     """``timm``: timm hub layout (config.json + model.safetensors) + model card; ``hf``: the same
     layout with Hugging Face Hub metadata in the card, ready for ``huggingface-cli upload``;
     ``vitpipe``: any objective's encoder in vitpipe's own layout (its resolved config and
-    artefacts beside the weights), loaded back with ``load_exported``."""
-    from safetensors.torch import save_file
+    artefacts beside the weights), loaded back with ``load_exported``.
 
+    Every file is made before any is written; files already in ``out`` are refused unless
+    ``overwrite`` (a user's own model is never replaced silently); each is written atomically with
+    the umask's ordinary file mode."""
     if fmt not in FORMATS:
         raise ConfigError(f"unknown export format {fmt!r}; choose {', '.join(FORMATS)}")
-    encoder, config, source = load_run_encoder(run)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file; give a directory")
+    files = export_files(run, fmt)
+    taken = sorted(name for name in files if (out / name).exists())
+    if taken and not overwrite:
+        raise ConfigError(f"{out} already holds {', '.join(taken)}; pass --overwrite to replace them")
+    mask = os.umask(0)
+    os.umask(mask)
+    for name, data in files.items():
+        path = out / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_bytes(data)
+        os.chmod(tmp, 0o666 & ~mask)
+        os.replace(tmp, path)
+    return out
+
+
+def export_files(run: Path, fmt: str) -> dict[str, bytes]:
+    """File name (relative to the export folder) -> contents."""
+    from safetensors.torch import save
+
+    encoder, config, source = load_run_encoder(run)
     if fmt in ("timm", "hf") and not isinstance(encoder, VisionTransformer):
         raise ConfigError(f"the {config.objective} encoder is not a ViT; export it with --format vitpipe")
+    files: dict[str, bytes] = {}
     if fmt == "timm":
         state, cfg = timm_state_dict(encoder), timm_config(encoder, config.model.size, config.data.mean, config.data.std)
     elif fmt == "hf":
         state, cfg, processor = hf_files(encoder, config.data.mean, config.data.std)
-        (out / "preprocessor_config.json").write_text(json.dumps(processor, indent=2) + "\n")
+        files["preprocessor_config.json"] = (json.dumps(processor, indent=2) + "\n").encode()
     else:  # the whole objective: a CLIP's text tower and projections, an iGPT's output head
         whole = load_run_objective(run, config)
         state = {k: v.detach().cpu().contiguous() for k, v in whole.state_dict().items()}
-        files = artifacts.load(run_dir_of(run))
-        for name, data in files.items():
-            (out / "artifacts").mkdir(exist_ok=True)
-            (out / "artifacts" / name).write_bytes(data)
+        saved = artifacts.load(run_dir_of(run))
+        files.update({f"artifacts/{name}": data for name, data in saved.items()})
         cfg = {"architecture": "vitpipe", "objective": config.objective, "config": to_dict(config),
-               "artifacts": sorted(files)}
+               "artifacts": sorted(saved)}
     cfg["vitpipe"] = {"objective": config.objective, "source": str(source), "mean": config.data.mean,
                       "std": config.data.std}
-    save_file(state, out / "model.safetensors.tmp", metadata={"format": "pt"})
-    os.replace(out / "model.safetensors.tmp", out / "model.safetensors")
-    (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
-    (out / "README.md").write_text(model_card(Path(run), config, cfg, fmt))
-    return out
+    files["model.safetensors"] = save(state, metadata={"format": "pt"})
+    files["config.json"] = (json.dumps(cfg, indent=2) + "\n").encode()
+    files["README.md"] = model_card(Path(run), config, cfg, fmt).encode()
+    return files
 
 
 def load_exported(directory: Path, whole: bool = False) -> torch.nn.Module:

@@ -53,11 +53,12 @@ def export(
     run: Annotated[Path, typer.Argument(help="Run directory or checkpoint directory.")],
     out: Annotated[Path, typer.Option("--out", help="Output directory.")],
     format: Annotated[str, typer.Option("--format", help="timm | hf | vitpipe")] = "timm",
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace files already in --out.")] = False,
 ) -> None:
     """Export the encoder: model.safetensors + config.json (timm hub format) + a model card README.md."""
     from vitpipe.export import export as run_export
 
-    path = run_export(run, out, format)
+    path = run_export(run, out, format, overwrite)
     typer.echo(f"exported {path / 'model.safetensors'}, {path / 'config.json'} and {path / 'README.md'}")
 
 

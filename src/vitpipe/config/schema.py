@@ -213,6 +213,9 @@ class ModelConfig:
         self.embed_dim = self.embed_dim or preset["embed_dim"]
         self.depth = self.depth or preset["depth"]
         self.num_heads = self.num_heads or preset["num_heads"]
+        check(min(self.embed_dim, self.depth, self.num_heads) >= 1,
+              "model.embed_dim, model.depth and model.num_heads must be >= 1 (0: the size preset's)")
+        check(self.mlp_ratio > 0, "model.mlp_ratio must be > 0")
         check(self.patch_size >= 1, "model.patch_size must be >= 1")
         check(self.embed_dim % self.num_heads == 0, "model.embed_dim must be divisible by model.num_heads")
         check(self.pool in ("cls", "gap", "map"), "model.pool must be cls|gap|map")

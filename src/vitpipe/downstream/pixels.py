@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -70,6 +71,9 @@ def sample(run: Path, prompt: str, n: int, out: Path, temperature: float, top_k:
 
     if n < 1 or temperature <= 0 or top_k < 0:
         raise ConfigError("--n must be >= 1, --temperature > 0 and --top-k >= 0")
+    out = Path(out)
+    if out.is_dir() or out.suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp"):
+        raise ConfigError(f"--out {out}: give an image file name (.png, .jpg or .webp), not a folder")
     source = EncoderSource.resolve(run)
     model = load_pixel_model(source)
     _, loader = _loader(source, prompt, workers)
@@ -80,8 +84,10 @@ def sample(run: Path, prompt: str, n: int, out: Path, temperature: float, top_k:
             break
     if not images:
         raise ConfigError(f"{prompt}: no images to complete")
-    grid = completion_grid(model, torch.cat(images)[:n], torch.Generator().manual_seed(seed), temperature, top_k)
-    out = Path(out)
+    images = torch.cat(images)[:n]
+    if len(images) < n:
+        print(f"note: {prompt} has {len(images)} readable images; completing those, not --n {n}", file=sys.stderr)
+    grid = completion_grid(model, images, torch.Generator().manual_seed(seed), temperature, top_k)
     out.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(grid).save(out)
     return out

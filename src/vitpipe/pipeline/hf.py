@@ -6,8 +6,11 @@ stays flat in the dataset's size. The dataset's own splits are kept."""
 
 from __future__ import annotations
 
+import functools
 import glob
+import json
 import os
+import sys
 import random
 from pathlib import Path
 from typing import Any, Iterator
@@ -40,6 +43,27 @@ def hf_files(location: str) -> list[Path]:
     return sorted(Path(p) for p in glob.glob(location) if Path(p).is_file())
 
 
+@functools.lru_cache(maxsize=None)
+def _note_once(message: str) -> None:
+    """Splits are opened several times per ingest (plan, count, read); say a thing once."""
+    print(message, file=sys.stderr)
+
+
+def _splits_on_disk(datasets, path: Path) -> dict[str | None, Any]:
+    """A saved DatasetDict split by split: ``load_from_disk`` of the whole fails (IndexError) when
+    one split is empty; an empty split is left out with a note."""
+    names = json.loads((path / "dataset_dict.json").read_text()).get("splits", [])
+    splits = {}
+    for name in names:
+        if not list((path / name).glob("*.arrow")):
+            _note_once(f"note: hf:{path}: split {name!r} is empty; left out")
+            continue
+        splits[name] = datasets.load_from_disk(str(path / name))
+    if not splits:
+        raise ConfigError(f"hf:{path}: every split is empty")
+    return splits
+
+
 def open_splits(location: str, split: str = "") -> dict[str | None, Any]:
     """split name -> Dataset or IterableDataset; the key is None for a dataset without splits (a
     ``save_to_disk`` Dataset) or when ``split`` picks one, so the output is flat as for a folder."""
@@ -47,9 +71,10 @@ def open_splits(location: str, split: str = "") -> dict[str | None, Any]:
     import datasets
 
     path = Path(location)
-    if path.is_dir() and any((path / name).is_file() for name in ("dataset_dict.json", "state.json")):
-        loaded = datasets.load_from_disk(str(path))
-        splits = dict(loaded) if isinstance(loaded, datasets.DatasetDict) else {None: loaded}
+    if (path / "dataset_dict.json").is_file():
+        splits = _splits_on_disk(datasets, path)
+    elif (path / "state.json").is_file():
+        splits = {None: datasets.load_from_disk(str(path))}
     else:
         loaded = _load_streaming(datasets, location)
         splits = dict(loaded) if len(loaded) > 1 or split else {None: next(iter(loaded.values()))}

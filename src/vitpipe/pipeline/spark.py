@@ -39,7 +39,10 @@ def check_can_run(spec: SourceSpec) -> None:
     if spec.kind != "url_list":
         raise ConfigError(f"distributor=pyspark distributes URL-list downloads; a {spec.kind} source is "
                           "read on this machine: drop distributor=pyspark")
-    if not _importable("pyspark") or not (os.environ.get("JAVA_HOME") or shutil.which("java")):
+    home = os.environ.get("JAVA_HOME")
+    if home and not os.access(Path(home) / "bin" / "java", os.X_OK):  # Spark would print shell noise
+        raise ConfigError(f"JAVA_HOME={home} holds no bin/java; point it at a Java 17+ runtime or unset it")
+    if not _importable("pyspark") or not (home or shutil.which("java")):
         raise ConfigError(INSTALL_HINT)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -53,6 +54,8 @@ class CLIPConfig:
     """... except its last N blocks and final norm."""
 
     def __post_init__(self) -> None:
+        check(min(self.text_width, self.text_depth, self.text_heads, self.embed_dim) >= 1,
+              "clip.text_width, text_depth, text_heads and embed_dim must be >= 1")
         check(self.text_width % self.text_heads == 0, "clip.text_width must be divisible by clip.text_heads")
         check(self.context_length >= 4, "clip.context_length must be >= 4")
         check(self.vocab_size >= 300, "clip.vocab_size must be >= 300 (the byte alphabet and special tokens)")
@@ -189,14 +192,34 @@ def _image_init(config: PretrainConfig) -> bytes:
     from vitpipe.ssl.runs import load_run_encoder
 
     encoder, source, _ = load_run_encoder(config.clip.image_init)
-    mine, theirs = to_dict(config.model), to_dict(source.model)
-    shape_keys = ("patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio", "class_token", "pos_embed", "conv_stem")
-    differ = [k for k in shape_keys if mine[k] != theirs[k]]
-    if not isinstance(encoder, VisionTransformer) or differ or source.data.image_size != config.data.image_size:
-        raise ConfigError(f"clip.image_init={config.clip.image_init}: its encoder does not have this run's shape "
-                          f"({', '.join(f'model.{k} {theirs[k]} vs {mine[k]}' for k in differ) or 'image size / kind'});"
-                          " set model.* to match it")
+    _check_image_init(config, source)
+    if not isinstance(encoder, VisionTransformer):
+        raise ConfigError(f"clip.image_init={config.clip.image_init}: its encoder is not a ViT")
     return save({k: v.contiguous() for k, v in encoder.state_dict().items()})
+
+
+def _check_image_init(config: PretrainConfig, source: PretrainConfig | None = None) -> None:
+    """Refuse (naming every difference) a ``clip.image_init`` run whose image tower is not this
+    run's: checked before anything of the run is made (``preflight``) and again on loading."""
+    if not config.clip.image_init:
+        return
+    if source is None:
+        from vitpipe.ssl import registry
+        from vitpipe.ssl.runs import run_dir_of
+
+        saved = run_dir_of(Path(config.clip.image_init)) / "config.yaml"
+        if not saved.is_file():
+            raise ConfigError(f"clip.image_init={config.clip.image_init} is neither a run directory nor a checkpoint")
+        source = registry.run_config(saved)
+    shape_keys = ("patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio", "class_token", "pos_embed",
+                  "conv_stem", "pool")
+    mine, theirs = to_dict(config.model), to_dict(source.model)
+    differ = [f"model.{k} {theirs[k]} vs {mine[k]}" for k in shape_keys if mine[k] != theirs[k]]
+    differ += [f"data.{k} {getattr(source.data, k)} vs {getattr(config.data, k)}" for k in ("image_size", "channels")
+               if getattr(source.data, k) != getattr(config.data, k)]
+    if differ:
+        raise ConfigError(f"clip.image_init={config.clip.image_init}: its encoder does not have this run's shape "
+                          f"({', '.join(differ)}); set them to match it")
 
 
 def build(config: PretrainConfig, artifacts: dict[str, bytes]) -> CLIP:
@@ -212,6 +235,7 @@ def build(config: PretrainConfig, artifacts: dict[str, bytes]) -> CLIP:
 
 SPEC = ObjectiveSpec(
     name="clip", build=build, section="clip", section_type=CLIPConfig, fit_artifacts=fit_artifacts,
+    preflight=_check_image_init,
     # the paper's optimizer (AdamW betas 0.9/0.98, eps 1e-6, wd 0.2), crops that keep most of the
     # image and no flips (captions say "left"), gap pooling of the image tower
     defaults={"optim": {"betas": [0.9, 0.98], "eps": 1e-6, "weight_decay": 0.2, "base_lr": 1e-3,

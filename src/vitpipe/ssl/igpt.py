@@ -86,7 +86,22 @@ def load_palette(data: bytes, channels: int, origin: str) -> torch.Tensor:
     if colours.ndim != 2 or colours.shape[1] != channels or int(content.get("channels", -1)) != channels:
         raise ConfigError(f"{origin}: a palette of {colours.shape[-1] if colours.ndim == 2 else '?'}-channel colours, "
                           f"but this run's images have {channels} (data.channels)")
+    check_palette(colours, origin)
     return colours
+
+
+def check_palette(colours: torch.Tensor, origin: str) -> None:
+    """What would train to a meaningless number: a non-finite colour (every distance NaN), two equal
+    colours (the second never chosen: bits per dim measured against a smaller palette than
+    claimed), a size igpt.palette_size cannot be set to."""
+    if not torch.isfinite(colours).all():
+        raise ConfigError(f"{origin}: the palette holds NaN or infinite values")
+    distinct = len(torch.unique(colours, dim=0))
+    if distinct < len(colours):
+        raise ConfigError(f"{origin}: {len(colours) - distinct} of its {len(colours)} colours repeat others; "
+                          "a palette's colours must differ")
+    if not 2 <= len(colours) <= 4096:
+        raise ConfigError(f"{origin}: {len(colours)} colours; a palette has 2..4096")
 
 
 def to_unit_range(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, resolution: int) -> torch.Tensor:
@@ -276,6 +291,12 @@ def fit_artifacts(config: PretrainConfig, read) -> dict[str, bytes]:
 def palette_from_shards(data, igpt: IGPTConfig, read) -> bytes:
     """A palette file's bytes: k-means on pixels of the shards ``read`` yields (``data``: DataConfig)."""
     pixels = sample_pixels(read, data, igpt)
+    distinct = len(np.unique(pixels, axis=0))
+    if distinct < 2:
+        raise ConfigError(f"{data.shards}: every sampled pixel has the same colour; nothing for iGPT to model")
+    if distinct < igpt.palette_size:  # k-means would repeat colours
+        raise ConfigError(f"{data.shards}: the sampled pixels have {distinct} distinct colours, fewer than "
+                          f"igpt.palette_size={igpt.palette_size}; set igpt.palette_size={distinct} or less")
     return palette_bytes(fit_palette(pixels, igpt.palette_size, igpt.palette_seed), data.shards)
 
 

@@ -73,7 +73,11 @@ def build_run_objective(run_or_checkpoint: Path, config: PretrainConfig | None =
     config = config or registry.run_config(run_dir / "config.yaml")
     if seed is not None:
         torch.manual_seed(seed)
-    return registry.build_objective(config, artifacts.load(run_dir))
+    files = artifacts.load(run_dir)
+    if not files and registry.get(config.objective).fit_artifacts is not None:
+        raise ConfigError(f"{run_dir}/run.json is missing or records no artefacts: a {config.objective} run needs "
+                          "the ones fitted before its training (RUN/artifacts/, checked against run.json)")
+    return registry.build_objective(config, files)
 
 
 def load_run_encoder(run_or_checkpoint: Path, config: PretrainConfig | None = None) -> tuple[nn.Module, PretrainConfig, Path]:

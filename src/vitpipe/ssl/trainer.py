@@ -31,6 +31,7 @@ from vitpipe.ssl.health import monitor
 from vitpipe.ssl.launch import RunLock, StopFlag, make_accelerator
 from vitpipe.ssl.objective import Objective
 from vitpipe.ssl.rundir import JsonLines
+from vitpipe.ssl.state import RunSummary, TrainState
 
 EXIT_PREEMPTED = 75
 
@@ -45,33 +46,6 @@ class Preempted(Exception):
     def __init__(self, step: int, checkpoint: Path | None) -> None:
         super().__init__(f"stopped by signal at step {step}; checkpoint {checkpoint}")
         self.step, self.checkpoint = step, checkpoint
-
-
-@dataclass
-class TrainState:
-    step: int = 0
-    """Optimizer steps done."""
-    samples_seen: int = 0
-    """Samples consumed by all processes together."""
-    epoch: int = 0
-    """Data epoch (drives shard order and shuffles)."""
-    batches_in_epoch: int = 0
-    """Micro-batches of this epoch already consumed (per process): the data position."""
-    wall_seconds: float = 0.0
-    """Training time accumulated over all sessions of this run."""
-
-
-@dataclass
-class RunSummary:
-    run_dir: Path
-    steps: int
-    final_loss: float | None
-    seconds: float
-    images_per_second: float
-    checkpoint: Path | None
-    resumed_from: int | None = None
-    metrics: dict[str, float] = field(default_factory=dict)
-    is_main: bool = True
 
 
 @dataclass
@@ -124,6 +98,7 @@ class Trainer:
         """Called on the main process after a signal checkpoint (e.g. SLURM requeue); its dict is logged."""
 
     def run(self) -> RunSummary:
+        self._preflight()
         accelerator, precision = make_accelerator(self.config.train, self.run_dir)
         if self.config.train.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
@@ -142,16 +117,20 @@ class Trainer:
 
     # -- setup -----------------------------------------------------------------------------
 
+    def _preflight(self) -> None:
+        """Refusals made before anything of the run exists: the objective's own, then the shards
+        lacking a field it needs."""
+        config, spec = self.config, registry.OBJECTIVES.get(self.config.objective)
+        if spec is not None and spec.preflight is not None:
+            spec.preflight(config)
+        if spec is not None:
+            require_needs(resolve_shards(config.data.shards), config.data.shards, spec.needs, f"pretrain {config.objective}")
+
     def _setup(self, accelerator, precision: str) -> _Session:
         from accelerate.utils import set_seed
 
         config, train = self.config, self.config.train
         is_main = accelerator.is_main_process
-        spec = registry.OBJECTIVES.get(config.objective)
-        if spec is not None and spec.preflight is not None:
-            spec.preflight(config)
-        if spec is not None:
-            require_needs(resolve_shards(config.data.shards), config.data.shards, spec.needs, f"pretrain {config.objective}")
         start = rundir.start_checkpoint(self.run_dir, config, self.resume, is_main)
         fitted = self._artifacts(accelerator, refit=start is None)
         set_seed(train.seed)  # identical initial parameters on every rank
