@@ -181,3 +181,17 @@ def test_a_java_home_without_java_is_one_line(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("JAVA_HOME", str(tmp_path / "nonexistent"))
     assert main(["ingest", str(urls), "--out", str(tmp_path / "out"), "distributor=pyspark"]) == 2
     assert "JAVA_HOME" in one_line(capsys)
+
+
+def test_a_fine_tune_on_few_labels_sizes_its_batch_to_them(mae_run, capsys):
+    from vitpipe.downstream.features import EncoderSource
+    from vitpipe.downstream.finetune import finetune, finetune_config
+
+    source = EncoderSource.resolve(mae_run / "run")
+    config = finetune_config(source, str(mae_run / "shards"), ["data.subset_fraction=0.5"])
+    assert config.train.batch_size == 8  # 10 labelled samples: the recipe's 128 halved to fit
+    assert "fine-tune batch 8" in capsys.readouterr().err
+    assert finetune_config(source, str(mae_run / "shards"), ["train.batch_size=4"]).train.batch_size == 4
+    _, result = finetune(source, str(mae_run / "shards"), str(mae_run / "shards"),
+                         ["data.subset_fraction=0.5", "train.max_steps=2", "data.num_workers=0"])
+    assert 0 <= result["top1"] <= 1

@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -16,6 +18,7 @@ from torch import nn
 from vitpipe.config import ConfigError, PretrainConfig, from_dict, merge, parse_overrides, to_dict
 from vitpipe.downstream.evaluate import run_dir_of, write_result
 from vitpipe.downstream.features import EncoderSource, FeatureSet, check_tally, extract
+from vitpipe.downstream.featurestore import Processes
 from vitpipe.downstream.probe import fit_linear_head
 from vitpipe.pipeline.census import require
 from vitpipe.pipeline.loader import LoaderSpec, ReadTally, counted, in_subset, make_loader
@@ -57,9 +60,25 @@ def finetune_config(source: EncoderSource, train: str, overrides: list[str] | No
     if source.kind == "random" and "layer_decay" not in user.get("finetune", {}):
         data = merge(data, {"finetune": {"layer_decay": 1.0}})
     data = merge(data, user)
+    if "batch_size" not in user.get("train", {}):
+        data = merge(data, {"train": {"batch_size": _batch_for_labels(train, data)}})
     if not data.get("finetune", {}).get("num_classes"):
         data = merge(data, {"finetune": {"num_classes": _num_classes(train)}})
     return from_dict(registry.config_class("classify"), data)
+
+
+def _batch_for_labels(train: str, data: dict[str, Any]) -> int:
+    """The recipe's batch, halved until one epoch of the labelled subset on each process holds a
+    batch (a 10% label subset of 1,000 images is 100 samples: less than the recipe's 128)."""
+    batch = int(data["train"]["batch_size"])
+    total = resolve_shards(train).total
+    labelled = int((total or 0) * data["data"].get("subset_fraction", 1.0)) // Processes.from_env().world
+    if not total or labelled >= batch or labelled < 1:
+        return batch
+    smaller = 2 ** int(math.log2(labelled))
+    print(f"note: fine-tune batch {smaller}: {labelled} labelled samples per process are fewer than the recipe's "
+          f"{batch} (set train.batch_size to choose)", file=sys.stderr)
+    return smaller
 
 
 def classifier_builder(source: EncoderSource, head: nn.Linear | None = None):

@@ -88,7 +88,7 @@ class ShardDataset(IterableDataset):
             if per_rank < spec.batch_size:
                 raise ConfigError(
                     f"{per_rank} samples per epoch and rank is less than one batch of {spec.batch_size}"
-                    + ("" if spec.shards.total else " (no sizes.json: set data.samples_per_epoch)"))
+                    + ("; lower train.batch_size" if spec.shards.total else " (no sizes.json: set data.samples_per_epoch)"))
             self.batches_per_epoch = per_rank // spec.batch_size
         else:
             self.batches_per_epoch = None
