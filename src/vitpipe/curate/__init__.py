@@ -1,0 +1,1 @@
+"""`vitpipe curate`: shards in, curated shards out, every removal counted and listed by reason."""

@@ -1,0 +1,164 @@
+"""`vitpipe curate SHARDS --out DIR`: read the samples once to hash them, run the recipe's steps,
+then copy the kept samples byte for byte into new shards.
+
+    DIR/00000.tar ...       kept samples, members unchanged, in input order
+    DIR/sizes.json          samples per shard
+    DIR/manifest.json       parent (sha256 of the input's manifest), the recipe, rows, kept,
+                            removed by reason; rows == kept + sum(removed) always
+    DIR/curation.jsonl      one line per removed key: reason, score, the key it duplicates
+
+The output is built under DIR/.tmp-curate and renamed into place, so an interrupted curate leaves
+no half-made DIR; the input shards are only ever read.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from vitpipe import __version__
+from vitpipe.config import ConfigError
+from vitpipe.curate.recipe import Recipe
+from vitpipe.curate.steps import Item, Removal, crop_hashes, image_hashes, run_decontaminate, run_filter, run_near_dup
+from vitpipe.pipeline.images import EXTENSIONS, decode_rgb
+from vitpipe.pipeline.manifest import find_manifest, manifest_hash, write_json_atomic
+from vitpipe.pipeline.shardset import open_shard, resolve_shards
+from vitpipe.pipeline.tario import iter_tar_samples, write_tar_atomic
+
+SHARD_SIZE = 1000
+MAX_PIXELS = 40_000_000
+
+
+def curate(spec: str, out: Path, recipe: Recipe, overwrite: bool = False) -> dict[str, Any]:
+    """Curate the shards ``spec`` names into ``out``; returns the output manifest."""
+    start = time.monotonic()
+    shards = resolve_shards(spec)
+    out = Path(out).resolve()
+    inputs = {Path(url).resolve().parent for url in shards.urls if "://" not in url}
+    if out in inputs or any(out == p or out in p.parents for p in inputs):
+        raise ConfigError(f"--out {out} holds the input shards; curate writes a new shard set elsewhere")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise ConfigError(f"{out} is not empty; pass --overwrite to replace it")
+    against = {spec for name, step in recipe.steps if name == "decontaminate" for spec in step.against}
+    evaluation = {spec: _evaluation_hashes(spec) for spec in sorted(against)}  # bad paths fail before any work
+    items = list(_items(shards.urls))
+    removed: dict[int, Removal] = {}
+    for name, step in recipe.steps:
+        remaining = [item for item in items if item.position not in removed]
+        if name == "filter":
+            removed.update(run_filter(remaining, step))
+        elif name == "near_dup":
+            removed.update(run_near_dup(remaining, step))
+        else:
+            removed.update(run_decontaminate(remaining, step, {spec: evaluation[spec] for spec in step.against}))
+    tmp = out.parent / f".tmp-curate-{out.name}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    written = _write_kept(shards.urls, removed, tmp)
+    _write_log(tmp / "curation.jsonl", items, removed)
+    manifest = _manifest(spec, recipe, items, removed, written, shards, time.monotonic() - start)
+    write_json_atomic(tmp / "manifest.json", manifest)
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return manifest
+
+
+def _samples(urls: list[str]) -> Iterator[dict[str, bytes]]:
+    for url in urls:
+        with open_shard(url) as handle:
+            yield from iter_tar_samples(handle)
+
+
+def _items(urls: list[str]) -> Iterator[Item]:
+    """Pass 1: each sample's key, size, caption length and hashes (None when undecodable)."""
+    for position, sample in enumerate(_samples(urls)):
+        meta = json.loads(sample["json"]) if "json" in sample else {}
+        words = len(sample["txt"].decode("utf-8", errors="replace").split()) if "txt" in sample else 0
+        data = next((sample[ext] for ext in EXTENSIONS if ext in sample), None)
+        try:
+            image = decode_rgb(data, MAX_PIXELS) if data is not None else None
+        except Exception:  # noqa: BLE001 - any undecodable image is counted, never fatal
+            image = None
+        size = image.size if image is not None else (0, 0)
+        width, height = meta.get("original_width") or size[0], meta.get("original_height") or size[1]
+        yield Item(position, sample["__key__"], int(width), int(height), words,
+                   image_hashes(image) if image is not None else None)
+
+
+def _evaluation_hashes(spec: str) -> tuple[list[str], np.ndarray]:
+    """Keys and [M, 16, 2, 8] crop hashes of an evaluation set's images."""
+    keys, hashes = [], []
+    for sample in _samples(resolve_shards(spec).urls):
+        data = next((sample[ext] for ext in EXTENSIONS if ext in sample), None)
+        if data is None:
+            continue
+        try:
+            image = decode_rgb(data, MAX_PIXELS)
+        except Exception:  # noqa: BLE001
+            continue
+        keys.append(sample["__key__"])
+        hashes.append(crop_hashes(image))
+    return keys, np.stack(hashes) if hashes else np.zeros((0, 16, 2, 8), np.uint8)
+
+
+def _write_kept(urls: list[str], removed: dict[int, Removal], directory: Path) -> list[dict[str, Any]]:
+    """Pass 2: the kept samples, byte for byte, SHARD_SIZE to a shard."""
+    entries, batch = [], []
+
+    def flush() -> None:
+        name = f"{len(entries):05d}.tar"
+        size, digest = write_tar_atomic(directory / name, batch)
+        entries.append({"file": name, "samples": len(batch), "bytes": size, "sha256": digest})
+        batch.clear()
+
+    for position, sample in enumerate(_samples(urls)):
+        if position not in removed:
+            batch.append(sample)
+            if len(batch) == SHARD_SIZE:
+                flush()
+    if batch:
+        flush()
+    write_json_atomic(directory / "sizes.json", {entry["file"]: entry["samples"] for entry in entries})
+    return entries
+
+
+def _write_log(path: Path, items: list[Item], removed: dict[int, Removal]) -> None:
+    with open(path, "w") as handle:
+        for item in items:
+            if item.position in removed:
+                r = removed[item.position]
+                handle.write(json.dumps({"key": item.key, "reason": r.reason, "score": r.score,
+                                         "duplicate_of": r.duplicate_of, **r.extra}) + "\n")
+
+
+def _manifest(spec: str, recipe: Recipe, items: list[Item], removed: dict[int, Removal],
+              written: list[dict[str, Any]], shards, seconds: float) -> dict[str, Any]:
+    parent_path = find_manifest(shards.directory) if shards.directory else None
+    parent = json.loads(parent_path.read_text()) if parent_path else {}
+    reasons = Counter(r.reason for r in removed.values())
+    against = Counter(r.extra["against"] for r in removed.values() if "against" in r.extra)
+    kept = sum(entry["samples"] for entry in written)
+    assert len(items) == kept + sum(reasons.values())  # every row is kept or removed for one reason
+    return {
+        "vitpipe_version": __version__, "kind": "curate",
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "source": {"kind": "shards", "location": spec}, "parent": manifest_hash(shards.directory) if shards.directory else None,
+        "settings": {"steps": recipe.settings()}, "rows": len(items), "written": kept,
+        "removed": dict(sorted(reasons.items())), "contaminated_by_set": dict(sorted(against.items())),
+        "undecodable": sum(item.hashes is None for item in items),
+        "splits": {"curated": {"dir": ".", "written": kept, "shards": written}},
+        "label_map": parent.get("label_map"), "seconds": round(seconds, 3),
+    }
+
+
+def read_log(path: Path) -> list[dict[str, Any]]:
+    """curation.jsonl as records (tests and the page read it)."""
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]

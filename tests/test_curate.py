@@ -1,0 +1,141 @@
+"""`vitpipe curate` end to end: near-duplicates, evaluation look-alikes (re-encoded, resized,
+brightened, cropped), simple filters; the accounting, the log, the lineage, the refusals."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pytest
+from PIL import Image, ImageEnhance
+
+from vitpipe.cli import main
+from vitpipe.config import IngestConfig
+from vitpipe.curate.run import read_log
+from vitpipe.pipeline.ingest import ingest
+
+
+def picture(seed: int, size: int = 64) -> Image.Image:
+    """A smooth random picture (a 5x5 colour grid, upscaled): what photos look like to a pHash."""
+    grid = np.random.default_rng(seed).integers(0, 256, (5, 5, 3), dtype=np.uint8)
+    return Image.fromarray(grid).resize((size, size), Image.BICUBIC)
+
+
+def jpeg(image: Image.Image, quality: int) -> Image.Image:
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", quality=quality)
+    return Image.open(io.BytesIO(buffer.getvalue())).convert("RGB")
+
+
+def crop(image: Image.Image, fraction: float, fx: float, fy: float) -> Image.Image:
+    w, h = round(image.width * fraction), round(image.height * fraction)
+    left, top = round((image.width - w) * fx), round((image.height - h) * fy)
+    return image.crop((left, top, left + w, top + h))
+
+
+LOOK_ALIKES = {  # evaluation picture seed -> its transformed copy in the training pool
+    100: lambda im: jpeg(im, 40),
+    101: lambda im: im.resize((128, 128), Image.BICUBIC),
+    102: lambda im: im.resize((40, 40), Image.BICUBIC),
+    103: lambda im: ImageEnhance.Brightness(im).enhance(1.1),
+    104: lambda im: crop(im, 0.9, 0.0, 0.0),
+    105: lambda im: crop(im, 0.88, 0.5, 0.5),
+    106: lambda im: crop(im, 0.93, 1.0, 0.3),
+    107: lambda im: im.copy(),
+}
+
+
+@pytest.fixture(scope="module")
+def pool(tmp_path_factory):
+    root = tmp_path_factory.mktemp("curate")
+    (root / "train" / "a").mkdir(parents=True)
+    (root / "test" / "a").mkdir(parents=True)
+    for seed in range(40):
+        picture(seed).save(root / "train" / "a" / f"p{seed}.png")
+    jpeg(picture(0), 50).save(root / "train" / "a" / "dup0.png")  # near-duplicates of training pictures
+    picture(1, 32).save(root / "train" / "a" / "dup1small.png")
+    Image.new("RGB", (64, 8), "red").save(root / "train" / "a" / "strip.png")  # aspect 8
+    for seed, transform in LOOK_ALIKES.items():
+        transform(picture(seed)).save(root / "train" / "a" / f"leak{seed}.png")
+    for seed in range(100, 120):
+        picture(seed).save(root / "test" / "a" / f"t{seed}.png")
+    for name in ("train", "test"):
+        ingest(str(root / name), root / f"{name}_shards", IngestConfig(image_size=0, shard_size=16, dedup=False),
+               progress=False)
+    (root / "recipe.yaml").write_text(
+        "steps:\n  - filter: {max_aspect: 4}\n  - near_dup: {radius: 4}\n"
+        f"  - decontaminate: {{against: [{root / 'test_shards'}]}}\n")
+    return root
+
+
+def keys_by_name(shards) -> dict[str, str]:
+    """Ingest key -> the source file's stem, from each sample's json."""
+    from vitpipe.pipeline.shardset import open_shard, resolve_shards
+    from vitpipe.pipeline.tario import iter_tar_samples
+
+    found = {}
+    for url in resolve_shards(str(shards)).urls:
+        with open_shard(url) as handle:
+            for sample in iter_tar_samples(handle):
+                meta = json.loads(sample["json"])
+                found[sample["__key__"]] = str(meta.get("source") or meta.get("path") or meta["key"])
+    return found
+
+
+def test_curate_removes_look_alikes_duplicates_and_unfit_samples_and_accounts_for_each(pool, tmp_path, capsys):
+    out = tmp_path / "curated"
+    assert main(["curate", str(pool / "train_shards"), "--out", str(out), "--config", str(pool / "recipe.yaml")]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["rows"] == 51 and manifest["rows"] == manifest["written"] + sum(manifest["removed"].values())
+    assert manifest["removed"] == {"aspect": 1, "contaminated": len(LOOK_ALIKES), "near_duplicate": 2}
+    assert manifest["parent"] == __import__("hashlib").sha256((pool / "train_shards" / "manifest.json").read_bytes()).hexdigest()
+    log = read_log(out / "curation.jsonl")
+    names = {**keys_by_name(pool / "train_shards"), **keys_by_name(pool / "test_shards")}
+    leaks = {names[r["key"]].rsplit("/", 1)[-1]: names[r["duplicate_of"]].rsplit("/", 1)[-1]
+             for r in log if r["reason"] == "contaminated"}
+    assert leaks == {f"leak{seed}.png": f"t{seed}.png" for seed in LOOK_ALIKES}, leaks
+    dups = {names[r["key"]].rsplit("/", 1)[-1] for r in log if r["reason"] == "near_duplicate"}
+    assert "dup1small.png" in dups and len(dups & {"p0.png", "dup0.png"}) == 1  # the larger kept; a tie: the first
+    assert sum(json.loads((out / "sizes.json").read_text()).values()) == manifest["written"]
+    assert "kept 40" in capsys.readouterr().out
+
+
+def test_curated_shards_train_and_keep_their_samples_byte_for_byte(pool, tmp_path):
+    from vitpipe.pipeline.census import sample_hashes
+    from vitpipe.pipeline.shardset import resolve_shards
+
+    out = tmp_path / "curated"
+    assert main(["curate", str(pool / "train_shards"), "--out", str(out), "near_dup.radius=4"]) == 0
+    before = sample_hashes(resolve_shards(str(pool / "train_shards")))
+    after = sample_hashes(resolve_shards(str(out)))
+    assert after < before and len(before - after) == 2
+    assert main(["pretrain", "mae", "--data", str(out), "--out", str(tmp_path / "run"), "model.size=micro",
+                 "data.image_size=16", "train.batch_size=8", "train.max_steps=1", "data.num_workers=0",
+                 "train.tensorboard=false", "mae.decoder_dim=32", "mae.decoder_heads=2", "mae.decoder_depth=1"]) == 0
+
+
+@pytest.mark.parametrize("args,words", [
+    (["semantic_dedup.eps=0.05"], "not built yet"),
+    (["dedupe.radius=3"], "unknown curation step 'dedupe'"),
+    (["near_dup.radious=3"], "unknown config key near_dup.radious"),
+    (["near_dup.radius=99"], "near_dup.radius must be in 0..16"),
+    (["decontaminate.against=[/nonexistent/x]"], "/nonexistent/x"),
+    ([], "no curation steps"),
+])
+def test_recipe_mistakes_are_one_line(pool, tmp_path, capsys, args, words):
+    assert main(["curate", str(pool / "train_shards"), "--out", str(tmp_path / "o"), *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and words in err[0], err
+    assert not (tmp_path / "o").exists()
+
+
+def test_out_inside_the_input_or_not_empty_is_refused_and_the_input_untouched(pool, tmp_path, capsys):
+    before = {p.name: p.read_bytes() for p in (pool / "train_shards").rglob("*") if p.is_file()}
+    assert main(["curate", str(pool / "train_shards"), "--out", str(pool / "train_shards"), "near_dup.radius=4"]) == 2
+    assert "holds the input shards" in capsys.readouterr().err
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "mine.txt").write_text("x")
+    assert main(["curate", str(pool / "train_shards"), "--out", str(tmp_path / "full"), "near_dup.radius=4"]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in (pool / "train_shards").rglob("*") if p.is_file()} == before
