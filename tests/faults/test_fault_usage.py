@@ -195,3 +195,10 @@ def test_a_fine_tune_on_few_labels_sizes_its_batch_to_them(mae_run, capsys):
     _, result = finetune(source, str(mae_run / "shards"), str(mae_run / "shards"),
                          ["data.subset_fraction=0.5", "train.max_steps=2", "data.num_workers=0"])
     assert 0 <= result["top1"] <= 1
+
+
+def test_retrieval_with_an_empty_text_query_is_one_line(mae_run, capsys):
+    capsys.readouterr()
+    assert main(["eval", "retrieval", str(mae_run / "run"), "--index", str(mae_run / "shards"), "--text", "  ",
+                 "--workers", "0"]) == 2
+    assert "--text is empty" in one_line(capsys)
