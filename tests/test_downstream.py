@@ -407,9 +407,8 @@ def test_extraction_on_two_processes_equals_one(tiny_run, tiny_labelled_shards, 
                              "--workers", "1"], env=env, capture_output=True, text=True, timeout=180)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("k-NN") == 1  # the first process reports; the other only extracted
-    stores = sorted(p.name for p in (single / "eval" / "cache").iterdir() if not p.name.endswith(".lock"))
-    assert stores == sorted(p.name for p in (multi / "eval" / "cache").iterdir() if not p.name.endswith(".lock"))
-    assert len(stores) == 2  # no parts left
+    stores, other = ([p.name for p in sorted((run / "eval" / "cache").iterdir()) if p.suffix != ".lock"] for run in (single, multi))
+    assert stores == other and len(stores) == 2  # no parts left (the cache's lock files aside)
     for name in stores:
         one, two = single / "eval" / "cache" / name, multi / "eval" / "cache" / name
         assert json.loads((one / "index.json").read_text()) == json.loads((two / "index.json").read_text())
