@@ -139,3 +139,26 @@ def test_out_inside_the_input_or_not_empty_is_refused_and_the_input_untouched(po
     assert main(["curate", str(pool / "train_shards"), "--out", str(tmp_path / "full"), "near_dup.radius=4"]) == 2
     assert "--overwrite" in capsys.readouterr().err
     assert {p.name: p.read_bytes() for p in (pool / "train_shards").rglob("*") if p.is_file()} == before
+
+
+def test_a_killed_curates_leftovers_go_and_a_file_as_out_is_one_line(pool, tmp_path, capsys):
+    stale = tmp_path / ".tmp-curate-out-999999999"  # no such process
+    stale.mkdir()
+    (stale / "00000.tar").write_bytes(b"half")
+    assert main(["curate", str(pool / "train_shards"), "--out", str(tmp_path / "out"), "near_dup.radius=4"]) == 0
+    assert not stale.exists() and not list(tmp_path.glob(".tmp-curate-*"))
+    (tmp_path / "file").write_text("x")
+    capsys.readouterr()
+    assert main(["curate", str(pool / "train_shards"), "--out", str(tmp_path / "file"), "near_dup.radius=4"]) == 2
+    assert "is a file" in capsys.readouterr().err
+
+
+def test_filter_reasons_and_scores():
+    from vitpipe.curate.recipe import FilterStep
+    from vitpipe.curate.steps import Item, run_filter
+
+    items = [Item(0, "small", 20, 40, 5), Item(1, "strip", 400, 50, 5), Item(2, "terse", 64, 64, 1),
+             Item(3, "fine", 64, 48, 3)]
+    removed = run_filter(items, FilterStep(min_side=32, max_aspect=4, min_caption_words=2))
+    assert {p: (r.reason, r.score) for p, r in removed.items()} == {
+        0: ("too_small", 20.0), 1: ("aspect", 8.0), 2: ("short_caption", 1.0)}

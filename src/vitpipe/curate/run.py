@@ -7,7 +7,7 @@ then copy the kept samples byte for byte into new shards.
                             removed by reason; rows == kept + sum(removed) always
     DIR/curation.jsonl      one line per removed key: reason, score, the key it duplicates
 
-The output is built under DIR/.tmp-curate and renamed into place, so an interrupted curate leaves
+The output is built beside DIR (.tmp-curate-DIR-PID) and renamed into place, so an interrupted curate leaves
 no half-made DIR; the input shards are only ever read.
 """
 
@@ -44,6 +44,8 @@ def curate(spec: str, out: Path, recipe: Recipe, overwrite: bool = False) -> dic
     inputs = {Path(url).resolve().parent for url in shards.urls if "://" not in url}
     if out in inputs or any(out == p or out in p.parents for p in inputs):
         raise ConfigError(f"--out {out} holds the input shards; curate writes a new shard set elsewhere")
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file; give a directory")
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise ConfigError(f"{out} is not empty; pass --overwrite to replace it")
     against = {spec for name, step in recipe.steps if name == "decontaminate" for spec in step.against}
@@ -58,9 +60,7 @@ def curate(spec: str, out: Path, recipe: Recipe, overwrite: bool = False) -> dic
             removed.update(run_near_dup(remaining, step))
         else:
             removed.update(run_decontaminate(remaining, step, {spec: evaluation[spec] for spec in step.against}))
-    tmp = out.parent / f".tmp-curate-{out.name}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp = _fresh_tmp(out)
     written = _write_kept(shards.urls, removed, tmp)
     _write_log(tmp / "curation.jsonl", items, removed)
     manifest = _manifest(spec, recipe, items, removed, written, shards, time.monotonic() - start)
@@ -69,6 +69,20 @@ def curate(spec: str, out: Path, recipe: Recipe, overwrite: bool = False) -> dic
         shutil.rmtree(out)
     os.replace(tmp, out)
     return manifest
+
+
+def _fresh_tmp(out: Path) -> Path:
+    """This process's build directory beside ``out``; those of killed curates are removed (a
+    live one's, another curate at work, is left alone)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for stale in out.parent.glob(f".tmp-curate-{out.name}-*"):
+        pid = stale.name.rsplit("-", 1)[1]
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            shutil.rmtree(stale, ignore_errors=True)
+    tmp = out.parent / f".tmp-curate-{out.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    return tmp
 
 
 def _samples(urls: list[str]) -> Iterator[dict[str, bytes]]:
