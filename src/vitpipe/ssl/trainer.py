@@ -32,6 +32,7 @@ from vitpipe.ssl.launch import RunLock, StopFlag, make_accelerator
 from vitpipe.ssl.objective import Objective
 from vitpipe.ssl.rundir import JsonLines
 from vitpipe.ssl.state import RunSummary, TrainState
+from vitpipe.ssl.vit import set_grad_checkpointing
 
 EXIT_PREEMPTED = 75
 
@@ -135,6 +136,7 @@ class Trainer:
         fitted = self._artifacts(accelerator, refit=start is None)
         set_seed(train.seed)  # identical initial parameters on every rank
         objective = self.build_objective(config, fitted)
+        set_grad_checkpointing(objective, train.grad_checkpointing)
         dataset, loader = self._loader(objective, accelerator.process_index, accelerator.num_processes)
         global_batch = train.batch_size * train.grad_accum * accelerator.num_processes
         optimizer, scheduler, lr, warmup = optim.build(objective, config, global_batch)

@@ -92,9 +92,30 @@ class Block(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
+    checkpointing = False
+    """Recompute this block's activations in the backward pass instead of keeping them (set by
+    ``set_grad_checkpointing``); only while training with gradients on. Same gradients: the RNG
+    state (drop path) is restored for the recomputation."""
+
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
+        if self.checkpointing and self.training and torch.is_grad_enabled():
+            from torch.utils.checkpoint import checkpoint
+
+            return checkpoint(self._forward, x, attn_mask, is_causal, use_reentrant=False)
+        return self._forward(x, attn_mask, is_causal)
+
+    def _forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None, is_causal: bool) -> torch.Tensor:
         x = x + self.drop_path(self.attn(self.norm1(x), attn_mask=attn_mask, is_causal=is_causal))
         return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+def set_grad_checkpointing(model: nn.Module, enabled: bool) -> int:
+    """Activation checkpointing for every transformer block of ``model``: each objective's encoder,
+    decoder, predictor and text tower are built of ``Block``. Returns how many blocks it set."""
+    blocks = [module for module in model.modules() if isinstance(module, Block)]
+    for block in blocks:
+        block.checkpointing = enabled
+    return len(blocks)
 
 
 def init_weights(module: nn.Module) -> None:
