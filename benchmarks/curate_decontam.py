@@ -69,13 +69,14 @@ def main() -> None:
     parser.add_argument("--copies", type=int, default=200)
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--radii", default="6,8,10,12")
+    parser.add_argument("--flips", action="store_true", help="hash the mirrored evaluation images too")
     args = parser.parse_args()
     paths = sorted(ROOT.rglob("*.png"))
     test_paths = [p for p in paths if hashlib.sha256(str(p).encode()).digest()[0] < 64][:args.test]
     train_paths = [p for p in paths if hashlib.sha256(str(p).encode()).digest()[0] >= 64][:args.train]
     start = time.monotonic()
     test_images = [im for im in (load(p, args.size) for p in test_paths) if im is not None]
-    evaluation = {"test": ([str(i) for i in range(len(test_images))], np.stack([crop_hashes(im) for im in test_images]))}
+    evaluation = {"test": ([str(i) for i in range(len(test_images))], np.stack([crop_hashes(im, args.flips) for im in test_images]))}
     eval_seconds = time.monotonic() - start
     start = time.monotonic()
     train_images = [im for im in (load(p, args.size) for p in train_paths) if im is not None]

@@ -162,3 +162,20 @@ def test_filter_reasons_and_scores():
     removed = run_filter(items, FilterStep(min_side=32, max_aspect=4, min_caption_words=2))
     assert {p: (r.reason, r.score) for p, r in removed.items()} == {
         0: ("too_small", 20.0), 1: ("aspect", 8.0), 2: ("short_caption", 1.0)}
+
+
+def test_flipped_copies_are_found_only_with_flips(tmp_path):
+    for name in ("train", "test"):
+        (tmp_path / name / "a").mkdir(parents=True)
+    for seed in range(6):
+        picture(200 + seed).save(tmp_path / "train" / "a" / f"p{seed}.png")
+        picture(300 + seed).save(tmp_path / "test" / "a" / f"t{seed}.png")
+    picture(300).transpose(Image.FLIP_LEFT_RIGHT).save(tmp_path / "train" / "a" / "mirrored.png")
+    for name in ("train", "test"):
+        ingest(str(tmp_path / name), tmp_path / f"{name}_shards", IngestConfig(image_size=0), progress=False)
+    against = f"decontaminate.against=[{tmp_path / 'test_shards'}]"
+    assert main(["curate", str(tmp_path / "train_shards"), "--out", str(tmp_path / "plain"), against]) == 0
+    assert json.loads((tmp_path / "plain" / "manifest.json").read_text())["removed"] == {}
+    assert main(["curate", str(tmp_path / "train_shards"), "--out", str(tmp_path / "flips"), against,
+                 "decontaminate.flips=true"]) == 0
+    assert json.loads((tmp_path / "flips" / "manifest.json").read_text())["removed"] == {"contaminated": 1}

@@ -60,6 +60,9 @@ class DecontaminateStep:
     """Evaluation shard sets (paths, globs or brace patterns) whose images must not be trained on."""
     radius: int = 10
     """Hamming radius in bits, for each of the two hashes."""
+    flips: bool = False
+    """Also match mirrored copies (the evaluation images are hashed flipped too): finds every
+    flipped copy, at the cost of more look-alikes removed (benchmarks/RESULTS.md)."""
 
     def __post_init__(self) -> None:
         check(bool(self.against), "decontaminate.against needs at least one evaluation shard set")

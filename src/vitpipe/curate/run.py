@@ -48,8 +48,8 @@ def curate(spec: str, out: Path, recipe: Recipe, overwrite: bool = False) -> dic
         raise ConfigError(f"--out {out} is a file; give a directory")
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise ConfigError(f"{out} is not empty; pass --overwrite to replace it")
-    against = {spec for name, step in recipe.steps if name == "decontaminate" for spec in step.against}
-    evaluation = {spec: _evaluation_hashes(spec) for spec in sorted(against)}  # bad paths fail before any work
+    against = {(spec, step.flips) for name, step in recipe.steps if name == "decontaminate" for spec in step.against}
+    evaluation = {key: _evaluation_hashes(*key) for key in sorted(against)}  # bad paths fail before any work
     items = list(_items(shards.urls))
     removed: dict[int, Removal] = {}
     for name, step in recipe.steps:
@@ -59,7 +59,8 @@ def curate(spec: str, out: Path, recipe: Recipe, overwrite: bool = False) -> dic
         elif name == "near_dup":
             removed.update(run_near_dup(remaining, step))
         else:
-            removed.update(run_decontaminate(remaining, step, {spec: evaluation[spec] for spec in step.against}))
+            sets = {spec: evaluation[spec, step.flips] for spec in step.against}
+            removed.update(run_decontaminate(remaining, step, sets))
     tmp = _fresh_tmp(out)
     written = _write_kept(shards.urls, removed, tmp)
     _write_log(tmp / "curation.jsonl", items, removed)
@@ -107,8 +108,8 @@ def _items(urls: list[str]) -> Iterator[Item]:
                    image_hashes(image) if image is not None else None)
 
 
-def _evaluation_hashes(spec: str) -> tuple[list[str], np.ndarray]:
-    """Keys and [M, 16, 2, 8] crop hashes of an evaluation set's images."""
+def _evaluation_hashes(spec: str, flips: bool) -> tuple[list[str], np.ndarray]:
+    """Keys and [M, 16 (32 with flips), 2, 8] crop hashes of an evaluation set's images."""
     keys, hashes = [], []
     for sample in _samples(resolve_shards(spec).urls):
         data = next((sample[ext] for ext in EXTENSIONS if ext in sample), None)
@@ -119,8 +120,8 @@ def _evaluation_hashes(spec: str) -> tuple[list[str], np.ndarray]:
         except Exception:  # noqa: BLE001
             continue
         keys.append(sample["__key__"])
-        hashes.append(crop_hashes(image))
-    return keys, np.stack(hashes) if hashes else np.zeros((0, 16, 2, 8), np.uint8)
+        hashes.append(crop_hashes(image, flips))
+    return keys, np.stack(hashes) if hashes else np.zeros((0, 32 if flips else 16, 2, 8), np.uint8)
 
 
 def _write_kept(urls: list[str], removed: dict[int, Removal], directory: Path) -> list[dict[str, Any]]:

@@ -22,9 +22,12 @@ def image_hashes(image: Image.Image) -> np.ndarray:
                      np.packbits(imagehash.dhash(image).hash.flatten())])
 
 
-def crop_hashes(image: Image.Image) -> np.ndarray:
+def crop_hashes(image: Image.Image, flips: bool = False) -> np.ndarray:
     """[16, 2, 8]: the image's hashes whole, then of its 85/90/95% crops at the centre and corners
-    (a training copy cropped from an evaluation image matches one of these, not the whole)."""
+    (a training copy cropped from an evaluation image matches one of these, not the whole);
+    ``flips``: [32, 2, 8], the mirrored image's after them (pHash is not flip-invariant)."""
+    if flips:
+        return np.concatenate([crop_hashes(image), crop_hashes(image.transpose(Image.FLIP_LEFT_RIGHT))])
     width, height = image.size
     out = [image_hashes(image)]
     for scale in CROP_SCALES:
