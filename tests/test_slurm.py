@@ -197,3 +197,30 @@ def test_run_lock_dies_with_its_process_even_if_a_forked_child_lives_on(tmp_path
         lock.release()
     finally:
         os.kill(child, signal.SIGKILL)
+
+
+def test_a_lock_still_held_for_a_dead_trainer_is_waited_out_not_refused(tmp_path):
+    """Under load, a killed trainer's forked child may not yet have closed its copy of the lock:
+    the file names a dead process of this machine, so the rerun waits for the copy to go."""
+    import os
+    import subprocess
+    import sys
+
+    from vitpipe.ssl.launch import RunLock
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (tmp_path / "run").mkdir()
+    code = ("import fcntl, sys, time; handle = open(sys.argv[1], 'a+'); fcntl.flock(handle, fcntl.LOCK_EX); "
+            f"handle.write('pid {dead.pid} on {os.uname().nodename}'); handle.flush(); print('held', flush=True); "
+            "time.sleep(1.5)")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "run" / ".lock")], stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        lock = RunLock(tmp_path / "run")
+        lock.acquire()  # refused at once before
+        lock.release()
+    finally:
+        holder.kill()
+        holder.wait()

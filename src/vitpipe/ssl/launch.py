@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import os
 import signal
+import time
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +65,20 @@ def _hold(handle) -> None:
     _HELD_LOCKS.append(handle)
 
 
+def _dead_here(holder: str) -> bool:
+    """Whether the lock file names a process of this machine that no longer exists."""
+    parts = holder.replace(",", " ").split()
+    if len(parts) < 4 or parts[0] != "pid" or not parts[1].isdigit() or parts[3] != os.uname().nodename:
+        return False
+    try:
+        os.kill(int(parts[1]), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
 class RunLock:
     """One writer per run directory: a second job on the same run gets a clear error."""
 
@@ -75,6 +90,7 @@ class RunLock:
         import fcntl
 
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        deadline = time.monotonic() + 10
         while True:
             handle = open(self.path, "a+")
             try:
@@ -83,6 +99,9 @@ class RunLock:
                 handle.seek(0)
                 holder = handle.read().strip() or "another process"
                 handle.close()
+                if _dead_here(holder) and time.monotonic() < deadline:
+                    time.sleep(0.1)  # a killed holder's forked child has not yet closed its copy
+                    continue
                 raise ConfigError(f"{self.path.parent} is being written by {holder}; one job per run directory") from None
             try:  # the holder we waited for may have removed the file meanwhile: lock the one on disk
                 if os.stat(self.path).st_ino == os.fstat(handle.fileno()).st_ino:
