@@ -48,7 +48,7 @@ def curate(spec: str, out: Path, recipe: Recipe, overwrite: bool = False) -> dic
         raise ConfigError(f"--out {out} is a file; give a directory")
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise ConfigError(f"{out} is not empty; pass --overwrite to replace it")
-    against = {(spec, step.flips) for name, step in recipe.steps if name == "decontaminate" for spec in step.against}
+    against = {(test, step.flips) for name, step in recipe.steps if name == "decontaminate" for test in step.against}
     evaluation = {key: _evaluation_hashes(*key) for key in sorted(against)}  # bad paths fail before any work
     items = list(_items(shards.urls))
     removed: dict[int, Removal] = {}
@@ -59,7 +59,7 @@ def curate(spec: str, out: Path, recipe: Recipe, overwrite: bool = False) -> dic
         elif name == "near_dup":
             removed.update(run_near_dup(remaining, step))
         else:
-            sets = {spec: evaluation[spec, step.flips] for spec in step.against}
+            sets = {test: evaluation[test, step.flips] for test in step.against}
             removed.update(run_decontaminate(remaining, step, sets))
     tmp = _fresh_tmp(out)
     written = _write_kept(shards.urls, removed, tmp)
