@@ -8,7 +8,6 @@ vitpipe's own forward.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +15,7 @@ import torch
 from einops import rearrange
 
 from vitpipe.config import ConfigError, from_dict, to_dict
+from vitpipe.pipeline.manifest import write_bytes_atomic
 from vitpipe.ssl import artifacts, registry
 from vitpipe.ssl.runs import load_run_encoder, load_run_objective, run_dir_of
 from vitpipe.ssl.vit import VisionTransformer
@@ -128,15 +128,8 @@ def export(run: Path, out: Path, fmt: str = "timm", overwrite: bool = False) -> 
     taken = sorted(name for name in files if (out / name).exists())
     if taken and not overwrite:
         raise ConfigError(f"{out} already holds {', '.join(taken)}; pass --overwrite to replace them")
-    mask = os.umask(0)
-    os.umask(mask)
     for name, data in files.items():
-        path = out / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_bytes(data)
-        os.chmod(tmp, 0o666 & ~mask)
-        os.replace(tmp, path)
+        write_bytes_atomic(out / name, data)
     return out
 
 

@@ -23,7 +23,7 @@ from vitpipe.downstream.probe import fit_linear_head
 from vitpipe.pipeline.census import require
 from vitpipe.pipeline.loader import LoaderSpec, ReadTally, counted, in_subset, make_loader
 from vitpipe.pipeline.shardset import resolve_shards
-from vitpipe.pipeline.manifest import find_manifest
+from vitpipe.pipeline.manifest import label_map_of
 from vitpipe.pipeline.transforms import TransformSpec
 from vitpipe.ssl.classify import Classifier
 from vitpipe.ssl import registry
@@ -33,9 +33,7 @@ from vitpipe.ssl.trainer import Trainer
 
 
 def _num_classes(train: str) -> int:
-    shards = resolve_shards(train)
-    path = find_manifest(shards.directory) if shards.directory else None
-    label_map = json.loads(path.read_text()).get("label_map") if path else None
+    label_map = label_map_of(resolve_shards(train).directory)
     if not label_map:
         raise ConfigError("cannot tell the number of classes from the shards' manifest; pass finetune.num_classes=N")
     return len(label_map)

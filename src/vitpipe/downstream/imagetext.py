@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ from vitpipe.downstream.evaluate import write_result
 from vitpipe.downstream.features import EncoderSource, FeatureSet, check_tally
 from vitpipe.pipeline.census import require
 from vitpipe.pipeline.loader import LoaderSpec, ReadTally, counted, make_loader
-from vitpipe.pipeline.manifest import find_manifest
+from vitpipe.pipeline.manifest import label_map_of
 from vitpipe.pipeline.shardset import resolve_shards
 from vitpipe.pipeline.transforms import TransformSpec
 from vitpipe.ssl import registry
@@ -31,16 +32,15 @@ def class_names(test: str, classes_file: Path | None) -> list[str]:
     if classes_file is not None:
         names = [line.strip() for line in Path(classes_file).read_text().splitlines() if line.strip()]
     else:
-        shards = resolve_shards(test)
-        path = find_manifest(shards.directory) if shards.directory else None
-        label_map = json.loads(path.read_text()).get("label_map") if path else None
+        label_map = label_map_of(resolve_shards(test).directory)
         if not label_map:
             raise ConfigError(f"{test}: its manifest has no label names; pass --classes FILE (one name per line)")
         names = [name for name, _ in sorted(label_map.items(), key=lambda item: item[1])]
     if len(names) < 2:
         raise ConfigError("zero-shot needs at least 2 class names")
     names = [name.replace("_", " ") for name in names]
-    repeated = sorted({name for name in names if [n.lower() for n in names].count(name.lower()) > 1})
+    counts = Counter(name.lower() for name in names)
+    repeated = sorted({name for name in names if counts[name.lower()] > 1})
     if repeated:
         raise ConfigError(f"class names must differ (one per label); repeated: {', '.join(repeated)}")
     return names
@@ -49,9 +49,7 @@ def class_names(test: str, classes_file: Path | None) -> list[str]:
 def check_class_count(test: str, names: list[str], census) -> None:
     """One name per label: as many names as the manifest's label map holds, and a name for every
     label the test shards carry (else labels past the list crash, or "chance" silently changes)."""
-    shards = resolve_shards(test)
-    path = find_manifest(shards.directory) if shards.directory else None
-    label_map = json.loads(path.read_text()).get("label_map") if path else None
+    label_map = label_map_of(resolve_shards(test).directory)
     if label_map and len(names) != len(label_map):
         raise ConfigError(f"{len(names)} class names for the {len(label_map)} labels of {test}'s label map; "
                           "give one name per label, in label order")

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from vitpipe.config import ConfigError
 from vitpipe.pipeline.images import EXTENSIONS
-from vitpipe.pipeline.shardset import ShardSet, open_shard
+from vitpipe.pipeline.shardset import ShardSet, is_local, open_shard
 from vitpipe.pipeline.tario import split_member_name
 
 UNLABELLED = "unlabelled"
@@ -63,7 +63,7 @@ class Census:
 def take_census(shards: ShardSet) -> Census | None:
     """The census of every local shard; None when a shard is remote (reading it would cost the
     whole download: such sets are checked as they are read)."""
-    if any("://" in url and not url.startswith("file://") for url in shards.urls):
+    if not all(is_local(url) for url in shards.urls):
         return None
     census = Census()
     for url in shards.urls:
@@ -116,7 +116,7 @@ def sample_hashes(shards: ShardSet) -> set[str]:
     of its image bytes. Remote shards are skipped."""
     hashes: set[str] = set()
     for url in shards.urls:
-        if "://" in url and not url.startswith("file://"):
+        if not is_local(url):
             continue
         try:
             with open_shard(url) as handle:

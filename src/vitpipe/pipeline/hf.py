@@ -10,15 +10,15 @@ import functools
 import glob
 import json
 import os
-import sys
 import random
+import sys
 from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
 
 from vitpipe.config import ConfigError, IngestConfig
-from vitpipe.pipeline.sources import Failure, ImageRejected, Record, make_sample
+from vitpipe.pipeline.sources import Failure, ImageRejected, Record, decode_caption, make_sample
 
 SHUFFLE_BUFFER = 1000
 """Rows a streamed dataset is shuffled through (memory: this many encoded images)."""
@@ -185,10 +185,8 @@ def hf_text(value: Any) -> tuple[str | None, dict[str, Any]]:
     if value is None:
         return None, {}
     if isinstance(value, (bytes, bytearray)):
-        try:
-            return bytes(value).decode("utf-8"), {}
-        except UnicodeDecodeError:
-            return bytes(value).decode("utf-8", errors="replace"), {"caption_utf8_repaired": True}
+        text, repaired = decode_caption(bytes(value))
+        return text, {"caption_utf8_repaired": True} if repaired else {}
     return str(value), {}
 
 

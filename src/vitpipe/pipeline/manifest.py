@@ -13,18 +13,21 @@ from vitpipe import __version__
 from vitpipe.config import ConfigError
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
+def write_bytes_atomic(path: Path, data: bytes) -> None:
     """Readers see the old file or the new one, never a part; two writers at once each write
-    their own temp file (the last rename wins)."""
+    their own temp file (the last rename wins). The file gets the umask's ordinary mode."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as handle:
-        json.dump(data, handle, indent=2, sort_keys=False)
-        handle.write("\n")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as handle:
+        handle.write(data)
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(tmp, path)
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    write_bytes_atomic(path, (json.dumps(data, indent=2, sort_keys=False) + "\n").encode())
 
 
 def build_manifest(*, source, settings, settings_full, rows, written, failures, filtered, duplicates,
@@ -65,6 +68,12 @@ def find_manifest(shard_dir: Path) -> Path | None:
         if candidate.is_file():
             return candidate
     return None
+
+
+def label_map_of(shard_dir: Path | None) -> dict[str, int] | None:
+    """Class name -> label of the shards in ``shard_dir``, from their manifest (None: none recorded)."""
+    path = find_manifest(Path(shard_dir)) if shard_dir else None
+    return json.loads(path.read_text()).get("label_map") if path else None
 
 
 def manifest_hash(shard_dir: Path) -> str | None:

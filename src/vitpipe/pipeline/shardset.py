@@ -90,6 +90,11 @@ def resolve_shards(spec: str | Path, split: str | None = None) -> ShardSet:
     return ShardSet(urls, sizes, path)
 
 
+def is_local(url: str) -> bool:
+    """A shard on this machine's filesystem (a path or file://), cheap to seek through."""
+    return not _is_remote(url) and not _is_fsspec(url)
+
+
 def _is_fsspec(url: str) -> bool:
     return bool(re.match(r"^[a-z][a-z0-9+.-]*://", url)) and not _is_remote(url) and not url.startswith("file://")
 

@@ -177,13 +177,13 @@ def caption_from_filename(path: Path) -> str:
     return " ".join(word for word in words if word and not word.isdigit())
 
 
-def read_caption(path: Path) -> tuple[str, bool]:
-    """A sidecar caption, and whether its bytes were not UTF-8 (decoded with U+FFFD, then counted)."""
-    data = path.read_bytes()
+def decode_caption(data: bytes) -> tuple[str, bool]:
+    """Caption bytes as text, and whether they were not UTF-8 (then decoded with U+FFFD and counted
+    in the manifest, never rewritten silently)."""
     try:
-        return data.decode("utf-8").strip(), False
+        return data.decode("utf-8"), False
     except UnicodeDecodeError:
-        return data.decode("utf-8", errors="replace").strip(), True
+        return data.decode("utf-8", errors="replace"), True
 
 
 def iter_folder(root: Path, config: IngestConfig) -> Iterator[Record]:
@@ -215,7 +215,8 @@ def iter_folder(root: Path, config: IngestConfig) -> Iterator[Record]:
             key += "_"
         seen_keys.add(key)
         caption_path = path.with_suffix(".txt")
-        caption, repaired = read_caption(caption_path) if caption_path.exists() else (None, False)
+        caption, repaired = decode_caption(caption_path.read_bytes()) if caption_path.exists() else (None, False)
+        caption = caption.strip() if caption is not None else None
         if caption is None and config.filename_captions:
             caption = caption_from_filename(path)
         ext = {"jpeg": "jpg"}.get(suffix[1:], suffix[1:])
