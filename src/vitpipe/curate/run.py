@@ -92,16 +92,21 @@ def _samples(urls: list[str]) -> Iterator[dict[str, bytes]]:
             yield from iter_tar_samples(handle)
 
 
+def _image(sample: dict[str, bytes]):
+    """The sample's image decoded to RGB, or None (no image member, or one that does not decode)."""
+    data = next((sample[ext] for ext in EXTENSIONS if ext in sample), None)
+    try:
+        return decode_rgb(data, MAX_PIXELS) if data is not None else None
+    except Exception:  # noqa: BLE001 - an undecodable image is counted by the caller, never fatal
+        return None
+
+
 def _items(urls: list[str]) -> Iterator[Item]:
     """Pass 1: each sample's key, size, caption length and hashes (None when undecodable)."""
     for position, sample in enumerate(_samples(urls)):
         meta = json.loads(sample["json"]) if "json" in sample else {}
         words = len(sample["txt"].decode("utf-8", errors="replace").split()) if "txt" in sample else 0
-        data = next((sample[ext] for ext in EXTENSIONS if ext in sample), None)
-        try:
-            image = decode_rgb(data, MAX_PIXELS) if data is not None else None
-        except Exception:  # noqa: BLE001 - any undecodable image is counted, never fatal
-            image = None
+        image = _image(sample)
         size = image.size if image is not None else (0, 0)
         width, height = meta.get("original_width") or size[0], meta.get("original_height") or size[1]
         yield Item(position, sample["__key__"], int(width), int(height), words,
@@ -112,12 +117,8 @@ def _evaluation_hashes(spec: str, flips: bool) -> tuple[list[str], np.ndarray]:
     """Keys and [M, 16 (32 with flips), 2, 8] crop hashes of an evaluation set's images."""
     keys, hashes = [], []
     for sample in _samples(resolve_shards(spec).urls):
-        data = next((sample[ext] for ext in EXTENSIONS if ext in sample), None)
-        if data is None:
-            continue
-        try:
-            image = decode_rgb(data, MAX_PIXELS)
-        except Exception:  # noqa: BLE001
+        image = _image(sample)
+        if image is None:
             continue
         keys.append(sample["__key__"])
         hashes.append(crop_hashes(image, flips))
