@@ -60,6 +60,8 @@ class DecontaminateStep:
     """Evaluation shard sets (paths, globs or brace patterns) whose images must not be trained on."""
     radius: int = 10
     """Hamming radius in bits, for each of the two hashes."""
+    min_cosine: float = 0.0
+    """Also require the 16x16 thumbnails' cosine (mean removed) to reach this (0: hashes alone)."""
     flips: bool = False
     """Also match mirrored copies (the evaluation images are hashed flipped too): finds every
     flipped copy, at the cost of more look-alikes removed (benchmarks/RESULTS.md)."""
@@ -67,6 +69,7 @@ class DecontaminateStep:
     def __post_init__(self) -> None:
         check(bool(self.against), "decontaminate.against needs at least one evaluation shard set")
         check(0 <= self.radius <= MAX_RADIUS, f"decontaminate.radius must be in 0..{MAX_RADIUS}")
+        check(0 <= self.min_cosine <= 1, "decontaminate.min_cosine must be in [0, 1]")
 
 
 STEPS: dict[str, type] = {"filter": FilterStep, "near_dup": NearDupStep, "decontaminate": DecontaminateStep}

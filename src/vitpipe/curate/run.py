@@ -21,19 +21,17 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Iterator
 
-import numpy as np
 
 from vitpipe import __version__
 from vitpipe.config import ConfigError
 from vitpipe.curate.recipe import Recipe
-from vitpipe.curate.steps import Item, Removal, crop_hashes, image_hashes, run_decontaminate, run_filter, run_near_dup
-from vitpipe.pipeline.images import EXTENSIONS, decode_rgb
-from vitpipe.pipeline.manifest import find_manifest, manifest_hash, write_json_atomic
-from vitpipe.pipeline.shardset import open_shard, resolve_shards
+from vitpipe.curate.steps import Item, Removal, run_decontaminate, run_filter, run_near_dup
+from vitpipe.pipeline.fingerprints import Fingerprints, of_crops, of_image, read_sidecar, sample_image, write_sidecar
+from vitpipe.pipeline.manifest import find_manifest, manifest_hash, shard_hashes, write_json_atomic
+from vitpipe.pipeline.shardset import ShardSet, is_local, open_shard, resolve_shards
 from vitpipe.pipeline.tario import iter_tar_samples, write_tar_atomic
 
 SHARD_SIZE = 1000
-MAX_PIXELS = 40_000_000
 
 
 def curate(spec: str, out: Path, recipe: Recipe, overwrite: bool = False) -> dict[str, Any]:
@@ -50,7 +48,7 @@ def curate(spec: str, out: Path, recipe: Recipe, overwrite: bool = False) -> dic
         raise ConfigError(f"{out} is not empty; pass --overwrite to replace it")
     against = {(test, step.flips) for name, step in recipe.steps if name == "decontaminate" for test in step.against}
     evaluation = {key: _evaluation_hashes(*key) for key in sorted(against)}  # bad paths fail before any work
-    items = list(_items(shards.urls))
+    items = list(_items(shards))
     removed: dict[int, Removal] = {}
     for name, step in recipe.steps:
         remaining = [item for item in items if item.position not in removed]
@@ -62,7 +60,7 @@ def curate(spec: str, out: Path, recipe: Recipe, overwrite: bool = False) -> dic
             sets = {test: evaluation[test, step.flips] for test in step.against}
             removed.update(run_decontaminate(remaining, step, sets))
     tmp = _fresh_tmp(out)
-    written = _write_kept(shards.urls, removed, tmp)
+    written = _write_kept(shards.urls, items, removed, tmp)
     _write_log(tmp / "curation.jsonl", items, removed)
     manifest = _manifest(spec, recipe, items, removed, written, shards, time.monotonic() - start)
     write_json_atomic(tmp / "manifest.json", manifest)
@@ -92,52 +90,62 @@ def _samples(urls: list[str]) -> Iterator[dict[str, bytes]]:
             yield from iter_tar_samples(handle)
 
 
-def _image(sample: dict[str, bytes]):
-    """The sample's image decoded to RGB, or None (no image member, or one that does not decode)."""
-    data = next((sample[ext] for ext in EXTENSIONS if ext in sample), None)
-    try:
-        return decode_rgb(data, MAX_PIXELS) if data is not None else None
-    except Exception:  # noqa: BLE001 - an undecodable image is counted by the caller, never fatal
-        return None
+def _items(shards: ShardSet) -> Iterator[Item]:
+    """Pass 1: each sample's key, size, caption length and fingerprints: read from the shard's
+    sidecar when it has a current one (no image decoded), else hashed here."""
+    recorded = shard_hashes(shards.directory) if shards.directory else {}
+    position = 0
+    for url in shards.urls:
+        stored = read_sidecar(Path(url.removeprefix("file://")), recorded.get(Path(url).name)) if is_local(url) else None
+        with open_shard(url) as handle:
+            for index, sample in enumerate(iter_tar_samples(handle)):
+                yield _item(position, sample, stored, index)
+                position += 1
 
 
-def _items(urls: list[str]) -> Iterator[Item]:
-    """Pass 1: each sample's key, size, caption length and hashes (None when undecodable)."""
-    for position, sample in enumerate(_samples(urls)):
-        meta = json.loads(sample["json"]) if "json" in sample else {}
-        words = len(sample["txt"].decode("utf-8", errors="replace").split()) if "txt" in sample else 0
-        image = _image(sample)
-        size = image.size if image is not None else (0, 0)
-        width, height = meta.get("original_width") or size[0], meta.get("original_height") or size[1]
-        yield Item(position, sample["__key__"], int(width), int(height), words,
-                   image_hashes(image) if image is not None else None)
+def _item(position: int, sample: dict[str, bytes], stored: Fingerprints | None, index: int) -> Item:
+    meta = json.loads(sample["json"]) if "json" in sample else {}
+    words = len(sample["txt"].decode("utf-8", errors="replace").split()) if "txt" in sample else 0
+    width, height = meta.get("original_width"), meta.get("original_height")
+    if stored is not None and index < len(stored) and stored.keys[index] == sample["__key__"] and width and height:
+        prints = (stored.hashes[index], stored.thumbs[index]) if stored.valid[index] else (None, None)
+    else:
+        image = sample_image(sample)
+        prints = of_image(image) if image is not None else (None, None)
+        width, height = (width, height) if width and height else (image.size if image is not None else (0, 0))
+    return Item(position, sample["__key__"], int(width), int(height), words, *prints)
 
 
-def _evaluation_hashes(spec: str, flips: bool) -> tuple[list[str], np.ndarray]:
-    """Keys and [M, 16 (32 with flips), 2, 8] crop hashes of an evaluation set's images."""
-    keys, hashes = [], []
+def _evaluation_hashes(spec: str, flips: bool) -> tuple[list[str], Fingerprints]:
+    """Keys of an evaluation set's decodable images and the fingerprints of their 16 crops each
+    (32 with flips), image after image."""
+    keys, crops = [], []
     for sample in _samples(resolve_shards(spec).urls):
-        image = _image(sample)
+        image = sample_image(sample)
         if image is None:
             continue
         keys.append(sample["__key__"])
-        hashes.append(crop_hashes(image, flips))
-    return keys, np.stack(hashes) if hashes else np.zeros((0, 32 if flips else 16, 2, 8), np.uint8)
+        crops.extend(of_crops(image, flips))
+    return keys, Fingerprints.of([f"{key}#{i}" for key in keys for i in range(len(crops) // max(len(keys), 1))], crops)
 
 
-def _write_kept(urls: list[str], removed: dict[int, Removal], directory: Path) -> list[dict[str, Any]]:
-    """Pass 2: the kept samples, byte for byte, SHARD_SIZE to a shard."""
-    entries, batch = [], []
+def _write_kept(urls: list[str], items: list[Item], removed: dict[int, Removal], directory: Path) -> list[dict[str, Any]]:
+    """Pass 2: the kept samples, byte for byte, SHARD_SIZE to a shard, each with its fingerprints."""
+    entries, batch, prints = [], [], []
 
     def flush() -> None:
         name = f"{len(entries):05d}.tar"
         size, digest = write_tar_atomic(directory / name, batch)
+        write_sidecar(directory / name, Fingerprints.of([s["__key__"] for s in batch], prints), size, digest)
         entries.append({"file": name, "samples": len(batch), "bytes": size, "sha256": digest})
         batch.clear()
+        prints.clear()
 
     for position, sample in enumerate(_samples(urls)):
         if position not in removed:
+            item = items[position]
             batch.append(sample)
+            prints.append((item.hashes, item.thumb) if item.hashes is not None else None)
             if len(batch) == SHARD_SIZE:
                 flush()
     if batch:

@@ -2,7 +2,9 @@
 
 Accounting invariant (checked by the tests): rows = written + failed + filtered + duplicates.
 Shards are written to a temporary file, fsynced and renamed, so a shard file that exists is
-complete; a rerun after a crash writes only the shards that are missing.
+complete; a rerun after a crash writes only the shards that are missing. Beside each shard,
+``NNNNN.fp.npz`` keeps its images' near-duplicate fingerprints (pipeline/fingerprints.py), so
+curation and every eval's contamination figure never decode these images again.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from vitpipe.config import ConfigError, IngestConfig, to_dict
-from vitpipe.pipeline import manifest as manifest_io
+from vitpipe.pipeline import fingerprints, manifest as manifest_io
 from vitpipe.pipeline.sources import (
     FASHION_MNIST_CLASSES, Failure, Record, Sample, Skipped, SourceSpec, folder_label_map, iter_fashion_mnist,
     iter_folder, iter_idx, parse_source,
@@ -71,9 +73,12 @@ def write_shard(directory: Path, index: int, samples: list[Sample]) -> tuple[dic
         if entry.get("first_key") != samples[0].key or entry.get("samples") != len(samples):
             raise ConfigError(f"{path} does not hold the samples this ingest would write there; "
                               "rerun with --overwrite")
+        if fingerprints.read_sidecar(path, entry["sha256"]) is None:  # a shard of a version that kept none
+            fingerprints.write_sidecar(path, _fingerprints(samples), entry["bytes"], entry["sha256"])
         return entry, True
     directory.mkdir(parents=True, exist_ok=True)
     size, digest = write_tar_atomic(path, (_to_wds(s) for s in samples))
+    fingerprints.write_sidecar(path, _fingerprints(samples), size, digest)
     labels = Counter(s.label for s in samples if s.label is not None)
     entry = {
         "file": name, "samples": len(samples), "bytes": size, "sha256": digest,
@@ -84,6 +89,11 @@ def write_shard(directory: Path, index: int, samples: list[Sample]) -> tuple[dic
     }
     manifest_io.write_json_atomic(stats_path, entry)
     return entry, False
+
+
+def _fingerprints(samples: list[Sample]) -> fingerprints.Fingerprints:
+    """Of the images as stored (after any resize and re-encode): what training and evaluation see."""
+    return fingerprints.of_samples({"__key__": s.key, s.ext: s.image} for s in samples)
 
 
 def _to_wds(sample: Sample) -> dict[str, bytes]:
