@@ -19,15 +19,22 @@ PoolOpt = Annotated[Optional[str], typer.Option("--pool", help="cls | gap | map 
 MaxSkippedOpt = Annotated[float, typer.Option(
     "--max-skipped", help="Fail (exit 1) when more than this fraction of the expected samples cannot be read.")]
 WorkersOpt = Annotated[int, typer.Option("--workers", help="DataLoader workers for feature extraction.")]
+MaxLeakOpt = Annotated[float, typer.Option(
+    "--max-contamination", help="Refuse (exit 2) when more than this fraction of the test images have a near-copy "
+                                "in the pretraining or the eval's own training data.")]
 
 
-def _print_result(title: str, rows: list[tuple[str, str]], path: Path) -> None:
+def _print_result(title: str, rows: list[tuple[str, str]], path: Path, result: dict | None = None) -> None:
+    """The result's rows, then its contamination figure (beside every number, never left out)."""
     from rich.console import Console
     from rich.table import Table
 
     table = Table(title=title)
     table.add_column("metric")
     table.add_column("value", justify="right")
+    leaks = (result or {}).get("contamination")
+    if leaks:
+        rows = rows + [("contamination", f"{100 * leaks['fraction']:.2f}% ({leaks['contaminated']} of {leaks['test_images']})")]
     for name, value in rows:
         table.add_row(name, value)
     Console(soft_wrap=True).print(table)
@@ -50,7 +57,7 @@ def eval_linear_probe(
     concat: Annotated[bool, typer.Option("--concat", help="Also probe the --layers concatenated.")] = False,
     lrs: Annotated[str, typer.Option(help="Learning rates of the sweep.")] = "0.01,0.03,0.1,0.3,1,3,10",
     wds: Annotated[str, typer.Option(help="Weight decays of the sweep.")] = "0,1e-4,1e-3",
-    max_skipped: MaxSkippedOpt = 0.01,
+    max_skipped: MaxSkippedOpt = 0.01, max_contamination: MaxLeakOpt = 0.01,
 ) -> None:
     """Frozen features + BatchNorm/Linear heads; a lr x wd sweep in one pass, picked on a val split."""
     from vitpipe.downstream.evaluate import eval_linear_probe as run_probe, source_for
@@ -60,13 +67,14 @@ def eval_linear_probe(
     settings = ProbeSettings(lrs=_floats(lrs), weight_decays=_floats(wds), epochs=epochs)
     source = source_for(run, init, pixels)
     layer_list = _layer_list(layers, source)
-    path, result = run_probe(source, train, test, layer_list, pool, settings, workers, concat, max_skipped)
+    path, result = run_probe(source, train, test, layer_list, pool, settings, workers, concat, max_skipped,
+                             max_contamination)
     if path is None:  # a torchrun process other than the first: its share of the features is written
         return
     rows = [("top1", f"{result['top1']:.4f}"), ("top5", f"{result['top5']:.4f}"), ("val top1", f"{result['val_top1']:.4f}"),
             ("layer", result["layer"]), ("lr / wd", f"{result['lr']} / {result['weight_decay']}")]
     rows += [(f"top1 {name}", f"{r['top1']:.4f}") for name, r in result["per_layer"].items()] if layer_list else []
-    _print_result("linear probe", rows, path)
+    _print_result("linear probe", rows, path, result)
 
 
 @user_errors
@@ -82,6 +90,7 @@ def eval_knn(
     nlist: Annotated[int, typer.Option(help="IVF cells.")] = 100,
     nprobe: Annotated[int, typer.Option(help="IVF cells searched.")] = 8,
     pq_m: Annotated[int, typer.Option(help="IVF-PQ: bytes per vector.")] = 16,
+    max_contamination: MaxLeakOpt = 0.01,
 ) -> None:
     """Weighted k-NN (k = 10, 20, 200) on L2-normalised features with FAISS (on the GPUs when
     faiss-gpu sees any). Exact by default."""
@@ -91,10 +100,11 @@ def eval_knn(
     _check_pool(pool)
     settings = IndexSettings(kind=index_type, nlist=nlist, nprobe=nprobe, pq_m=pq_m)
     path, result = run_knn(source_for(run, init, pixels), train, test, temperature=temperature, pool=pool,
-                           workers=workers, layer=layer, max_skipped=max_skipped, index=settings)
+                           workers=workers, layer=layer, max_skipped=max_skipped, index=settings,
+                           max_contamination=max_contamination)
     if path is None:  # a torchrun process other than the first: its share of the features is written
         return
-    _print_result("k-NN", [(f"top1 k={k}", f"{v:.4f}") for k, v in result["per_k"].items()], path)
+    _print_result("k-NN", [(f"top1 k={k}", f"{v:.4f}") for k, v in result["per_k"].items()], path, result)
 
 
 @user_errors
@@ -194,7 +204,7 @@ def eval_finetune(
     init: InitOpt = "trained",
     probe_init: Annotated[bool, typer.Option(
         "--probe-init", help="Start the head from a linear probe on the same labels (LP-FT).")] = False,
-    max_skipped: MaxSkippedOpt = 0.01,
+    max_skipped: MaxSkippedOpt = 0.01, max_contamination: MaxLeakOpt = 0.01,
     overrides: Annotated[Optional[list[str]], typer.Argument(
         help="key=value settings of the fine-tuning run: data.subset_fraction (labels used), train.max_steps, "
              "optim.lr, finetune.freeze_blocks, finetune.layer_decay, model.drop_path, data.image_size, ... "
@@ -206,12 +216,13 @@ def eval_finetune(
     from vitpipe.ssl.trainer import EXIT_PREEMPTED, Preempted
 
     try:
-        path, result = finetune(source_for(run, init, False), train, test, overrides, probe_init, max_skipped)
+        path, result = finetune(source_for(run, init, False), train, test, overrides, probe_init, max_skipped,
+                                max_contamination)
     except Preempted as stop:
         typer.echo(f"stopped: {stop}; rerun the same command to resume (exit {EXIT_PREEMPTED})", err=True)
         raise typer.Exit(EXIT_PREEMPTED) from None
     _print_result("fine-tune", [("top1", f"{result['top1']:.4f}"), ("labels", f"{result['label_fraction']:g}"),
-                                ("steps", str(result["steps"])), ("train seconds", str(result["train_seconds"]))], path)
+                                ("steps", str(result["steps"])), ("train seconds", str(result["train_seconds"]))], path, result)
 
 
 def _layer_list(layers: Optional[str], source) -> list[int] | None:
@@ -241,14 +252,16 @@ def eval_zero_shot(
     templates: Annotated[Optional[Path], typer.Option(
         "--templates", help="Prompt templates with {} for the class name, one per line.")] = None,
     init: InitOpt = "trained", workers: WorkersOpt = 2, max_skipped: MaxSkippedOpt = 0.01,
+    max_contamination: MaxLeakOpt = 0.01,
 ) -> None:
     """Zero-shot classification by class-name prompts (image-text objectives such as clip)."""
     from vitpipe.downstream.evaluate import source_for
     from vitpipe.downstream.imagetext import eval_zero_shot as run_zero_shot
 
-    path, result = run_zero_shot(source_for(run, init, False), test, classes, templates, workers, max_skipped)
+    path, result = run_zero_shot(source_for(run, init, False), test, classes, templates, workers, max_skipped,
+                                 max_contamination)
     _print_result("zero-shot", [("top1", f"{result['top1']:.4f}"), ("top5", f"{result['top5']:.4f}"),
-                                ("chance", f"{result['chance']:.4f}"), ("classes", str(len(result["classes"])))], path)
+                                ("chance", f"{result['chance']:.4f}"), ("classes", str(len(result["classes"])))], path, result)
 
 
 @user_errors
@@ -256,15 +269,16 @@ def eval_bits_per_dim(
     run: RunArg,
     test: Annotated[str, typer.Option("--test", help="Held-out shards.")],
     init: InitOpt = "trained", workers: WorkersOpt = 2, max_skipped: MaxSkippedOpt = 0.01,
+    max_contamination: MaxLeakOpt = 0.01,
 ) -> None:
     """Held-out loss of a pixel-sequence model (igpt) in bits per palette index."""
     from vitpipe.downstream.evaluate import source_for
     from vitpipe.downstream.pixels import eval_bits_per_dim as run_bits
 
-    path, result = run_bits(source_for(run, init, False), test, workers, max_skipped)
+    path, result = run_bits(source_for(run, init, False), test, workers, max_skipped, max_contamination)
     _print_result("bits per dim", [("bits per dim", f"{result['bits_per_dim']:.4f}"),
                                    ("uniform palette", f"{result['uniform_bits']:.4f}"),
-                                   ("images", str(result["test_samples"]))], path)
+                                   ("images", str(result["test_samples"]))], path, result)
 
 
 @user_errors

@@ -55,6 +55,9 @@ class CompareSettings:
     probe is fitted on the random encoder's features)."""
     workers: int = 2
     """DataLoader workers for feature extraction."""
+    max_contamination: float = 0.01
+    """Refuse a run whose test images have near-copies in its pretraining data or in --train above
+    this fraction (downstream/contamination.py)."""
 
     def __post_init__(self) -> None:
         unknown = set(self.suite) - set(SUITE)
@@ -165,7 +168,7 @@ def run_eval(task: str, source: EncoderSource, train: str, test: str, settings: 
         if found is None:
             found = _written(evaluate.eval_linear_probe(source, train, test, layers, None,
                                                         ProbeSettings(epochs=settings.probe_epochs), settings.workers,
-                                                        concat))
+                                                        concat, max_contamination=settings.max_contamination))
     elif task == "knn":
         block = _probe_picked_block(source) if settings.knn_layer == "probe" else None
         wanted = (PIXELS,) if source.kind == "pixels" else ("last",) if block is None else (f"block{block}",)
@@ -173,13 +176,15 @@ def run_eval(task: str, source: EncoderSource, train: str, test: str, settings: 
         found = _reusable(result_path(source, "knn"), source, train, test,
                           lambda r: r.get("layer") in wanted and r.get("index", {}).get("kind") == "flat")
         if found is None:
-            found = _written(evaluate.eval_knn(source, train, test, workers=settings.workers, layer=block))
+            found = _written(evaluate.eval_knn(source, train, test, workers=settings.workers, layer=block,
+                                               max_contamination=settings.max_contamination))
     else:
         overrides = [f"data.subset_fraction={settings.label_fraction}", *settings.finetune_overrides]
         found = _reusable(result_path(source, result_name(settings.label_fraction)), source, train, test,
                           lambda r: r.get("overrides") == overrides and bool(r.get("probe_init")) == settings.finetune_probe_init)
         if found is None:
-            found = _written(finetune(source, train, test, overrides, settings.finetune_probe_init))
+            found = _written(finetune(source, train, test, overrides, settings.finetune_probe_init,
+                                      max_contamination=settings.max_contamination))
     return _summary(task, found)
 
 
@@ -272,7 +277,9 @@ def _weights_digest(module) -> str:
 def compare(runs: list[Path], train: str, test: str, out: Path, settings: CompareSettings = CompareSettings(),
             log=print) -> dict[str, Any]:
     """Run (or read back) the suite for every run and baseline; write OUT/compare.json and index.html."""
+    from vitpipe.downstream.contamination import Contamination, fields as _fields
     from vitpipe.downstream.cost import pretraining_cost
+    from vitpipe.downstream.evaluate import checked_contamination
     from vitpipe.report.compare_page import write_page
 
     from vitpipe.downstream.featurestore import Processes
@@ -285,12 +292,18 @@ def compare(runs: list[Path], train: str, test: str, out: Path, settings: Compar
     warnings = check_data(runs, test)
     for line in warnings:
         print(line, file=sys.stderr)
+    leaks = {}  # every run's figure before any eval runs: a refused run costs no one's time
+    for run in runs:
+        leaks[str(run)] = checked_contamination(EncoderSource.resolve(run, "trained"), test, settings.max_contamination,
+                                                train=train)
+        log(f"compare: {run_dir_of(run).name}: contamination: {Contamination(**_fields(leaks[str(run)])).line()}")
     shared = BaselineMemo()
     rows = []
     for run in runs:
         trained = EncoderSource.resolve(run, "trained")
         row = {"run": str(run), "name": run_dir_of(run).name, "objective": trained.config.objective,
-               "encoder": _encoder_facts(trained), "cost": pretraining_cost(run), "evals": {}}
+               "encoder": _encoder_facts(trained), "cost": pretraining_cost(run), "evals": {},
+               "contamination": leaks[str(run)]}
         report = run_dir_of(run) / "report" / "index.html"
         row["report"] = os.path.relpath(report, out) if report.is_file() else None
         for task in (task for task in SUITE if task in settings.suite):  # the probe first: --knn-layer probe reads it

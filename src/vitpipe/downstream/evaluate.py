@@ -13,6 +13,7 @@ import numpy as np
 
 from vitpipe import __version__
 from vitpipe.config import ConfigError, to_dict
+from vitpipe.downstream import contamination
 from vitpipe.downstream.featurestore import Processes
 from vitpipe.downstream.features import PIXELS, EncoderSource, FeatureSet, extract, layer_names
 from vitpipe.downstream.probe import ProbeSettings, linear_probe
@@ -63,6 +64,16 @@ def write_result(source: EncoderSource, name: str, payload: dict[str, Any], data
     return path
 
 
+def checked_contamination(source: EncoderSource, test: str, limit: float, **references: str) -> dict[str, Any]:
+    """The contamination figure of an eval of ``source`` on ``test`` (refused above ``limit``): the
+    run's pretraining shards count for its trained encoder only (a baseline never saw them), the
+    eval's own training / reference shards (``references``) for every encoder."""
+    if source.kind == "trained" and source.config.data.shards:
+        references = {"pretraining": source.config.data.shards, **references}
+    cache = run_dir_of(source.run) / "eval" / "cache" / "fingerprints"
+    return contamination.checked(test, references, cache, limit).as_dict()
+
+
 def _features(source: EncoderSource, spec: str, layers: list[int] | None, pool: str | None, workers: int,
               need_labels: bool = True, max_skipped: float = 0.01) -> FeatureSet | None:
     """Under torchrun / accelerate launch every process extracts its share; only the first gets the
@@ -83,10 +94,12 @@ def _names(source: EncoderSource, layers: list[int] | None) -> list[str]:
 
 def eval_linear_probe(source: EncoderSource, train: str, test: str, layers: list[int] | None = None,
                       pool: str | None = None, settings: ProbeSettings = ProbeSettings(),
-                      workers: int = 2, concat: bool = False, max_skipped: float = 0.01) -> tuple[Path | None, dict[str, Any]]:
+                      workers: int = 2, concat: bool = False, max_skipped: float = 0.01,
+                      max_contamination: float = contamination.DEFAULT_MAX) -> tuple[Path | None, dict[str, Any]]:
     """``concat`` adds one more candidate: the probed layers' features side by side (as DINO probes
     its last blocks); the validation split picks among all candidates."""
     start = time.monotonic()
+    leaks = checked_contamination(source, test, max_contamination, train=train)
     train_set = _features(source, train, layers, pool, workers, max_skipped=max_skipped)
     test_set = _features(source, test, layers, pool, workers, max_skipped=max_skipped)
     if train_set is None or test_set is None:
@@ -108,7 +121,7 @@ def eval_linear_probe(source: EncoderSource, train: str, test: str, layers: list
                "lr": best["lr"], "weight_decay": best["weight_decay"], "pool": pool or source.config.model.pool,
                "per_layer": per_layer, "settings": asdict(settings),
                "train_samples": len(train_set.keys), "test_samples": len(test_set.keys),
-               "samples": _read_counts(train=train_set, test=test_set)}
+               "samples": _read_counts(train=train_set, test=test_set), "contamination": leaks}
     path = write_result(source, "linear-probe", payload, {"train": train, "test": test}, time.monotonic() - start)
     return path, payload
 
@@ -116,8 +129,10 @@ def eval_linear_probe(source: EncoderSource, train: str, test: str, layers: list
 def eval_knn(source: EncoderSource, train: str, test: str, ks: tuple[int, ...] = (10, 20, 200),
              temperature: float = 0.07, pool: str | None = None, workers: int = 2,
              layer: int | None = None, max_skipped: float = 0.01,
-             index: IndexSettings = IndexSettings()) -> tuple[Path | None, dict[str, Any]]:
+             index: IndexSettings = IndexSettings(),
+             max_contamination: float = contamination.DEFAULT_MAX) -> tuple[Path | None, dict[str, Any]]:
     start = time.monotonic()
+    leaks = checked_contamination(source, test, max_contamination, train=train)
     layers = None if layer is None or source.kind == "pixels" else [layer]
     train_set = _features(source, train, layers, pool, workers, max_skipped=max_skipped)
     test_set = _features(source, test, layers, pool, workers, max_skipped=max_skipped)
@@ -131,7 +146,7 @@ def eval_knn(source: EncoderSource, train: str, test: str, ks: tuple[int, ...] =
                "temperature": temperature, "pool": pool or source.config.model.pool, "layer": name,
                "index": asdict(index),
                "train_samples": len(train_set.keys), "test_samples": len(test_set.keys),
-               "samples": _read_counts(train=train_set, test=test_set)}
+               "samples": _read_counts(train=train_set, test=test_set), "contamination": leaks}
     path = write_result(source, "knn", payload, {"train": train, "test": test}, time.monotonic() - start)
     return path, payload
 

@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 from vitpipe.config import ConfigError, PretrainConfig, from_dict, merge, parse_overrides, to_dict
-from vitpipe.downstream.evaluate import run_dir_of, write_result
+from vitpipe.downstream.contamination import DEFAULT_MAX
+from vitpipe.downstream.evaluate import checked_contamination, run_dir_of, write_result
 from vitpipe.downstream.features import EncoderSource, FeatureSet, check_tally, extract
 from vitpipe.downstream.featurestore import Processes
 from vitpipe.downstream.probe import fit_linear_head
@@ -142,13 +143,15 @@ def result_name(label_fraction: float) -> str:
 
 
 def finetune(source: EncoderSource, train: str, test: str, overrides: list[str] | None = None,
-             probe_init: bool = False, max_skipped: float = 0.01) -> tuple[Path, dict[str, Any]]:
+             probe_init: bool = False, max_skipped: float = 0.01,
+             max_contamination: float = DEFAULT_MAX) -> tuple[Path, dict[str, Any]]:
     """Train (resumable, under RUN/finetune/<tag>/), then evaluate top-1 on ``test``. ``overrides``
     are ``key=value`` settings of the fine-tuning run (see ``finetune_config``); ``probe_init``
     starts the head from a linear probe on the same labelled subset (LP-FT)."""
     if source.kind == "pixels":
         raise ConfigError("fine-tuning needs an encoder; use --init random for the from-scratch baseline")
     start = time.monotonic()
+    leaks = checked_contamination(source, test, max_contamination, train=train)
     config = finetune_config(source, train, overrides)
     fraction, seed = config.data.subset_fraction, config.train.seed
     # different settings must never resume (and silently reuse) another fine-tune's checkpoints
@@ -165,7 +168,7 @@ def finetune(source: EncoderSource, train: str, test: str, overrides: list[str] 
     scores = evaluate_classifier(model, config, test, config.data.num_workers, max_skipped)
     payload = {**scores, "label_fraction": fraction, "steps": summary.steps,
                "train_seconds": round(summary.seconds, 1), "run": str(out), "overrides": list(overrides or []),
-               "finetune_config": to_dict(config), "probe_init": probe}
+               "finetune_config": to_dict(config), "probe_init": probe, "contamination": leaks}
     name = result_name(fraction)
     path = write_result(source, name, payload, {"train": train, "test": test}, time.monotonic() - start)
     return path, payload

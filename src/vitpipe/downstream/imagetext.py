@@ -12,7 +12,8 @@ from typing import Any
 import torch
 
 from vitpipe.config import ConfigError
-from vitpipe.downstream.evaluate import write_result
+from vitpipe.downstream.contamination import DEFAULT_MAX
+from vitpipe.downstream.evaluate import checked_contamination, write_result
 from vitpipe.downstream.features import EncoderSource, FeatureSet, check_tally
 from vitpipe.pipeline.census import require
 from vitpipe.pipeline.loader import LoaderSpec, ReadTally, counted, make_loader
@@ -82,9 +83,10 @@ def class_embeddings(model, names: list[str], templates: list[str]) -> torch.Ten
 @torch.no_grad()
 def eval_zero_shot(source: EncoderSource, test: str, classes_file: Path | None = None,
                    templates_file: Path | None = None, workers: int = 2,
-                   max_skipped: float = 0.01) -> tuple[Path, dict[str, Any]]:
+                   max_skipped: float = 0.01, max_contamination: float = DEFAULT_MAX) -> tuple[Path, dict[str, Any]]:
     start = time.monotonic()
     names = class_names(test, classes_file)
+    leaks = checked_contamination(source, test, max_contamination)
     templates = TEMPLATES if templates_file is None else [
         line.strip() for line in Path(templates_file).read_text().splitlines() if "{}" in line]
     if not templates:
@@ -110,7 +112,7 @@ def eval_zero_shot(source: EncoderSource, test: str, classes_file: Path | None =
         raise ConfigError(f"no test samples in {test}")
     payload = {"top1": top1 / tally.read, "top5": top5 / tally.read, "chance": 1 / len(names), "classes": names,
                "templates": templates, "test_samples": tally.read, "samples": {"test": tally.as_dict()},
-               "confusion": confusion.tolist()}
+               "confusion": confusion.tolist(), "contamination": leaks}
     return write_result(source, "zero-shot", payload, {"test": test}, time.monotonic() - start), payload
 
 

@@ -12,7 +12,8 @@ import numpy as np
 import torch
 
 from vitpipe.config import ConfigError
-from vitpipe.downstream.evaluate import write_result
+from vitpipe.downstream.contamination import DEFAULT_MAX
+from vitpipe.downstream.evaluate import checked_contamination, write_result
 from vitpipe.downstream.features import EncoderSource, FeatureSet, check_tally
 from vitpipe.pipeline.loader import LoaderSpec, ReadTally, counted, make_loader
 from vitpipe.pipeline.shardset import resolve_shards
@@ -95,10 +96,11 @@ def sample(run: Path, prompt: str, n: int, out: Path, temperature: float, top_k:
 
 @torch.no_grad()
 def eval_bits_per_dim(source: EncoderSource, test: str, workers: int = 2,
-                      max_skipped: float = 0.01) -> tuple[Path, dict[str, Any]]:
+                      max_skipped: float = 0.01, max_contamination: float = DEFAULT_MAX) -> tuple[Path, dict[str, Any]]:
     """The model's loss on held-out images, in bits per predicted palette index (for ar: every
     pixel of the reduced image given the ones before it; for bert: the masked ones, masks seeded)."""
     start = time.monotonic()
+    leaks = checked_contamination(source, test, max_contamination)
     model = load_pixel_model(source)
     shards, loader = _loader(source, test, workers)
     hook, generator = model.batch_hook(), torch.Generator().manual_seed(0)
@@ -115,5 +117,6 @@ def eval_bits_per_dim(source: EncoderSource, test: str, workers: int = 2,
     encoder = model.encoder()
     payload = {"bits_per_dim": total_nats / predicted / math.log(2), "objective": model.config.objective,
                "uniform_bits": math.log2(len(encoder.palette)), "palette_size": len(encoder.palette),
-               "resolution": encoder.resolution, "test_samples": tally.read, "samples": {"test": tally.as_dict()}}
+               "resolution": encoder.resolution, "test_samples": tally.read, "samples": {"test": tally.as_dict()},
+               "contamination": leaks}
     return write_result(source, "bits-per-dim", payload, {"test": test}, time.monotonic() - start), payload

@@ -87,6 +87,14 @@ def _cost(cost: dict[str, Any]) -> str:
     return ", ".join(parts) or "unknown"
 
 
+def _leaks(figure: dict[str, Any] | None) -> str:
+    if not figure:
+        return "not measured"
+    where = ", ".join(f"{name} {n}" for name, n in figure["by_reference"].items() if n)
+    return html.escape(f"{100 * figure['fraction']:.2f}% ({figure['contaminated']} of {figure['test_images']}"
+                       f"{': ' + where if where else ''})")
+
+
 def _table(result: dict[str, Any]) -> str:
     esc = html.escape
     tasks = result["settings"]["suite"]
@@ -97,7 +105,7 @@ def _table(result: dict[str, Any]) -> str:
         cells = [f"<td>{esc(row['objective'])}</td>", f"<td>{esc(row['name'])}</td>",
                  f"<td>{esc(encoder['size'])} ({encoder['embed_dim']}x{encoder['depth']}), patch {encoder['patch_size']}, "
                  f"{encoder['image_size']} px, {encoder['parameters'] / 1e6:.1f} M</td>",
-                 f"<td>{esc(_cost(row['cost']))}</td>"]
+                 f"<td>{esc(_cost(row['cost']))}</td>", f"<td>{_leaks(row.get('contamination'))}</td>"]
         for task in tasks:
             scores = row["evals"][task]
             delta = scores["delta_vs_random"]
@@ -110,7 +118,7 @@ def _table(result: dict[str, Any]) -> str:
         report = f"<a href=\"{esc(row['report'])}\">report</a>" if row.get("report") else "<small>vitpipe report RUN</small>"
         cells.append(f"<td>{report}</td>")
         body.append("<tr>" + "".join(cells) + "</tr>")
-    return (f"<div class=\"wide\"><table><tr><th>objective</th><th>run</th><th>encoder</th><th>pretraining cost</th>{head}"
+    return (f"<div class=\"wide\"><table><tr><th>objective</th><th>run</th><th>encoder</th><th>pretraining cost</th><th>contamination<br><small>test images with a near-copy</small></th>{head}"
             f"<th>run report</th></tr>{''.join(body)}</table></div>")
 
 
