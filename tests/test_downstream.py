@@ -267,11 +267,12 @@ def test_eval_bad_inputs_exit_2(tiny_run, tiny_labelled_shards, tmp_path, capsys
     train = str(tiny_labelled_shards / "train")
     cases = [
         (["eval", "knn", str(tmp_path / "missing"), "--train", train, "--test", train], "neither a run"),
-        (["eval", "linear-probe", str(tiny_run), "--train", str(unlabeled), "--test", train, "--workers", "0"], "no label"),
+        (["eval", "linear-probe", str(tiny_run), "--train", str(unlabeled), "--test", train, "--workers", "0",
+          "--max-contamination", "1"], "no label"),
         (["eval", "knn", str(tiny_run), "--train", train, "--test", train, "--pool", "max"], "--pool"),
         (["eval", "retrieval", str(tiny_run), "--index", train, "--index-type", "lsh"], "index-type"),
         (["eval", "linear-probe", str(tiny_run), "--train", train, "--test", train, "--layers", "0,5",
-          "--workers", "0"], "blocks 0..1"),
+          "--workers", "0", "--max-contamination", "1"], "blocks 0..1"),
     ]
     for args, message in cases:
         assert main(args) == 2, args

@@ -49,7 +49,7 @@ def test_report_page_loads_every_image(tmp_path, tiny_shards):
     assert main(["eval", "retrieval", str(run), "--index", str(tiny_shards), "--workers", "0"]) == 0
     # a probe over blocks with their concatenation (what the demo runs): the curve draws the single blocks
     assert main(["eval", "linear-probe", str(run), "--train", str(tiny_shards), "--test", str(tiny_shards),
-                 "--workers", "0", "--epochs", "2", "--layers", "0,1", "--concat"]) == 0
+                 "--workers", "0", "--epochs", "2", "--layers", "0,1", "--concat", "--max-contamination", "1"]) == 0
     assert main(["report", str(run)]) == 0
     page = run / "report" / "index.html"
     text = page.read_text()

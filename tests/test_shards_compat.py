@@ -45,7 +45,8 @@ def test_vitpipe_trains_and_evaluates_on_webdataset_shardwriter_shards(tmp_path)
             "mae.decoder_depth=1", "train.batch_size=8", "train.max_steps=3", "data.num_workers=0",
             "train.tensorboard=false", "data.samples_per_epoch=24"]  # no sizes.json: say how many
     assert main(["pretrain", "mae", "--data", str(out), "--out", str(tmp_path / "run"), *args]) == 0
-    assert main(["eval", "knn", str(tmp_path / "run"), "--train", str(out), "--test", str(out), "--workers", "0"]) == 0
+    assert main(["eval", "knn", str(tmp_path / "run"), "--train", str(out), "--test", str(out), "--workers", "0",
+                 "--max-contamination", "1"]) == 0
     result = json.loads((tmp_path / "run" / "eval" / "knn.json").read_text())
     assert result["train_samples"] == 30 and result["samples"]["train"]["expected"] is None
 

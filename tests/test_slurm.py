@@ -126,7 +126,8 @@ def test_dependent_chain_and_failing_parent(slurm, tmp_path, capsys):
         "ingest", str(folder), "--out", str(shards), "--image-size", "8", "::",
         "pretrain", "mae", "--data", str(shards), "--out", str(run), *RUN_ARGS, "data.image_size=8",
         "model.patch_size=2", "train.max_steps=3", "::",
-        "eval", "knn", str(run), "--train", str(shards), "--test", str(shards), "--workers", "0"])
+        "eval", "knn", str(run), "--train", str(shards), "--test", str(shards), "--workers", "0",
+        "--max-contamination", "1"])
     assert len(jobs) == 3
     assert slurm.wait_for(jobs[-1], ("COMPLETED", "FAILED", "CANCELLED"), timeout=300) == "COMPLETED"
     assert json.loads((run / "eval" / "knn.json").read_text())["top1"] >= 0

@@ -54,7 +54,7 @@ def test_minus_one_labels_are_counted_at_ingest_and_left_out_of_every_labelled_e
     assert manifest["written"] == 60 and manifest["fields"]["unlabelled"] == 20
     run = tmp_path / "run"
     assert main(["pretrain", "mae", "--data", str(train), "--out", str(run), *RUN_ARGS]) == 0
-    common = ["--train", str(train), "--test", str(test), "--workers", "2"]
+    common = ["--train", str(train), "--test", str(test), "--workers", "2", "--max-contamination", "1"]
     assert main(["eval", "knn", str(run), *common]) == 0
     knn = result(run, "knn")
     assert knn["train_samples"] == 40 and knn["test_samples"] == 20
@@ -84,7 +84,7 @@ def test_eval_on_shards_without_any_label_is_told_before_any_work(tmp_path, caps
     assert main(["pretrain", "mae", "--data", str(tmp_path / "shards"), "--out", str(run), *RUN_ARGS,
                  "train.batch_size=4"]) == 0
     capsys.readouterr()
-    assert main(["eval", "knn", str(run), "--train", str(tmp_path / "shards"), "--test", str(tmp_path / "shards"),
+    assert main(["eval", "knn", str(run), "--max-contamination", "1", "--train", str(tmp_path / "shards"), "--test", str(tmp_path / "shards"),
                  "--workers", "2"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"error: {tmp_path / 'shards'}: 12 of 12 samples have no label (cls); "

@@ -233,7 +233,7 @@ def test_killed_run_leaves_no_blocking_lock_and_no_phantom_run(tiny_shards, tmp_
         assert len(err) == 1 and "no checkpoint yet" in err[0], err
     # raw pixels need no weights: that baseline runs on a run that never saved any
     assert main(["eval", "knn", str(run), "--train", str(tiny_shards), "--test", str(tiny_shards), "--pixels",
-                 "--workers", "0"]) == 0
+                 "--workers", "0", "--max-contamination", "1"]) == 0
     assert (run / "eval" / "knn.pixels.json").is_file()
     # a plain rerun (no --resume) starts afresh: nothing there was a run
     assert pretrain(tiny_shards, run, "train.max_steps=5", resume=False) == 0

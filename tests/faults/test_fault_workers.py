@@ -58,7 +58,7 @@ DECODE_FAILS = ("import vitpipe.pipeline.loader as L\n"
 def test_an_error_inside_a_worker_is_one_line_and_the_process_exits(data, command, tmp_path):
     if command == "eval":
         args = ["eval", "knn", str(data / "mae"), "--train", str(data / "plain_shards"),
-                "--test", str(data / "plain_shards"), "--workers", "2"]
+                "--test", str(data / "plain_shards"), "--workers", "2", "--max-contamination", "1"]
     else:
         args = ["pretrain", "mae", "--data", str(data / "plain_shards"), "--out", str(tmp_path / "run"),
                 *RUN_ARGS, *MAE_ARGS]
@@ -74,7 +74,8 @@ def test_an_error_outside_the_loader_with_workers_alive_does_not_hang(data):
              "def broken(self, *a, **k):\n    raise RuntimeError('encoder broke')\n"
              "V.VisionTransformer.forward_features = broken\n")
     done = vitpipe("eval", "knn", str(data / "mae"), "--train", str(data / "plain_shards"),
-                   "--test", str(data / "plain_shards"), "--workers", "2", "--init", "random", patch=patch)
+                   "--test", str(data / "plain_shards"), "--workers", "2", "--init", "random",
+                   "--max-contamination", "1", patch=patch)
     assert done.returncode == 1 and "encoder broke" in one_error_line(done.stderr)
 
 

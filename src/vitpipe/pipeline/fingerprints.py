@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -146,12 +147,17 @@ def sample_image(sample: dict[str, bytes]) -> Image.Image | None:
 
 
 def of_samples(samples: Iterable[dict[str, bytes]]) -> Fingerprints:
-    keys, prints = [], []
+    keys: list[str] = []
+    prints: list = []
     for sample in samples:
-        image = sample_image(sample)
-        keys.append(sample["__key__"])
-        prints.append(of_image(image) if image is not None else None)
+        _add(sample, keys, prints)
     return Fingerprints.of(keys, prints)
+
+
+def _add(sample: dict[str, bytes], keys: list[str], prints: list) -> None:
+    image = sample_image(sample)
+    keys.append(sample["__key__"])
+    prints.append(of_image(image) if image is not None else None)
 
 
 def sidecar_path(tar: Path) -> Path:
@@ -211,15 +217,27 @@ def of_shards(shards: ShardSet, cache_dir: Path | None = None) -> Lookup:
     for url in shards.urls:
         prints = _stored(url, recorded.get(Path(url).name), cache_dir)
         if prints is None:
-            with open_shard(url) as handle:
-                prints = of_samples(iter_tar_samples(handle))
+            prints, whole = _hash_shard(url)
             hashed += len(prints)
-            if cache_dir is not None and is_local(url):
+            if whole and cache_dir is not None and is_local(url):
                 _save(_cache_path(url, cache_dir), prints, {})
         else:
             stored += len(prints)
         parts.append(prints)
     return Lookup(Fingerprints.concat(parts), stored, hashed)
+
+
+def _hash_shard(url: str) -> tuple[Fingerprints, bool]:
+    """The fingerprints of a shard's samples, and whether it was read to its end: a damaged shard
+    gives those before the damage (reading it is the eval's business, which counts or refuses it)."""
+    keys, prints = [], []
+    try:
+        with open_shard(url) as handle:
+            for sample in iter_tar_samples(handle):
+                _add(sample, keys, prints)
+    except (OSError, ValueError, tarfile.TarError):
+        return Fingerprints.of(keys, prints), False
+    return Fingerprints.of(keys, prints), True
 
 
 def _stored(url: str, recorded: str | None, cache_dir: Path | None) -> Fingerprints | None:
