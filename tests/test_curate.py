@@ -116,7 +116,7 @@ def test_curated_shards_train_and_keep_their_samples_byte_for_byte(pool, tmp_pat
 
 
 @pytest.mark.parametrize("args,words", [
-    (["semantic_dedup.eps=0.05"], "not built yet"),
+    (["semantic_dedup.eps=0.05"], "semantic_dedup.encoder needs a run directory"),
     (["dedupe.radius=3"], "unknown curation step 'dedupe'"),
     (["near_dup.radious=3"], "unknown config key near_dup.radious"),
     (["near_dup.radius=99"], "near_dup.radius must be in 0..16"),

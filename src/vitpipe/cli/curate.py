@@ -26,6 +26,8 @@ def curate(
 
     recipe = load_recipe(config, overrides)
     manifest = run_curate(shards, out, recipe, overwrite=overwrite)
+    if manifest is None:  # a torchrun process other than the first: its share of the embeddings is written
+        return
     removed = ", ".join(f"{n} {reason}" for reason, n in manifest["removed"].items()) or "nothing removed"
     typer.echo(f"curated {manifest['rows']} samples: kept {manifest['written']}, {removed}"
                f"{', ' + str(manifest['undecodable']) + ' undecodable (kept)' if manifest['undecodable'] else ''}")

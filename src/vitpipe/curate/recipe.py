@@ -4,6 +4,7 @@
       - filter: {min_side: 32}
       - near_dup: {radius: 6}
       - decontaminate: {against: [shards/test]}
+      - semantic_dedup: {encoder: runs/mae, eps: 0.05}
 
 ``key=value`` overrides address a step of the recipe by name (``near_dup.radius=4``).
 """
@@ -72,8 +73,67 @@ class DecontaminateStep:
         check(0 <= self.min_cosine <= 1, "decontaminate.min_cosine must be in [0, 1]")
 
 
-STEPS: dict[str, type] = {"filter": FilterStep, "near_dup": NearDupStep, "decontaminate": DecontaminateStep}
-PLANNED = ("semantic_dedup", "clip_score", "balance")  # the curation issue's embedding steps, not built yet
+@dataclass
+class SemanticDedupStep:
+    """SemDeDup: embeddings from an encoder, k-means into clusters, and inside each cluster every
+    sample whose cosine to a kept one exceeds ``1 - eps`` removed. The least typical samples of a
+    cluster (farthest from its centroid) are kept first, as SemDeDup does."""
+
+    encoder: str = ""
+    """A vitpipe run (any objective) or one of its checkpoint directories."""
+    eps: float = 0.05
+    """Remove when the cosine to a kept sample is above 1 - eps."""
+    clusters: int = 0
+    """k-means clusters (0: about the square root of the samples)."""
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        check(bool(self.encoder), "semantic_dedup.encoder needs a run directory")
+        check(0 < self.eps < 1, "semantic_dedup.eps must be in (0, 1)")
+        check(self.clusters >= 0, "semantic_dedup.clusters must be >= 0")
+
+
+@dataclass
+class ClipScoreStep:
+    """DataComp's CLIP-score filter: keep image-caption pairs whose cosine under a vitpipe CLIP run
+    is at least ``min_score`` and (with ``top_fraction``) among the best that fraction."""
+
+    model: str = ""
+    """A vitpipe run of an image-text objective (clip)."""
+    min_score: float = -1.0
+    """Remove pairs scoring below this cosine (-1: off)."""
+    top_fraction: float = 1.0
+    """Keep only this fraction of the pairs, the best scoring (1: off)."""
+
+    def __post_init__(self) -> None:
+        check(bool(self.model), "clip_score.model needs a clip run directory")
+        check(-1 <= self.min_score <= 1, "clip_score.min_score must be a cosine in [-1, 1]")
+        check(0 < self.top_fraction <= 1, "clip_score.top_fraction must be in (0, 1]")
+
+
+@dataclass
+class BalanceStep:
+    """ssl-data-curation's balanced sampling: hierarchical k-means over the embeddings (clusters of
+    samples, then clusters of those clusters' centroids, ...), then ``target`` samples drawn evenly
+    down the tree (a small cluster gives all it has, the rest goes to the others), seeded."""
+
+    encoder: str = ""
+    """A vitpipe run (any objective) or one of its checkpoint directories."""
+    target: int = 0
+    """Samples to keep."""
+    levels: list[int] = field(default_factory=list)
+    """Clusters per level, finest first, e.g. [100, 10] (empty: one level of about sqrt(N))."""
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        check(bool(self.encoder), "balance.encoder needs a run directory")
+        check(self.target > 0, "balance.target must be > 0 (samples to keep)")
+        check(all(k > 0 for k in self.levels), "balance.levels must be positive cluster counts")
+        check(list(self.levels) == sorted(self.levels, reverse=True), "balance.levels go from finest (most clusters) to coarsest")
+
+
+STEPS: dict[str, type] = {"filter": FilterStep, "near_dup": NearDupStep, "decontaminate": DecontaminateStep,
+                          "semantic_dedup": SemanticDedupStep, "clip_score": ClipScoreStep, "balance": BalanceStep}
 
 
 @dataclass
@@ -126,7 +186,5 @@ def _entry(item: Any) -> tuple[str, dict[str, Any]]:
 
 
 def _known(name: str) -> None:
-    if name in PLANNED:
-        raise ConfigError(f"curation step {name!r} is not built yet; available: {', '.join(STEPS)}")
     if name not in STEPS:
         raise ConfigError(f"unknown curation step {name!r}; available: {', '.join(STEPS)}")

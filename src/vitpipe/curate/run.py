@@ -24,18 +24,21 @@ from typing import Any, Iterator
 
 from vitpipe import __version__
 from vitpipe.config import ConfigError
+from vitpipe.curate.embedded import clip_scores, embeddings, encoder_source, run_balance, run_clip_score, run_semantic_dedup
 from vitpipe.curate.recipe import Recipe
 from vitpipe.curate.steps import Item, Removal, run_decontaminate, run_filter, run_near_dup
 from vitpipe.pipeline.fingerprints import Fingerprints, of_crops, of_image, read_sidecar, sample_image, write_sidecar
 from vitpipe.pipeline.manifest import find_manifest, manifest_hash, shard_hashes, write_json_atomic
 from vitpipe.pipeline.shardset import ShardSet, is_local, open_shard, resolve_shards
 from vitpipe.pipeline.tario import iter_tar_samples, write_tar_atomic
+from vitpipe.ssl import registry
 
 SHARD_SIZE = 1000
 
 
-def curate(spec: str, out: Path, recipe: Recipe, overwrite: bool = False) -> dict[str, Any]:
-    """Curate the shards ``spec`` names into ``out``; returns the output manifest."""
+def curate(spec: str, out: Path, recipe: Recipe, overwrite: bool = False) -> dict[str, Any] | None:
+    """Curate the shards ``spec`` names into ``out``; returns the output manifest (None on a
+    torchrun process other than the first, once its share of the embeddings is extracted)."""
     start = time.monotonic()
     shards = resolve_shards(spec)
     out = Path(out).resolve()
@@ -46,19 +49,23 @@ def curate(spec: str, out: Path, recipe: Recipe, overwrite: bool = False) -> dic
         raise ConfigError(f"--out {out} is a file; give a directory")
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise ConfigError(f"{out} is not empty; pass --overwrite to replace it")
+    sources = {path: encoder_source(path, name) for name, path in _encoders(recipe)}  # bad runs fail first
+    for name, step in recipe.steps:
+        if name == "clip_score" and registry.get(sources[step.model].config.objective).towers != ("image", "text"):
+            raise ConfigError(f"clip_score.model: {step.model} is a {sources[step.model].config.objective} run; "
+                              "it needs an image-text objective (clip)")
     against = {(test, step.flips) for name, step in recipe.steps if name == "decontaminate" for test in step.against}
     evaluation = {key: _evaluation_hashes(*key) for key in sorted(against)}  # bad paths fail before any work
+    looked = {}  # encoder -> key -> embedding (or clip score); under torchrun every process extracts its share
+    for name, path in _encoders(recipe):
+        looked[path] = clip_scores(sources[path], spec) if name == "clip_score" else embeddings(sources[path], spec)
+        if looked[path] is None:
+            return None  # not the first process: its share of the embeddings is in the store
     items = list(_items(shards))
     removed: dict[int, Removal] = {}
     for name, step in recipe.steps:
         remaining = [item for item in items if item.position not in removed]
-        if name == "filter":
-            removed.update(run_filter(remaining, step))
-        elif name == "near_dup":
-            removed.update(run_near_dup(remaining, step))
-        else:
-            sets = {test: evaluation[test, step.flips] for test in step.against}
-            removed.update(run_decontaminate(remaining, step, sets))
+        removed.update(_run_step(name, step, remaining, evaluation, looked))
     tmp = _fresh_tmp(out)
     written = _write_kept(shards.urls, items, removed, tmp)
     _write_log(tmp / "curation.jsonl", items, removed)
@@ -68,6 +75,30 @@ def curate(spec: str, out: Path, recipe: Recipe, overwrite: bool = False) -> dic
         shutil.rmtree(out)
     os.replace(tmp, out)
     return manifest
+
+
+def _encoders(recipe: Recipe) -> list[tuple[str, str]]:
+    """(step name, run) of every step that looks through an encoder, each run once."""
+    seen: dict[str, str] = {}
+    for name, step in recipe.steps:
+        path = step.model if name == "clip_score" else getattr(step, "encoder", None) if name in ("semantic_dedup", "balance") else None
+        if path is not None:
+            seen.setdefault(path, name)
+    return [(name, path) for path, name in seen.items()]
+
+
+def _run_step(name: str, step: Any, items: list[Item], evaluation: dict, looked: dict) -> dict[int, Removal]:
+    if name == "filter":
+        return run_filter(items, step)
+    if name == "near_dup":
+        return run_near_dup(items, step)
+    if name == "decontaminate":
+        return run_decontaminate(items, step, {test: evaluation[test, step.flips] for test in step.against})
+    if name == "semantic_dedup":
+        return run_semantic_dedup(items, step, looked[step.encoder])
+    if name == "balance":
+        return run_balance(items, step, looked[step.encoder])
+    return run_clip_score(items, step, looked[step.model])
 
 
 def _fresh_tmp(out: Path) -> Path:
