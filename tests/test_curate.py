@@ -179,3 +179,20 @@ def test_flipped_copies_are_found_only_with_flips(tmp_path):
     assert main(["curate", str(tmp_path / "train_shards"), "--out", str(tmp_path / "flips"), against,
                  "decontaminate.flips=true"]) == 0
     assert json.loads((tmp_path / "flips" / "manifest.json").read_text())["removed"] == {"contaminated": 1}
+
+
+def test_the_curation_page_shows_each_reason_with_removed_images_beside_what_they_repeat(pool, tmp_path):
+    from test_report_demo import CHROMIUM, check_in_browser
+
+    out = tmp_path / "curated"
+    assert main(["curate", str(pool / "train_shards"), "--out", str(out), "--config", str(pool / "recipe.yaml")]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    page = (out / "curation" / "index.html").read_text()
+    for reason, count in manifest["removed"].items():
+        assert f"<h2>{reason}: {count} removed" in page
+    contaminated = manifest["removed"]["contaminated"]
+    near = manifest["removed"]["near_duplicate"]
+    # two images per pair for duplicates and look-alikes (the removed one, the one it repeats); one for a filter
+    assert page.count("<img ") == 2 * (contaminated + near) + manifest["removed"]["aspect"]
+    if CHROMIUM:
+        check_in_browser(out / "curation" / "index.html", tmp_path / "curation.png")

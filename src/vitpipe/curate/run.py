@@ -6,6 +6,7 @@ then copy the kept samples byte for byte into new shards.
     DIR/manifest.json       parent (sha256 of the input's manifest), the recipe, rows, kept,
                             removed by reason; rows == kept + sum(removed) always
     DIR/curation.jsonl      one line per removed key: reason, score, the key it duplicates
+    DIR/curation/index.html counts per reason; removed images beside the ones they repeat
 
 The output is built beside DIR (.tmp-curate-DIR-PID) and renamed into place, so an interrupted curate leaves
 no half-made DIR; the input shards are only ever read.
@@ -25,6 +26,7 @@ from typing import Any, Iterator
 from vitpipe import __version__
 from vitpipe.config import ConfigError
 from vitpipe.curate.embedded import clip_scores, embeddings, encoder_source, run_balance, run_clip_score, run_semantic_dedup
+from vitpipe.curate.page import examples_wanted, keys_wanted, thumbnail, write_page
 from vitpipe.curate.recipe import Recipe
 from vitpipe.curate.steps import Item, Removal, run_decontaminate, run_filter, run_near_dup
 from vitpipe.pipeline.fingerprints import Fingerprints, of_crops, of_image, read_sidecar, sample_image, write_sidecar
@@ -67,10 +69,13 @@ def curate(spec: str, out: Path, recipe: Recipe, overwrite: bool = False) -> dic
         remaining = [item for item in items if item.position not in removed]
         removed.update(_run_step(name, step, remaining, evaluation, looked))
     tmp = _fresh_tmp(out)
-    written = _write_kept(shards.urls, items, removed, tmp)
+    shown = examples_wanted(items, removed)
+    thumbs = _evaluation_thumbs(shown)
+    written = _write_kept(shards.urls, items, removed, tmp, keys_wanted(shown), thumbs)
     _write_log(tmp / "curation.jsonl", items, removed)
     manifest = _manifest(spec, recipe, items, removed, written, shards, time.monotonic() - start)
     write_json_atomic(tmp / "manifest.json", manifest)
+    write_page(tmp, manifest, shown, thumbs)
     if out.exists():
         shutil.rmtree(out)
     os.replace(tmp, out)
@@ -160,8 +165,25 @@ def _evaluation_hashes(spec: str, flips: bool) -> tuple[list[str], Fingerprints]
     return keys, Fingerprints.of([f"{key}#{i}" for key in keys for i in range(len(crops) // max(len(keys), 1))], crops)
 
 
-def _write_kept(urls: list[str], items: list[Item], removed: dict[int, Removal], directory: Path) -> list[dict[str, Any]]:
-    """Pass 2: the kept samples, byte for byte, SHARD_SIZE to a shard, each with its fingerprints."""
+def _evaluation_thumbs(shown: dict) -> dict[str, str]:
+    """"SET/KEY" -> thumbnail of each evaluation image the page shows beside its copy."""
+    wanted: dict[str, set[str]] = {}
+    for pairs in shown.values():
+        for _, removal in pairs:
+            if "against" in removal.extra:
+                wanted.setdefault(removal.extra["against"], set()).add(removal.duplicate_of)
+    thumbs = {}
+    for name, keys in wanted.items():
+        for sample in _samples(resolve_shards(name).urls):
+            if sample["__key__"] in keys:
+                thumbs[f"{name}/{sample['__key__']}"] = thumbnail(sample)
+    return thumbs
+
+
+def _write_kept(urls: list[str], items: list[Item], removed: dict[int, Removal], directory: Path,
+                wanted: set[str], thumbs: dict[str, str]) -> list[dict[str, Any]]:
+    """Pass 2: the kept samples, byte for byte, SHARD_SIZE to a shard, each with its fingerprints;
+    on the way, the thumbnails of the ``wanted`` keys (the page's) into ``thumbs``."""
     entries, batch, prints = [], [], []
 
     def flush() -> None:
@@ -173,6 +195,8 @@ def _write_kept(urls: list[str], items: list[Item], removed: dict[int, Removal],
         prints.clear()
 
     for position, sample in enumerate(_samples(urls)):
+        if sample["__key__"] in wanted:
+            thumbs[sample["__key__"]] = thumbnail(sample)
         if position not in removed:
             item = items[position]
             batch.append(sample)
