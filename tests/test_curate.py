@@ -196,3 +196,35 @@ def test_the_curation_page_shows_each_reason_with_removed_images_beside_what_the
     assert page.count("<img ") == 2 * (contaminated + near) + manifest["removed"]["aspect"]
     if CHROMIUM:
         check_in_browser(out / "curation" / "index.html", tmp_path / "curation.png")
+
+
+def test_a_curate_killed_after_hashing_is_rerun_without_hashing_again(pool, tmp_path, monkeypatch):
+    import shutil
+
+    from vitpipe.curate import run as curate_run
+    from vitpipe.pipeline import fingerprints
+
+    bare = tmp_path / "bare"  # shards from elsewhere: no manifest, no fingerprints beside them
+    bare.mkdir()
+    for tar in sorted((pool / "train_shards").glob("*.tar")):
+        shutil.copyfile(tar, bare / tar.name)
+    before = {p.name: p.read_bytes() for p in bare.iterdir()}
+
+    def killed(*args, **kwargs):
+        raise SystemExit(137)  # dies while copying, after pass 1 hashed everything
+
+    monkeypatch.setattr(curate_run, "_write_kept", killed)
+    assert main(["curate", str(bare), "--out", str(tmp_path / "out"), "near_dup.radius=4"]) != 0
+    assert list(tmp_path.glob(".curate-fingerprints-out/*.fp.npz"))  # what the killed one hashed is kept
+    monkeypatch.undo()
+
+    def no_hashing(image):
+        raise AssertionError("hashed twice")
+
+    monkeypatch.setattr(curate_run, "of_image", no_hashing)
+    monkeypatch.setattr(fingerprints, "of_image", no_hashing)
+    assert main(["curate", str(bare), "--out", str(tmp_path / "out"), "near_dup.radius=4"]) == 0
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["rows"] == manifest["written"] + sum(manifest["removed"].values()) == 51
+    assert {p.name: p.read_bytes() for p in bare.iterdir()} == before  # the input is only read
+    assert not list(tmp_path.glob(".curate-fingerprints-*")) and not list(tmp_path.glob(".tmp-curate-*"))

@@ -129,3 +129,31 @@ def test_clip_score_through_the_cli_with_a_clip_run(caption_shards, tmp_path):
     assert manifest["written"] == -(-manifest["rows"] // 2)  # the best half, rounded up
     log = read_log(out / "curation.jsonl")
     assert all(isinstance(r["score"], float) and -1 <= r["score"] <= 1 for r in log)
+
+
+def test_curate_on_two_processes_equals_one(world, tmp_path):
+    """Under torchrun each process hashes its share of the fingerprint-less shards and extracts its
+    share of the embeddings; the first curates: the same kept samples, the same log, one report."""
+    import os
+    import subprocess
+
+    from test_distributed import LAUNCHERS
+
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for tar in sorted(world.joinpath("shards").glob("*.tar")):
+        shutil.copyfile(tar, bare / tar.name)  # no manifest, no fingerprints: hashing is split too
+    mae = tmp_path / "mae"
+    shutil.copytree(world / "mae", mae)  # its own feature cache
+    steps = ["near_dup.radius=2", f"semantic_dedup.encoder={mae}", "semantic_dedup.eps=1e-5",
+             "semantic_dedup.clusters=2"]
+    assert main(["curate", str(bare), "--out", str(tmp_path / "one"), *steps]) == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([*LAUNCHERS["torchrun"], "curate", str(bare), "--out", str(tmp_path / "two"), *steps],
+                          env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("curated 20 samples") == 1
+    one, two = (json.loads((tmp_path / name / "manifest.json").read_text()) for name in ("one", "two"))
+    assert (one["written"], one["removed"]) == (two["written"], two["removed"])
+    assert read_log(tmp_path / "one" / "curation.jsonl") == read_log(tmp_path / "two" / "curation.jsonl")
+    assert not list(tmp_path.glob(".curate-fingerprints-*"))  # the hashing cache goes with success

@@ -14,6 +14,7 @@ no half-made DIR; the input shards are only ever read.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -29,9 +30,10 @@ from vitpipe.curate.embedded import clip_scores, embeddings, encoder_source, run
 from vitpipe.curate.page import examples_wanted, keys_wanted, thumbnail, write_page
 from vitpipe.curate.recipe import Recipe
 from vitpipe.curate.steps import Item, Removal, run_decontaminate, run_filter, run_near_dup
-from vitpipe.pipeline.fingerprints import Fingerprints, of_crops, of_image, read_sidecar, sample_image, write_sidecar
+from vitpipe.downstream.featurestore import Processes
+from vitpipe.pipeline.fingerprints import Fingerprints, keep, of_crops, of_image, of_shards, sample_image, stored_prints, write_sidecar
 from vitpipe.pipeline.manifest import find_manifest, manifest_hash, shard_hashes, write_json_atomic
-from vitpipe.pipeline.shardset import ShardSet, is_local, open_shard, resolve_shards
+from vitpipe.pipeline.shardset import ShardSet, open_shard, resolve_shards
 from vitpipe.pipeline.tario import iter_tar_samples, write_tar_atomic
 from vitpipe.ssl import registry
 
@@ -58,12 +60,17 @@ def curate(spec: str, out: Path, recipe: Recipe, overwrite: bool = False) -> dic
                               "it needs an image-text objective (clip)")
     against = {(test, step.flips) for name, step in recipe.steps if name == "decontaminate" for test in step.against}
     evaluation = {key: _evaluation_hashes(*key) for key in sorted(against)}  # bad paths fail before any work
+    cache, processes = out.parent / f".curate-fingerprints-{out.name}", Processes.from_env()
+    if processes.world > 1:
+        _hash_share(shards, cache, processes)
     looked = {}  # encoder -> key -> embedding (or clip score); under torchrun every process extracts its share
     for name, path in _encoders(recipe):
         looked[path] = clip_scores(sources[path], spec) if name == "clip_score" else embeddings(sources[path], spec)
         if looked[path] is None:
             return None  # not the first process: its share of the embeddings is in the store
-    items = list(_items(shards))
+    if not processes.first:
+        return None  # its share of the hashes is in the cache
+    items = list(_items(shards, cache))
     removed: dict[int, Removal] = {}
     for name, step in recipe.steps:
         remaining = [item for item in items if item.position not in removed]
@@ -79,6 +86,7 @@ def curate(spec: str, out: Path, recipe: Recipe, overwrite: bool = False) -> dic
     if out.exists():
         shutil.rmtree(out)
     os.replace(tmp, out)
+    shutil.rmtree(cache, ignore_errors=True)  # the output keeps its own fingerprints
     return manifest
 
 
@@ -126,29 +134,45 @@ def _samples(urls: list[str]) -> Iterator[dict[str, bytes]]:
             yield from iter_tar_samples(handle)
 
 
-def _items(shards: ShardSet) -> Iterator[Item]:
+def _items(shards: ShardSet, cache: Path) -> Iterator[Item]:
     """Pass 1: each sample's key, size, caption length and fingerprints: read from the shard's
-    sidecar when it has a current one (no image decoded), else hashed here."""
+    sidecar (or ``cache``, where an earlier or parallel hashing kept them) without decoding an
+    image, else hashed here and kept in ``cache`` (a rerun after a kill hashes nothing twice)."""
     recorded = shard_hashes(shards.directory) if shards.directory else {}
     position = 0
     for url in shards.urls:
-        stored = read_sidecar(Path(url.removeprefix("file://")), recorded.get(Path(url).name)) if is_local(url) else None
+        known = stored_prints(url, recorded.get(Path(url).name), cache)
+        items = []
         with open_shard(url) as handle:
             for index, sample in enumerate(iter_tar_samples(handle)):
-                yield _item(position, sample, stored, index)
-                position += 1
+                items.append(_item(position + index, sample, known, index))
+        if known is None:
+            keep(url, Fingerprints.of([i.key for i in items], [(i.hashes, i.thumb) if i.hashes is not None else None
+                                                               for i in items]), cache)
+        position += len(items)
+        yield from items
+
+
+def _hash_share(shards: ShardSet, cache: Path, processes: Processes) -> None:
+    """Under torchrun: this process hashes its share of the shards that have no fingerprints into
+    ``cache``; past the barrier the first process reads them all from there."""
+    share = [url for index, url in enumerate(shards.urls) if index % processes.world == processes.rank]
+    of_shards(dataclasses.replace(shards, urls=share), cache)
+    processes.barrier()
 
 
 def _item(position: int, sample: dict[str, bytes], stored: Fingerprints | None, index: int) -> Item:
     meta = json.loads(sample["json"]) if "json" in sample else {}
     words = len(sample["txt"].decode("utf-8", errors="replace").split()) if "txt" in sample else 0
     width, height = meta.get("original_width"), meta.get("original_height")
-    if stored is not None and index < len(stored) and stored.keys[index] == sample["__key__"] and width and height:
+    known = stored is not None and index < len(stored) and stored.keys[index] == sample["__key__"]
+    image = None if known and width and height else sample_image(sample)  # decoded only when something is unknown
+    if known:
         prints = (stored.hashes[index], stored.thumbs[index]) if stored.valid[index] else (None, None)
     else:
-        image = sample_image(sample)
         prints = of_image(image) if image is not None else (None, None)
-        width, height = (width, height) if width and height else (image.size if image is not None else (0, 0))
+    if not (width and height):
+        width, height = image.size if image is not None else (0, 0)
     return Item(position, sample["__key__"], int(width), int(height), words, *prints)
 
 

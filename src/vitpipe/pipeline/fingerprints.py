@@ -215,12 +215,12 @@ def of_shards(shards: ShardSet, cache_dir: Path | None = None) -> Lookup:
     recorded = shard_hashes(shards.directory) if shards.directory else {}
     parts, stored, hashed = [], 0, 0
     for url in shards.urls:
-        prints = _stored(url, recorded.get(Path(url).name), cache_dir)
+        prints = stored_prints(url, recorded.get(Path(url).name), cache_dir)
         if prints is None:
             prints, whole = _hash_shard(url)
             hashed += len(prints)
-            if whole and cache_dir is not None and is_local(url):
-                _save(_cache_path(url, cache_dir), prints, {})
+            if whole and cache_dir is not None:
+                keep(url, prints, cache_dir)
         else:
             stored += len(prints)
         parts.append(prints)
@@ -240,7 +240,9 @@ def _hash_shard(url: str) -> tuple[Fingerprints, bool]:
     return Fingerprints.of(keys, prints), True
 
 
-def _stored(url: str, recorded: str | None, cache_dir: Path | None) -> Fingerprints | None:
+def stored_prints(url: str, recorded: str | None, cache_dir: Path | None) -> Fingerprints | None:
+    """A shard's fingerprints without decoding it: its sidecar when current (``recorded``: the
+    manifest's sha256 of it), else the copy an earlier need kept in ``cache_dir`` (None: neither)."""
     if not is_local(url):
         return None
     path = Path(url.removeprefix("file://"))
@@ -249,6 +251,12 @@ def _stored(url: str, recorded: str | None, cache_dir: Path | None) -> Fingerpri
         loaded = _load(_cache_path(url, cache_dir))
         prints = loaded[0] if loaded else None
     return prints
+
+
+def keep(url: str, prints: Fingerprints, cache_dir: Path) -> None:
+    """Keep a local shard's fingerprints in ``cache_dir`` for the next need."""
+    if is_local(url):
+        _save(_cache_path(url, cache_dir), prints, {})
 
 
 def _cache_path(url: str, cache_dir: Path) -> Path:
