@@ -157,3 +157,32 @@ def test_curate_on_two_processes_equals_one(world, tmp_path):
     assert (one["written"], one["removed"]) == (two["written"], two["removed"])
     assert read_log(tmp_path / "one" / "curation.jsonl") == read_log(tmp_path / "two" / "curation.jsonl")
     assert not list(tmp_path.glob(".curate-fingerprints-*"))  # the hashing cache goes with success
+
+
+def test_embedding_decontamination_removes_what_is_close_to_an_evaluation_image():
+    from vitpipe.curate.embedded import run_embedding_decontaminate
+    from vitpipe.curate.recipe import DecontaminateStep
+
+    rng = np.random.default_rng(2)
+    pool, tests = unit(rng.normal(size=(10, 16))), unit(rng.normal(size=(3, 16)))
+    pool[4] = unit(tests[1:2] + 0.01 * rng.normal(size=(1, 16)))[0]  # an augmented copy of test image 1
+    vectors = dict(zip([f"k{i}" for i in range(10)], pool))
+    step = DecontaminateStep(against=["t"], encoder="x", min_embedding_cosine=0.99)
+    removed = run_embedding_decontaminate(items_of(10), step, vectors, {"t": {f"t{i}": v for i, v in enumerate(tests)}})
+    assert list(removed) == [4] and removed[4].duplicate_of == "t1" and removed[4].extra == {"against": "t", "by": "embedding"}
+
+
+def test_decontaminate_with_an_encoder_through_the_cli(world, tmp_path):
+    test = tmp_path / "test"
+    (test / "imgs" / "a").mkdir(parents=True)
+    for i in range(4):
+        make_image(i, size=16).transpose(0).save(test / "imgs" / "a" / f"t{i}.png")  # mirrored: the hashes miss them
+    ingest(str(test / "imgs"), test / "shards", IngestConfig(val_fraction=0.0), progress=False)
+    out = tmp_path / "out"
+    assert main(["curate", str(world / "shards"), "--out", str(out), f"decontaminate.against=[{test / 'shards'}]",
+                 f"decontaminate.encoder={world / 'mae'}", "decontaminate.min_embedding_cosine=0.5"]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    log = read_log(out / "curation.jsonl")
+    by_embedding = [r for r in log if r.get("by") == "embedding"]
+    assert by_embedding and all(r["score"] >= 0.5 and r["against"] == str(test / "shards") for r in by_embedding)
+    assert manifest["rows"] == manifest["written"] + sum(manifest["removed"].values())

@@ -225,3 +225,9 @@ def test_a_lock_still_held_for_a_dead_trainer_is_waited_out_not_refused(tmp_path
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_curate_renders_as_a_slurm_job_on_several_processes():
+    script = render(JobSpec(nodes=2, processes_per_node=2), ["curate", "/d", "--out", "/o", "semantic_dedup.encoder=/r"])
+    assert "torch.distributed.run --nnodes" in script and "-m vitpipe curate /d --out /o semantic_dedup.encoder=/r" in script
+    assert "--resume auto" not in script  # curate resumes by itself (kept fingerprints, cached embeddings)

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from vitpipe.config import ConfigError
-from vitpipe.curate.recipe import BalanceStep, ClipScoreStep, SemanticDedupStep
+from vitpipe.curate.recipe import BalanceStep, ClipScoreStep, DecontaminateStep, SemanticDedupStep
 from vitpipe.curate.steps import Item, Removal
 from vitpipe.downstream.features import EncoderSource, extract
 from vitpipe.downstream.featurestore import Processes
@@ -160,3 +160,25 @@ def clip_scores(source: EncoderSource, spec: str, workers: int = 2) -> dict[str,
     images, texts, keys, _ = embed_pairs(model, source, spec, workers, max_skipped=0.01)
     cosines = (torch.nn.functional.normalize(images, dim=-1) * torch.nn.functional.normalize(texts, dim=-1)).sum(dim=-1)
     return dict(zip(keys, cosines.tolist()))
+
+
+def run_embedding_decontaminate(items: list[Item], step: DecontaminateStep, vectors: dict[str, np.ndarray],
+                                evaluation: dict[str, dict[str, np.ndarray]]) -> dict[int, Removal]:
+    """Samples whose embedding is at least ``min_embedding_cosine`` to an evaluation image's
+    (``evaluation``: set -> key -> embedding), by faiss inner-product search."""
+    import faiss
+
+    removed: dict[int, Removal] = {}
+    if not items:
+        return removed
+    queries = _matrix(items, vectors, "decontaminate")
+    for name, keyed in evaluation.items():
+        keys = list(keyed)
+        index = faiss.IndexFlatIP(queries.shape[1])
+        index.add(np.stack([keyed[k] for k in keys]).astype(np.float32))
+        scores, nearest = index.search(queries.astype(np.float32), 1)
+        for row, (score, hit) in enumerate(zip(scores[:, 0].tolist(), nearest[:, 0].tolist())):
+            position = items[row].position
+            if score >= step.min_embedding_cosine and (position not in removed or score > removed[position].score):
+                removed[position] = Removal("contaminated", float(score), keys[hit], {"against": name, "by": "embedding"})
+    return removed

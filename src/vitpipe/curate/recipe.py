@@ -63,6 +63,10 @@ class DecontaminateStep:
     """Hamming radius in bits, for each of the two hashes."""
     min_cosine: float = 0.0
     """Also require the 16x16 thumbnails' cosine (mean removed) to reach this (0: hashes alone)."""
+    encoder: str = ""
+    """Also remove samples whose embedding under this run's encoder has a cosine of at least
+    ``min_embedding_cosine`` to an evaluation image's ("": hashes only)."""
+    min_embedding_cosine: float = 0.95
     flips: bool = False
     """Also match mirrored copies (the evaluation images are hashed flipped too): finds every
     flipped copy, at the cost of more look-alikes removed (benchmarks/RESULTS.md)."""
@@ -71,6 +75,7 @@ class DecontaminateStep:
         check(bool(self.against), "decontaminate.against needs at least one evaluation shard set")
         check(0 <= self.radius <= MAX_RADIUS, f"decontaminate.radius must be in 0..{MAX_RADIUS}")
         check(0 <= self.min_cosine <= 1, "decontaminate.min_cosine must be in [0, 1]")
+        check(-1 < self.min_embedding_cosine <= 1, "decontaminate.min_embedding_cosine must be in (-1, 1]")
 
 
 @dataclass

@@ -26,7 +26,9 @@ from typing import Any, Iterator
 
 from vitpipe import __version__
 from vitpipe.config import ConfigError
-from vitpipe.curate.embedded import clip_scores, embeddings, encoder_source, run_balance, run_clip_score, run_semantic_dedup
+from vitpipe.curate.embedded import (
+    clip_scores, embeddings, encoder_source, run_balance, run_clip_score, run_embedding_decontaminate, run_semantic_dedup,
+)
 from vitpipe.curate.page import examples_wanted, keys_wanted, thumbnail, write_page
 from vitpipe.curate.recipe import Recipe
 from vitpipe.curate.steps import Item, Removal, run_decontaminate, run_filter, run_near_dup
@@ -63,13 +65,9 @@ def curate(spec: str, out: Path, recipe: Recipe, overwrite: bool = False) -> dic
     cache, processes = out.parent / f".curate-fingerprints-{out.name}", Processes.from_env()
     if processes.world > 1:
         _hash_share(shards, cache, processes)
-    looked = {}  # encoder -> key -> embedding (or clip score); under torchrun every process extracts its share
-    for name, path in _encoders(recipe):
-        looked[path] = clip_scores(sources[path], spec) if name == "clip_score" else embeddings(sources[path], spec)
-        if looked[path] is None:
-            return None  # not the first process: its share of the embeddings is in the store
-    if not processes.first:
-        return None  # its share of the hashes is in the cache
+    looked = _embed(recipe, spec, sources)  # under torchrun every process extracts its share
+    if looked is None or not processes.first:
+        return None  # its share of the hashes and embeddings is written
     items = list(_items(shards, cache))
     removed: dict[int, Removal] = {}
     for name, step in recipe.steps:
@@ -94,10 +92,24 @@ def _encoders(recipe: Recipe) -> list[tuple[str, str]]:
     """(step name, run) of every step that looks through an encoder, each run once."""
     seen: dict[str, str] = {}
     for name, step in recipe.steps:
-        path = step.model if name == "clip_score" else getattr(step, "encoder", None) if name in ("semantic_dedup", "balance") else None
-        if path is not None:
+        path = step.model if name == "clip_score" else getattr(step, "encoder", "")
+        if path:
             seen.setdefault(path, name)
     return [(name, path) for path, name in seen.items()]
+
+
+def _embed(recipe: Recipe, spec: str, sources: dict[str, Any]) -> dict | None:
+    """run -> key -> embedding (clip_score: score) of the input, and (run, evaluation set) -> key ->
+    embedding for decontaminate's encoder; None on a torchrun process other than the first."""
+    looked: dict = {}
+    for name, path in _encoders(recipe):
+        looked[path] = clip_scores(sources[path], spec) if name == "clip_score" else embeddings(sources[path], spec)
+        if looked[path] is None:
+            return None  # not the first process: its share of the embeddings is in the store
+    for name, step in recipe.steps:
+        for test in step.against if name == "decontaminate" and step.encoder else ():
+            looked[step.encoder, test] = embeddings(sources[step.encoder], test)
+    return looked
 
 
 def _run_step(name: str, step: Any, items: list[Item], evaluation: dict, looked: dict) -> dict[int, Removal]:
@@ -106,7 +118,12 @@ def _run_step(name: str, step: Any, items: list[Item], evaluation: dict, looked:
     if name == "near_dup":
         return run_near_dup(items, step)
     if name == "decontaminate":
-        return run_decontaminate(items, step, {test: evaluation[test, step.flips] for test in step.against})
+        found = run_decontaminate(items, step, {test: evaluation[test, step.flips] for test in step.against})
+        if step.encoder:  # what the hashes missed, by embedding
+            rest = [item for item in items if item.position not in found]
+            found.update(run_embedding_decontaminate(rest, step, looked[step.encoder],
+                                                     {test: looked[step.encoder, test] for test in step.against}))
+        return found
     if name == "semantic_dedup":
         return run_semantic_dedup(items, step, looked[step.encoder])
     if name == "balance":
