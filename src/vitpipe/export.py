@@ -107,14 +107,15 @@ def hf_files(encoder: VisionTransformer, mean: list[float], std: list[float]) ->
     return {k: v.contiguous() for k, v in out.items()}, config, processor
 
 
-FORMATS = ("timm", "hf", "vitpipe")
+FORMATS = ("timm", "hf", "vitpipe", "onnx")
 
 
 def export(run: Path, out: Path, fmt: str = "timm", overwrite: bool = False) -> Path:
     """``timm``: timm hub layout (config.json + model.safetensors) + model card; ``hf``: the same
     layout with Hugging Face Hub metadata in the card, ready for ``huggingface-cli upload``;
     ``vitpipe``: any objective's encoder in vitpipe's own layout (its resolved config and
-    artefacts beside the weights), loaded back with ``load_exported``.
+    artefacts beside the weights), loaded back with ``load_exported``; ``onnx``: any objective's
+    encoder as model.onnx (dynamic batch, pooled features) with its input spec in config.json.
 
     Every file is made before any is written; files already in ``out`` are refused unless
     ``overwrite`` (a user's own model is never replaced silently); each is written atomically with
@@ -141,6 +142,14 @@ def export_files(run: Path, fmt: str) -> dict[str, bytes]:
     if fmt in ("timm", "hf") and not isinstance(encoder, VisionTransformer):
         raise ConfigError(f"the {config.objective} encoder is not a ViT; export it with --format vitpipe")
     files: dict[str, bytes] = {}
+    if fmt == "onnx":
+        from vitpipe.onnx_export import onnx_config, onnx_model
+
+        cfg = onnx_config(config.data, config.objective)
+        files["model.onnx"] = onnx_model(encoder, config.data)
+        files["config.json"] = (json.dumps(cfg, indent=2) + "\n").encode()
+        files["README.md"] = model_card(Path(run), config, cfg, fmt).encode()
+        return files
     if fmt == "timm":
         state, cfg = timm_state_dict(encoder), timm_config(encoder, config.model.size, config.data.mean, config.data.std)
     elif fmt == "hf":
@@ -203,6 +212,15 @@ def model_card(run: Path, config, cfg: dict[str, Any], fmt: str) -> str:
                if config.model.pool == "cls" else
                "features = out.last_hidden_state[:, 1:].mean(dim=1)  # vitpipe's gap pooling\n```\n")
             if fmt == "hf" else
+            "```python\nimport onnxruntime\n"
+            "session = onnxruntime.InferenceSession(\"DIR/model.onnx\")\n"
+            f"features = session.run([\"features\"], {{\"pixels\": pixels}})[0]  # pixels: float32 [batch, "
+            f"{len(config.data.mean[: config.data.channels])}, {config.data.image_size}, {config.data.image_size}]\n```\n"
+            "Input: the image resized (shorter side, bicubic, antialiased) and centre-cropped to "
+            f"{config.data.image_size} px, scaled to [0, 1], normalised by mean {config.data.mean[: config.data.channels]} and "
+            f"std {config.data.std[: config.data.channels]}; output: the pooled features vitpipe's probes use "
+            "(config.json has the same).\n"
+            if fmt == "onnx" else
             "```python\nimport timm\n"
             "model = timm.create_model(\"local-dir:DIR\", pretrained=True)  # config.json + model.safetensors\n"
             "data = timm.data.resolve_model_data_config(model)  # vitpipe's resize, crop and normalisation\n"

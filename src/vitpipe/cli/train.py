@@ -52,14 +52,15 @@ def pretrain(
 def export(
     run: Annotated[Path, typer.Argument(help="Run directory or checkpoint directory.")],
     out: Annotated[Path, typer.Option("--out", help="Output directory.")],
-    format: Annotated[str, typer.Option("--format", help="timm | hf | vitpipe")] = "timm",
+    format: Annotated[str, typer.Option("--format", help="timm | hf | vitpipe | onnx")] = "timm",
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace files already in --out.")] = False,
 ) -> None:
     """Export the encoder: model.safetensors + config.json (timm hub format) + a model card README.md."""
     from vitpipe.export import export as run_export
 
     path = run_export(run, out, format, overwrite)
-    typer.echo(f"exported {path / 'model.safetensors'}, {path / 'config.json'} and {path / 'README.md'}")
+    weights = "model.onnx" if format == "onnx" else "model.safetensors"
+    typer.echo(f"exported {path / weights}, {path / 'config.json'} and {path / 'README.md'}")
 
 
 @user_errors
