@@ -150,18 +150,21 @@ class StopFlag:
             signal.signal(sig, handler)
 
 
-def make_accelerator(train: Any, run_dir: Path):
-    """(Accelerator, precision) for a run: CPU forced without CUDA (a plain Accelerator() on a
-    GPU-less --multi_gpu launch trains N unlinked copies), bf16 where the GPU has it, fp32 on CPU;
-    trackers under RUN/tb; launches that train the wrong thing refused."""
+def make_accelerator(train: Any, run_dir: Path, precision: str):
+    """The Accelerator of a run at ``precision`` (fp32 | bf16 | fp16, ssl/precision.py chose it
+    for auto): CPU forced without CUDA (a plain Accelerator() on a GPU-less --multi_gpu launch
+    trains N unlinked copies); trackers under RUN/tb; launches that train the wrong thing refused."""
     import torch
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
 
+    from accelerate.state import AcceleratorState
+
     cuda = torch.cuda.is_available()
-    precision = train.precision
-    if precision == "auto":
-        precision = "bf16" if cuda and torch.cuda.is_bf16_supported() else "fp32"
+    # accelerate keeps one mixed-precision setting per process; a second run in the same process
+    # (the tests, a fine-tune after a probe) may choose another: start its state afresh, keeping
+    # the process group
+    AcceleratorState._reset_state(reset_partial_state=False)
     trackers = ["tensorboard"] if train.tensorboard else []
     if train.wandb:
         trackers.append("wandb")
@@ -172,4 +175,4 @@ def make_accelerator(train: Any, run_dir: Path):
         step_scheduler_with_optimizer=False,
     )
     check_launch(accelerator.num_processes)
-    return accelerator, precision
+    return accelerator

@@ -30,6 +30,7 @@ from vitpipe.ssl.distributed import sum_gradients
 from vitpipe.ssl.health import monitor
 from vitpipe.ssl.launch import RunLock, StopFlag, make_accelerator
 from vitpipe.ssl.objective import Objective
+from vitpipe.ssl.precision import for_run as choose_precision
 from vitpipe.ssl.rundir import JsonLines
 from vitpipe.ssl.state import RunSummary, TrainState
 from vitpipe.ssl.vit import set_grad_checkpointing
@@ -100,7 +101,8 @@ class Trainer:
 
     def run(self) -> RunSummary:
         self._preflight()
-        accelerator, precision = make_accelerator(self.config.train, self.run_dir)
+        precision = choose_precision(self.config, self.build_objective, self.run_dir)
+        accelerator = make_accelerator(self.config.train, self.run_dir, precision[0])
         if self.config.train.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
         lock = RunLock(self.run_dir)
@@ -127,7 +129,7 @@ class Trainer:
         if spec is not None:
             require_needs(resolve_shards(config.data.shards), config.data.shards, spec.needs, f"pretrain {config.objective}")
 
-    def _setup(self, accelerator, precision: str) -> _Session:
+    def _setup(self, accelerator, precision: tuple[str, str]) -> _Session:
         from accelerate.utils import set_seed
 
         config, train = self.config, self.config.train
@@ -153,7 +155,8 @@ class Trainer:
         if is_main:
             rundir.keep_metrics_up_to(self.run_dir, state.step)
             rundir.record_session(self.run_dir, config, {
-                "world_size": accelerator.num_processes, "device": str(accelerator.device), "precision": precision,
+                "world_size": accelerator.num_processes, "device": str(accelerator.device), "precision": precision[0],
+                "precision_reason": precision[1],
                 "global_batch": global_batch, "peak_lr": lr, "warmup_steps": warmup}, session.resumed_from)
             accelerator.init_trackers("pretrain", config=rundir.flat(to_dict(config)),
                                       init_kwargs={"tensorboard": {"purge_step": state.step + 1}})

@@ -1,0 +1,128 @@
+"""`train.precision=auto`: bf16 autocast where it pays, measured on the model at hand.
+
+On CUDA: bf16 where the GPU has it. On a CPU: bf16 only when the CPU has native bf16 matmul
+(AMX or AVX512-BF16 on x86, the BF16 extension on Arm; asked of torch and the kernel, not guessed)
+AND a short measurement of this objective's training step (forward + backward on a synthetic
+batch of the run's shape) says bf16 autocast is at least MARGIN faster than fp32. Small models
+are overhead-bound (1.04x at ViT-Ti on an AVX512-BF16 machine, benchmarks/RESULTS.md), so they
+stay fp32; a resumed run keeps its first session's choice, so its numerics do not change midway.
+"""
+
+from __future__ import annotations
+
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+MARGIN = 1.10
+"""bf16 must beat fp32 by this factor (below it the difference is within the measurement's noise)."""
+TIMED_STEPS = 3
+MAX_BATCH = 64
+
+
+def native_bf16() -> str | None:
+    """The CPU's native bf16 matmul unit, or None."""
+    for name, probe in (("AMX", "_is_amx_tile_supported"), ("AVX512-BF16", "_is_avx512_bf16_supported")):
+        if getattr(torch.cpu, probe, lambda: False)():
+            return name
+    if platform.machine() in ("aarch64", "arm64"):
+        try:
+            features = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return None
+        return "Arm BF16" if " bf16" in features else None
+    return None
+
+
+def choose(train: Any, build: Callable[[], torch.nn.Module], batch: Callable[[], dict], previous: str | None
+           ) -> tuple[str, str]:
+    """(precision, reason) for ``train.precision``: ``build`` makes a throwaway objective,
+    ``batch`` a synthetic batch for it; ``previous`` is the run's recorded choice when resuming."""
+    if train.precision != "auto":
+        return train.precision, "set by train.precision"
+    if previous is not None:
+        return previous, "auto: kept from the run's first session"
+    if torch.cuda.is_available():
+        bf16 = torch.cuda.is_bf16_supported()
+        return ("bf16" if bf16 else "fp32"), f"auto: this GPU {'has' if bf16 else 'lacks'} bf16"
+    unit = native_bf16()
+    if unit is None:
+        return "fp32", "auto: this CPU has no native bf16 matmul"
+    fp32, bf16 = measure(build(), batch())
+    speedup = fp32 / bf16
+    chosen = "bf16" if speedup >= MARGIN else "fp32"
+    return chosen, (f"auto: bf16 autocast {speedup:.2f}x fp32's speed for this model on this CPU ({unit}; "
+                    f"{fp32 * 1000:.0f} vs {bf16 * 1000:.0f} ms a step; bf16 needs {MARGIN}x)")
+
+
+def measure(objective: torch.nn.Module, batch: dict) -> tuple[float, float]:
+    """Median seconds of a forward + backward step of ``objective`` on ``batch``: (fp32, bf16)."""
+    objective.train()
+    times = {}
+    for dtype in (None, torch.bfloat16):
+        runs = []
+        for attempt in range(TIMED_STEPS + 1):  # the first is a warm-up
+            start = time.perf_counter()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype is not None):
+                loss = objective(batch).loss
+            loss.backward()
+            objective.zero_grad(set_to_none=True)
+            if attempt:
+                runs.append(time.perf_counter() - start)
+        times[dtype] = statistics.median(runs)
+    return times[None], times[torch.bfloat16]
+
+
+def synthetic_batch(objective: torch.nn.Module, data: Any, batch_size: int) -> dict:
+    """A batch of the run's shape for timing (random pixels, a short caption, label 0), through the
+    objective's batch hook (masks, palette indices, ...)."""
+    size = min(batch_size, MAX_BATCH)
+    generator = torch.Generator().manual_seed(0)
+    batch = {"image": torch.randn(size, data.channels, data.image_size, data.image_size, generator=generator),
+             "text": ["a photo of a thing"] * size, "label": torch.zeros(size, dtype=torch.long),
+             "key": [f"k{i}" for i in range(size)]}
+    hook = objective.batch_hook()
+    return hook(batch, generator) if hook is not None else batch
+
+
+def _random_read(data: Any):
+    """Stands in for the training shards when a throwaway objective fits its artefacts."""
+    def read(fields, limit):
+        generator = torch.Generator().manual_seed(0)
+        for start in range(0, limit, 32):
+            yield {"image": torch.rand(32, data.channels, data.image_size, data.image_size, generator=generator) * 2 - 1,
+                   "text": [f"a photo of thing {i}" for i in range(start, start + 32)],
+                   "label": torch.zeros(32, dtype=torch.long), "key": [f"k{i}" for i in range(start, start + 32)]}
+    return read
+
+
+def for_run(config: Any, build_objective: Callable, run_dir: Path) -> tuple[str, str]:
+    """(precision, reason) of a run about to start: ``build_objective(config, artefacts)`` as the
+    trainer builds it; several processes on CPU stay fp32 (each would measure, and could disagree)."""
+    import os
+
+    from vitpipe.ssl import registry
+    from vitpipe.ssl.rundir import read_run_info
+
+    train = config.train
+    previous = read_run_info(run_dir).get("precision") if any(run_dir.glob("checkpoints/step_*")) else None
+    if train.precision == "auto" and previous is None and not torch.cuda.is_available() \
+            and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return "fp32", "auto: several CPU processes stay fp32 (a measurement per process could disagree)"
+
+    def build() -> torch.nn.Module:
+        spec = registry.OBJECTIVES.get(config.objective)
+        fitted = spec.fit_artifacts(config, _random_read(config.data)) if spec and spec.fit_artifacts else {}
+        return build_objective(config, fitted)
+
+    made: dict = {}
+
+    def objective() -> torch.nn.Module:
+        made.setdefault("objective", build())
+        return made["objective"]
+
+    return choose(train, objective, lambda: synthetic_batch(objective(), config.data, train.batch_size), previous)
