@@ -64,3 +64,26 @@ def test_bf16_losses_stay_within_1_percent_of_fp32_for_200_steps(tiny_shards, tm
     assert len(fp32) == len(bf16) == 200
     assert not np.array_equal(fp32, bf16)  # autocast did run in bf16
     assert (np.abs(bf16 - fp32) / np.abs(fp32)).max() < 0.01
+
+
+def test_eval_precision_is_recorded_cached_apart_and_close_to_fp32(labelled_shards, tmp_path, capsys):
+    from vitpipe.downstream.evaluate import source_for
+    from vitpipe.downstream.features import extract
+
+    run = tmp_path / "run"
+    assert main(["pretrain", "mae", "--data", str(labelled_shards / "train"), "--out", str(run), *RUN_ARGS,
+                 "train.max_steps=2"]) == 0
+    common = ["--train", str(labelled_shards / "train"), "--test", str(labelled_shards / "val"), "--workers", "0"]
+    results = {}
+    for name in ("fp32", "bf16"):
+        assert main(["eval", "knn", str(run), *common, "--precision", name]) == 0
+        results[name] = json.loads((run / "eval" / "knn.json").read_text())
+        assert results[name]["provenance"]["precision"] == name
+    features = {name: extract(source_for(run, "trained", False, name), str(labelled_shards / "val"), num_workers=0,
+                              cache_dir=run / "eval" / "cache").features["last"] for name in ("fp32", "bf16")}
+    cosine = (features["fp32"] * features["bf16"]).sum(1) / (
+        np.linalg.norm(features["fp32"], axis=1) * np.linalg.norm(features["bf16"], axis=1))
+    assert features["bf16"].dtype == np.float32 and cosine.min() > 0.99 and not np.array_equal(*features.values())
+    capsys.readouterr()
+    assert main(["eval", "knn", str(run), *common, "--precision", "fp8"]) == 2
+    assert "--precision must be auto, fp32 or bf16" in capsys.readouterr().err

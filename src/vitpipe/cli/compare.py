@@ -26,6 +26,8 @@ def compare(
     knn_layer: Annotated[str, typer.Option("--knn-layer", help="k-NN features: last | probe (the single block the probe picked on held-out labels).")] = "last",
     finetune_probe_init: Annotated[bool, typer.Option("--finetune-probe-init", help="Start each fine-tune's head from a linear probe on its labels (LP-FT).")] = False,
     workers: Annotated[int, typer.Option("--workers", help="DataLoader workers for feature extraction.")] = 2,
+    precision: Annotated[str, typer.Option(
+        "--precision", help="auto (bf16 where the hardware has it and it measures faster) | fp32 | bf16.")] = "auto",
     max_contamination: Annotated[float, typer.Option(
         "--max-contamination", help="Refuse (exit 2) a run when more than this fraction of the test images have a "
                                     "near-copy in its pretraining data or in --train.")] = 0.01,
@@ -37,7 +39,7 @@ def compare(
 
     settings = CompareSettings(tuple(s.strip() for s in suite.split(",") if s.strip()), layers, label_fraction,
                                tuple(finetune_set or ()), probe_epochs,
-                               concat, knn_layer, finetune_probe_init, workers, max_contamination)
+                               concat, knn_layer, finetune_probe_init, workers, precision, max_contamination)
     result = run_compare(runs, train, test, out, settings, log=lambda line: typer.echo(line, err=True))
     for row in result["runs"]:
         scores = ", ".join(f"{task} {e['trained']['top1']:.3f} ({e['delta_vs_random']:+.3f} vs random)"

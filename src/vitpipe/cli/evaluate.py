@@ -19,6 +19,9 @@ PoolOpt = Annotated[Optional[str], typer.Option("--pool", help="cls | gap | map 
 MaxSkippedOpt = Annotated[float, typer.Option(
     "--max-skipped", help="Fail (exit 1) when more than this fraction of the expected samples cannot be read.")]
 WorkersOpt = Annotated[int, typer.Option("--workers", help="DataLoader workers for feature extraction.")]
+PrecisionOpt = Annotated[str, typer.Option(
+    "--precision", help="auto (bf16 where the hardware has it and it measures faster) | fp32 | bf16; "
+                        "features are stored as fp32, the choice is recorded in the result.")]
 MaxLeakOpt = Annotated[float, typer.Option(
     "--max-contamination", help="Refuse (exit 2) when more than this fraction of the test images have a near-copy "
                                 "in the pretraining or the eval's own training data.")]
@@ -57,7 +60,7 @@ def eval_linear_probe(
     concat: Annotated[bool, typer.Option("--concat", help="Also probe the --layers concatenated.")] = False,
     lrs: Annotated[str, typer.Option(help="Learning rates of the sweep.")] = "0.01,0.03,0.1,0.3,1,3,10",
     wds: Annotated[str, typer.Option(help="Weight decays of the sweep.")] = "0,1e-4,1e-3",
-    max_skipped: MaxSkippedOpt = 0.01, max_contamination: MaxLeakOpt = 0.01,
+    max_skipped: MaxSkippedOpt = 0.01, max_contamination: MaxLeakOpt = 0.01, precision: PrecisionOpt = "auto",
 ) -> None:
     """Frozen features + BatchNorm/Linear heads; a lr x wd sweep in one pass, picked on a val split."""
     from vitpipe.downstream.evaluate import eval_linear_probe as run_probe, source_for
@@ -65,7 +68,7 @@ def eval_linear_probe(
 
     _check_pool(pool)
     settings = ProbeSettings(lrs=_floats(lrs), weight_decays=_floats(wds), epochs=epochs)
-    source = source_for(run, init, pixels)
+    source = source_for(run, init, pixels, precision)
     layer_list = _layer_list(layers, source)
     path, result = run_probe(source, train, test, layer_list, pool, settings, workers, concat, max_skipped,
                              max_contamination)
@@ -90,7 +93,7 @@ def eval_knn(
     nlist: Annotated[int, typer.Option(help="IVF cells.")] = 100,
     nprobe: Annotated[int, typer.Option(help="IVF cells searched.")] = 8,
     pq_m: Annotated[int, typer.Option(help="IVF-PQ: bytes per vector.")] = 16,
-    max_contamination: MaxLeakOpt = 0.01,
+    max_contamination: MaxLeakOpt = 0.01, precision: PrecisionOpt = "auto",
 ) -> None:
     """Weighted k-NN (k = 10, 20, 200) on L2-normalised features with FAISS (on the GPUs when
     faiss-gpu sees any). Exact by default."""
@@ -99,7 +102,7 @@ def eval_knn(
 
     _check_pool(pool)
     settings = IndexSettings(kind=index_type, nlist=nlist, nprobe=nprobe, pq_m=pq_m)
-    path, result = run_knn(source_for(run, init, pixels), train, test, temperature=temperature, pool=pool,
+    path, result = run_knn(source_for(run, init, pixels, precision), train, test, temperature=temperature, pool=pool,
                            workers=workers, layer=layer, max_skipped=max_skipped, index=settings,
                            max_contamination=max_contamination)
     if path is None:  # a torchrun process other than the first: its share of the features is written
@@ -121,6 +124,7 @@ def eval_retrieval(
     init: InitOpt = "trained", pixels: PixelsOpt = False, pool: PoolOpt = None, workers: WorkersOpt = 2,
     max_skipped: MaxSkippedOpt = 0.01,
     text: Annotated[Optional[str], typer.Option("--text", help="Image-text runs: a caption to search images for.")] = None,
+    precision: PrecisionOpt = "auto",
 ) -> None:
     """Build a FAISS index over shards (saved in RUN/eval/retrieval/), report recall@1/5/10, answer
     --query; for image-text runs also recall both ways between images and their captions, and --text."""
@@ -133,7 +137,7 @@ def eval_retrieval(
     processes = Processes.from_env()
     if processes.world > 1 and (query is not None or text is not None):
         raise ConfigError("--query and --text answer on one process: build the index under torchrun, then query without it")
-    source = source_for(run, init, pixels)
+    source = source_for(run, init, pixels, precision)
     pairs = _image_text_pairs(source, index, text)
     settings = IndexSettings(kind=index_type, nlist=nlist, nprobe=nprobe, hnsw_m=hnsw_m, pq_m=pq_m)
     index_dir = run_dir_of(run) / "eval" / f"retrieval{source.baseline_suffix}"
@@ -252,13 +256,13 @@ def eval_zero_shot(
     templates: Annotated[Optional[Path], typer.Option(
         "--templates", help="Prompt templates with {} for the class name, one per line.")] = None,
     init: InitOpt = "trained", workers: WorkersOpt = 2, max_skipped: MaxSkippedOpt = 0.01,
-    max_contamination: MaxLeakOpt = 0.01,
+    max_contamination: MaxLeakOpt = 0.01, precision: PrecisionOpt = "auto",
 ) -> None:
     """Zero-shot classification by class-name prompts (image-text objectives such as clip)."""
     from vitpipe.downstream.evaluate import source_for
     from vitpipe.downstream.imagetext import eval_zero_shot as run_zero_shot
 
-    path, result = run_zero_shot(source_for(run, init, False), test, classes, templates, workers, max_skipped,
+    path, result = run_zero_shot(source_for(run, init, False, precision), test, classes, templates, workers, max_skipped,
                                  max_contamination)
     _print_result("zero-shot", [("top1", f"{result['top1']:.4f}"), ("top5", f"{result['top5']:.4f}"),
                                 ("chance", f"{result['chance']:.4f}"), ("classes", str(len(result["classes"])))], path, result)
@@ -269,13 +273,13 @@ def eval_bits_per_dim(
     run: RunArg,
     test: Annotated[str, typer.Option("--test", help="Held-out shards.")],
     init: InitOpt = "trained", workers: WorkersOpt = 2, max_skipped: MaxSkippedOpt = 0.01,
-    max_contamination: MaxLeakOpt = 0.01,
+    max_contamination: MaxLeakOpt = 0.01, precision: PrecisionOpt = "auto",
 ) -> None:
     """Held-out loss of a pixel-sequence model (igpt) in bits per palette index."""
     from vitpipe.downstream.evaluate import source_for
     from vitpipe.downstream.pixels import eval_bits_per_dim as run_bits
 
-    path, result = run_bits(source_for(run, init, False), test, workers, max_skipped, max_contamination)
+    path, result = run_bits(source_for(run, init, False, precision), test, workers, max_skipped, max_contamination)
     _print_result("bits per dim", [("bits per dim", f"{result['bits_per_dim']:.4f}"),
                                    ("uniform palette", f"{result['uniform_bits']:.4f}"),
                                    ("images", str(result["test_samples"]))], path, result)

@@ -55,6 +55,8 @@ class CompareSettings:
     probe is fitted on the random encoder's features)."""
     workers: int = 2
     """DataLoader workers for feature extraction."""
+    precision: str = "auto"
+    """auto | fp32 | bf16 for every encoder's forward passes (ssl/precision.py's for_eval)."""
     max_contamination: float = 0.01
     """Refuse a run whose test images have near-copies in its pretraining data or in --train above
     this fraction (downstream/contamination.py)."""
@@ -141,6 +143,8 @@ def _reusable(path: Path, source: EncoderSource, train: str, test: str, check) -
         if not same_shards or was.get("manifest_sha256") != now["manifest_sha256"]:
             return None
     if source.weights is not None and path.stat().st_mtime < source.weights.stat().st_mtime:
+        return None
+    if result.get("provenance", {}).get("precision", "fp32") != source.precision:
         return None
     return result if check(result) else None
 
@@ -253,7 +257,7 @@ class BaselineMemo:
             if source.run not in self.random_weights:
                 self.random_weights[source.run] = _weights_digest(source.build())
             model = json.dumps(to_dict(source.config)["model"], sort_keys=True)
-            return task, "random", self.random_weights[source.run], model, transform
+            return task, "random", self.random_weights[source.run], model, transform, source.precision
         return None
 
     def get(self, task: str, source: EncoderSource) -> dict[str, Any] | None:
@@ -300,10 +304,10 @@ def compare(runs: list[Path], train: str, test: str, out: Path, settings: Compar
     shared = BaselineMemo()
     rows = []
     for run in runs:
-        trained = EncoderSource.resolve(run, "trained")
+        trained = EncoderSource.resolve(run, "trained").with_precision(settings.precision)
         row = {"run": str(run), "name": run_dir_of(run).name, "objective": trained.config.objective,
                "encoder": _encoder_facts(trained), "cost": pretraining_cost(run), "evals": {},
-               "contamination": leaks[str(run)]}
+               "contamination": leaks[str(run)], "precision": trained.precision}
         report = run_dir_of(run) / "report" / "index.html"
         row["report"] = os.path.relpath(report, out) if report.is_file() else None
         for task in (task for task in SUITE if task in settings.suite):  # the probe first: --knn-layer probe reads it
@@ -311,7 +315,7 @@ def compare(runs: list[Path], train: str, test: str, out: Path, settings: Compar
             for kind in BASELINES:
                 if task == "finetune" and kind == "pixels":
                     continue
-                source = trained if kind == "trained" else EncoderSource.resolve(run, kind)
+                source = trained if kind == "trained" else EncoderSource.resolve(run, kind).with_precision(trained.precision)
                 found = shared.get(task, source)
                 if found is not None:
                     log(f"compare: {row['name']}: {task} ({kind}): the same {kind} features as {found['same_as']}'s")

@@ -26,10 +26,11 @@ from vitpipe.ssl.runs import run_dir_of
 from vitpipe.ssl.rundir import git_revision
 
 
-def source_for(run: Path, init: str, pixels: bool) -> EncoderSource:
+def source_for(run: Path, init: str, pixels: bool, precision: str = "fp32") -> EncoderSource:
+    """The encoder an eval scores, at ``precision`` (auto | fp32 | bf16, recorded in its result)."""
     if pixels and init != "trained":
         raise ConfigError("--pixels and --init random are separate baselines; pass one")
-    return EncoderSource.resolve(run, "pixels" if pixels else init)
+    return EncoderSource.resolve(run, "pixels" if pixels else init).with_precision(precision)
 
 
 def data_id(spec: str) -> dict[str, Any]:
@@ -54,6 +55,7 @@ def write_result(source: EncoderSource, name: str, payload: dict[str, Any], data
         "seconds": round(seconds, 2),
         "provenance": {
             "encoder": str(source.weights) if source.weights else source.kind, "step": source.step,
+            "precision": source.precision,
             "config": to_dict(source.config), "data": {k: data_id(v) for k, v in data.items()},
             "git_revision": git_revision(), "vitpipe_version": __version__,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

@@ -8,6 +8,7 @@ a warning line when any were lost, a DataError above ``max_skipped``.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import sys
@@ -62,6 +63,8 @@ class EncoderSource:
     seed: int = 0
     step: int | None = None
     """The training step of a checkpoint's weights (None: the run's exported final encoder)."""
+    precision: str = "fp32"
+    """fp32 | bf16: the autocast of the encoder's forward passes (features are stored as fp32)."""
 
     @classmethod
     def resolve(cls, run: Path, kind: str = "trained", seed: int = 0) -> "EncoderSource":
@@ -105,6 +108,19 @@ class EncoderSource:
             return load_run_encoder(self.weights.parent if self.step is not None else self.run)[0]
         return build_run_objective(self.run, self.config, seed=self.seed).encoder().eval()
 
+    def with_precision(self, requested: str) -> "EncoderSource":
+        """This source at ``requested`` (auto | fp32 | bf16; auto measured, ssl/precision.py); raw
+        pixels are fp32 whatever is asked."""
+        from vitpipe.ssl.precision import for_eval
+
+        memo = run_dir_of(self.run) / "eval" / "cache" / "precision.json"
+        chosen = "fp32" if self.kind == "pixels" else for_eval(requested, self.build, self.config.data, memo,
+                                                                 self.identity())
+        return dataclasses.replace(self, precision=chosen)
+
+    def autocast(self, device: str):
+        return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=self.precision == "bf16")
+
 
 def layer_names(layers: list[int] | None) -> list[str]:
     return ["last"] if not layers else [f"block{layer}" for layer in layers]
@@ -130,7 +146,8 @@ def single_blocks(per_layer: dict[str, Any]) -> dict[int, Any]:
 def cache_key(source: EncoderSource, shards: ShardSet, name: str, pool: str, image_size: int) -> str:
     """One cache file per layer, so probing blocks 3,7,11 together serves a later k-NN on block 7."""
     payload = json.dumps({"encoder": source.identity(), "shards": shards.identity(), "layer": name, "pool": pool, "image_size": image_size,
-                          "mean": source.config.data.mean, "std": source.config.data.std}, sort_keys=True)
+                          "mean": source.config.data.mean, "std": source.config.data.std,
+                          **({"precision": source.precision} if source.precision != "fp32" else {})}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:24]
 
 
@@ -208,14 +225,16 @@ def _extract_parts(source: EncoderSource, shards, names: list[str], layers: list
     tally = ReadTally(None)  # what this process read; the merge sets the expected total
     for batch in counted(loader, tally):
         images = batch["image"].to(device)
-        if encoder is None:
-            features = {PIXELS: images.flatten(1).cpu().numpy()}
-        elif not layers:
-            features = {"last": encoder.pool(encoder.forward_features(images), pool).cpu().numpy()}
-        else:
-            # attention pooling was trained on the last block only; average the others
-            features = {name: encoder.pool(tokens, "gap" if pool == "map" else pool).cpu().numpy()
-                        for name, tokens in zip(names, encoder.intermediate_layers(images, layers))}
+        with source.autocast(device):
+            if encoder is None:
+                features = {PIXELS: images.flatten(1)}
+            elif not layers:
+                features = {"last": encoder.pool(encoder.forward_features(images), pool)}
+            else:
+                # attention pooling was trained on the last block only; average the others
+                features = {name: encoder.pool(tokens, "gap" if pool == "map" else pool)
+                            for name, tokens in zip(names, encoder.intermediate_layers(images, layers))}
+        features = {name: value.float().cpu().numpy() for name, value in features.items()}
         writer.add(features, list(batch["key"]), batch["label"].numpy() if need_labels else None)
     writer.close(tally, need_labels)
 

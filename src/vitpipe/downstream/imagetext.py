@@ -92,7 +92,8 @@ def eval_zero_shot(source: EncoderSource, test: str, classes_file: Path | None =
     if not templates:
         raise ConfigError(f"{templates_file}: no template with {{}} in it")
     model = load_image_text_model(source)
-    classifier = class_embeddings(model, names, templates)
+    with source.autocast("cpu"):
+        classifier = class_embeddings(model, names, templates).float()
     config = source.config
     shards = resolve_shards(test)
     check_class_count(test, names, require(shards, test, ("label",), "zero-shot"))
@@ -102,7 +103,8 @@ def eval_zero_shot(source: EncoderSource, test: str, classes_file: Path | None =
     top1 = top5 = 0
     confusion = torch.zeros(len(names), len(names), dtype=torch.long)  # [true, predicted]
     for batch in counted(loader, tally):
-        scores = model.encode_image(batch["image"]) @ classifier.T
+        with source.autocast(str(batch["image"].device)):
+            scores = model.encode_image(batch["image"]).float() @ classifier.T
         ranked = scores.topk(min(5, len(names)), dim=1).indices
         top1 += (ranked[:, 0] == batch["label"]).sum().item()
         top5 += (ranked == batch["label"].unsqueeze(1)).any(dim=1).sum().item()
@@ -127,8 +129,9 @@ def embed_pairs(model, source: EncoderSource, spec: str, workers: int, max_skipp
     tally = ReadTally(shards.expected)
     images, texts, keys = [], [], []
     for batch in counted(loader, tally):
-        images.append(model.encode_image(batch["image"]))
-        texts.append(model.encode_text(model.tokenize.encode(batch["text"])[0]))
+        with source.autocast(str(batch["image"].device)):
+            images.append(model.encode_image(batch["image"]).float())
+            texts.append(model.encode_text(model.tokenize.encode(batch["text"])[0]).float())
         keys.extend(batch["key"])
     check_tally(spec, FeatureSet({}, None, [], tally), max_skipped)
     if not keys:

@@ -109,7 +109,8 @@ def eval_bits_per_dim(source: EncoderSource, test: str, workers: int = 2,
     for batch in counted(loader, tally):
         batch = hook(batch, generator)
         count = int(batch["masked"].sum()) if "masked" in batch else batch["pixels"].numel()
-        total_nats += model(batch).loss.item() * count
+        with source.autocast(str(batch["pixels"].device)):
+            total_nats += model(batch).loss.float().item() * count
         predicted += count
     check_tally(test, FeatureSet({}, None, [], tally), max_skipped)
     if not tally.read:

@@ -10,8 +10,8 @@ stay fp32; a resumed run keeps its first session's choice, so its numerics do no
 
 from __future__ import annotations
 
+import os
 import platform
-import statistics
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -20,7 +20,7 @@ import torch
 
 MARGIN = 1.10
 """bf16 must beat fp32 by this factor (below it the difference is within the measurement's noise)."""
-TIMED_STEPS = 3
+ROUNDS = 6
 MAX_BATCH = 64
 
 
@@ -60,21 +60,31 @@ def choose(train: Any, build: Callable[[], torch.nn.Module], batch: Callable[[],
 
 
 def measure(objective: torch.nn.Module, batch: dict) -> tuple[float, float]:
-    """Median seconds of a forward + backward step of ``objective`` on ``batch``: (fp32, bf16)."""
+    """Seconds of a forward + backward step of ``objective`` on ``batch``: (fp32, bf16)."""
     objective.train()
-    times = {}
-    for dtype in (None, torch.bfloat16):
-        runs = []
-        for attempt in range(TIMED_STEPS + 1):  # the first is a warm-up
+
+    def step(bf16: bool) -> None:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = objective(batch).loss
+        loss.backward()
+        objective.zero_grad(set_to_none=True)
+
+    return fastest(step)
+
+
+def fastest(step: Callable[[bool], None], rounds: int = ROUNDS) -> tuple[float, float]:
+    """(fp32, bf16): the fastest of ``rounds`` runs of ``step(bf16)`` each, after a warm-up of
+    each, fp32 and bf16 interleaved (the machine's drift hits both; the minimum drops its noise:
+    medians of 3 separate runs swung 0.3x-14x on a loaded machine)."""
+    times: dict[bool, list[float]] = {False: [], True: []}
+    for bf16 in (False, True):
+        step(bf16)
+    for _ in range(rounds):
+        for bf16 in (False, True):
             start = time.perf_counter()
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype is not None):
-                loss = objective(batch).loss
-            loss.backward()
-            objective.zero_grad(set_to_none=True)
-            if attempt:
-                runs.append(time.perf_counter() - start)
-        times[dtype] = statistics.median(runs)
-    return times[None], times[torch.bfloat16]
+            step(bf16)
+            times[bf16].append(time.perf_counter() - start)
+    return min(times[False]), min(times[True])
 
 
 def synthetic_batch(objective: torch.nn.Module, data: Any, batch_size: int) -> dict:
@@ -103,8 +113,6 @@ def _random_read(data: Any):
 def for_run(config: Any, build_objective: Callable, run_dir: Path) -> tuple[str, str]:
     """(precision, reason) of a run about to start: ``build_objective(config, artefacts)`` as the
     trainer builds it; several processes on CPU stay fp32 (each would measure, and could disagree)."""
-    import os
-
     from vitpipe.ssl import registry
     from vitpipe.ssl.rundir import read_run_info
 
@@ -126,3 +134,45 @@ def for_run(config: Any, build_objective: Callable, run_dir: Path) -> tuple[str,
         return made["objective"]
 
     return choose(train, objective, lambda: synthetic_batch(objective(), config.data, train.batch_size), previous)
+
+
+def for_eval(requested: str, build: Callable[[], torch.nn.Module | None], data: Any, memo: Path, key: str) -> str:
+    """fp32 | bf16 for evaluating an encoder: ``requested`` unless auto; auto is bf16 on a GPU with
+    it, and on a CPU with native bf16 when a forward pass of the encoder (a batch of 64 at the
+    run's shape) is at least MARGIN faster in bf16. Features are stored as fp32 either way. An auto
+    choice is measured once per encoder (``key``) and CPU and kept in ``memo`` (a JSON file), so
+    reruns reuse the same features and results instead of flipping on timing noise."""
+    if requested not in ("auto", "fp32", "bf16"):
+        from vitpipe.config import ConfigError
+
+        raise ConfigError(f"--precision must be auto, fp32 or bf16; got {requested!r}")
+    if requested != "auto":
+        return requested
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    unit = native_bf16()
+    if unit is None:
+        return "fp32"
+    import json
+
+    from vitpipe.pipeline.manifest import write_json_atomic
+
+    known = json.loads(memo.read_text()) if memo.is_file() else {}
+    if known.get(key, {}).get("cpu") == unit:
+        return known[key]["precision"]
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return "fp32"  # each process would measure, and could disagree: features of one precision only
+    chosen = _measured(build(), data)
+    write_json_atomic(memo, {**known, key: {"precision": chosen, "cpu": unit}})
+    return chosen
+
+
+def _measured(encoder: torch.nn.Module, data: Any) -> str:
+    pixels = torch.randn(MAX_BATCH, data.channels, data.image_size, data.image_size, generator=torch.Generator().manual_seed(0))
+
+    def forward(bf16: bool) -> None:
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            encoder.forward_features(pixels)
+
+    fp32, bf16 = fastest(forward)
+    return "bf16" if fp32 / bf16 >= MARGIN else "fp32"
