@@ -1,6 +1,6 @@
 """Hashing cost against decoding, one core: what `vitpipe curate` adds per image on top of
 reading it. Images are PNG-encoded as ingest stores them; decode = vitpipe's decode_rgb of those
-bytes; hash = image_hashes (pHash + dHash) of the decoded image; crops = crop_hashes (16 crops,
+bytes; hash = of_image (pHash + dHash + 16x16 thumbnail) of the decoded image; crops = of_crops (16 crops,
 what each evaluation image costs once).
 
     python benchmarks/curate_hash_speed.py --n 2000
@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from vitpipe.curate.steps import crop_hashes, image_hashes
+from vitpipe.pipeline.fingerprints import of_crops as crop_hashes, of_image as image_hashes
 from vitpipe.pipeline.images import decode_rgb, resize_to_fit
 
 FASHION = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
