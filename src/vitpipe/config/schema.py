@@ -288,7 +288,9 @@ class TrainConfig:
     tensorboard: bool = True
     """Write TensorBoard event files under RUN/tb."""
     wandb: bool = False
-    """Also log to Weights & Biases (needs `pip install wandb` and a login)."""
+    """Also log to Weights & Biases (needs `pip install wandb` and a login, or WANDB_MODE=offline)."""
+    mlflow: bool = False
+    """Also log to MLflow: a file store under RUN/mlruns, or the server MLFLOW_TRACKING_URI names."""
     deterministic: bool = False
     """Use deterministic algorithms (for bitwise-reproducible resume tests)."""
     health_every: int = 50

@@ -165,9 +165,9 @@ def make_accelerator(train: Any, run_dir: Path, precision: str):
     # (the tests, a fine-tune after a probe) may choose another: start its state afresh, keeping
     # the process group
     AcceleratorState._reset_state(reset_partial_state=False)
-    trackers = ["tensorboard"] if train.tensorboard else []
-    if train.wandb:
-        trackers.append("wandb")
+    from vitpipe.ssl import trackers as tracking
+
+    trackers = tracking.names(train)
     accelerator = Accelerator(
         cpu=not cuda, mixed_precision={"fp32": "no"}.get(precision, precision),
         gradient_accumulation_steps=train.grad_accum, log_with=trackers or None,

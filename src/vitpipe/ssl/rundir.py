@@ -17,7 +17,7 @@ from vitpipe.ssl.checkpoints import CheckpointError, list_checkpoints
 
 RESUMABLE_CHANGES = {
     "data.shards", "data.num_workers", "train.max_steps", "train.log_every", "train.ckpt_every_steps",
-    "train.ckpt_every_minutes", "train.keep_checkpoints", "train.tensorboard", "train.wandb",
+    "train.ckpt_every_minutes", "train.keep_checkpoints", "train.tensorboard", "train.wandb", "train.mlflow",
     "train.record_keys", "train.nan_policy", "train.compile", "train.grad_checkpointing", "train.health_every",
     "train.collapse_min_std",
     "train.collapse_min_rank",

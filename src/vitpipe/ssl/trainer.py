@@ -25,7 +25,7 @@ from vitpipe.pipeline.census import require_needs
 from vitpipe.pipeline.loader import LoaderSpec, ShardDataset, make_loader
 from vitpipe.pipeline.shardset import resolve_shards
 from vitpipe.pipeline.transforms import TransformSpec
-from vitpipe.ssl import artifacts, checkpoints, optim, registry, rundir
+from vitpipe.ssl import artifacts, checkpoints, optim, registry, rundir, trackers
 from vitpipe.ssl.distributed import sum_gradients
 from vitpipe.ssl.health import monitor
 from vitpipe.ssl.launch import RunLock, StopFlag, make_accelerator
@@ -158,8 +158,11 @@ class Trainer:
                 "world_size": accelerator.num_processes, "device": str(accelerator.device), "precision": precision[0],
                 "precision_reason": precision[1],
                 "global_batch": global_batch, "peak_lr": lr, "warmup_steps": warmup}, session.resumed_from)
-            accelerator.init_trackers("pretrain", config=rundir.flat(to_dict(config)),
-                                      init_kwargs={"tensorboard": {"purge_step": state.step + 1}})
+            # a resumed run's trackers hold its first session's settings (MLflow refuses changed ones)
+            flat = rundir.flat(to_dict(config)) if session.resumed_from is None else None
+            accelerator.init_trackers("pretrain", config=flat, init_kwargs=trackers.init_kwargs(
+                self.run_dir, train, rundir.read_run_info(self.run_dir), state.step))
+            rundir.update_run_info(self.run_dir, {"trackers": trackers.run_ids(accelerator)})
             session.metrics = JsonLines(self.run_dir / "metrics.jsonl")
             if self.progress:
                 from tqdm import tqdm
