@@ -15,4 +15,4 @@ fi
 # The two pins first: pip takes them from the local wheel cache on our machines; a looser
 # requirement would pull another multi-GB build.
 python -m pip install -q torch==2.14.1 torchvision==0.29.1
-python -m pip install -q -e ".[dev,spark,onnx,wandb,mlflow]"
+python -m pip install -q -e ".[dev,spark,onnx,wandb,mlflow,serve]"

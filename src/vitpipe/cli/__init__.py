@@ -12,7 +12,7 @@ from typing import Annotated
 
 import typer
 
-from vitpipe.cli import compare, curate, data, evaluate, train
+from vitpipe.cli import compare, curate, data, evaluate, serve, train
 from vitpipe.cli.common import DEBUG_ENV, EXIT_USAGE, error_line, runtime_failure_line
 from vitpipe.config import ConfigError
 
@@ -49,6 +49,7 @@ eval_app.command("bits-per-dim")(evaluate.eval_bits_per_dim)
 app.command()(evaluate.sample)
 app.command()(compare.compare)
 app.command()(curate.curate)
+app.command()(serve.serve)
 palette_app.command("fit")(data.palette_fit)
 
 

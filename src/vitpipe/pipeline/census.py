@@ -76,13 +76,13 @@ def take_census(shards: ShardSet) -> Census | None:
 
 
 def _count_shard(handle, census: Census) -> None:
-    for members in _samples(handle, ("cls",)):
+    for members in sample_members(handle, ("cls",)):
         census.count(members)
 
 
-def _samples(handle, read: tuple[str, ...]):
+def sample_members(handle, read: tuple[str, ...]):
     """Each sample of an uncompressed tar as {ext: bytes for ``read`` exts, else (offset, size)},
-    seeking past everything else."""
+    plus "__key__": its name, seeking past everything else."""
     key, members = None, {}
     while True:
         header = handle.read(512)
@@ -100,6 +100,7 @@ def _samples(handle, read: tuple[str, ...]):
             yield members
             members = {}
         key = sample
+        members["__key__"] = sample
         if ext in read:
             members[ext] = handle.read(size)
             handle.seek(padded - size, 1)
@@ -120,7 +121,7 @@ def sample_hashes(shards: ShardSet) -> set[str]:
             continue
         try:
             with open_shard(url) as handle:
-                for members in _samples(handle, ("json",)):
+                for members in sample_members(handle, ("json",)):
                     digest = _sample_hash(handle, members)
                     if digest:
                         hashes.add(digest)
