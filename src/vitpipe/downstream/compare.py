@@ -144,7 +144,7 @@ def _reusable(path: Path, source: EncoderSource, train: str, test: str, check) -
             return None
     if source.weights is not None and path.stat().st_mtime < source.weights.stat().st_mtime:
         return None
-    if result.get("provenance", {}).get("precision", "fp32") != source.precision:
+    if result.get("provenance", {}).get("precision", "fp32") != source.resolved().precision:
         return None
     return result if check(result) else None
 
@@ -257,7 +257,7 @@ class BaselineMemo:
             if source.run not in self.random_weights:
                 self.random_weights[source.run] = _weights_digest(source.build())
             model = json.dumps(to_dict(source.config)["model"], sort_keys=True)
-            return task, "random", self.random_weights[source.run], model, transform, source.precision
+            return task, "random", self.random_weights[source.run], model, transform, source.resolved().precision
         return None
 
     def get(self, task: str, source: EncoderSource) -> dict[str, Any] | None:

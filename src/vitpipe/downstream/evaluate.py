@@ -55,7 +55,7 @@ def write_result(source: EncoderSource, name: str, payload: dict[str, Any], data
         "seconds": round(seconds, 2),
         "provenance": {
             "encoder": str(source.weights) if source.weights else source.kind, "step": source.step,
-            "precision": source.precision,
+            "precision": source.resolved().precision,
             "config": to_dict(source.config), "data": {k: data_id(v) for k, v in data.items()},
             "git_revision": git_revision(), "vitpipe_version": __version__,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

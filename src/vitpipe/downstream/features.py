@@ -64,7 +64,8 @@ class EncoderSource:
     step: int | None = None
     """The training step of a checkpoint's weights (None: the run's exported final encoder)."""
     precision: str = "fp32"
-    """fp32 | bf16: the autocast of the encoder's forward passes (features are stored as fp32)."""
+    """fp32 | bf16 | auto: the autocast of the encoder's forward passes (features are stored as
+    fp32); auto is decided by ``resolved()`` when the work starts, after the cheap refusals."""
 
     @classmethod
     def resolve(cls, run: Path, kind: str = "trained", seed: int = 0) -> "EncoderSource":
@@ -109,16 +110,23 @@ class EncoderSource:
         return build_run_objective(self.run, self.config, seed=self.seed).encoder().eval()
 
     def with_precision(self, requested: str) -> "EncoderSource":
-        """This source at ``requested`` (auto | fp32 | bf16; auto measured, ssl/precision.py); raw
-        pixels are fp32 whatever is asked."""
+        """This source at ``requested`` (auto | fp32 | bf16); raw pixels are fp32 whatever is asked."""
+        if requested not in ("auto", "fp32", "bf16"):
+            raise ConfigError(f"--precision must be auto, fp32 or bf16; got {requested!r}")
+        return dataclasses.replace(self, precision="fp32" if self.kind == "pixels" else requested)
+
+    def resolved(self) -> "EncoderSource":
+        """This source with auto decided (ssl/precision.py's for_eval: measured once per encoder and
+        CPU, kept in RUN/eval/cache/precision.json)."""
+        if self.precision != "auto":
+            return self
         from vitpipe.ssl.precision import for_eval
 
         memo = run_dir_of(self.run) / "eval" / "cache" / "precision.json"
-        chosen = "fp32" if self.kind == "pixels" else for_eval(requested, self.build, self.config.data, memo,
-                                                                 self.identity())
-        return dataclasses.replace(self, precision=chosen)
+        return dataclasses.replace(self, precision=for_eval("auto", self.build, self.config.data, memo, self.identity()))
 
     def autocast(self, device: str):
+        """bf16 autocast for a resolved bf16 source, nothing otherwise."""
         return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=self.precision == "bf16")
 
 
@@ -175,6 +183,7 @@ def extract(source: EncoderSource, shard_spec: str, *, layers: list[int] | None 
     depth = source.depth()
     if source.kind != "pixels" and any(not -depth <= layer < depth for layer in layers or []):
         raise ConfigError(f"--layers: the encoder has blocks 0..{depth - 1}; got {layers}")
+    source = source.resolved()  # past the refusals: the work starts here
     if cache_dir is None:
         if processes.world > 1:
             raise ConfigError("extraction on several processes needs a cache directory to meet in")

@@ -92,6 +92,7 @@ def eval_zero_shot(source: EncoderSource, test: str, classes_file: Path | None =
     if not templates:
         raise ConfigError(f"{templates_file}: no template with {{}} in it")
     model = load_image_text_model(source)
+    source = source.resolved()
     with source.autocast("cpu"):
         classifier = class_embeddings(model, names, templates).float()
     config = source.config
@@ -121,7 +122,7 @@ def eval_zero_shot(source: EncoderSource, test: str, classes_file: Path | None =
 @torch.no_grad()
 def embed_pairs(model, source: EncoderSource, spec: str, workers: int, max_skipped: float):
     """Image and caption embeddings of every pair in ``spec``: ([N, E], [N, E], keys, tally)."""
-    config = source.config
+    config, source = source.config, source.resolved()
     shards = resolve_shards(spec)
     require(shards, spec, ("text",), "image-text retrieval", every=True)
     transform = TransformSpec.for_eval(config.data)

@@ -101,6 +101,7 @@ def eval_bits_per_dim(source: EncoderSource, test: str, workers: int = 2,
     pixel of the reduced image given the ones before it; for bert: the masked ones, masks seeded)."""
     start = time.monotonic()
     leaks = checked_contamination(source, test, max_contamination)
+    source = source.resolved()
     model = load_pixel_model(source)
     shards, loader = _loader(source, test, workers)
     hook, generator = model.batch_hook(), torch.Generator().manual_seed(0)

@@ -99,17 +99,6 @@ def synthetic_batch(objective: torch.nn.Module, data: Any, batch_size: int) -> d
     return hook(batch, generator) if hook is not None else batch
 
 
-def _random_read(data: Any):
-    """Stands in for the training shards when a throwaway objective fits its artefacts."""
-    def read(fields, limit):
-        generator = torch.Generator().manual_seed(0)
-        for start in range(0, limit, 32):
-            yield {"image": torch.rand(32, data.channels, data.image_size, data.image_size, generator=generator) * 2 - 1,
-                   "text": [f"a photo of thing {i}" for i in range(start, start + 32)],
-                   "label": torch.zeros(32, dtype=torch.long), "key": [f"k{i}" for i in range(start, start + 32)]}
-    return read
-
-
 def for_run(config: Any, build_objective: Callable, run_dir: Path) -> tuple[str, str]:
     """(precision, reason) of a run about to start: ``build_objective(config, artefacts)`` as the
     trainer builds it; several processes on CPU stay fp32 (each would measure, and could disagree)."""
@@ -122,10 +111,14 @@ def for_run(config: Any, build_objective: Callable, run_dir: Path) -> tuple[str,
             and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         return "fp32", "auto: several CPU processes stay fp32 (a measurement per process could disagree)"
 
+    spec = registry.OBJECTIVES.get(config.objective)
+    if train.precision == "auto" and previous is None and spec is not None and spec.fit_artifacts is not None \
+            and not torch.cuda.is_available():
+        # it cannot be built before its artefacts (palette, tokenizer) are fitted from the data
+        return "fp32", "auto: not measured (this objective fits artefacts from the data first); train.precision=bf16 to use it"
+
     def build() -> torch.nn.Module:
-        spec = registry.OBJECTIVES.get(config.objective)
-        fitted = spec.fit_artifacts(config, _random_read(config.data)) if spec and spec.fit_artifacts else {}
-        return build_objective(config, fitted)
+        return build_objective(config, {})
 
     made: dict = {}
 
@@ -142,10 +135,6 @@ def for_eval(requested: str, build: Callable[[], torch.nn.Module | None], data: 
     run's shape) is at least MARGIN faster in bf16. Features are stored as fp32 either way. An auto
     choice is measured once per encoder (``key``) and CPU and kept in ``memo`` (a JSON file), so
     reruns reuse the same features and results instead of flipping on timing noise."""
-    if requested not in ("auto", "fp32", "bf16"):
-        from vitpipe.config import ConfigError
-
-        raise ConfigError(f"--precision must be auto, fp32 or bf16; got {requested!r}")
     if requested != "auto":
         return requested
     if torch.cuda.is_available():
