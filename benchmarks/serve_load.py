@@ -1,5 +1,5 @@
 """Load test of `vitpipe serve`'s API on this machine: a server process over a 100k-vector index
-(192-d, ViT-Ti's width) answers GET /api/search?key=... from 1 and 16 concurrent clients (bounded
+(as wide as the run's encoder: 128-d for the demo's ViT-mini) answers GET /api/search?key=... from 1 and 16 concurrent clients (bounded
 requests, 127.0.0.1 only); then POST image queries, which also run the encoder.
 
 The index is the real SearchIndex of a tiny MAE run over --images Fashion-MNIST images, with its
