@@ -143,3 +143,30 @@ def slurm_job(
         typer.echo(previous)
 
 
+
+
+@user_errors
+def plan(
+    objective: Annotated[str, typer.Argument(help="Objective (vitpipe pretrain's OBJECTIVE).")],
+    config: Annotated[Optional[Path], typer.Option("--config", help="Pretraining config YAML.")] = None,
+    gpus: Annotated[int, typer.Option("--gpus", help="GPUs the run would use.")] = 1,
+    gpu: Annotated[Optional[str], typer.Option("--gpu", help="h100 | a100-80 | a100-40 | l40s | l4 | a10g | v100.")] = None,
+    memory_gb: Annotated[Optional[float], typer.Option("--memory-gb", help="Memory per GPU, instead of --gpu.")] = None,
+    mfu: Annotated[float, typer.Option("--mfu", help="Model FLOPs utilisation assumed for the step time.")] = 0.4,
+    overrides: Annotated[Optional[list[str]], typer.Argument(help="key=value overrides of the config.")] = None,
+) -> None:
+    """Parameters, optimizer state with and without FSDP, activations per sample with and without
+    checkpointing (counted on one real step on this CPU), the largest batch per GPU and the step time."""
+    from vitpipe.ssl.plan import plan_for
+
+    found = plan_for(objective, config, list(overrides or []), gpus, gpu, memory_gb, mfu)
+    typer.echo(f"{objective}: {found.parameters / 1e6:.1f} M parameters ({found.trainable / 1e6:.1f} M trainable), "
+               f"{found.flops_per_sample / 1e9:.2f} GFLOP per sample (forward + backward)")
+    typer.echo(f"per GPU ({found.gpus} x {found.gpu_memory_gb:g} GB): weights + gradients + AdamW "
+               f"{found.state_gb_per_gpu['ddp']:.2f} GB (DDP), {found.state_gb_per_gpu['fsdp']:.2f} GB (FSDP)")
+    typer.echo(f"activations per sample ({found.precision}): {found.activations_mb_per_sample['plain']:.1f} MB, "
+               f"{found.activations_mb_per_sample['checkpointed']:.1f} MB with train.grad_checkpointing=true; "
+               f"per step whatever the batch: {found.activations_mb_per_step['plain']:.1f} MB")
+    typer.echo("largest batch per GPU: " + ", ".join(f"{k} {v}" for k, v in found.max_batch_per_gpu.items()))
+    if found.step_seconds is not None:
+        typer.echo(f"step of global batch {found.global_batch}: ~{found.step_seconds:.3f} s at {found.mfu:.0%} MFU")
