@@ -18,7 +18,7 @@ import json
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable
 
 import numpy as np
 from PIL import Image
@@ -266,7 +266,3 @@ def _cache_path(url: str, cache_dir: Path) -> Path:
     name = hashlib.sha256(f"{path}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:24]
     return Path(cache_dir) / f"{name}.fp.npz"
 
-
-def iter_prints(prints: Fingerprints) -> Iterator[tuple[str, tuple[np.ndarray, np.ndarray] | None]]:
-    for i, key in enumerate(prints.keys):
-        yield key, ((prints.hashes[i], prints.thumbs[i]) if prints.valid[i] else None)
