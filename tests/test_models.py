@@ -151,16 +151,17 @@ def test_position_embedding_interpolation_keeps_original_resolution():
     assert torch.allclose(vit(big), on_the_fly, atol=1e-6)
 
 
-@pytest.mark.parametrize("size,pool,class_token", [("micro", "cls", True), ("micro", "gap", False),
-                                                    ("micro", "map", True)])
-def test_timm_export_loads_strictly_and_matches(tmp_path, size, pool, class_token):
+@pytest.mark.parametrize("size,pool,class_token,pre_norm", [("micro", "cls", True, False), ("micro", "gap", False, False),
+                                                             ("micro", "map", True, False), ("micro", "cls", True, True)])
+def test_timm_export_loads_strictly_and_matches(tmp_path, size, pool, class_token, pre_norm):
     timm = pytest.importorskip("timm")
     from safetensors.torch import load_file, save_file
 
     from vitpipe.config import save_config
     from vitpipe.export import export
 
-    config = tiny_config(f"model.size={size}", f"model.pool={pool}", f"model.class_token={str(class_token).lower()}")
+    config = tiny_config(f"model.size={size}", f"model.pool={pool}", f"model.class_token={str(class_token).lower()}",
+                         f"model.pre_norm={str(pre_norm).lower()}")
     run = tmp_path / "run"
     save_config(config, run / "config.yaml")
     encoder = VisionTransformer(config.model, 16, 3).eval()
@@ -246,7 +247,8 @@ def test_hf_export_is_a_real_transformers_checkpoint(tmp_path, pool):
 
 
 @pytest.mark.parametrize("overrides,message", [(["model.class_token=false", "model.pool=gap"], "has none"),
-                                               (["model.pool=map"], "attention-pooling head")])
+                                               (["model.pool=map"], "attention-pooling head"),
+                                               (["model.pre_norm=true"], "no LayerNorm before its first block")])
 def test_hf_export_refuses_what_transformers_cannot_hold(tmp_path, capsys, overrides, message):
     from vitpipe.cli import main
 

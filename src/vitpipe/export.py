@@ -50,7 +50,7 @@ def timm_config(encoder: VisionTransformer, size: str, mean: list[float], std: l
             "img_size": encoder.image_size, "patch_size": model.patch_size, "in_chans": encoder.in_chans,
             "embed_dim": model.embed_dim, "depth": model.depth, "num_heads": model.num_heads,
             "mlp_ratio": model.mlp_ratio, "class_token": model.class_token, "global_pool": TIMM_POOL[model.pool],
-            "fc_norm": False, "num_classes": 0,
+            "fc_norm": False, "num_classes": 0, "pre_norm": model.pre_norm,
         },
         "num_features": model.embed_dim,
         "pretrained_cfg": {"input_size": [channels, encoder.image_size, encoder.image_size],
@@ -72,6 +72,9 @@ def hf_files(encoder: VisionTransformer, mean: list[float], std: list[float]) ->
         raise ConfigError("transformers' ViTModel has no convolutional stem; export it with --format vitpipe")
     if model.pool == "map":
         raise ConfigError("transformers' ViTModel has no attention-pooling head; "
+                          "export it with --format timm or --format vitpipe")
+    if model.pre_norm:
+        raise ConfigError("transformers' ViTModel has no LayerNorm before its first block (model.pre_norm=true); "
                           "export it with --format timm or --format vitpipe")
     state = {k: v.detach().cpu() for k, v in encoder.state_dict().items()}
     dim, patch, channels = model.embed_dim, model.patch_size, encoder.in_chans
@@ -107,7 +110,7 @@ def hf_files(encoder: VisionTransformer, mean: list[float], std: list[float]) ->
     return {k: v.contiguous() for k, v in out.items()}, config, processor
 
 
-FORMATS = ("timm", "hf", "vitpipe", "onnx")
+FORMATS = ("timm", "hf", "vitpipe", "onnx", "open_clip")
 
 
 def export(run: Path, out: Path, fmt: str = "timm", overwrite: bool = False) -> Path:
@@ -115,7 +118,9 @@ def export(run: Path, out: Path, fmt: str = "timm", overwrite: bool = False) -> 
     layout with Hugging Face Hub metadata in the card, ready for ``huggingface-cli upload``;
     ``vitpipe``: any objective's encoder in vitpipe's own layout (its resolved config and
     artefacts beside the weights), loaded back with ``load_exported``; ``onnx``: any objective's
-    encoder as model.onnx (dynamic batch, pooled features) with its input spec in config.json.
+    encoder as model.onnx (dynamic batch, pooled features) with its input spec in config.json;
+    ``open_clip`` (CLIP runs): an open_clip model config, checkpoint and tokenizer; ``hf`` of a CLIP
+    run: a transformers ``CLIPModel`` + ``CLIPProcessor`` folder (both in ``clip_export``).
 
     Every file is made before any is written; files already in ``out`` are refused unless
     ``overwrite`` (a user's own model is never replaced silently); each is written atomically with
@@ -125,7 +130,7 @@ def export(run: Path, out: Path, fmt: str = "timm", overwrite: bool = False) -> 
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file; give a directory")
-    files = export_files(run, fmt)
+    files = export_files(run, fmt, out)
     taken = sorted(name for name in files if (out / name).exists())
     if taken and not overwrite:
         raise ConfigError(f"{out} already holds {', '.join(taken)}; pass --overwrite to replace them")
@@ -134,11 +139,13 @@ def export(run: Path, out: Path, fmt: str = "timm", overwrite: bool = False) -> 
     return out
 
 
-def export_files(run: Path, fmt: str) -> dict[str, bytes]:
-    """File name (relative to the export folder) -> contents."""
+def export_files(run: Path, fmt: str, out: Path) -> dict[str, bytes]:
+    """File name (relative to the export folder ``out``) -> contents."""
     from safetensors.torch import save
 
     encoder, config, source = load_run_encoder(run)
+    if fmt == "open_clip" or (fmt == "hf" and config.objective == "clip"):
+        return clip_files(run, config, fmt, out)
     if fmt in ("timm", "hf") and not isinstance(encoder, VisionTransformer):
         raise ConfigError(f"the {config.objective} encoder is not a ViT; export it with --format vitpipe")
     files: dict[str, bytes] = {}
@@ -167,6 +174,22 @@ def export_files(run: Path, fmt: str) -> dict[str, bytes]:
     files["model.safetensors"] = save(state, metadata={"format": "pt"})
     files["config.json"] = (json.dumps(cfg, indent=2) + "\n").encode()
     files["README.md"] = model_card(Path(run), config, cfg, fmt).encode()
+    return files
+
+
+def clip_files(run: Path, config, fmt: str, out: Path) -> dict[str, bytes]:
+    """The whole CLIP (both towers, projections, temperature, tokenizer) in open_clip's or
+    transformers' layout, with a model card."""
+    from vitpipe import clip_export
+
+    if config.objective != "clip":
+        raise ConfigError(f"--format open_clip needs a CLIP run; this is a {config.objective} run "
+                          "(its encoder exports with --format timm, hf, onnx or vitpipe)")
+    clip = load_run_objective(run, config)
+    name = run_dir_of(run).name.replace("/", "-") or "vitpipe-clip"
+    files = (clip_export.open_clip_files(clip, config, name, out) if fmt == "open_clip"
+             else clip_export.hf_clip_files(clip, config))
+    files["README.md"] = clip_export.model_card(run_dir_of(run), config, fmt, name).encode()
     return files
 
 

@@ -52,15 +52,16 @@ def pretrain(
 def export(
     run: Annotated[Path, typer.Argument(help="Run directory or checkpoint directory.")],
     out: Annotated[Path, typer.Option("--out", help="Output directory.")],
-    format: Annotated[str, typer.Option("--format", help="timm | hf | vitpipe | onnx")] = "timm",
+    format: Annotated[str, typer.Option("--format", help="timm | hf | vitpipe | onnx | open_clip (hf of a CLIP run: CLIPModel)")] = "timm",
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace files already in --out.")] = False,
 ) -> None:
     """Export the encoder: model.safetensors + config.json (timm hub format) + a model card README.md."""
     from vitpipe.export import export as run_export
 
     path = run_export(run, out, format, overwrite)
-    weights = "model.onnx" if format == "onnx" else "model.safetensors"
-    typer.echo(f"exported {path / weights}, {path / 'config.json'} and {path / 'README.md'}")
+    weights = {"onnx": "model.onnx", "open_clip": "open_clip_model.safetensors"}.get(format, "model.safetensors")
+    config = "open_clip_config.json" if format == "open_clip" else "config.json"
+    typer.echo(f"exported {path / weights}, {path / config} and {path / 'README.md'}")
 
 
 @user_errors

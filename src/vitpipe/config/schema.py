@@ -204,6 +204,9 @@ class ModelConfig:
     """Position embedding: sincos (fixed 2D) | learned."""
     conv_stem: bool = False
     """Replace the patchify projection by a small convolutional stem (early convolutions)."""
+    pre_norm: bool = False
+    """LayerNorm on the embedded tokens before the first block (CLIP's ln_pre, timm's norm_pre);
+    what transformers' CLIPModel needs for a --format hf export of a CLIP run."""
     drop_path: float = 0.0
     """Stochastic depth rate of the last block (linearly increasing)."""
 

@@ -33,16 +33,20 @@ def build_transform(spec: TransformSpec) -> v2.Compose:
     if spec.preset not in PRESETS:
         raise ValueError(f"unknown transform preset {spec.preset!r}; choose from {', '.join(PRESETS)}")
     size = spec.image_size
-    steps: list = [v2.ToImage()]
+    steps: list = []
     if spec.channels == 1:
         steps.append(v2.Grayscale(1))
     if spec.preset in ("mae", "finetune"):
-        steps.append(v2.RandomResizedCrop(size, scale=(spec.crop_scale_min, 1.0), interpolation=v2.InterpolationMode.BICUBIC,
-                                          antialias=True))
+        steps += [v2.ToImage(), v2.RandomResizedCrop(size, scale=(spec.crop_scale_min, 1.0),
+                                                     interpolation=v2.InterpolationMode.BICUBIC, antialias=True)]
         if spec.hflip:
             steps.append(v2.RandomHorizontalFlip())
     else:
-        steps += [v2.Resize(size, interpolation=v2.InterpolationMode.BICUBIC, antialias=True), v2.CenterCrop(size)]
+        # resized while still a PIL image (PIL's bicubic), as timm, open_clip and transformers do: the
+        # same pixels, so an exported model gives vitpipe's features through the tool's own transform
+        # (torch's antialiased bicubic is off by one grey level on some pixels)
+        steps += [v2.Resize(size, interpolation=v2.InterpolationMode.BICUBIC, antialias=True), v2.CenterCrop(size),
+                  v2.ToImage()]
     steps.append(v2.ToDtype(torch.float32, scale=True))
     if spec.preset != "none":
         mean, std = list(spec.mean)[: spec.channels], list(spec.std)[: spec.channels]

@@ -212,7 +212,7 @@ def _check_image_init(config: PretrainConfig, source: PretrainConfig | None = No
             raise ConfigError(f"clip.image_init={config.clip.image_init} is neither a run directory nor a checkpoint")
         source = registry.run_config(saved)
     shape_keys = ("patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio", "class_token", "pos_embed",
-                  "conv_stem", "pool")
+                  "conv_stem", "pool", "pre_norm")
     mine, theirs = to_dict(config.model), to_dict(source.model)
     differ = [f"model.{k} {theirs[k]} vs {mine[k]}" for k in shape_keys if mine[k] != theirs[k]]
     differ += [f"data.{k} {getattr(source.data, k)} vs {getattr(config.data, k)}" for k in ("image_size", "channels")

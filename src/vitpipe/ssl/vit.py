@@ -177,6 +177,7 @@ class VisionTransformer(nn.Module):
                  else sincos_pos_embed_2d(config.embed_dim, self.grid, self.num_prefix_tokens))
         self.pos_embed = nn.Parameter(table, requires_grad=learned)
         rates = torch.linspace(0, config.drop_path, config.depth).tolist()
+        self.norm_pre = nn.LayerNorm(config.embed_dim, eps=LN_EPS) if config.pre_norm else nn.Identity()
         self.blocks = nn.ModuleList(Block(config.embed_dim, config.num_heads, config.mlp_ratio, r) for r in rates)
         self.norm = nn.LayerNorm(config.embed_dim, eps=LN_EPS)
         self.attn_pool = (AttentionPoolLatent(config.embed_dim, num_heads=config.num_heads, mlp_ratio=config.mlp_ratio,
@@ -210,10 +211,12 @@ class VisionTransformer(nn.Module):
         return rearrange(table, "1 d h w -> 1 (h w) d")
 
     def add_prefix(self, tokens: torch.Tensor) -> torch.Tensor:
-        if self.cls_token is None:
-            return tokens
-        cls = (self.cls_token + self.pos_embed[:, :1]).expand(tokens.shape[0], -1, -1)
-        return torch.cat([cls, tokens], dim=1)
+        """Patch tokens [B, N, D] -> the first block's input [B, prefix + N, D]: the CLS token
+        prepended (if any), then ``norm_pre`` (an identity unless model.pre_norm)."""
+        if self.cls_token is not None:
+            cls = (self.cls_token + self.pos_embed[:, :1]).expand(tokens.shape[0], -1, -1)
+            tokens = torch.cat([cls, tokens], dim=1)
+        return self.norm_pre(tokens)
 
     def forward_features(self, images: torch.Tensor, keep_idx: torch.Tensor | None = None) -> torch.Tensor:
         """[B, C, H, W] (+ keep_idx [B, K]) -> normed tokens [B, prefix + (K or N), D]."""
