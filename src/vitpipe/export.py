@@ -33,6 +33,10 @@ def timm_state_dict(encoder: VisionTransformer) -> dict[str, torch.Tensor]:
     patch = encoder.patch_size
     weight = state["patch_embed.proj.weight"]  # [D, p*p*C] over (p1 p2 c) -> conv kernel [D, C, p, p]
     state["patch_embed.proj.weight"] = rearrange(weight, "d (p1 p2 c) -> d c p1 p2", p1=patch, p2=patch).contiguous()
+    if encoder.config.pre_norm:  # timm drops the patch bias then (as CLIP does): it is a constant per patch token
+        positions = state["pos_embed"].clone()
+        positions[:, encoder.num_prefix_tokens:] += state.pop("patch_embed.proj.bias")
+        state["pos_embed"] = positions
     return state
 
 
