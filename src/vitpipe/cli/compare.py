@@ -48,3 +48,33 @@ def compare(
     typer.echo(f"top-1 on {result['test_samples']} samples of {test} (trained on {result['train_samples'] or 'the labelled subset of'} "
                f"samples of {train})")
     typer.echo(f"wrote {out / 'compare.json'} and {out / 'index.html'}")
+
+
+@user_errors
+def eval_suite(
+    suite: Annotated[Path, typer.Argument(help="Suite YAML: datasets: [{name, train, test, evals, classes, templates}].")],
+    runs: Annotated[list[Path], typer.Argument(help="Pretraining run directories (any objectives).")],
+    out: Annotated[Path, typer.Option("--out", help="Where suite.json, index.html and results/ go.")],
+    probe_epochs: Annotated[int, typer.Option(help="Linear-probe epochs.")] = 30,
+    layers: Annotated[str, typer.Option(help="Probe layers: auto | all | last.")] = "auto",
+    workers: Annotated[int, typer.Option("--workers", help="DataLoader workers for feature extraction.")] = 2,
+    precision: Annotated[str, typer.Option("--precision", help="auto | fp32 | bf16.")] = "auto",
+    max_contamination: Annotated[float, typer.Option(
+        "--max-contamination", help="Refuse (mark, no numbers) a dataset for a run when more than this fraction of its "
+                                    "test images have a near-copy in the run's pretraining data or its train shards.")] = 0.01,
+) -> None:
+    """Many datasets, several evals each (linear-probe, knn, zero-shot, retrieval), every run beside
+    its random init and raw pixels: OUT/suite.json and OUT/index.html with the average over datasets
+    and each dataset's contamination. Finished evals and cached features are reused."""
+    from vitpipe.downstream.suite import SuiteSettings, load_suite, run_suite, with_compare
+    from vitpipe.report.suite_page import write_suite_page
+
+    datasets = load_suite(suite)
+    settings = with_compare(SuiteSettings(), probe_epochs=probe_epochs, layers=layers, workers=workers,
+                            precision=precision, max_contamination=max_contamination)
+    result = run_suite(datasets, runs, out, settings, log=lambda line: typer.echo(line, err=True))
+    for name in result["runs"]:
+        means = ", ".join(f"{task} {a['trained']['mean']:.3f} ({a['trained']['mean'] - a['random']['mean']:+.3f} vs random, "
+                          f"{a['trained']['datasets']} datasets)" for task, a in result["average"][name].items())
+        typer.echo(f"{name}: {means or 'no eval ran (every dataset refused or not applicable)'}")
+    typer.echo(f"wrote {out / 'suite.json'} and {write_suite_page(result, out)}")

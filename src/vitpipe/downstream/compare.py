@@ -22,7 +22,7 @@ import torch
 from vitpipe.config import ConfigError, to_dict
 from vitpipe.downstream.features import EncoderSource
 from vitpipe.pipeline.census import sample_hashes
-from vitpipe.pipeline.manifest import shard_hashes
+from vitpipe.pipeline.manifest import shard_hashes, write_json_atomic
 from vitpipe.pipeline.shardset import resolve_shards
 from vitpipe.pipeline.transforms import TransformSpec
 from vitpipe.ssl import registry
@@ -127,17 +127,19 @@ def probe_layers(source: EncoderSource, setting: str) -> list[int] | None:
     return None
 
 
-def _reusable(path: Path, source: EncoderSource, train: str, test: str, check) -> dict[str, Any] | None:
-    """A finished eval of these data (same manifests), this encoder (newer than its weights) and
-    these settings (``check(result)``), or None."""
+def reusable(path: Path, source: EncoderSource, data: dict[str, str], check) -> dict[str, Any] | None:
+    """A finished eval of these data ({"train": spec, "test": spec}: the same shards and manifests),
+    this encoder (newer than its weights) and these settings (``check(result)``), or None."""
     if not path.is_file():
         return None
     result = json.loads(path.read_text())
     from vitpipe.downstream.evaluate import data_id
 
-    data = result.get("provenance", {}).get("data", {})
-    for name, spec in (("train", train), ("test", test)):
-        was, now = data.get(name, {}), data_id(spec)
+    kept = result.get("provenance", {}).get("data", {})
+    if set(kept) != set(data):
+        return None
+    for name, spec in data.items():
+        was, now = kept[name], data_id(spec)
         # the same shards however they were named (results from before "paths": the same spec string)
         same_shards = was["paths"] == now["paths"] if "paths" in was else was.get("shards") == spec
         if not same_shards or was.get("manifest_sha256") != now["manifest_sha256"]:
@@ -150,46 +152,59 @@ def _reusable(path: Path, source: EncoderSource, train: str, test: str, check) -
 
 
 def run_eval(task: str, source: EncoderSource, train: str, test: str, settings: CompareSettings) -> dict[str, Any]:
-    """One eval of the suite for one encoder source: reused when finished, else run."""
-    from vitpipe.downstream import evaluate
+    """One eval of the suite for one encoder source (its summary): reused when finished, else run."""
+    return _summary(task, eval_result(task, source, train, test, settings))
+
+
+def eval_result(task: str, source: EncoderSource, train: str, test: str, settings: CompareSettings,
+                stored: Path | None = None) -> dict[str, Any]:
+    """The whole result of one eval: a finished one of the same data, encoder and settings read back
+    (from ``stored`` first, then RUN/eval/), else run. With ``stored`` the result is kept there too
+    (``eval suite`` keeps one per dataset, where RUN/eval/ holds the latest of each task)."""
     from vitpipe.downstream.evaluate import result_path
+
+    name, check, run = _eval_plan(task, source, train, test, settings)
+    paths = ([stored] if stored is not None else []) + [result_path(source, name)]
+    data = {"train": train, "test": test}
+    found = next((r for r in (reusable(p, source, data, check) for p in paths) if r is not None), None)
+    if found is None:
+        found = _written(run())
+    if stored is not None:
+        write_json_atomic(stored, found)
+    return found
+
+
+def _eval_plan(task: str, source: EncoderSource, train: str, test: str, settings: CompareSettings):
+    """(result name, check(result) that a finished one is exactly this eval, run() -> (path, payload))."""
+    from vitpipe.downstream import evaluate
     from vitpipe.downstream.features import PIXELS, layer_names
     from vitpipe.downstream.finetune import finetune, result_name
     from vitpipe.downstream.probe import ProbeSettings
 
+    limit = settings.max_contamination
     if task == "probe":
         layers = probe_layers(source, settings.layers)
         # exactly these layers: a sweep's best block must not stand in for the output, nor the reverse
         wanted = {PIXELS} if source.kind == "pixels" else set(layer_names(layers))
-
         concat = settings.concat and len(wanted) > 1
-
-        def check(r):
-            return (r["settings"]["epochs"] == settings.probe_epochs and {n for n in r["per_layer"] if "+" not in n} == wanted
-                    and any("+" in n for n in r["per_layer"]) == concat)
-
-        found = _reusable(result_path(source, "linear-probe"), source, train, test, check)
-        if found is None:
-            found = _written(evaluate.eval_linear_probe(source, train, test, layers, None,
-                                                        ProbeSettings(epochs=settings.probe_epochs), settings.workers,
-                                                        concat, max_contamination=settings.max_contamination))
-    elif task == "knn":
+        return ("linear-probe",
+                lambda r: (r["settings"]["epochs"] == settings.probe_epochs
+                           and {n for n in r["per_layer"] if "+" not in n} == wanted
+                           and any("+" in n for n in r["per_layer"]) == concat),
+                lambda: evaluate.eval_linear_probe(source, train, test, layers, None,
+                                                   ProbeSettings(epochs=settings.probe_epochs), settings.workers,
+                                                   concat, max_contamination=limit))
+    if task == "knn":
         block = _probe_picked_block(source) if settings.knn_layer == "probe" else None
         wanted = (PIXELS,) if source.kind == "pixels" else ("last",) if block is None else (f"block{block}",)
         # exactly this k-NN: not one on another block or an approximate index
-        found = _reusable(result_path(source, "knn"), source, train, test,
-                          lambda r: r.get("layer") in wanted and r.get("index", {}).get("kind") == "flat")
-        if found is None:
-            found = _written(evaluate.eval_knn(source, train, test, workers=settings.workers, layer=block,
-                                               max_contamination=settings.max_contamination))
-    else:
-        overrides = [f"data.subset_fraction={settings.label_fraction}", *settings.finetune_overrides]
-        found = _reusable(result_path(source, result_name(settings.label_fraction)), source, train, test,
-                          lambda r: r.get("overrides") == overrides and bool(r.get("probe_init")) == settings.finetune_probe_init)
-        if found is None:
-            found = _written(finetune(source, train, test, overrides, settings.finetune_probe_init,
-                                      max_contamination=settings.max_contamination))
-    return _summary(task, found)
+        return ("knn", lambda r: r.get("layer") in wanted and r.get("index", {}).get("kind") == "flat",
+                lambda: evaluate.eval_knn(source, train, test, workers=settings.workers, layer=block,
+                                          max_contamination=limit))
+    overrides = [f"data.subset_fraction={settings.label_fraction}", *settings.finetune_overrides]
+    return (result_name(settings.label_fraction),
+            lambda r: r.get("overrides") == overrides and bool(r.get("probe_init")) == settings.finetune_probe_init,
+            lambda: finetune(source, train, test, overrides, settings.finetune_probe_init, max_contamination=limit))
 
 
 def _probe_picked_block(source: EncoderSource) -> int | None:

@@ -80,6 +80,16 @@ def class_embeddings(model, names: list[str], templates: list[str]) -> torch.Ten
     return torch.stack(rows)
 
 
+def read_templates(templates_file: Path | None) -> list[str]:
+    """Prompt templates with {} for the class name, one per line (default: ``TEMPLATES``)."""
+    if templates_file is None:
+        return list(TEMPLATES)
+    templates = [line.strip() for line in Path(templates_file).read_text().splitlines() if "{}" in line]
+    if not templates:
+        raise ConfigError(f"{templates_file}: no template with {{}} in it")
+    return templates
+
+
 @torch.no_grad()
 def eval_zero_shot(source: EncoderSource, test: str, classes_file: Path | None = None,
                    templates_file: Path | None = None, workers: int = 2,
@@ -87,10 +97,7 @@ def eval_zero_shot(source: EncoderSource, test: str, classes_file: Path | None =
     start = time.monotonic()
     names = class_names(test, classes_file)
     leaks = checked_contamination(source, test, max_contamination)
-    templates = TEMPLATES if templates_file is None else [
-        line.strip() for line in Path(templates_file).read_text().splitlines() if "{}" in line]
-    if not templates:
-        raise ConfigError(f"{templates_file}: no template with {{}} in it")
+    templates = read_templates(templates_file)
     model = load_image_text_model(source)
     source = source.resolved()
     with source.autocast("cpu"):
