@@ -1,5 +1,8 @@
-"""Objective names -> their specs. Adding an objective = one new file (the module, its config
-section and its ``SPEC``) + one ``register`` line here.
+"""Objective names -> their specs. An objective registers through the ``vitpipe.objectives``
+entry-point group (``name = "module:SPEC"`` in its package's pyproject.toml), so installing a
+package adds `vitpipe pretrain NAME` with no change to vitpipe; vitpipe's own objectives are
+declared there too (and registered from ``BUILT_IN`` when vitpipe runs from a source tree
+without its installed metadata).
 
 Everything that builds an objective or reads a run's config goes through here, so a run is
 always rebuilt the way its own objective says, never from ``config.model`` by hand.
@@ -7,13 +10,17 @@ always rebuilt the way its own objective says, never from ``config.model`` by ha
 
 from __future__ import annotations
 
+import sys
+from importlib.metadata import EntryPoint, entry_points
 from pathlib import Path
 from typing import Any
 
 from vitpipe.config import ConfigError, PretrainConfig, from_dict, load_config, read_yaml, with_section
-from vitpipe.ssl import classify, clip, igpt, jepa, mae
 from vitpipe.ssl.objective import Objective, ObjectiveSpec
 
+GROUP = "vitpipe.objectives"
+BUILT_IN = {"mae": "vitpipe.ssl.mae:SPEC", "jepa": "vitpipe.ssl.jepa:SPEC", "clip": "vitpipe.ssl.clip:SPEC",
+            "igpt": "vitpipe.ssl.igpt:SPEC", "classify": "vitpipe.ssl.classify:SPEC"}
 OBJECTIVES: dict[str, ObjectiveSpec] = {}
 
 
@@ -25,11 +32,29 @@ def register(spec: ObjectiveSpec) -> ObjectiveSpec:
     return spec
 
 
-register(mae.SPEC)
-register(jepa.SPEC)
-register(clip.SPEC)
-register(igpt.SPEC)
-register(classify.SPEC)
+def discover() -> None:
+    """Register vitpipe's objectives, then every installed one. A third-party entry point that fails
+    to load, is not an ``ObjectiveSpec`` of its own name, or takes a built-in's name is left out
+    with one ``warning:`` line on stderr: one broken plugin must not stop every command."""
+    for name, target in BUILT_IN.items():
+        register(EntryPoint(name, target, GROUP).load())
+    for point in entry_points(group=GROUP):
+        if point.name in BUILT_IN:
+            if point.value != BUILT_IN[point.name]:
+                print(f"warning: objective plugin {point.name!r} ({point.value}) takes a built-in name; ignored",
+                      file=sys.stderr)
+            continue
+        try:
+            spec = point.load()
+            if not isinstance(spec, ObjectiveSpec) or spec.name != point.name:
+                raise TypeError(f"{point.value} is not an ObjectiveSpec named {point.name!r}")
+            register(spec)
+        except Exception as err:  # noqa: BLE001 - any failure of someone else's package
+            print(f"warning: objective plugin {point.name!r} could not be loaded ({err.__class__.__name__}: {err})",
+                  file=sys.stderr)
+
+
+discover()
 
 
 def get(name: str) -> ObjectiveSpec:
