@@ -138,8 +138,8 @@ def _accumulating_worker(rank: int, init_file: str, out_dir: str, state: dict, i
     model = _tiny_clip(state)
     mine = range(4 * rank, 4 * (rank + 1))
     batches = [{"image": images[i:i + 2], "tokens": tokens[i:i + 2]} for i in mine[::2]]
-    output = model.backward_accumulated(batches, lambda loss: loss.backward())
-    sum_gradients(model.parameters())  # what the trainer does after backward_accumulated
+    output = model.accumulate(batches, lambda loss: loss.backward())
+    sum_gradients(model.parameters())  # what the trainer does after accumulate
     grads = {name: param.grad for name, param in model.named_parameters() if param.grad is not None}
     torch.save({"loss": output.loss.detach(), "grads": grads}, f"{out_dir}/rank{rank}.pt")
     dist.destroy_process_group()
@@ -228,7 +228,7 @@ def test_accumulation_keeps_the_whole_batch_as_negatives():
     whole = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad(set_to_none=True)
     batches = [{"image": images[i:i + 16], "tokens": tokens[i:i + 16]} for i in range(0, 64, 16)]
-    output = model.backward_accumulated(batches, lambda micro_loss: micro_loss.backward())
+    output = model.accumulate(batches, lambda micro_loss: micro_loss.backward())
     assert output.loss.item() == pytest.approx(loss.item(), abs=1e-5)
     for name, grad in whole.items():
         assert torch.allclose(dict(model.named_parameters())[name].grad, grad, atol=1e-5), name

@@ -76,6 +76,7 @@ def contrastive_loss(image: torch.Tensor, text: torch.Tensor,
 class CLIP(Objective):
     transform_preset = "mae"  # random resized crop; clip-style recipes keep most of the image (data.crop_scale_min)
     batch_fields = ("image", "text")
+    accumulates_step = True  # every micro-batch of a step is a negative for every other (``accumulate``)
 
     def __init__(self, image: VisionTransformer, text: TextTransformer, config: CLIPConfig, tokenizer: bytes) -> None:
         super().__init__()
@@ -137,7 +138,7 @@ class CLIP(Objective):
         return Output(loss, {"logit_scale": self.logit_scale.exp().item(), "batch_i2t_top1": accuracy,
                              "captions_truncated": self._count_truncated([batch])})
 
-    def backward_accumulated(self, batches: list[dict[str, Any]], backward) -> Output:
+    def accumulate(self, batches: list[dict[str, Any]], backward) -> Output:
         """Gradient accumulation that keeps the whole step's batch as negatives (open_clip's
         accum_freq): features of every micro-batch without gradient (and every other process's), then
         each micro-batch again with gradient against the cached rest. The loss of each pass is the

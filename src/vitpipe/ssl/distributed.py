@@ -1,4 +1,6 @@
-"""The one distributed helper an objective may call (a contrastive loss needs the global batch)."""
+"""Collectives. An objective may call ``gather_with_grad``, ``gather_others`` and
+``is_first_process`` (a contrastive loss needs the global batch); ``sum_gradients`` is the
+trainer's. Each is a no-op or the identity on one process."""
 
 from __future__ import annotations
 

@@ -51,8 +51,11 @@ ReadSamples = Callable[[tuple[str, ...], int], Iterator[dict[str, Any]]]
 class Objective(nn.Module):
     """Base class. Subclasses set the class attributes and implement ``forward``.
 
-    They never touch devices, files, loggers or distributed state: the trainer does. The one
-    exception is ``vitpipe.ssl.distributed.gather_with_grad`` (a global batch of negatives).
+    They never touch devices, files, loggers or distributed state: the trainer does. The
+    exceptions are the collectives ``vitpipe.ssl.distributed`` names for objectives
+    (``gather_with_grad``, ``gather_others``, ``is_first_process``): a contrastive loss needs the
+    global batch. Every hook the trainer calls is declared here with its default; the trainer
+    never looks for a method that is not.
     """
 
     transform_preset: str = "mae"
@@ -60,8 +63,19 @@ class Objective(nn.Module):
     batch_fields: tuple[str, ...] = ("image",)
     """Fields the loader must put in each batch (image, label, text, key)."""
 
+    accumulates_step: bool = False
+    """True for a loss whose negatives span the whole optimizer step (CLIP's gradient cache): with
+    ``train.grad_accum > 1`` the trainer hands the step's micro-batches to ``accumulate`` instead
+    of calling ``forward`` on each."""
+
     def forward(self, batch: dict[str, Any]) -> Output:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def accumulate(self, batches: list[dict[str, Any]], backward: Callable[[torch.Tensor], None]) -> Output:
+        """One step's micro-batches (only when ``accumulates_step``): call ``backward(loss)`` once per
+        micro-batch (each process's gradients are its own samples' share; the trainer sums them
+        over processes) and return the step's Output."""
+        raise NotImplementedError(f"{type(self).__name__} sets accumulates_step but has no accumulate()")
 
     def on_step_end(self, step: int, max_steps: int) -> None:
         """Called after every optimizer step (e.g. EMA updates), with the step just done."""

@@ -204,7 +204,7 @@ class Trainer:
 
     def _loop(self, s: _Session) -> None:
         max_steps, accum = self.config.train.max_steps, self.config.train.grad_accum
-        grouped = accum > 1 and hasattr(s.objective, "backward_accumulated")
+        grouped = accum > 1 and s.objective.accumulates_step
         while s.state.step < max_steps:
             s.dataset.set_position(s.state.epoch, s.state.batches_in_epoch)
             group: list[dict[str, Any]] = []
@@ -269,11 +269,11 @@ class Trainer:
 
     def _group_step(self, s: _Session, group: list[dict[str, Any]]):
         """One optimizer step from ``grad_accum`` micro-batches through the objective's own
-        ``backward_accumulated``, on the unwrapped model (DDP's mean is not this loss's gradient):
+        ``accumulate``, on the unwrapped model (DDP's mean is not this loss's gradient):
         each process's gradients are its samples' share of the global loss, summed here."""
         batches = [self._prepare(s, batch) for batch in group]
         scale = len(batches)  # accelerator.backward divides by grad_accum; the objective's losses must not be
-        output = s.objective.backward_accumulated(batches, lambda loss: s.accelerator.backward(loss * scale))
+        output = s.objective.accumulate(batches, lambda loss: s.accelerator.backward(loss * scale))
         sum_gradients(s.objective.parameters())
         flags = self._flags(s, output.loss)
         if flags[0] == 0:
