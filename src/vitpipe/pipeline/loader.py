@@ -63,6 +63,9 @@ class LoaderSpec:
     world_size: int = 1
     batch_hook: Callable[[dict[str, Any], torch.Generator], dict[str, Any]] | None = None
     """Adds objective-specific fields to a finished batch (e.g. masks), in the worker."""
+    views: Callable[[Any], list[torch.Tensor]] | None = None
+    """Training: the objective's multi-view recipe (``transforms.MultiView``) instead of
+    ``transform``; ``batch["image"]`` is then a list of [B, C, h, w] tensors, one per view."""
 
 
 def in_subset(key: str, fraction: float, seed: int) -> bool:
@@ -82,7 +85,7 @@ class ShardDataset(IterableDataset):
         self.spec = spec
         self.epoch = 0
         self.skip_batches = 0
-        self.transform = build_transform(spec.transform)
+        self.transform = spec.views if spec.views is not None else build_transform(spec.transform)
         if spec.train:
             per_rank = spec.samples_per_epoch or int((spec.shards.total or 0) * spec.subset_fraction) // spec.world_size
             if per_rank < spec.batch_size:
@@ -213,7 +216,9 @@ class ShardDataset(IterableDataset):
         batch: dict[str, Any] = {}
         for name in self.spec.fields:
             values = [item[name] for item in items]
-            if name == "image":
+            if name == "image" and isinstance(values[0], list):  # views: one stacked tensor per view
+                batch[name] = [torch.stack(view) for view in zip(*values)]
+            elif name == "image":
                 batch[name] = torch.stack(values)
             elif name == "label":
                 batch[name] = torch.tensor(values, dtype=torch.long)

@@ -52,3 +52,27 @@ def build_transform(spec: TransformSpec) -> v2.Compose:
         mean, std = list(spec.mean)[: spec.channels], list(spec.std)[: spec.channels]
         steps.append(v2.Normalize(mean, std))
     return v2.Compose(steps)
+
+
+class MultiView:
+    """An objective's data recipe: one image -> a list of views, each by its own transform (any
+    number, any resolution: DINO's 2 global + N local crops). Picklable, built in each loader
+    worker; its random draws come from the torch RNG the loader seeds per batch, so a data
+    position always gives the same views. The loader stacks view i of every sample into
+    ``batch["image"][i]``."""
+
+    def __init__(self, transforms: list) -> None:
+        if not transforms:
+            raise ValueError("a multi-view recipe needs at least one view")
+        self.transforms = list(transforms)
+
+    def __len__(self) -> int:
+        return len(self.transforms)
+
+    def __call__(self, image) -> list[torch.Tensor]:
+        return [transform(image) for transform in self.transforms]
+
+    def batch(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """[B, C, H, W] uint8 images -> the views of each, stacked per view (tests, timing)."""
+        per_image = [self(image) for image in images]
+        return [torch.stack(views) for views in zip(*per_image)]

@@ -1,6 +1,6 @@
-"""Collectives. An objective may call ``gather_with_grad``, ``gather_others`` and
-``is_first_process`` (a contrastive loss needs the global batch); ``sum_gradients`` is the
-trainer's. Each is a no-op or the identity on one process."""
+"""Collectives. An objective may call ``gather_with_grad``, ``gather_others``,
+``is_first_process`` (a contrastive loss needs the global batch) and ``all_reduce_mean`` (DINO's
+centre); ``sum_gradients`` is the trainer's. Each is the identity (or empty) on one process."""
 
 from __future__ import annotations
 
@@ -61,3 +61,14 @@ def sum_gradients(parameters) -> None:
     dist.all_reduce(flat)
     for grad, summed in zip(grads, _unflatten_dense_tensors(flat, grads)):
         grad.copy_(summed)
+
+
+@torch.no_grad()
+def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
+    """The mean of ``tensor`` over processes (a new tensor; the same on every process), e.g. DINO's
+    batch centre of the teacher outputs; ``tensor`` itself on one process."""
+    if _world() == 1:
+        return tensor
+    total = tensor.clone()
+    dist.all_reduce(total)
+    return total / _world()

@@ -16,10 +16,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from vitpipe.config import PretrainConfig, check
+from vitpipe.ssl.ema import ema_update
 from vitpipe.ssl.masking import MultiBlockMasks
 from vitpipe.ssl.objective import Objective, ObjectiveSpec, Output
 from vitpipe.ssl.schedules import linear
-from vitpipe.ssl.vit import LN_EPS, Block, VisionTransformer, init_weights, sincos_pos_embed_2d
+from vitpipe.ssl.vit import (
+    LN_EPS,
+    Block,
+    VisionTransformer,
+    init_weights,
+    sincos_pos_embed_2d,
+)
 
 
 @dataclass
@@ -152,12 +159,7 @@ class JEPA(Objective):
         too: eval and export use this encoder); integer buffers (batch counts) are copied."""
         momentum = linear(step, max_steps, self.config.ema_start, self.config.ema_end)
         self.momentum.fill_(momentum)
-        online = dict(self.backbone.named_parameters()) | dict(self.backbone.named_buffers())
-        for name, target in [*self.target_encoder.named_parameters(), *self.target_encoder.named_buffers()]:
-            if target.is_floating_point():
-                target.mul_(momentum).add_(online[name].detach(), alpha=1 - momentum)
-            else:
-                target.copy_(online[name])
+        ema_update(self.target_encoder, self.backbone, momentum)
 
 
 def build(config: PretrainConfig, artifacts: dict[str, bytes]) -> JEPA:

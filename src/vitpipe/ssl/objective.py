@@ -53,8 +53,8 @@ class Objective(nn.Module):
 
     They never touch devices, files, loggers or distributed state: the trainer does. The
     exceptions are the collectives ``vitpipe.ssl.distributed`` names for objectives
-    (``gather_with_grad``, ``gather_others``, ``is_first_process``): a contrastive loss needs the
-    global batch. Every hook the trainer calls is declared here with its default; the trainer
+    (``gather_with_grad``, ``gather_others``, ``is_first_process``, ``all_reduce_mean``): a
+    contrastive loss needs the global batch, a centring its global mean. Every hook the trainer calls is declared here with its default; the trainer
     never looks for a method that is not.
     """
 
@@ -79,6 +79,17 @@ class Objective(nn.Module):
 
     def on_step_end(self, step: int, max_steps: int) -> None:
         """Called after every optimizer step (e.g. EMA updates), with the step just done."""
+
+    def after_backward(self, step: int, max_steps: int) -> None:
+        """Called between the step's last backward and the optimizer step, with the step being
+        made (1-based): gradients may be changed here (e.g. DINO drops its last layer's for the
+        first steps; a parameter whose ``grad`` is None is not updated, nor decayed)."""
+
+    def views(self, data) -> Callable[[Any], list[torch.Tensor]] | None:
+        """The objective's own data recipe for training (``DataConfig`` in): a picklable image ->
+        list of views (``vitpipe.pipeline.transforms.MultiView``); ``batch["image"]`` is then a
+        list of [B, C, h, w] tensors, one per view. None: one view by ``transform_preset``."""
+        return None
 
     def batch_hook(self) -> BatchHook | None:
         """A picklable function the loader workers run on each finished batch, with a generator

@@ -1,8 +1,9 @@
 """The training loop: the only module that drives Accelerate (with its helpers beside it:
 checkpoints, launch, optim, rundir, artifacts).
 
-It takes any objective from the registry (``forward(batch) -> Output``, ``on_step_end``) and the
-shard loader, and never looks inside either. Schedules are in optimizer steps.
+It takes any objective from the registry and the shard loader, and calls only the hooks the
+``Objective`` base class declares (``forward``, ``accumulate``, ``after_backward``,
+``on_step_end``, ``views``, ``batch_hook``). Schedules are in optimizer steps.
 
 Exit codes of a run: 0 done, 1 failure (e.g. NaN loss), 75 (EX_TEMPFAIL) stopped by SIGTERM or
 SIGUSR1 after a complete checkpoint; rerun the same command with ``--resume auto``.
@@ -197,7 +198,7 @@ class Trainer:
                           seed=train.seed, shuffle_buffer=data.shuffle_buffer,
                           samples_per_epoch=data.samples_per_epoch, resampled=data.resampled,
                           max_error_rate=data.max_error_rate, rank=rank, world_size=world,
-                          batch_hook=objective.batch_hook())
+                          batch_hook=objective.batch_hook(), views=objective.views(data))
         return make_loader(spec, data.num_workers)
 
     # -- the loop --------------------------------------------------------------------------
@@ -235,7 +236,8 @@ class Trainer:
             keys = batch["key"] if "key" in s.objective.batch_fields else batch.pop("key")
             s.audit.write({"step": s.state.step + 1, "keys": keys})
         batch = send_to_device(batch, s.accelerator.device)
-        s.images = batch.get("image")
+        images = batch.get("image")
+        s.images = images[0] if isinstance(images, list) else images  # views: the first
         return batch
 
     def _micro_step(self, s: _Session, batch: dict[str, Any]):
@@ -248,6 +250,8 @@ class Trainer:
             flags = self._flags(s, output.loss)
             if flags[0] == 0:
                 accelerator.backward(output.loss)
+                if accelerator.sync_gradients:
+                    s.objective.after_backward(s.state.step + 1, self.config.train.max_steps)
                 if accelerator.sync_gradients and optimizer_config.clip_grad > 0:
                     accelerator.clip_grad_norm_(s.model.parameters(), optimizer_config.clip_grad)
                 s.optimizer.step()
@@ -275,6 +279,7 @@ class Trainer:
         scale = len(batches)  # accelerator.backward divides by grad_accum; the objective's losses must not be
         output = s.objective.accumulate(batches, lambda loss: s.accelerator.backward(loss * scale))
         sum_gradients(s.objective.parameters())
+        s.objective.after_backward(s.state.step + 1, self.config.train.max_steps)
         flags = self._flags(s, output.loss)
         if flags[0] == 0:
             if self.config.optim.clip_grad > 0:
