@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from test_models import SMALL_SECTIONS, synthetic_read
+from test_models import SMALL_SECTIONS, synthetic_read, through_views
 from vitpipe.ssl import registry
 from vitpipe.ssl.registry import OBJECTIVES
 from vitpipe.ssl.vit import Block, set_grad_checkpointing
@@ -24,6 +24,9 @@ def _gradients(name: str, checkpointing: bool) -> tuple[float, dict[str, torch.T
     blocks = set_grad_checkpointing(objective, checkpointing)
     batch = {"image": torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(1)),
              "label": torch.tensor([0, 1, 0, 1]), "text": ["a red", "b", "c blue", "d"], "key": ["k0", "k1", "k2", "k3"]}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(3)  # the same views for the plain and the checkpointed run
+        batch = through_views(objective, config.data, batch)
     hook = objective.batch_hook()
     if hook is not None:
         batch = hook(batch, torch.Generator().manual_seed(0))

@@ -20,7 +20,18 @@ def tiny_config(*overrides, objective: str = "mae") -> PretrainConfig:
 
 
 SMALL_SECTIONS = {"mae": ["mae.decoder_dim=32", "mae.decoder_heads=2", "mae.decoder_depth=1"],
-                  "classify": ["finetune.num_classes=2"]}
+                  "classify": ["finetune.num_classes=2"],
+                  "dino": ["dino.out_dim=64", "dino.hidden_dim=32", "dino.bottleneck_dim=16", "dino.local_crops=2"]}
+
+
+def through_views(objective, data, batch):
+    """An objective with its own multi-view recipe gets its views of the batch's images (as the
+    loader would make them); the others get the batch as it is."""
+    views = objective.views(data)
+    if views is not None:
+        pixels = ((batch["image"].clamp(-1, 1) + 1) * 127.5).to(torch.uint8)
+        batch = {**batch, "image": views.batch(pixels)}
+    return batch
 
 
 def synthetic_read(fields, limit):
@@ -42,8 +53,9 @@ def test_every_objective_trains(name):
                                                    *SMALL_SECTIONS.get(name, [])])
     artifacts = spec.fit_artifacts(config, synthetic_read) if spec.fit_artifacts else {}
     objective = build_objective(config, artifacts)
-    batch = {"image": torch.randn(4, 3, 16, 16), "label": torch.tensor([0, 1, 0, 1]),
-             "text": ["a", "b", "c", "d"], "key": ["k0", "k1", "k2", "k3"]}
+    images = torch.randn(4, 3, 16, 16)
+    batch = through_views(objective, config.data, {"image": images, "label": torch.tensor([0, 1, 0, 1]),
+                                                   "text": ["a", "b", "c", "d"], "key": ["k0", "k1", "k2", "k3"]})
     hook = objective.batch_hook()
     if hook is not None:
         batch = hook(batch, torch.Generator().manual_seed(0))
@@ -56,9 +68,9 @@ def test_every_objective_trains(name):
     encoder = objective.encoder().eval()
     assert isinstance(encoder, Encoder)
     with torch.no_grad():
-        tokens = encoder.forward_features(batch["image"])
+        tokens = encoder.forward_features(images)
         assert encoder.pool(tokens).shape == (4, encoder.embed_dim)
-        layers = encoder.intermediate_layers(batch["image"], [0, encoder.depth - 1])
+        layers = encoder.intermediate_layers(images, [0, encoder.depth - 1])
         assert torch.allclose(layers[-1], tokens, atol=1e-5)
 
 

@@ -89,12 +89,19 @@ def fastest(step: Callable[[bool], None], rounds: int = ROUNDS) -> tuple[float, 
 
 def synthetic_batch(objective: torch.nn.Module, data: Any, batch_size: int) -> dict:
     """A batch of the run's shape for timing (random pixels, a short caption, label 0), through the
-    objective's batch hook (masks, palette indices, ...)."""
+    objective's own views (multi-crop) and batch hook (masks, palette indices, ...)."""
     size = min(batch_size, MAX_BATCH)
     generator = torch.Generator().manual_seed(0)
     batch = {"image": torch.randn(size, data.channels, data.image_size, data.image_size, generator=generator),
              "text": ["a photo of a thing"] * size, "label": torch.zeros(size, dtype=torch.long),
              "key": [f"k{i}" for i in range(size)]}
+    views = objective.views(data)
+    if views is not None:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            pixels = torch.randint(0, 256, (size, data.channels, data.image_size, data.image_size), dtype=torch.uint8,
+                                   generator=generator)
+            batch["image"] = views.batch(pixels)
     hook = objective.batch_hook()
     return hook(batch, generator) if hook is not None else batch
 

@@ -20,7 +20,7 @@ from vitpipe.ssl.objective import Objective, ObjectiveSpec
 
 GROUP = "vitpipe.objectives"
 BUILT_IN = {"mae": "vitpipe.ssl.mae:SPEC", "jepa": "vitpipe.ssl.jepa:SPEC", "clip": "vitpipe.ssl.clip:SPEC",
-            "igpt": "vitpipe.ssl.igpt:SPEC", "classify": "vitpipe.ssl.classify:SPEC"}
+            "igpt": "vitpipe.ssl.igpt:SPEC", "classify": "vitpipe.ssl.classify:SPEC", "dino": "vitpipe.ssl.dino:SPEC"}
 OBJECTIVES: dict[str, ObjectiveSpec] = {}
 
 
