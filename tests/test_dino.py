@@ -111,6 +111,10 @@ def test_dino_through_the_cli(labelled_shards, tmp_path):
     assert steps[0]["teacher_temp"] == pytest.approx(0.04) and steps[-1]["teacher_temp"] > 0.04
     common = ["--test", str(labelled_shards / "val"), "--workers", "0", "--max-contamination", "1"]
     assert main(["eval", "knn", str(run), "--train", str(labelled_shards / "train"), *common]) == 0
+    assert main(["compare", str(run), "--train", str(labelled_shards / "train"), *common, "--out", str(tmp_path / "cmp"),
+                 "--suite", "knn"]) == 0  # its cost is counted on a step of its own views
+    row = json.loads((tmp_path / "cmp" / "compare.json").read_text())["runs"][0]
+    assert row["objective"] == "dino" and row["cost"]["flops_per_sample"] > 0
     assert main(["export", str(run), "--format", "timm", "--out", str(tmp_path / "export")]) == 0
     from safetensors.torch import load_file
 

@@ -44,11 +44,9 @@ def flops_per_sample(run_dir: Path) -> float | None:
         return None
     objective = build_run_objective(run_dir, config, seed=0).train()
     data = config.data
-    transform = TransformSpec(objective.transform_preset, data.image_size, data.channels, data.crop_scale_min,
-                              data.hflip, tuple(data.mean), tuple(data.std))
-    spec = LoaderSpec(shards, COUNT_BATCH, transform, train=True, fields=tuple(objective.batch_fields),
-                      seed=config.train.seed, shuffle_buffer=COUNT_BATCH, samples_per_epoch=COUNT_BATCH,
-                      batch_hook=objective.batch_hook())
+    spec = LoaderSpec(shards, COUNT_BATCH, TransformSpec.for_training(objective.transform_preset, data), train=True,
+                      fields=tuple(objective.batch_fields), seed=config.train.seed, shuffle_buffer=COUNT_BATCH,
+                      samples_per_epoch=COUNT_BATCH, batch_hook=objective.batch_hook(), views=objective.views(data))
     batch = next(iter(make_loader(spec, 0)[1]))
     from torch.utils.flop_counter import FlopCounterMode
 

@@ -26,6 +26,14 @@ class TransformSpec:
         return cls("eval", data.image_size, data.channels, mean=tuple(data.mean), std=tuple(data.std))
 
 
+    @classmethod
+    def for_training(cls, preset: str, data) -> "TransformSpec":
+        """An objective's one-view training transform (``preset``) with ``data``'s crop, flip and
+        normalisation settings (a DataConfig): the trainer's, and the FLOP count's."""
+        return cls(preset, data.image_size, data.channels, data.crop_scale_min, data.hflip, tuple(data.mean),
+                   tuple(data.std))
+
+
 PRESETS = ("mae", "finetune", "eval", "none")
 
 

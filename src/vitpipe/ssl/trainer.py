@@ -190,8 +190,7 @@ class Trainer:
     def _loader(self, objective: Objective, rank: int, world: int) -> tuple[ShardDataset, Any]:
         data, train = self.config.data, self.config.train
         shards = resolve_shards(data.shards)
-        transform = TransformSpec(objective.transform_preset, data.image_size, data.channels, data.crop_scale_min,
-                                  data.hflip, tuple(data.mean), tuple(data.std))
+        transform = TransformSpec.for_training(objective.transform_preset, data)
         fields = tuple(objective.batch_fields) + (("key",) if train.record_keys and "key" not in objective.batch_fields else ())
         spec = LoaderSpec(shards, train.batch_size, transform, train=True, fields=fields,
                           subset_fraction=data.subset_fraction,
