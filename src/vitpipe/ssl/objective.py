@@ -93,8 +93,9 @@ class Objective(nn.Module):
 
     def batch_hook(self) -> BatchHook | None:
         """A picklable function the loader workers run on each finished batch, with a generator
-        seeded by the batch's data position (so a resumed run draws the same): masks,
-        tokenisation, palette quantisation belong here, not in ``forward``."""
+        seeded by the batch's data position (so a resumed run draws the same): I-JEPA's masks,
+        tokenisation, palette quantisation. (MAE draws its masks in ``forward`` from the torch RNG,
+        an order its golden per-step losses pin.)"""
         return None
 
     def encoder(self) -> nn.Module:
