@@ -402,10 +402,13 @@ def test_extraction_on_two_processes_equals_one(tiny_run, tiny_labelled_shards, 
     single, multi = tmp_path / "single", tmp_path / "multi"
     shutil.copytree(tiny_run, single)
     shutil.copytree(tiny_run, multi)
-    assert main(["eval", "knn", str(single), "--train", train, "--test", test, "--workers", "0"]) == 0
+    # one precision for both (auto measures, and a loaded machine may measure otherwise each time)
+    assert main(["eval", "knn", str(single), "--train", train, "--test", test, "--workers", "0",
+                 "--precision", "fp32"]) == 0
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
     result = subprocess.run([*LAUNCHERS[launcher], "eval", "knn", str(multi), "--train", train, "--test", test,
-                             "--workers", "1"], env=env, capture_output=True, text=True, timeout=180)
+                             "--workers", "1", "--precision", "fp32"], env=env, capture_output=True, text=True,
+                            timeout=180)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("k-NN") == 1  # the first process reports; the other only extracted
     stores, other = ([p.name for p in sorted((run / "eval" / "cache").iterdir()) if p.suffix != ".lock" and p.name != "precision.json"] for run in (single, multi))

@@ -7,6 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from vitpipe.atomic import write_bytes_atomic
 from vitpipe.cli.common import user_errors
 from vitpipe.config import CONFIG_KINDS, ConfigError, IngestConfig, dump_yaml, load_config, read_yaml
 
@@ -140,8 +141,6 @@ def palette_fit(
     seed: Annotated[int, typer.Option("--seed", help="Seed of the draw and of k-means.")] = 0,
 ) -> None:
     """Fit a k-means colour palette (faiss) on shards, once, for several igpt runs."""
-    import os
-
     from vitpipe.config import DataConfig
     from vitpipe.ssl.artifacts import read_samples
     from vitpipe.ssl.igpt import IGPTConfig, palette_from_shards
@@ -150,8 +149,5 @@ def palette_fit(
     igpt = IGPTConfig(resolution=resolution, palette_size=size, palette_images=images, palette_pixels=pixels,
                       palette_seed=seed)
     content = palette_from_shards(data, igpt, lambda fields, limit: read_samples(data, fields, limit))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".tmp-{out.name}")
-    tmp.write_bytes(content)
-    os.replace(tmp, out)
+    write_bytes_atomic(out, content)
     typer.echo(f"wrote {out} ({size} colours, {channels} channel{'s' if channels > 1 else ''})")

@@ -148,11 +148,9 @@ def dump_yaml(config: Any) -> str:
 
 
 def save_config(config: Any, path: str | Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(dump_yaml(config))
-    tmp.replace(path)
+    from vitpipe.atomic import write_text_atomic
+
+    write_text_atomic(Path(path), dump_yaml(config))
 
 
 CONFIG_KINDS: dict[str, type] = {"pretrain": PretrainConfig, "ingest": IngestConfig}

@@ -19,10 +19,11 @@ from typing import Any
 
 import torch
 
+from vitpipe.atomic import write_json_atomic
 from vitpipe.config import ConfigError, to_dict
 from vitpipe.downstream.features import EncoderSource
 from vitpipe.pipeline.census import sample_hashes
-from vitpipe.pipeline.manifest import shard_hashes, write_json_atomic
+from vitpipe.pipeline.manifest import shard_hashes
 from vitpipe.pipeline.shardset import resolve_shards
 from vitpipe.pipeline.transforms import TransformSpec
 from vitpipe.ssl import registry
@@ -299,9 +300,8 @@ def compare(runs: list[Path], train: str, test: str, out: Path, settings: Compar
     from vitpipe.downstream.contamination import Contamination, fields as _fields
     from vitpipe.downstream.cost import pretraining_cost
     from vitpipe.downstream.evaluate import checked_contamination
-    from vitpipe.report.compare_page import write_page
-
     from vitpipe.downstream.featurestore import Processes
+    from vitpipe.report.compare_page import write_page
 
     if Processes.from_env().world > 1:
         raise ConfigError("vitpipe compare runs on one process (its features can be extracted first on many: "
@@ -346,9 +346,6 @@ def compare(runs: list[Path], train: str, test: str, out: Path, settings: Compar
     result = {"created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "train": train, "test": test,
               "test_samples": first["test_samples"], "train_samples": first.get("train_samples"),
               "settings": asdict(settings), "warnings": warnings, "runs": rows}
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / "compare.json.tmp"
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp, out / "compare.json")
+    write_json_atomic(out / "compare.json", result)
     write_page(result, out)
     return result

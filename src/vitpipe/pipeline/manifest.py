@@ -4,30 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any
 
 from vitpipe import __version__
+from vitpipe.atomic import write_bytes_atomic, write_json_atomic  # noqa: F401 (importable from here)
 from vitpipe.config import ConfigError
-
-
-def write_bytes_atomic(path: Path, data: bytes) -> None:
-    """Readers see the old file or the new one, never a part; two writers at once each write
-    their own temp file (the last rename wins). The file gets the umask's ordinary mode."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    write_bytes_atomic(path, (json.dumps(data, indent=2, sort_keys=False) + "\n").encode())
 
 
 def build_manifest(*, source, settings, settings_full, rows, written, failures, filtered, duplicates,

@@ -12,6 +12,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only; never needs a display
 import matplotlib.pyplot as plt  # noqa: E402
 
+from vitpipe.atomic import write_text_atomic  # noqa: E402
 from vitpipe.downstream.features import layer_label, single_blocks  # noqa: E402
 
 TITLES = {"probe": "Linear probe top-1", "knn": "k-NN top-1 (k=20)", "finetune": "Fine-tune top-1"}
@@ -154,7 +155,5 @@ architecture; a red cell lost to random init or to raw pixels.</p>
 </body></html>
 """
     path = out / "index.html"
-    tmp = path.with_name("index.html.tmp")
-    tmp.write_text(page)
-    tmp.replace(path)
+    write_text_atomic(path, page)
     return path

@@ -10,14 +10,15 @@ from typing import Any
 
 import torch
 
+from vitpipe.atomic import write_text_atomic
 from vitpipe.config import ConfigError, PretrainConfig
 from vitpipe.pipeline.loader import LoaderSpec, ReadTally, counted, make_loader
 from vitpipe.pipeline.shardset import has_labels, images_by_key, resolve_shards
 from vitpipe.pipeline.transforms import TransformSpec, build_transform
 from vitpipe.report import figures
+from vitpipe.report.plots import last_per_step, loss_curve, read_metrics
 from vitpipe.report.sections import FigureContext, figure_sections
 from vitpipe.ssl import registry
-from vitpipe.report.plots import last_per_step, loss_curve, read_metrics
 from vitpipe.ssl.runs import load_run_encoder
 
 SAMPLE_IMAGES = 6
@@ -161,9 +162,7 @@ def build_report(run_dir: Path) -> Path:
     info = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").exists() else {}
     page = _render(run_dir, config, records, info, sections, _eval_rows(run_dir), weights)
     path = out_dir / "index.html"
-    tmp = path.with_name("index.html.tmp")
-    tmp.write_text(page)
-    tmp.replace(path)
+    write_text_atomic(path, page)
     return path
 
 

@@ -9,6 +9,8 @@ from typing import Any
 
 import jinja2
 
+from vitpipe.atomic import write_text_atomic
+
 TEMPLATE = jinja2.Template("""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
 <title>vitpipe eval suite</title>
@@ -52,7 +54,5 @@ a near-copy in the run's pretraining data or the dataset's train shards.</p>
 
 def write_suite_page(result: dict[str, Any], out: Path) -> Path:
     path = Path(out) / "index.html"
-    tmp = path.with_suffix(".html.tmp")
-    tmp.write_text(TEMPLATE.render(result=result))
-    tmp.replace(path)
+    write_text_atomic(path, TEMPLATE.render(result=result))
     return path

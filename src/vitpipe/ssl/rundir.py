@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from vitpipe.atomic import write_text_atomic
 from vitpipe.config import ConfigError, PretrainConfig, save_config, to_dict
 from vitpipe.ssl import checkpoints, registry
 from vitpipe.ssl.checkpoints import CheckpointError, list_checkpoints
@@ -109,9 +110,7 @@ def update_run_info(run_dir: Path, values: dict[str, Any]) -> None:
 
 
 def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    write_text_atomic(path, text)
 
 
 class JsonLines:
