@@ -59,6 +59,7 @@ class DINOConfig:
     ema_start: float = 0.996
     """Teacher momentum at step 0, rising on a half cosine to ``ema_end``."""
     ema_end: float = 1.0
+    """Teacher momentum at the last step."""
     freeze_last_layer_fraction: float = 0.01
     """The head's last layer gets no update for this fraction of training (the paper: 1 of 100 epochs)."""
     koleo: float = 0.0
