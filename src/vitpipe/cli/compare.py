@@ -36,11 +36,13 @@ def compare(
     raw pixels, with each run's pretraining cost: OUT/compare.json and OUT/index.html. Finished
     evals and extracted features are reused, so a rerun is free."""
     from vitpipe.downstream.compare import CompareSettings, compare as run_compare
+    from vitpipe.report.compare_page import write_page
 
     settings = CompareSettings(tuple(s.strip() for s in suite.split(",") if s.strip()), layers, label_fraction,
                                tuple(finetune_set or ()), probe_epochs,
                                concat, knn_layer, finetune_probe_init, workers, precision, max_contamination)
     result = run_compare(runs, train, test, out, settings, log=lambda line: typer.echo(line, err=True))
+    write_page(result, out)
     for row in result["runs"]:
         scores = ", ".join(f"{task} {e['trained']['top1']:.3f} ({e['delta_vs_random']:+.3f} vs random)"
                            for task, e in row["evals"].items())

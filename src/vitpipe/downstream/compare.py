@@ -296,12 +296,12 @@ def _weights_digest(module) -> str:
 
 def compare(runs: list[Path], train: str, test: str, out: Path, settings: CompareSettings = CompareSettings(),
             log=print) -> dict[str, Any]:
-    """Run (or read back) the suite for every run and baseline; write OUT/compare.json and index.html."""
+    """Run (or read back) the suite for every run and baseline; write OUT/compare.json and return
+    it (the page is the caller's: ``report.compare_page.write_page``)."""
     from vitpipe.downstream.contamination import Contamination, fields as _fields
     from vitpipe.downstream.cost import pretraining_cost
     from vitpipe.downstream.evaluate import checked_contamination
     from vitpipe.downstream.featurestore import Processes
-    from vitpipe.report.compare_page import write_page
 
     if Processes.from_env().world > 1:
         raise ConfigError("vitpipe compare runs on one process (its features can be extracted first on many: "
@@ -347,5 +347,4 @@ def compare(runs: list[Path], train: str, test: str, out: Path, settings: Compar
               "test_samples": first["test_samples"], "train_samples": first.get("train_samples"),
               "settings": asdict(settings), "warnings": warnings, "runs": rows}
     write_json_atomic(out / "compare.json", result)
-    write_page(result, out)
     return result
