@@ -187,3 +187,22 @@ def test_compare_measures_one_random_init_once(two_runs, tmp_path, monkeypatch):
     assert ("eval_linear_probe", "random", "mae_patch8") in ran
     assert not (tmp_path / "mae_again" / "eval" / "linear-probe.random.json").exists()
     assert "the same weights as mae" in (tmp_path / "c" / "index.html").read_text()
+
+
+@pytest.mark.parametrize("name,block,joined,label", [("last", None, False, "last"), ("pixels", None, False, "pixels"),
+                                                      ("block3", 3, False, "block3"),
+                                                      ("block0+block1+block2", None, True, "blocks 0-2 concatenated"),
+                                                      ("block1+block5", None, True, "blocks 1, 5 concatenated")])
+def test_layer_names_are_read_and_written_in_one_place(name, block, joined, label):
+    from vitpipe.downstream.features import LayerKey
+
+    key = LayerKey.parse(name)
+    assert (str(key), key.block, key.joined, key.label()) == (name, block, joined, label)
+
+
+def test_a_malformed_layer_name_is_not_read_as_a_block():
+    from vitpipe.downstream.features import LayerKey
+
+    for name in ("a+b", "block", "blockx", "block1+last"):
+        with pytest.raises(ValueError):
+            LayerKey.parse(name)

@@ -178,7 +178,7 @@ def eval_result(task: str, source: EncoderSource, train: str, test: str, setting
 def _eval_plan(task: str, source: EncoderSource, train: str, test: str, settings: CompareSettings):
     """(result name, check(result) that a finished one is exactly this eval, run() -> (path, payload))."""
     from vitpipe.downstream import evaluate
-    from vitpipe.downstream.features import PIXELS, layer_names
+    from vitpipe.downstream.features import PIXELS, LayerKey, layer_names
     from vitpipe.downstream.finetune import finetune, result_name
     from vitpipe.downstream.probe import ProbeSettings
 
@@ -190,14 +190,14 @@ def _eval_plan(task: str, source: EncoderSource, train: str, test: str, settings
         concat = settings.concat and len(wanted) > 1
         return ("linear-probe",
                 lambda r: (r["settings"]["epochs"] == settings.probe_epochs
-                           and {n for n in r["per_layer"] if "+" not in n} == wanted
-                           and any("+" in n for n in r["per_layer"]) == concat),
+                           and {n for n in r["per_layer"] if not LayerKey.parse(n).joined} == wanted
+                           and any(LayerKey.parse(n).joined for n in r["per_layer"]) == concat),
                 lambda: evaluate.eval_linear_probe(source, train, test, layers, None,
                                                    ProbeSettings(epochs=settings.probe_epochs), settings.workers,
                                                    concat, max_contamination=limit))
     if task == "knn":
         block = _probe_picked_block(source) if settings.knn_layer == "probe" else None
-        wanted = (PIXELS,) if source.kind == "pixels" else ("last",) if block is None else (f"block{block}",)
+        wanted = (PIXELS,) if source.kind == "pixels" else (str(LayerKey(() if block is None else (block,))),)
         # exactly this k-NN: not one on another block or an approximate index
         return ("knn", lambda r: r.get("layer") in wanted and r.get("index", {}).get("kind") == "flat",
                 lambda: evaluate.eval_knn(source, train, test, workers=settings.workers, layer=block,
@@ -212,12 +212,13 @@ def _probe_picked_block(source: EncoderSource) -> int | None:
     """The single block with the best held-out probe accuracy in the source's finished probe (None:
     the output, or pixels)."""
     from vitpipe.downstream.evaluate import result_path
+    from vitpipe.downstream.features import LayerKey
 
     if source.kind == "pixels":
         return None
     per_layer = json.loads(result_path(source, "linear-probe").read_text())["per_layer"]
-    best = max((name for name in per_layer if "+" not in name), key=lambda name: per_layer[name]["val_top1"])
-    return None if best == "last" else int(best.removeprefix("block"))
+    best = max((name for name in per_layer if not LayerKey.parse(name).joined), key=lambda n: per_layer[n]["val_top1"])
+    return LayerKey.parse(best).block
 
 
 def _written(outcome: tuple[Path, dict[str, Any]]) -> dict[str, Any]:

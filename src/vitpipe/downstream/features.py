@@ -130,25 +130,61 @@ class EncoderSource:
         return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=self.precision == "bf16")
 
 
+@dataclasses.dataclass(frozen=True)
+class LayerKey:
+    """What features a per-layer result names, as its string in results and caches: the output
+    ("last"), raw pixels ("pixels"), one block ("block3") or several side by side
+    ("block0+block1", --concat). The one place these names are made and read."""
+
+    blocks: tuple[int, ...] = ()
+    """Block indices; empty = the output (or pixels)."""
+    pixels: bool = False
+
+    @classmethod
+    def parse(cls, name: str) -> LayerKey:
+        if name in ("last", PIXELS):
+            return cls(pixels=name == PIXELS)
+        parts = name.split("+")
+        if not all(part.startswith("block") and part[5:].lstrip("-").isdigit() for part in parts):
+            raise ValueError(f"not a layer name: {name!r}")
+        return cls(tuple(int(part[5:]) for part in parts))
+
+    def __str__(self) -> str:
+        return PIXELS if self.pixels else "+".join(f"block{b}" for b in self.blocks) or "last"
+
+    @property
+    def block(self) -> int | None:
+        """The block of a single-block key, else None."""
+        return self.blocks[0] if len(self.blocks) == 1 else None
+
+    @property
+    def joined(self) -> bool:
+        return len(self.blocks) > 1
+
+    def label(self) -> str:
+        """For people: "block0+...+block11" reads "blocks 0-11 concatenated"."""
+        if not self.joined:
+            return str(self)
+        blocks = list(self.blocks)
+        if blocks == list(range(blocks[0], blocks[0] + len(blocks))):
+            return f"blocks {blocks[0]}-{blocks[-1]} concatenated"
+        return f"blocks {', '.join(map(str, blocks))} concatenated"
+
+
 def layer_names(layers: list[int] | None) -> list[str]:
-    return ["last"] if not layers else [f"block{layer}" for layer in layers]
+    return ["last"] if not layers else [str(LayerKey((layer,))) for layer in layers]
 
 
 def layer_label(name: str) -> str:
-    """A probe candidate for people: "block0+block1+...+block11" reads "blocks 0-11 concatenated"."""
-    if "+" not in name:
-        return name
-    blocks = [int(part.removeprefix("block")) for part in name.split("+")]
-    if blocks == list(range(blocks[0], blocks[0] + len(blocks))):
-        return f"blocks {blocks[0]}-{blocks[-1]} concatenated"
-    return f"blocks {', '.join(map(str, blocks))} concatenated"
+    """A probe candidate for people (``LayerKey.label``)."""
+    return LayerKey.parse(name).label()
 
 
 def single_blocks(per_layer: dict[str, Any]) -> dict[int, Any]:
     """Per-layer entries of single blocks by index ("block3" -> 3), in block order; the output
     ("last"), pixels and concatenations ("block0+block1") left out."""
-    return dict(sorted((int(name.removeprefix("block")), value) for name, value in per_layer.items()
-                       if name.startswith("block") and "+" not in name))
+    keys = {name: LayerKey.parse(name) for name in per_layer}
+    return dict(sorted((key.block, per_layer[name]) for name, key in keys.items() if key.block is not None))
 
 
 def cache_key(source: EncoderSource, shards: ShardSet, name: str, pool: str, image_size: int) -> str:
@@ -161,9 +197,10 @@ def cache_key(source: EncoderSource, shards: ShardSet, name: str, pool: str, ima
 
 def _canonical(name: str, depth: int) -> str:
     """"last", "block-1" and "block11" of a 12-block encoder are the same features: one cache file."""
-    if name == PIXELS:
+    key = LayerKey.parse(name)
+    if key.pixels:
         return name
-    return f"block{depth - 1 if name == 'last' else int(name.removeprefix('block')) % depth}"
+    return str(LayerKey((depth - 1 if key.block is None else key.block % depth,)))
 
 
 @torch.no_grad()

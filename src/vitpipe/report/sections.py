@@ -11,7 +11,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from vitpipe.downstream.features import single_blocks
+from vitpipe.downstream.features import LayerKey, single_blocks
 from vitpipe.report import figures
 from vitpipe.ssl.vit import VisionTransformer
 
@@ -142,9 +142,9 @@ def _layer_probe(ctx: FigureContext) -> Section | None:
     blocks = single_blocks(per_layer)
     if len(blocks) < 2:
         return None
-    joined = next((result for name, result in per_layer.items() if "+" in name), None)  # --concat's candidate
+    joined = next((result for name, result in per_layer.items() if LayerKey.parse(name).joined), None)  # --concat's
     png = figures.layer_probe_curve(blocks, ctx.out_dir / "layer_probe.png", joined)
-    best = f"block{max(blocks, key=lambda block: blocks[block]['val_top1'])}"
+    best = str(LayerKey((max(blocks, key=lambda block: blocks[block]["val_top1"]),)))
     side_by_side = f"; the blocks side by side (`--concat`): {joined['top1']:.3f}, the dashed line" if joined else ""
     return ("Linear probe by layer", f"`vitpipe eval linear-probe --layers ...`: test top-1 of the probe on each "
             f"block's average-pooled features (best single block on val: {best}{side_by_side}).", png)
