@@ -16,7 +16,7 @@ from vitpipe.ssl.runs import load_run_objective
 
 caption_shards = test_clip.caption_shards  # coloured squares titled by their file names (a fixture)
 CAPTIONS = ["a red square", "Café crème für Müller, naïve façade", "日本語のキャプション 🐱 😀",
-            "green square number seven and a very long caption that the context cuts"]
+            "green square number seven and a very long caption that the context cuts", "pin   red\tsquare "]
 OPENAI_LIKE = ["model.pool=cls", "model.pre_norm=true", "model.pos_embed=learned", "data.mean=0.3,0.4,0.5",
                "data.std=0.2,0.25,0.3"]
 

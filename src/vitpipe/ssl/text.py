@@ -15,12 +15,15 @@ PAD, SOT, EOT = 0, 1, 2
 
 
 def fit_bpe(captions, vocab_size: int, lowercase: bool) -> bytes:
-    """A byte-level BPE trained on ``captions`` (no download: the vocabulary is the data's own)."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    """A byte-level BPE trained on ``captions`` (no download: the vocabulary is the data's own).
+    Captions are NFKC-normalised, runs of whitespace collapsed and the ends stripped (as open_clip
+    cleans text before its tokenizer, so an exported run tokenises alike there), then lower-cased."""
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
     tokenizer = Tokenizer(models.BPE())
     tokenizer.normalizer = normalizers.Sequence(
-        [normalizers.NFKC(), *([normalizers.Lowercase()] if lowercase else [])])
+        [normalizers.NFKC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Strip(),
+         *([normalizers.Lowercase()] if lowercase else [])])
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL, show_progress=False,
