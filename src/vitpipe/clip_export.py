@@ -240,7 +240,8 @@ def model_card(run_dir: Path, config, fmt: str, name: str) -> str:
                 "out = model(**inputs)  # out.image_embeds, out.text_embeds (unit length)\n```\n\n"
                 "transformers' default image backend (torchvision) resizes with torch's antialiased bicubic, "
                 "one grey level off PIL's on some pixels; `CLIPProcessor.from_pretrained(\"DIR\", backend=\"pil\")` "
-                "gives vitpipe's pixels exactly.\n")
+                "gives vitpipe's pixels exactly. Its centre crop floors the crop offset where torchvision's "
+                "rounds it, so some image sizes are cropped one pixel apart from vitpipe's.\n")
     lines = [f"# {run_dir.name}: a CLIP pretrained by vitpipe, as {'an open_clip' if fmt == 'open_clip' else 'a transformers'} model\n",
              f"- image tower: ViT {config.model.embed_dim} wide, {config.model.depth} blocks, patch "
              f"{config.model.patch_size}, {config.data.image_size} px, pool {config.model.pool}",
