@@ -165,9 +165,18 @@ def eval_result(task: str, source: EncoderSource, train: str, test: str, setting
     from vitpipe.downstream.evaluate import result_path
 
     name, check, run = _eval_plan(task, source, train, test, settings)
-    paths = ([stored] if stored is not None else []) + [result_path(source, name)]
-    data = {"train": train, "test": test}
-    found = next((r for r in (reusable(p, source, data, check) for p in paths) if r is not None), None)
+    return read_back_or_run(source, {"train": train, "test": test}, check, run, stored, result_path(source, name))
+
+
+def read_back_or_run(source: EncoderSource, data: dict[str, str], check, run, stored: Path | None = None,
+                     *elsewhere: Path) -> dict[str, Any]:
+    """The finished result at ``stored`` or else at ``elsewhere`` (``reusable``), or ``run()``'s
+    (-> (path, payload)) read from the file it wrote; kept at ``stored`` unless read from there."""
+    if stored is not None:
+        found = reusable(stored, source, data, check)
+        if found is not None:
+            return found
+    found = next((r for r in (reusable(p, source, data, check) for p in elsewhere) if r is not None), None)
     if found is None:
         found = _written(run())
     if stored is not None:

@@ -10,7 +10,6 @@ the CLI writes the page.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -19,9 +18,9 @@ from typing import Any
 import yaml
 
 from vitpipe.config import ConfigError
-from vitpipe.downstream.compare import BaselineMemo, CompareSettings, reusable, eval_result
+from vitpipe.downstream.compare import BaselineMemo, CompareSettings, eval_result, read_back_or_run
 from vitpipe.downstream.features import EncoderSource
-from vitpipe.pipeline.manifest import write_json_atomic
+from vitpipe.atomic import write_json_atomic
 from vitpipe.ssl import registry
 from vitpipe.ssl.runs import run_dir_of
 
@@ -193,29 +192,18 @@ def _zero_shot(source: EncoderSource, dataset: SuiteDataset, settings: SuiteSett
 
     classes, templates = Path(dataset.classes) if dataset.classes else None, Path(dataset.templates) if dataset.templates else None
     names, prompts = class_names(dataset.test, classes), read_templates(templates)
-    found = reusable(stored, source, {"test": dataset.test},
-                      lambda r: r.get("classes") == names and r.get("templates") == prompts)
-    if found is None:
-        path, _ = eval_zero_shot(source, dataset.test, classes, templates, settings.compare.workers,
-                                 settings.max_skipped, settings.compare.max_contamination)
-        found = _keep(path, stored)
-    return found
+    return read_back_or_run(source, {"test": dataset.test},
+                            lambda r: r.get("classes") == names and r.get("templates") == prompts,
+                            lambda: eval_zero_shot(source, dataset.test, classes, templates, settings.compare.workers,
+                                                   settings.max_skipped, settings.compare.max_contamination), stored)
 
 
 def _retrieval(source: EncoderSource, dataset: SuiteDataset, settings: SuiteSettings, stored: Path) -> dict[str, Any]:
     from vitpipe.downstream.imagetext import eval_text_retrieval
 
-    found = reusable(stored, source, {"index": dataset.test}, lambda r: True)
-    if found is None:
-        path, _ = eval_text_retrieval(source, dataset.test, settings.compare.workers, settings.max_skipped)
-        found = _keep(path, stored)
-    return found
-
-
-def _keep(path: Path, stored: Path) -> dict[str, Any]:
-    result = json.loads(Path(path).read_text())
-    write_json_atomic(stored, result)
-    return result
+    return read_back_or_run(source, {"index": dataset.test}, lambda r: True,
+                            lambda: eval_text_retrieval(source, dataset.test, settings.compare.workers,
+                                                        settings.max_skipped), stored)
 
 
 def averages(rows: list[dict[str, Any]], names: list[str]) -> dict[str, Any]:
