@@ -155,6 +155,24 @@ def dino_loss(student: list[torch.Tensor], teacher: list[torch.Tensor], student_
     return total / pairs
 
 
+class Student(nn.Module):
+    """Backbone + head: what the optimizer trains and compile / DDP wrap (the teacher stays out).
+    Its attribute names are DINO's own, so parameter names match the objective's."""
+
+    def __init__(self, backbone: VisionTransformer, head: DINOHead) -> None:
+        super().__init__()
+        self.backbone, self.head = backbone, head
+
+    def forward(self, views: list[torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Views [B, C, h, w] (2 global, then local) -> (head logits [B, K] per view, the global
+        views' pooled features [2B, D]); one pass per resolution."""
+        pooled = self.backbone(torch.cat(views[:2]))
+        logits = [self.head(pooled)]
+        if len(views) > 2:
+            logits.append(self.head(self.backbone(torch.cat(views[2:]))))
+        return list(torch.cat(logits).chunk(len(views))), pooled
+
+
 class DINO(Objective):
     transform_preset = "mae"  # unused for training (``views`` is the recipe); evaluation resizes and crops
     batch_fields = ("image",)
@@ -166,6 +184,7 @@ class DINO(Objective):
         self.teacher = copy.deepcopy(backbone).requires_grad_(False)
         self.teacher_head = copy.deepcopy(self.head).requires_grad_(False)
         self.config = config
+        object.__setattr__(self, "student", Student(self.backbone, self.head))  # not a submodule: same names
         # buffers: a resumed run goes on with the centre, momentum and temperature it had
         self.register_buffer("center", torch.zeros(1, config.out_dim))
         self.register_buffer("momentum", torch.tensor(config.ema_start, dtype=torch.float64))
@@ -181,14 +200,8 @@ class DINO(Objective):
     def no_weight_decay(self) -> set[str]:
         return {f"backbone.{n}" for n in self.backbone.no_weight_decay()}
 
-    def forward_student(self, views: list[torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tensor]:
-        """Views [B, C, h, w] (2 global, then local) -> (head logits [B, K] per view, the global
-        views' pooled features [2B, D]); one pass per resolution."""
-        pooled = self.backbone(torch.cat(views[:2]))
-        logits = [self.head(pooled)]
-        if len(views) > 2:
-            logits.append(self.head(self.backbone(torch.cat(views[2:]))))
-        return list(torch.cat(logits).chunk(len(views))), pooled
+    def trainable_module(self) -> Student:
+        return self.student
 
     @torch.no_grad()
     def forward_teacher(self, views: list[torch.Tensor]) -> torch.Tensor:
@@ -200,7 +213,7 @@ class DINO(Objective):
         views = batch["image"]
         if not isinstance(views, list) or len(views) < 2:
             raise ValueError("DINO needs its multi-crop views (batch['image'] as a list: 2 global, then local)")
-        student, pooled = self.forward_student(views)
+        student, pooled = self.trainable(views)
         teacher_logits = self.forward_teacher(views)
         teacher = F.softmax((teacher_logits - self.center) / float(self.teacher_temp), dim=-1)
         loss = dino_loss(student, list(teacher.chunk(2)), self.config.student_temp)

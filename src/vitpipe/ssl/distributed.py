@@ -72,3 +72,19 @@ def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
     total = tensor.clone()
     dist.all_reduce(total)
     return total / _world()
+
+
+
+@torch.no_grad()
+def average_late_gradients(trainable: torch.nn.Module, synced: set[int]) -> None:
+    """Average over processes the gradients DDP does not: of parameters not in ``synced`` (the ids
+    DDP registered, those trainable when it wrapped the module) that have been unfrozen since. No
+    collective on one process or when none was unfrozen (the same on every rank: freezing is the
+    objective's deterministic choice)."""
+    late = [p for p in trainable.parameters() if p.requires_grad and id(p) not in synced]
+    if _world() == 1 or not late:
+        return
+    sum_gradients(late)
+    for param in late:
+        if param.grad is not None:
+            param.grad.div_(_world())

@@ -1,8 +1,9 @@
 """I-JEPA (Assran et al., 2023): predict the target encoder's representations of masked blocks
 from a context block, in latent space.
 
-Stages: masks (loader workers, ``MultiBlockMasks``) -> forward_context -> forward_targets (EMA
-encoder, no gradient) -> forward_predictor -> forward_loss; ``on_step_end`` moves the EMA.
+Stages: masks (loader workers, ``MultiBlockMasks``) -> the student (context encoder + predictor,
+``Student``: what the optimizer trains and compile / DDP wrap) -> forward_targets (EMA encoder, no
+gradient) -> forward_loss; ``on_step_end`` moves the EMA.
 """
 
 from __future__ import annotations
@@ -75,7 +76,7 @@ class Predictor(nn.Module):
         dim = config.predictor_dim
         self.embed = nn.Linear(encoder_dim, dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
-        self.pos_embed = nn.Parameter(sincos_pos_embed_2d(dim, grid), requires_grad=False)
+        self.register_buffer("pos_embed", sincos_pos_embed_2d(dim, grid))  # a constant
         self.blocks = nn.ModuleList(Block(dim, config.predictor_heads) for _ in range(config.predictor_depth))
         self.norm = nn.LayerNorm(dim, eps=LN_EPS)
         self.proj = nn.Linear(dim, encoder_dim)
@@ -101,6 +102,20 @@ def _expand(index: torch.Tensor, width: int) -> torch.Tensor:
     return index.unsqueeze(-1).expand(*index.shape, width)
 
 
+class Student(nn.Module):
+    """Context encoder + predictor; attribute names are JEPA's own, so parameter names match."""
+
+    def __init__(self, backbone: VisionTransformer, predictor: Predictor) -> None:
+        super().__init__()
+        self.backbone, self.predictor = backbone, predictor
+
+    def forward(self, images: torch.Tensor, context_idx: torch.Tensor, target_idx: torch.Tensor) -> torch.Tensor:
+        """[B, C, H, W], context_idx [B, Kc], target_idx [B, T, Kt] -> predictions [B, T, Kt, D]
+        (the context encoder's prefix tokens dropped)."""
+        context = self.backbone.forward_features(images, keep_idx=context_idx)[:, self.backbone.num_prefix_tokens:]
+        return self.predictor(context, context_idx, target_idx)
+
+
 class JEPA(Objective):
     transform_preset = "mae"  # random resized crop + flip: I-JEPA uses no other augmentation
     batch_fields = ("image",)
@@ -111,6 +126,7 @@ class JEPA(Objective):
         self.target_encoder = copy.deepcopy(encoder).requires_grad_(False)
         self.predictor = Predictor(encoder.embed_dim, encoder.grid, config)
         self.config = config
+        object.__setattr__(self, "student", Student(self.backbone, self.predictor))  # not a submodule: same names
         # a buffer, so a resumed run logs the momentum an uninterrupted one would
         self.register_buffer("momentum", torch.tensor(config.ema_start, dtype=torch.float64))
         self.masks = MultiBlockMasks(encoder.grid, config.num_targets, tuple(config.target_scale),
@@ -127,9 +143,8 @@ class JEPA(Objective):
     def no_weight_decay(self) -> set[str]:
         return {f"backbone.{n}" for n in self.backbone.no_weight_decay()} | {"predictor.mask_token"}
 
-    def forward_context(self, images: torch.Tensor, context_idx: torch.Tensor) -> torch.Tensor:
-        """[B, C, H, W], context_idx [B, Kc] -> context tokens [B, Kc, D] (prefix tokens dropped)."""
-        return self.backbone.forward_features(images, keep_idx=context_idx)[:, self.backbone.num_prefix_tokens:]
+    def trainable_module(self) -> Student:
+        return self.student
 
     @torch.no_grad()
     def forward_targets(self, images: torch.Tensor, target_idx: torch.Tensor) -> torch.Tensor:
@@ -147,7 +162,7 @@ class JEPA(Objective):
 
     def forward(self, batch: dict[str, Any]) -> Output:
         images, context_idx, target_idx = batch["image"], batch["context_idx"], batch["target_idx"]
-        predicted = self.predictor(self.forward_context(images, context_idx), context_idx, target_idx)
+        predicted = self.trainable(images, context_idx, target_idx)
         return Output(self.forward_loss(predicted, self.forward_targets(images, target_idx)),
                       {"ema_momentum": self.momentum.item(), "context_patches": float(context_idx.shape[1]),
                        "mask_shortfalls": float(batch.get("mask_shortfalls", 0))})

@@ -49,7 +49,7 @@ class MAE(Objective):
         prefix = encoder.num_prefix_tokens
         self.decoder_embed = nn.Linear(encoder.embed_dim, dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
-        self.decoder_pos_embed = nn.Parameter(sincos_pos_embed_2d(dim, encoder.grid, prefix), requires_grad=False)
+        self.register_buffer("decoder_pos_embed", sincos_pos_embed_2d(dim, encoder.grid, prefix))  # a constant
         self.decoder_blocks = nn.ModuleList(Block(dim, config.decoder_heads) for _ in range(config.decoder_depth))
         self.decoder_norm = nn.LayerNorm(dim, eps=LN_EPS)
         self.decoder_pred = nn.Linear(dim, self.patch_size ** 2 * self.channels)

@@ -102,6 +102,26 @@ class Objective(nn.Module):
         """The module kept after pretraining (follows ``Encoder``; exported, evaluated)."""
         raise NotImplementedError
 
+    def trainable_module(self) -> nn.Module:
+        """What the optimizer trains and compile and DDP wrap: the whole objective by default. An
+        objective with a teacher returns its student (a module whose attribute names match the
+        objective's, so parameter names agree) and calls it as ``self.trainable(...)`` in forward.
+
+        Every parameter of it is in the optimizer from the start, frozen or not: a parameter
+        unfrozen later (``requires_grad_(True)``) is trained from then on, one frozen later is
+        neither updated nor decayed. Constants (a sin-cos table) are buffers, not parameters."""
+        return self
+
+    def bind_trainable(self, runner: Callable[..., Any] | None) -> None:
+        """The trainer hands over the compiled / DDP-wrapped ``trainable_module()`` (kept outside
+        the module tree: state dicts and parameter names stay the objective's own)."""
+        object.__setattr__(self, "_trainable_runner", runner)
+
+    def trainable(self, *args: Any, **kwargs: Any) -> Any:
+        """Call the trainable module: through its wrapper when the trainer bound one."""
+        runner = self.__dict__.get("_trainable_runner")
+        return (runner if runner is not None else self.trainable_module())(*args, **kwargs)
+
     def lr_scale(self, name: str) -> float:
         """Multiplier of the learning rate for parameter ``name`` (layer-wise decay)."""
         return 1.0

@@ -13,12 +13,15 @@ from vitpipe.ssl.schedules import warmup_cosine
 
 
 def param_groups(model: Objective, weight_decay: float, lr: float) -> list[dict[str, Any]]:
-    """No decay for norms, biases (1-D parameters), position embeddings and tokens; per-parameter
-    learning-rate scales from the objective (layer-wise decay) become separate groups."""
+    """Every parameter of the objective's trainable module, frozen ones too (AdamW skips a parameter
+    without a gradient, so one unfrozen later trains from then on). No decay for norms, biases (1-D
+    parameters), position embeddings and tokens; per-parameter learning-rate scales from the
+    objective (layer-wise decay) become separate groups. Names are the objective's own."""
     skip = model.no_weight_decay()
+    trainable = {id(p) for p in model.trainable_module().parameters()}
     groups: dict[tuple[bool, float], list[nn.Parameter]] = {}
     for name, param in model.named_parameters():
-        if not param.requires_grad:
+        if id(param) not in trainable:
             continue
         decay = not (param.ndim <= 1 or name in skip or name.endswith("token"))
         groups.setdefault((decay, model.lr_scale(name)), []).append(param)

@@ -2,8 +2,19 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from vitpipe.ssl.launch import StopFlag
+
+if TYPE_CHECKING:
+    from vitpipe.pipeline.loader import ShardDataset
+    from vitpipe.ssl.objective import Objective
+    from vitpipe.ssl.rundir import JsonLines
 
 
 @dataclass
@@ -31,3 +42,41 @@ class RunSummary:
     resumed_from: int | None = None
     metrics: dict[str, float] = field(default_factory=dict)
     is_main: bool = True
+
+
+@dataclass
+class Session:
+    """Everything one process's loop holds, built by ``Trainer._setup`` (ssl/trainer.py)."""
+
+    accelerator: Any
+    model: Any
+    """What the step calls: the wrapped objective, or the objective whose trainable module is bound."""
+    wrapped: Any
+    """The trainable module as compiled / wrapped for DDP (gradient sync, clipping)."""
+    synced: set[int]
+    """Ids of the parameters DDP syncs (trainable when wrapped); others unfrozen later are averaged here."""
+    objective: Objective
+    """The plain module (state dicts, ``on_step_end``, the encoder)."""
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    dataset: ShardDataset
+    loader: Any
+    state: TrainState
+    global_batch: int
+    resumed_from: int | None
+    metrics: JsonLines | None = None
+    audit: JsonLines | None = None
+    stop: StopFlag = field(default_factory=StopFlag)
+    bar: Any = None
+    session_start: float = field(default_factory=time.monotonic)
+    wall_before: float = 0.0
+    """Training seconds of earlier sessions of this run."""
+    last_checkpoint_time: float = field(default_factory=time.monotonic)
+    last_log: tuple[float, int] = (0.0, 0)
+    last_checkpoint: Path | None = None
+    last_loss: float | None = None
+    decode_errors: int = 0
+    skipped_in_a_row: int = 0
+    weight_decay: float | None = None
+    images: torch.Tensor | None = None
+    """The last micro-batch's images (a reference, for the health monitor)."""

@@ -15,7 +15,6 @@ import functools
 import json
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -27,13 +26,13 @@ from vitpipe.pipeline.loader import LoaderSpec, ShardDataset, make_loader
 from vitpipe.pipeline.shardset import resolve_shards
 from vitpipe.pipeline.transforms import TransformSpec
 from vitpipe.ssl import artifacts, checkpoints, optim, registry, rundir, trackers
-from vitpipe.ssl.distributed import sum_gradients
+from vitpipe.ssl.distributed import average_late_gradients, sum_gradients
 from vitpipe.ssl.health import monitor
-from vitpipe.ssl.launch import RunLock, StopFlag, make_accelerator
+from vitpipe.ssl.launch import RunLock, make_accelerator
 from vitpipe.ssl.objective import Objective
 from vitpipe.ssl.precision import for_run as choose_precision
 from vitpipe.ssl.rundir import JsonLines
-from vitpipe.ssl.state import RunSummary, TrainState
+from vitpipe.ssl.state import RunSummary, Session, TrainState
 from vitpipe.ssl.vit import set_grad_checkpointing
 
 EXIT_PREEMPTED = 75
@@ -49,40 +48,6 @@ class Preempted(Exception):
     def __init__(self, step: int, checkpoint: Path | None) -> None:
         super().__init__(f"stopped by signal at step {step}; checkpoint {checkpoint}")
         self.step, self.checkpoint = step, checkpoint
-
-
-@dataclass
-class _Session:
-    """Everything one process's loop holds, built by ``Trainer._setup``."""
-
-    accelerator: Any
-    model: Any
-    """What forward runs on: the objective, maybe compiled, maybe wrapped for DDP."""
-    objective: Objective
-    """The plain module (state dicts, ``on_step_end``, the encoder)."""
-    optimizer: torch.optim.Optimizer
-    scheduler: Any
-    dataset: ShardDataset
-    loader: Any
-    state: TrainState
-    global_batch: int
-    resumed_from: int | None
-    metrics: JsonLines | None = None
-    audit: JsonLines | None = None
-    stop: StopFlag = field(default_factory=StopFlag)
-    bar: Any = None
-    session_start: float = field(default_factory=time.monotonic)
-    wall_before: float = 0.0
-    """Training seconds of earlier sessions of this run."""
-    last_checkpoint_time: float = field(default_factory=time.monotonic)
-    last_log: tuple[float, int] = (0.0, 0)
-    last_checkpoint: Path | None = None
-    last_loss: float | None = None
-    decode_errors: int = 0
-    skipped_in_a_row: int = 0
-    weight_decay: float | None = None
-    images: torch.Tensor | None = None
-    """The last micro-batch's images (a reference, for the health monitor)."""
 
 
 class Trainer:
@@ -130,7 +95,7 @@ class Trainer:
         if spec is not None:
             require_needs(resolve_shards(config.data.shards), config.data.shards, spec.needs, f"pretrain {config.objective}")
 
-    def _setup(self, accelerator, precision: tuple[str, str]) -> _Session:
+    def _setup(self, accelerator, precision: tuple[str, str]) -> Session:
         from accelerate.utils import set_seed
 
         config, train = self.config, self.config.train
@@ -143,14 +108,14 @@ class Trainer:
         dataset, loader = self._loader(objective, accelerator.process_index, accelerator.num_processes)
         global_batch = train.batch_size * train.grad_accum * accelerator.num_processes
         optimizer, scheduler, lr, warmup = optim.build(objective, config, global_batch)
-        model = torch.compile(objective) if train.compile else objective
-        model, optimizer = accelerator.prepare(model, optimizer)
+        synced = {id(p) for p in objective.trainable_module().parameters() if p.requires_grad}
+        model, wrapped, optimizer = self._wrap(accelerator, objective, optimizer)
         set_seed(train.seed + accelerator.process_index)  # masks differ across ranks
         state = TrainState()
         if start is not None:
             saved = checkpoints.load(start, accelerator, objective, optimizer, scheduler)
             state = TrainState(**{k: saved[k] for k in TrainState.__dataclass_fields__})
-        session = _Session(accelerator, model, objective, optimizer, scheduler, dataset, loader, state, global_batch,
+        session = Session(accelerator, model, wrapped, synced, objective, optimizer, scheduler, dataset, loader, state, global_batch,
                            state.step if start is not None else None, last_log=(time.monotonic(), state.samples_seen),
                            wall_before=state.wall_seconds)
         if is_main:
@@ -174,6 +139,18 @@ class Trainer:
             session.audit = JsonLines(self.run_dir / "audit" / f"rank{accelerator.process_index}.jsonl")
         session.stop.install()
         return session
+
+    def _wrap(self, accelerator, objective: Objective, optimizer):
+        """Compile and DDP-wrap the objective's trainable module alone (a teacher stays out) and
+        bind the wrapper to the objective: (what the step calls, the wrapper, the prepared optimizer)."""
+        trainable = objective.trainable_module()
+        objective.to(accelerator.device)  # the teacher too: prepare moves only what it wraps
+        wrapped = torch.compile(trainable) if self.config.train.compile else trainable
+        wrapped, optimizer = accelerator.prepare(wrapped, optimizer)
+        if trainable is objective:
+            return wrapped, wrapped, optimizer
+        objective.bind_trainable(wrapped)
+        return objective, wrapped, optimizer
 
     def _artifacts(self, accelerator, refit: bool) -> dict[str, bytes]:
         """Fit the objective's artefacts once (main process) for a fresh run; load them otherwise."""
@@ -202,7 +179,7 @@ class Trainer:
 
     # -- the loop --------------------------------------------------------------------------
 
-    def _loop(self, s: _Session) -> None:
+    def _loop(self, s: Session) -> None:
         max_steps, accum = self.config.train.max_steps, self.config.train.grad_accum
         grouped = accum > 1 and s.objective.accumulates_step
         while s.state.step < max_steps:
@@ -226,7 +203,7 @@ class Trainer:
                 s.state.batches_in_epoch = 0
         s.last_checkpoint = self._save(s)
 
-    def _prepare(self, s: _Session, batch: dict[str, Any]) -> dict[str, Any]:
+    def _prepare(self, s: Session, batch: dict[str, Any]) -> dict[str, Any]:
         """Count the loader's skipped samples, audit the keys, move the batch to the device."""
         from accelerate.utils import send_to_device
 
@@ -239,20 +216,22 @@ class Trainer:
         s.images = images[0] if isinstance(images, list) else images  # views: the first
         return batch
 
-    def _micro_step(self, s: _Session, batch: dict[str, Any]):
+    def _micro_step(self, s: Session, batch: dict[str, Any]):
         """Forward/backward of one micro-batch: (output, [non-finite, signalled, checkpoint due]),
         or (None, flags) for a skipped non-finite loss."""
         accelerator, optimizer_config = s.accelerator, self.config.optim
         batch = self._prepare(s, batch)
-        with accelerator.accumulate(s.model):
-            output = s.model(batch)
+        with accelerator.accumulate(s.wrapped):
+            with accelerator.autocast():  # a teacher outside the wrapper runs at the run's precision too
+                output = s.model(batch)
             flags = self._flags(s, output.loss)
             if flags[0] == 0:
                 accelerator.backward(output.loss)
                 if accelerator.sync_gradients:
+                    average_late_gradients(s.objective.trainable_module(), s.synced)
                     s.objective.after_backward(s.state.step + 1, self.config.train.max_steps)
                 if accelerator.sync_gradients and optimizer_config.clip_grad > 0:
-                    accelerator.clip_grad_norm_(s.model.parameters(), optimizer_config.clip_grad)
+                    accelerator.clip_grad_norm_(s.wrapped.parameters(), optimizer_config.clip_grad)
                 s.optimizer.step()
             s.optimizer.zero_grad(set_to_none=True)
         s.state.batches_in_epoch += 1
@@ -262,7 +241,7 @@ class Trainer:
         self._skip_nonfinite(s)
         return None, flags
 
-    def _flags(self, s: _Session, loss: torch.Tensor) -> list[float]:
+    def _flags(self, s: Session, loss: torch.Tensor) -> list[float]:
         """One all-reduce per micro-batch: [non-finite loss, stop signal, checkpoint due], summed
         over processes so every rank takes the same branch."""
         flags = torch.tensor([0.0 if torch.isfinite(loss.detach()) else 1.0, 1.0 if s.stop.signal else 0.0,
@@ -270,7 +249,7 @@ class Trainer:
                              device=s.accelerator.device)
         return s.accelerator.reduce(flags, reduction="sum").tolist()
 
-    def _group_step(self, s: _Session, group: list[dict[str, Any]]):
+    def _group_step(self, s: Session, group: list[dict[str, Any]]):
         """One optimizer step from ``grad_accum`` micro-batches through the objective's own
         ``accumulate``, on the unwrapped model (DDP's mean is not this loss's gradient):
         each process's gradients are its samples' share of the global loss, summed here."""
@@ -292,7 +271,7 @@ class Trainer:
         self._skip_nonfinite(s)
         return None, flags
 
-    def _skip_nonfinite(self, s: _Session) -> None:
+    def _skip_nonfinite(self, s: Session) -> None:
         step = s.state.step + 1
         if self.config.train.nan_policy == "error":
             raise TrainingError(f"non-finite loss at step {step}; the last checkpoint is still good "
@@ -303,7 +282,7 @@ class Trainer:
         if s.metrics is not None:
             s.metrics.write({"step": step, "event": "skipped_nonfinite_loss"})
 
-    def _end_of_step(self, s: _Session, output, flags: list[float]) -> None:
+    def _end_of_step(self, s: Session, output, flags: list[float]) -> None:
         train, state = self.config.train, s.state
         s.scheduler.step()
         state.step += 1
@@ -325,7 +304,7 @@ class Trainer:
                 s.metrics.write({"step": state.step, "event": "preempted", **extra})
             raise Preempted(state.step, s.last_checkpoint)
 
-    def _log(self, s: _Session, output) -> None:
+    def _log(self, s: Session, output) -> None:
         state = s.state
         loss = s.accelerator.reduce(output.loss.detach().float(), reduction="mean").item()
         s.last_loss = loss
@@ -351,7 +330,7 @@ class Trainer:
             print(rundir.progress_line(record, self.config.train.max_steps, self.config.train.batch_size
                                 * self.config.train.grad_accum * s.accelerator.num_processes), flush=True)
 
-    def _health(self, s: _Session) -> dict[str, float]:
+    def _health(self, s: Session) -> dict[str, float]:
         train = self.config.train
         if not train.health_every or (s.state.step % train.health_every and s.state.step > 1) or s.images is None:
             return {}
@@ -362,13 +341,13 @@ class Trainer:
         return bool((train.ckpt_every_steps and step % train.ckpt_every_steps == 0) or (
             train.ckpt_every_minutes and time.monotonic() - last_checkpoint_time > 60 * train.ckpt_every_minutes))
 
-    def _save(self, s: _Session) -> Path:
+    def _save(self, s: Session) -> Path:
         return checkpoints.save(s.accelerator, s.objective, s.optimizer, s.scheduler, dict(s.state.__dict__),
                                 self.run_dir, self.config.train.keep_checkpoints)
 
     # -- after the loop --------------------------------------------------------------------
 
-    def _close(self, s: _Session) -> None:
+    def _close(self, s: Session) -> None:
         s.stop.restore()
         if s.bar is not None:
             s.bar.close()
@@ -377,7 +356,7 @@ class Trainer:
                 handle.close()
         s.accelerator.end_training()
 
-    def _finish(self, s: _Session) -> RunSummary:
+    def _finish(self, s: Session) -> RunSummary:
         seconds = time.monotonic() - s.session_start
         session_samples = s.state.samples_seen - (s.resumed_from or 0) * s.global_batch
         if self.config.train.record_keys:

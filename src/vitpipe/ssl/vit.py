@@ -175,7 +175,10 @@ class VisionTransformer(nn.Module):
         learned = config.pos_embed == "learned"
         table = (torch.randn(1, self.num_prefix_tokens + self.num_patches, config.embed_dim) * 0.02 if learned
                  else sincos_pos_embed_2d(config.embed_dim, self.grid, self.num_prefix_tokens))
-        self.pos_embed = nn.Parameter(table, requires_grad=learned)
+        if learned:
+            self.pos_embed = nn.Parameter(table)
+        else:  # a constant: a buffer, never in the optimizer (same state-dict key as a learned table)
+            self.register_buffer("pos_embed", table)
         rates = torch.linspace(0, config.drop_path, config.depth).tolist()
         self.norm_pre = nn.LayerNorm(config.embed_dim, eps=LN_EPS) if config.pre_norm else nn.Identity()
         self.blocks = nn.ModuleList(Block(config.embed_dim, config.num_heads, config.mlp_ratio, r) for r in rates)
@@ -260,6 +263,9 @@ class VisionTransformer(nn.Module):
         if grid == self.grid:
             return
         table = torch.cat([self.pos_embed[:, : self.num_prefix_tokens], self._patch_positions(grid)], dim=1)
-        self.pos_embed = nn.Parameter(table.detach(), requires_grad=self.pos_embed.requires_grad)
+        if isinstance(self.pos_embed, nn.Parameter):
+            self.pos_embed = nn.Parameter(table.detach())
+        else:
+            self.pos_embed = table.detach()  # assigning a tensor to a buffer's name keeps it a buffer
         self.grid, self.num_patches = grid, grid[0] * grid[1]
         self.image_size = image_size
