@@ -25,8 +25,8 @@ import torch
 
 from train_step import block_flops, matmul_gflops
 from vitpipe.ssl import registry
-from vitpipe.ssl.clip import TOKENIZER
-from vitpipe.ssl.text import fit_bpe
+from vitpipe.ssl.objectives.clip.objective import TOKENIZER
+from vitpipe.ssl.objectives.clip.text import fit_bpe
 
 OPENCLIPART = Path("/usr/share/openclipart/png")
 SHAPE = ["model.size=tiny", "model.patch_size=4", "data.image_size=32", "clip.text_width=128", "clip.text_depth=4",

@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from vitpipe.ssl import registry
-from vitpipe.ssl.precision import synthetic_batch
+from vitpipe.ssl.engine.precision import synthetic_batch
 
 
 def vitpipe_step(args, precision: str):

@@ -22,7 +22,7 @@ import torch
 
 from train_step import block_flops, matmul_gflops
 from vitpipe.ssl import registry
-from vitpipe.ssl.igpt import PALETTE, palette_bytes, step_memory_bytes
+from vitpipe.ssl.objectives.igpt.objective import PALETTE, palette_bytes, step_memory_bytes
 
 SHAPE = ["model.embed_dim=192", "model.depth=8", "model.num_heads=3", "igpt.palette_size=16"]
 

@@ -17,7 +17,7 @@ import torch
 
 from vitpipe.config import PretrainConfig
 from vitpipe.ssl import registry
-from vitpipe.ssl.mae import MAE
+from vitpipe.ssl.objectives.mae.objective import MAE
 from vitpipe.ssl.registry import build_objective
 
 

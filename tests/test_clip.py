@@ -14,7 +14,7 @@ from vitpipe.cli import main
 from vitpipe.config import IngestConfig
 from vitpipe.pipeline.ingest import ingest
 from vitpipe.ssl import registry
-from vitpipe.ssl.checkpoints import list_checkpoints
+from vitpipe.ssl.engine.checkpoints import list_checkpoints
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220)}
 ARGS = ["model.size=micro", "data.image_size=16", "train.batch_size=8", "train.log_every=1", "data.num_workers=0",
@@ -83,7 +83,7 @@ def test_long_captions_are_cut_and_counted(caption_shards, tmp_path):
 def test_tokens_pad_to_the_longest_caption_with_the_same_features():
     """Padding to the batch's longest caption instead of the context removes text-tower work; the
     causal mask makes it exact."""
-    from vitpipe.ssl.text import PAD
+    from vitpipe.ssl.objectives.clip.text import PAD
 
     model = _tiny_clip()
     tokens, _ = model.tokenize.encode(["red", "blue square", "red"])
@@ -132,7 +132,7 @@ def _clip_worker(rank: int, init_file: str, out_dir: str, state: dict, images, t
 def _accumulating_worker(rank: int, init_file: str, out_dir: str, state: dict, images, tokens) -> None:
     import torch.distributed as dist
 
-    from vitpipe.ssl.distributed import sum_gradients
+    from vitpipe.ssl.engine.distributed import sum_gradients
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     model = _tiny_clip(state)
@@ -161,7 +161,7 @@ def _two_processes_against_one(tmp_path, worker):
 
 
 def _tiny_clip(state=None):
-    from vitpipe.ssl.clip import fit_artifacts
+    from vitpipe.ssl.objectives.clip.objective import fit_artifacts
 
     config = registry.pretrain_config("clip", None, ARGS)
     read = lambda fields, limit: iter([{"text": ["red square", "green square", "blue square"] * 20}])  # noqa: E731

@@ -15,8 +15,8 @@ from vitpipe.pipeline.loader import LoaderSpec, make_loader
 from vitpipe.pipeline.shardset import resolve_shards
 from vitpipe.pipeline.transforms import TransformSpec
 from vitpipe.ssl import registry
-from vitpipe.ssl.dino import DINOConfig, dino_loss, local_size
-from vitpipe.ssl.precision import synthetic_batch
+from vitpipe.ssl.objectives.dino.objective import DINOConfig, dino_loss, local_size
+from vitpipe.ssl.engine.precision import synthetic_batch
 
 SMALL = ["model.size=micro", "data.image_size=16", "model.patch_size=4", *SMALL_SECTIONS["dino"]]
 RUN = [*SMALL, "train.batch_size=8", "train.log_every=1", "data.num_workers=0", "data.shuffle_buffer=10",

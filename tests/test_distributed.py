@@ -58,7 +58,7 @@ def _gather_worker(rank: int, init_file: str, out_dir: str) -> None:
     import torch
     import torch.distributed as dist
 
-    from vitpipe.ssl.distributed import gather_with_grad
+    from vitpipe.ssl.engine.distributed import gather_with_grad
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     mine = torch.arange(6, dtype=torch.float32).reshape(3, 2).add(10 * rank).requires_grad_()
@@ -75,7 +75,7 @@ def test_gather_with_grad_is_global_and_differentiable(tmp_path):
     import torch
     import torch.multiprocessing as mp
 
-    from vitpipe.ssl.distributed import gather_with_grad
+    from vitpipe.ssl.engine.distributed import gather_with_grad
 
     mp.spawn(_gather_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
     both = torch.cat([torch.arange(6, dtype=torch.float32).reshape(3, 2).add(10 * r) for r in range(2)]).requires_grad_()

@@ -282,8 +282,8 @@ def test_eval_bad_inputs_exit_2(tiny_run, tiny_labelled_shards, tmp_path, capsys
 
 def test_freezing_really_freezes():
     from vitpipe.config import ModelConfig
-    from vitpipe.ssl.classify import Classifier, FinetuneConfig
-    from vitpipe.ssl.optim import param_groups
+    from vitpipe.ssl.objectives.classify.objective import Classifier, FinetuneConfig
+    from vitpipe.ssl.engine.optim import param_groups
     from vitpipe.ssl.vit import VisionTransformer
 
     torch.manual_seed(0)

@@ -13,8 +13,8 @@ from test_dino import RUN as DINO_RUN
 from test_trainer import RUN_ARGS, tiny_config
 from vitpipe.cli import main
 from vitpipe.ssl import registry
-from vitpipe.ssl.mae import MAE
-from vitpipe.ssl.trainer import Trainer
+from vitpipe.ssl.objectives.mae.objective import MAE
+from vitpipe.ssl.engine.trainer import Trainer
 
 
 class Unfreezing(MAE):
@@ -88,7 +88,7 @@ def test_teacher_stays_outside_compile_and_the_optimizer(name, monkeypatch, labe
     teacher = objective.encoder()
     student_ids = {id(p) for p in objective.trainable_module().parameters()}
     assert not student_ids & {id(p) for p in teacher.parameters()}
-    from vitpipe.ssl import optim
+    from vitpipe.ssl.engine import optim
 
     optimizer, *_ = optim.build(objective, locate_run(run)[0], 8)
     in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
@@ -102,7 +102,7 @@ def _late_worker(rank: int, init_file: str, out_dir: str) -> None:
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
-    from vitpipe.ssl.distributed import average_late_gradients
+    from vitpipe.ssl.engine.distributed import average_late_gradients
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     torch.manual_seed(0)

@@ -10,7 +10,7 @@ import torch
 
 from vitpipe.cli import main
 from vitpipe.ssl import registry
-from vitpipe.ssl.igpt import PALETTE, dequantize, fit_palette, load_palette, palette_bytes, quantize
+from vitpipe.ssl.objectives.igpt.objective import PALETTE, dequantize, fit_palette, load_palette, palette_bytes, quantize
 
 ARGS = ["model.size=micro", "model.depth=3", "data.image_size=16", "igpt.resolution=8", "igpt.palette_size=8",
         "train.batch_size=8", "train.log_every=1", "data.num_workers=0", "data.shuffle_buffer=10",
@@ -163,7 +163,7 @@ def test_palette_fit_command_and_reuse(tiny_shards, tmp_path, capsys):
 
 
 def test_finetune_layer_drops_the_blocks_after_it():
-    from vitpipe.ssl.classify import Classifier, FinetuneConfig
+    from vitpipe.ssl.objectives.classify.objective import Classifier, FinetuneConfig
 
     encoder = tiny_igpt().encoder()
     images = torch.rand(2, 3, 16, 16) * 2 - 1

@@ -14,10 +14,10 @@ from safetensors.torch import load_file
 
 from vitpipe.cli import main
 from vitpipe.ssl import registry
-from vitpipe.ssl.checkpoints import list_checkpoints
+from vitpipe.ssl.engine.checkpoints import list_checkpoints
 from vitpipe.ssl.masking import MultiBlockMasks
-from vitpipe.ssl.optim import build as build_optimizer
-from vitpipe.ssl.trainer import Trainer
+from vitpipe.ssl.engine.optim import build as build_optimizer
+from vitpipe.ssl.engine.trainer import Trainer
 
 ARGS = ["model.size=micro", "data.image_size=32", "train.batch_size=8", "train.log_every=1", "data.num_workers=0",
         "data.shuffle_buffer=10", "train.tensorboard=false", "jepa.predictor_dim=32", "jepa.predictor_depth=1",

@@ -20,7 +20,7 @@ SIMCLR = textwrap.dedent('''
     import torch.nn.functional as F
     from torchvision.transforms import v2
     from vitpipe.pipeline.transforms import MultiView
-    from vitpipe.ssl.distributed import gather_with_grad
+    from vitpipe.ssl.engine.distributed import gather_with_grad
     from vitpipe.ssl.objective import Objective, ObjectiveSpec, Output
     from vitpipe.ssl.vit import VisionTransformer
 
@@ -62,7 +62,7 @@ TEACHER_STUDENT = textwrap.dedent('''
     import copy
     import torch
     import torch.nn.functional as F
-    from vitpipe.ssl.ema import ema_update
+    from vitpipe.ssl.engine.ema import ema_update
     from vitpipe.ssl.objective import Objective, ObjectiveSpec, Output
     from vitpipe.ssl.vit import VisionTransformer
 

@@ -8,8 +8,8 @@ import pytest
 
 from vitpipe.cli import main
 from vitpipe.ssl import registry
-from vitpipe.ssl.plan import MEASURE_BATCH, plan_for, saved_bytes
-from vitpipe.ssl.precision import synthetic_batch
+from vitpipe.ssl.engine.plan import MEASURE_BATCH, plan_for, saved_bytes
+from vitpipe.ssl.engine.precision import synthetic_batch
 
 
 @pytest.mark.parametrize("size", ["micro", "mini", "tiny"])

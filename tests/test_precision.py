@@ -9,7 +9,7 @@ import numpy as np
 
 from test_trainer import RUN_ARGS
 from vitpipe.cli import main
-from vitpipe.ssl import precision
+from vitpipe.ssl.engine import precision
 
 
 def info(run) -> dict:

@@ -37,7 +37,7 @@ def test_slurm_cli_errors(capsys):
 
 def test_run_lock_refuses_a_second_writer(tmp_path, tiny_shards):
     from vitpipe.config import ConfigError
-    from vitpipe.ssl.launch import RunLock
+    from vitpipe.ssl.engine.launch import RunLock
 
     first = RunLock(tmp_path / "run")
     first.acquire()
@@ -183,9 +183,9 @@ def test_run_lock_dies_with_its_process_even_if_a_forked_child_lives_on(tmp_path
     import subprocess
     import sys
 
-    from vitpipe.ssl.launch import RunLock
+    from vitpipe.ssl.engine.launch import RunLock
 
-    code = ("import os, sys, time; from pathlib import Path; from vitpipe.ssl.launch import RunLock; "
+    code = ("import os, sys, time; from pathlib import Path; from vitpipe.ssl.engine.launch import RunLock; "
             "lock = RunLock(Path(sys.argv[1])); lock.acquire(); child = os.fork(); "
             "time.sleep(60) if child == 0 else (print(child, flush=True), time.sleep(60))")
     proc = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "run")], stdout=subprocess.PIPE, text=True)
@@ -207,7 +207,7 @@ def test_a_lock_still_held_for_a_dead_trainer_is_waited_out_not_refused(tmp_path
     import subprocess
     import sys
 
-    from vitpipe.ssl.launch import RunLock
+    from vitpipe.ssl.engine.launch import RunLock
 
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()

@@ -15,11 +15,11 @@ import torch
 from vitpipe.cli import main
 from vitpipe.config import PretrainConfig
 from vitpipe.ssl import registry
-from vitpipe.ssl.launch import check_launch
+from vitpipe.ssl.engine.launch import check_launch
 from vitpipe.ssl.registry import build_objective
-from vitpipe.ssl.schedules import warmup_cosine
-from vitpipe.ssl.checkpoints import CheckpointError, list_checkpoints
-from vitpipe.ssl.trainer import EXIT_PREEMPTED, Trainer, TrainingError
+from vitpipe.ssl.engine.schedules import warmup_cosine
+from vitpipe.ssl.engine.checkpoints import CheckpointError, list_checkpoints
+from vitpipe.ssl.engine.trainer import EXIT_PREEMPTED, Trainer, TrainingError
 
 RUN_ARGS = ["model.size=micro", "data.image_size=16", "mae.decoder_dim=32", "mae.decoder_heads=2",
             "mae.decoder_depth=1", "train.batch_size=8", "train.log_every=1", "data.num_workers=0",
@@ -195,11 +195,11 @@ def test_launch_checks(monkeypatch):
         check_launch(1)
     monkeypatch.setenv("WORLD_SIZE", "1")
     monkeypatch.setenv("ACCELERATE_USE_CPU", "true")
-    monkeypatch.setattr("vitpipe.ssl.launch._parent_cmdline",
+    monkeypatch.setattr("vitpipe.ssl.engine.launch._parent_cmdline",
                         lambda: ["accelerate", "launch", "--cpu", "--num_processes", "2", "-m", "vitpipe"])
     with pytest.raises(Exception, match="starts only ONE process"):
         check_launch(1)
-    monkeypatch.setattr("vitpipe.ssl.launch._parent_cmdline", lambda: ["accelerate", "launch", "--cpu", "-m", "x"])
+    monkeypatch.setattr("vitpipe.ssl.engine.launch._parent_cmdline", lambda: ["accelerate", "launch", "--cpu", "-m", "x"])
     check_launch(1)
 
 
@@ -223,7 +223,7 @@ def test_compiled_run_writes_checkpoints_and_encoders_that_load(tiny_shards, tmp
 def test_weight_decay_schedule_and_adam_eps(tiny_shards, tmp_path):
     """optim.weight_decay_end makes weight decay a cosine over training (I-JEPA's 0.04 -> 0.4) on the
     decaying groups only; optim.eps reaches AdamW."""
-    from vitpipe.ssl import optim
+    from vitpipe.ssl.engine import optim
 
     run = tmp_path / "run"
     assert main(["pretrain", "mae", "--data", str(tiny_shards), "--out", str(run), *RUN_ARGS, "train.max_steps=8",

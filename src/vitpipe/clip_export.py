@@ -19,7 +19,7 @@ import torch
 from einops import rearrange
 
 from vitpipe.config import ConfigError
-from vitpipe.ssl.text import EOT, PAD, SOT, SPECIAL
+from vitpipe.ssl.objectives.clip.text import EOT, PAD, SOT, SPECIAL
 
 # open_clip's default preprocessing; its built-in-name route (add_model_config + pretrained=FILE)
 # cannot carry another normalisation, so the run's own is folded into the patch projection

@@ -16,7 +16,8 @@ from einops import rearrange
 
 from vitpipe.config import ConfigError, from_dict, to_dict
 from vitpipe.pipeline.manifest import write_bytes_atomic
-from vitpipe.ssl import artifacts, registry
+from vitpipe.ssl import registry
+from vitpipe.ssl.engine import artifacts
 from vitpipe.ssl.runs import load_run_encoder, load_run_objective, run_dir_of
 from vitpipe.ssl.vit import VisionTransformer
 

@@ -15,7 +15,7 @@ from conftest import write_image_folder
 from vitpipe.cli import main
 from vitpipe.config import IngestConfig
 from vitpipe.pipeline.ingest import ingest
-from vitpipe.ssl import checkpoints
+from vitpipe.ssl.engine import checkpoints
 
 RUN_ARGS = ["model.size=micro", "data.image_size=16", "mae.decoder_dim=32", "mae.decoder_heads=2",
             "mae.decoder_depth=1", "train.batch_size=8", "data.num_workers=0", "train.tensorboard=false"]

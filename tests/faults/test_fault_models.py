@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from vitpipe.ssl import registry
-from vitpipe.ssl.clip import fit_artifacts
+from vitpipe.ssl.objectives.clip.objective import fit_artifacts
 
 CLIP_ARGS = ["model.size=micro", "data.image_size=16", "clip.vocab_size=300", "clip.text_width=32",
              "clip.text_depth=1", "clip.text_heads=2", "clip.embed_dim=32", "clip.context_length=4"]

@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from vitpipe.cli import main
-from vitpipe.ssl.checkpoints import list_checkpoints, verify
+from vitpipe.ssl.engine.checkpoints import list_checkpoints, verify
 
 RUN_ARGS = ["model.size=micro", "data.image_size=16", "mae.decoder_dim=32", "mae.decoder_heads=2",
             "mae.decoder_depth=1", "train.batch_size=8", "train.log_every=1", "data.num_workers=0",

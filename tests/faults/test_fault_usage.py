@@ -14,7 +14,7 @@ from test_clip import ARGS as CLIP_ARGS
 from test_igpt import ARGS as IGPT_ARGS
 from test_trainer import RUN_ARGS
 from vitpipe.cli import main
-from vitpipe.ssl.igpt import load_palette, palette_bytes
+from vitpipe.ssl.objectives.igpt.objective import load_palette, palette_bytes
 
 
 def one_line(capsys) -> str:

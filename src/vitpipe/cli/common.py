@@ -19,7 +19,7 @@ def error_line(message: str) -> None:
 
 def runtime_failure_line(err: BaseException) -> str:
     """One line for a failure at run time; the traceback stays behind --debug / VITPIPE_DEBUG=1."""
-    from vitpipe.ssl.checkpoints import is_disk_full
+    from vitpipe.ssl.engine.checkpoints import is_disk_full
 
     if is_disk_full(err):
         where = f" writing {err.filename}" if getattr(err, "filename", None) else ""

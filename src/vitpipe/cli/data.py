@@ -142,8 +142,8 @@ def palette_fit(
 ) -> None:
     """Fit a k-means colour palette (faiss) on shards, once, for several igpt runs."""
     from vitpipe.config import DataConfig
-    from vitpipe.ssl.artifacts import read_samples
-    from vitpipe.ssl.igpt import IGPTConfig, palette_from_shards
+    from vitpipe.ssl.engine.artifacts import read_samples
+    from vitpipe.ssl.objectives.igpt.objective import IGPTConfig, palette_from_shards
 
     data = DataConfig(shards=shards, image_size=resolution, channels=channels)
     igpt = IGPTConfig(resolution=resolution, palette_size=size, palette_images=images, palette_pixels=pixels,

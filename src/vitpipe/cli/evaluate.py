@@ -217,7 +217,7 @@ def eval_finetune(
     """Fine-tune (full or partly frozen) with layer-wise lr decay; --init random trains from scratch."""
     from vitpipe.downstream.evaluate import source_for
     from vitpipe.downstream.finetune import finetune
-    from vitpipe.ssl.trainer import EXIT_PREEMPTED, Preempted
+    from vitpipe.ssl.engine.trainer import EXIT_PREEMPTED, Preempted
 
     try:
         path, result = finetune(source_for(run, init, False), train, test, overrides, probe_init, max_skipped,
@@ -277,7 +277,7 @@ def eval_bits_per_dim(
 ) -> None:
     """Held-out loss of a pixel-sequence model (igpt) in bits per palette index."""
     from vitpipe.downstream.evaluate import source_for
-    from vitpipe.downstream.pixels import eval_bits_per_dim as run_bits
+    from vitpipe.ssl.objectives.igpt.evals import eval_bits_per_dim as run_bits
 
     path, result = run_bits(source_for(run, init, False, precision), test, workers, max_skipped, max_contamination)
     _print_result("bits per dim", [("bits per dim", f"{result['bits_per_dim']:.4f}"),
@@ -297,7 +297,7 @@ def sample(
     workers: WorkersOpt = 2,
 ) -> None:
     """iGPT: complete the lower half of held-out images, one palette index at a time."""
-    from vitpipe.downstream.pixels import sample as run_sample
+    from vitpipe.ssl.objectives.igpt.evals import sample as run_sample
 
     path = run_sample(run, prompt, n, out, temperature, top_k, seed, workers)
     typer.echo(f"wrote {path}")

@@ -25,8 +25,8 @@ def pretrain(
     from vitpipe.cluster.slurm import requeue_if_slurm
     from vitpipe.pipeline.loader import DataError
     from vitpipe.ssl import registry
-    from vitpipe.ssl.checkpoints import CheckpointError
-    from vitpipe.ssl.trainer import EXIT_PREEMPTED, Preempted, Trainer, TrainingError
+    from vitpipe.ssl.engine.checkpoints import CheckpointError
+    from vitpipe.ssl.engine.trainer import EXIT_PREEMPTED, Preempted, Trainer, TrainingError
 
     registry.get(objective)
     if out is None:
@@ -158,7 +158,7 @@ def plan(
 ) -> None:
     """Parameters, optimizer state with and without FSDP, activations per sample with and without
     checkpointing (counted on one real step on this CPU), the largest batch per GPU and the step time."""
-    from vitpipe.ssl.plan import plan_for
+    from vitpipe.ssl.engine.plan import plan_for
 
     found = plan_for(objective, config, list(overrides or []), gpus, gpu, memory_gb, mfu)
     typer.echo(f"{objective}: {found.parameters / 1e6:.1f} M parameters ({found.trainable / 1e6:.1f} M trainable), "

@@ -27,7 +27,7 @@ from vitpipe.pipeline.manifest import shard_hashes
 from vitpipe.pipeline.shardset import resolve_shards
 from vitpipe.pipeline.transforms import TransformSpec
 from vitpipe.ssl import registry
-from vitpipe.ssl.rundir import read_run_info
+from vitpipe.ssl.engine.rundir import read_run_info
 from vitpipe.ssl.runs import run_dir_of
 
 SUITE = ("probe", "knn", "finetune")
@@ -57,7 +57,7 @@ class CompareSettings:
     workers: int = 2
     """DataLoader workers for feature extraction."""
     precision: str = "auto"
-    """auto | fp32 | bf16 for every encoder's forward passes (ssl/precision.py's for_eval)."""
+    """auto | fp32 | bf16 for every encoder's forward passes (ssl/engine/precision.py's for_eval)."""
     max_contamination: float = 0.01
     """Refuse a run whose test images have near-copies in its pretraining data or in --train above
     this fraction (downstream/contamination.py)."""

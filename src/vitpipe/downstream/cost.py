@@ -13,7 +13,7 @@ from vitpipe.pipeline.loader import LoaderSpec, make_loader
 from vitpipe.pipeline.shardset import resolve_shards
 from vitpipe.pipeline.transforms import TransformSpec
 from vitpipe.ssl import registry
-from vitpipe.ssl.checkpoints import latest_verified, log_stderr
+from vitpipe.ssl.engine.checkpoints import latest_verified, log_stderr
 from vitpipe.ssl.runs import build_run_objective, run_dir_of
 
 COUNT_BATCH = 8

@@ -23,7 +23,7 @@ from vitpipe.downstream.retrieval import (
 from vitpipe.pipeline.shardset import has_labels, resolve_shards
 from vitpipe.pipeline.manifest import manifest_hash, write_json_atomic
 from vitpipe.ssl.runs import run_dir_of
-from vitpipe.ssl.rundir import git_revision
+from vitpipe.ssl.engine.rundir import git_revision
 
 
 def source_for(run: Path, init: str, pixels: bool, precision: str = "fp32") -> EncoderSource:

@@ -30,7 +30,7 @@ from vitpipe.pipeline.shardset import ShardSet, resolve_shards
 from vitpipe.pipeline.tario import sha256_file
 from vitpipe.pipeline.transforms import TransformSpec
 from vitpipe.ssl import registry
-from vitpipe.ssl.rundir import read_run_info
+from vitpipe.ssl.engine.rundir import read_run_info
 from vitpipe.ssl.runs import build_run_objective, checkpoint_step, load_run_encoder, locate_run, run_dir_of
 
 PIXELS = "pixels"
@@ -116,11 +116,11 @@ class EncoderSource:
         return dataclasses.replace(self, precision="fp32" if self.kind == "pixels" else requested)
 
     def resolved(self) -> "EncoderSource":
-        """This source with auto decided (ssl/precision.py's for_eval: measured once per encoder and
+        """This source with auto decided (ssl/engine/precision.py's for_eval: measured once per encoder and
         CPU, kept in RUN/eval/cache/precision.json)."""
         if self.precision != "auto":
             return self
-        from vitpipe.ssl.precision import for_eval
+        from vitpipe.ssl.engine.precision import for_eval
 
         memo = run_dir_of(self.run) / "eval" / "cache" / "precision.json"
         return dataclasses.replace(self, precision=for_eval("auto", self.build, self.config.data, memo, self.identity()))

@@ -26,11 +26,11 @@ from vitpipe.pipeline.loader import LoaderSpec, ReadTally, counted, in_subset, m
 from vitpipe.pipeline.shardset import resolve_shards
 from vitpipe.pipeline.manifest import label_map_of
 from vitpipe.pipeline.transforms import TransformSpec
-from vitpipe.ssl.classify import Classifier
+from vitpipe.ssl.objectives.classify.objective import Classifier
 from vitpipe.ssl import registry
-from vitpipe.ssl.checkpoints import list_checkpoints
+from vitpipe.ssl.engine.checkpoints import list_checkpoints
 from vitpipe.ssl.runs import build_run_objective, load_run_encoder
-from vitpipe.ssl.trainer import Trainer
+from vitpipe.ssl.engine.trainer import Trainer
 
 
 def _num_classes(train: str) -> int:

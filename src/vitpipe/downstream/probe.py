@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from vitpipe.ssl.schedules import warmup_cosine
+from vitpipe.ssl.engine.schedules import warmup_cosine
 
 DEFAULT_LRS = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)  # BatchNorm'd features often want lr >= 1
 DEFAULT_WDS = (0.0, 1e-4, 1e-3)

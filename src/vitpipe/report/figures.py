@@ -12,7 +12,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from vitpipe.ssl.mae import MAE  # noqa: E402
+from vitpipe.ssl.objectives.mae.objective import MAE  # noqa: E402
 from vitpipe.ssl.vit import VisionTransformer, patchify, unpatchify  # noqa: E402
 
 

@@ -56,7 +56,7 @@ def _load_objective(run_dir: Path):
     """The whole objective (decoder and all) from the newest verified checkpoint, or None."""
     from safetensors.torch import load_file
 
-    from vitpipe.ssl.checkpoints import latest_verified, log_stderr
+    from vitpipe.ssl.engine.checkpoints import latest_verified, log_stderr
     from vitpipe.ssl.runs import build_run_objective
 
     checkpoint = latest_verified(run_dir, log_stderr, set_aside=False)

@@ -117,7 +117,7 @@ register_figure("clip", _text_query_grid)
 def _completions(ctx: FigureContext) -> Section | None:
     from PIL import Image
 
-    from vitpipe.downstream.pixels import completion_grid
+    from vitpipe.ssl.objectives.igpt.evals import completion_grid
 
     if ctx.objective is None or ctx.objective.config.objective != "ar":
         return None

@@ -52,7 +52,7 @@ class Objective(nn.Module):
     """Base class. Subclasses set the class attributes and implement ``forward``.
 
     They never touch devices, files, loggers or distributed state: the trainer does. The
-    exceptions are the collectives ``vitpipe.ssl.distributed`` names for objectives
+    exceptions are the collectives ``vitpipe.ssl.engine.distributed`` names for objectives
     (``gather_with_grad``, ``gather_others``, ``is_first_process``, ``all_reduce_mean``): a
     contrastive loss needs the global batch, a centring its global mean. Every hook the trainer calls is declared here with its default; the trainer
     never looks for a method that is not.

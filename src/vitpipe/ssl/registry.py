@@ -19,8 +19,8 @@ from vitpipe.config import ConfigError, PretrainConfig, from_dict, load_config, 
 from vitpipe.ssl.objective import Objective, ObjectiveSpec
 
 GROUP = "vitpipe.objectives"
-BUILT_IN = {"mae": "vitpipe.ssl.mae:SPEC", "jepa": "vitpipe.ssl.jepa:SPEC", "clip": "vitpipe.ssl.clip:SPEC",
-            "igpt": "vitpipe.ssl.igpt:SPEC", "classify": "vitpipe.ssl.classify:SPEC", "dino": "vitpipe.ssl.dino:SPEC"}
+BUILT_IN = {name: f"vitpipe.ssl.objectives.{name}.objective:SPEC"
+            for name in ("mae", "jepa", "clip", "igpt", "classify", "dino")}
 OBJECTIVES: dict[str, ObjectiveSpec] = {}
 
 

@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 from vitpipe.config import ConfigError, PretrainConfig
-from vitpipe.ssl import artifacts, checkpoints, registry
+from vitpipe.ssl import registry
+from vitpipe.ssl.engine import artifacts, checkpoints
 
 
 def run_dir_of(run_or_checkpoint: Path) -> Path:

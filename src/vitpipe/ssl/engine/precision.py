@@ -110,7 +110,7 @@ def for_run(config: Any, build_objective: Callable, run_dir: Path) -> tuple[str,
     """(precision, reason) of a run about to start: ``build_objective(config, artefacts)`` as the
     trainer builds it; several processes on CPU stay fp32 (each would measure, and could disagree)."""
     from vitpipe.ssl import registry
-    from vitpipe.ssl.rundir import read_run_info
+    from vitpipe.ssl.engine.rundir import read_run_info
 
     train = config.train
     previous = read_run_info(run_dir).get("precision") if any(run_dir.glob("checkpoints/step_*")) else None

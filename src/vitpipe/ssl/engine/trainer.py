@@ -25,14 +25,15 @@ from vitpipe.pipeline.census import require_needs
 from vitpipe.pipeline.loader import LoaderSpec, ShardDataset, make_loader
 from vitpipe.pipeline.shardset import resolve_shards
 from vitpipe.pipeline.transforms import TransformSpec
-from vitpipe.ssl import artifacts, checkpoints, optim, registry, rundir, trackers
-from vitpipe.ssl.distributed import average_late_gradients, sum_gradients
-from vitpipe.ssl.health import monitor
-from vitpipe.ssl.launch import RunLock, make_accelerator
+from vitpipe.ssl import registry
+from vitpipe.ssl.engine import artifacts, checkpoints, optim, rundir, trackers
+from vitpipe.ssl.engine.distributed import average_late_gradients, sum_gradients
+from vitpipe.ssl.engine.health import monitor
+from vitpipe.ssl.engine.launch import RunLock, make_accelerator
 from vitpipe.ssl.objective import Objective
-from vitpipe.ssl.precision import for_run as choose_precision
-from vitpipe.ssl.rundir import JsonLines
-from vitpipe.ssl.state import RunSummary, Session, TrainState
+from vitpipe.ssl.engine.precision import for_run as choose_precision
+from vitpipe.ssl.engine.rundir import JsonLines
+from vitpipe.ssl.engine.state import RunSummary, Session, TrainState
 from vitpipe.ssl.vit import set_grad_checkpointing
 
 EXIT_PREEMPTED = 75

@@ -9,7 +9,7 @@ from torch import nn
 
 from vitpipe.config import PretrainConfig
 from vitpipe.ssl.objective import Objective
-from vitpipe.ssl.schedules import warmup_cosine
+from vitpipe.ssl.engine.schedules import warmup_cosine
 
 
 def param_groups(model: Objective, weight_decay: float, lr: float) -> list[dict[str, Any]]:

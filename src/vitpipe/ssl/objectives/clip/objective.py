@@ -18,9 +18,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from vitpipe.config import ConfigError, PretrainConfig, check, to_dict
-from vitpipe.ssl.distributed import gather_others, gather_with_grad, is_first_process
+from vitpipe.ssl.engine.distributed import gather_others, gather_with_grad, is_first_process
 from vitpipe.ssl.objective import Objective, ObjectiveSpec, Output
-from vitpipe.ssl.text import TextTransformer, Tokenize, fit_bpe
+from vitpipe.ssl.objectives.clip.text import TextTransformer, Tokenize, fit_bpe
 from vitpipe.ssl.vit import VisionTransformer
 
 MAX_LOGIT_SCALE = math.log(100)

@@ -151,7 +151,7 @@ class StopFlag:
 
 
 def make_accelerator(train: Any, run_dir: Path, precision: str):
-    """The Accelerator of a run at ``precision`` (fp32 | bf16 | fp16, ssl/precision.py chose it
+    """The Accelerator of a run at ``precision`` (fp32 | bf16 | fp16, ssl/engine/precision.py chose it
     for auto): CPU forced without CUDA (a plain Accelerator() on a GPU-less --multi_gpu launch
     trains N unlinked copies); trackers under RUN/tb; launches that train the wrong thing refused."""
     import torch
@@ -165,7 +165,7 @@ def make_accelerator(train: Any, run_dir: Path, precision: str):
     # (the tests, a fine-tune after a probe) may choose another: start its state afresh, keeping
     # the process group
     AcceleratorState._reset_state(reset_partial_state=False)
-    from vitpipe.ssl import trackers as tracking
+    from vitpipe.ssl.engine import trackers as tracking
 
     trackers = tracking.names(train)
     accelerator = Accelerator(

@@ -13,8 +13,9 @@ from typing import Any
 
 from vitpipe.atomic import write_text_atomic
 from vitpipe.config import ConfigError, PretrainConfig, save_config, to_dict
-from vitpipe.ssl import checkpoints, registry
-from vitpipe.ssl.checkpoints import CheckpointError, list_checkpoints
+from vitpipe.ssl import registry
+from vitpipe.ssl.engine import checkpoints
+from vitpipe.ssl.engine.checkpoints import CheckpointError, list_checkpoints
 
 RESUMABLE_CHANGES = {
     "data.shards", "data.num_workers", "train.max_steps", "train.log_every", "train.ckpt_every_steps",

@@ -9,12 +9,12 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from vitpipe.ssl.launch import StopFlag
+from vitpipe.ssl.engine.launch import StopFlag
 
 if TYPE_CHECKING:
     from vitpipe.pipeline.loader import ShardDataset
     from vitpipe.ssl.objective import Objective
-    from vitpipe.ssl.rundir import JsonLines
+    from vitpipe.ssl.engine.rundir import JsonLines
 
 
 @dataclass
@@ -46,7 +46,7 @@ class RunSummary:
 
 @dataclass
 class Session:
-    """Everything one process's loop holds, built by ``Trainer._setup`` (ssl/trainer.py)."""
+    """Everything one process's loop holds, built by ``Trainer._setup`` (ssl/engine/trainer.py)."""
 
     accelerator: Any
     model: Any

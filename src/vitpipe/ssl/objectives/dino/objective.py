@@ -24,8 +24,8 @@ from torchvision.transforms import v2
 
 from vitpipe.config import PretrainConfig, check
 from vitpipe.pipeline.transforms import MultiView
-from vitpipe.ssl.distributed import all_reduce_mean
-from vitpipe.ssl.ema import cosine_momentum, ema_update
+from vitpipe.ssl.engine.distributed import all_reduce_mean
+from vitpipe.ssl.engine.ema import cosine_momentum, ema_update
 from vitpipe.ssl.objective import Objective, ObjectiveSpec, Output
 from vitpipe.ssl.vit import VisionTransformer, init_weights
 

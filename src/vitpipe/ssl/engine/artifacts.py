@@ -13,7 +13,7 @@ import os
 import shutil
 from pathlib import Path
 
-from vitpipe.ssl.checkpoints import CheckpointError
+from vitpipe.ssl.engine.checkpoints import CheckpointError
 
 DIRECTORY = "artifacts"
 

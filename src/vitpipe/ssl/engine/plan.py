@@ -126,7 +126,7 @@ def plan_for(objective: str, config_file, overrides: list[str], gpus: int, gpu: 
              memory_gb: float | None, mfu: float) -> Plan:
     from vitpipe.config import ConfigError
     from vitpipe.ssl import registry
-    from vitpipe.ssl.precision import synthetic_batch
+    from vitpipe.ssl.engine.precision import synthetic_batch
 
     if gpus < 1 or not 0 < mfu <= 1:
         raise ConfigError("--gpus must be >= 1 and --mfu in (0, 1]")

@@ -1,0 +1,1 @@
+"""The clip objective: ``objective.py`` holds its model, config section and SPEC."""
