@@ -1,6 +1,6 @@
 """An objective is one file + one registry entry: this file is that file for a toy objective
 (its own config section and recipe defaults, an artefact fitted from the data, an encoder that is
-not a ViT, a report figure), and it runs pretrain -> resume -> linear-probe -> knn -> export ->
+not a ViT, a report figure, its own `vitpipe eval palette`), and it runs pretrain -> resume -> linear-probe -> knn -> export ->
 report through the CLI with no other file of vitpipe changed."""
 
 from __future__ import annotations
@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,9 +19,8 @@ from torch import nn
 
 from vitpipe.cli import main
 from vitpipe.config import check
-from vitpipe.report.sections import OBJECTIVE_FIGURES, register_figure
 from vitpipe.ssl import registry
-from vitpipe.ssl.objective import Objective, ObjectiveSpec, Output
+from vitpipe.ssl.objective import Objective, ObjectiveCommand, ObjectiveSpec, Output
 
 # -- the objective's own file would hold everything from here ... ----------------------------
 
@@ -108,11 +108,6 @@ def build(config, artifacts: dict[str, bytes]) -> ToyObjective:
     return ToyObjective(PaletteEncoder(palette, config.model.embed_dim, config.model.depth, config.toy.grid))
 
 
-SPEC = ObjectiveSpec(name="toy", build=build, section="toy", section_type=ToyConfig, fit_artifacts=fit_palette,
-                     defaults={"optim": {"betas": [0.8, 0.9], "base_lr": 0.01}, "toy": {"levels": 3}},
-                     summary="a test objective")
-
-
 def palette_figure(ctx):
     palette = ctx.encoder.palette.numpy()
     strip = np.repeat(((palette + 1) * 127.5).clip(0, 255).astype(np.uint8)[None, :], 8, axis=0)
@@ -121,14 +116,24 @@ def palette_figure(ctx):
     return "Fitted palette", "The grey levels the toy encoder snaps colours to.", path
 
 
+def palette_command(run: Path) -> None:
+    """Print the grey levels the toy fitted (its own eval, found by the CLI through SPEC)."""
+    levels = np.load(run / "artifacts" / "palette.npy").reshape(-1)
+    print("palette:", " ".join(f"{level:.3f}" for level in levels))
+
+
+SPEC = ObjectiveSpec(name="toy", build=build, section="toy", section_type=ToyConfig, fit_artifacts=fit_palette,
+                     defaults={"optim": {"betas": [0.8, 0.9], "base_lr": 0.01}, "toy": {"levels": 3}},
+                     summary="a test objective", figures=(palette_figure,),
+                     commands=(ObjectiveCommand("palette", palette_command),))
+
+
 # -- ... down to here; and the one registry line: --------------------------------------------
 
 
 @pytest.fixture
 def toy_registered(monkeypatch):
     monkeypatch.setitem(registry.OBJECTIVES, "toy", SPEC)
-    monkeypatch.setitem(OBJECTIVE_FIGURES, "toy", [])
-    register_figure("toy", palette_figure)
     FITS["count"] = 0
 
 
@@ -151,6 +156,9 @@ def test_toy_objective_end_to_end_through_the_cli(toy_registered, labelled_shard
     assert main(["pretrain", "toy", "--data", str(train), "--out", str(run), "--resume", "auto", *ARGS,
                  "train.max_steps=6"]) == 0
     assert FITS["count"] == 1
+    capsys.readouterr()
+    assert main(["eval", "palette", str(run)]) == 0  # its own command, found through SPEC.commands
+    assert capsys.readouterr().out.startswith("palette: ")
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4, 5, 6]  # events (health at step 1) aside
 

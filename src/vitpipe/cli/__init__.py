@@ -45,14 +45,43 @@ eval_app.command("linear-probe")(evaluate.eval_linear_probe)
 eval_app.command("knn")(evaluate.eval_knn)
 eval_app.command("retrieval")(evaluate.eval_retrieval)
 eval_app.command("finetune")(evaluate.eval_finetune)
-eval_app.command("zero-shot")(evaluate.eval_zero_shot)
-eval_app.command("bits-per-dim")(evaluate.eval_bits_per_dim)
 eval_app.command("suite")(compare.eval_suite)
-app.command()(evaluate.sample)
 app.command()(compare.compare)
 app.command()(curate.curate)
 app.command()(serve.serve)
 palette_app.command("fit")(data.palette_fit)
+
+NO_OBJECTIVE_COMMANDS = {"ingest", "shards", "config", "curate", "serve", "palette", "--version"}
+"""Root commands that never need the objectives' own: they start without importing torch."""
+_added: list = []
+"""(typer app, command info) of the objective commands the last ``main`` call added."""
+
+
+def add_objective_commands(argv: list[str]) -> None:
+    """Add the commands the registered objectives declare (``ObjectiveSpec.commands``: CLIP's `eval
+    zero-shot`, iGPT's `eval bits-per-dim` and `sample`, a plugin's) unless ``argv`` names a command
+    that cannot use them; those of an earlier call go first (the registry may have changed). A name
+    already taken keeps its first owner, with a warning."""
+    for typer_app, info in _added:
+        typer_app.registered_commands.remove(info)
+    _added.clear()
+    if argv and argv[0] in NO_OBJECTIVE_COMMANDS:
+        return
+    from vitpipe.ssl import registry
+
+    groups = {"eval": eval_app, "": app}
+    taken = {group: {command.name or command.callback.__name__.replace("_", "-")
+                     for command in typer_app.registered_commands} | {g.name for g in typer_app.registered_groups}
+             for group, typer_app in groups.items()}
+    for spec in registry.OBJECTIVES.values():
+        for command in spec.commands:
+            if command.group not in groups or command.name in taken[command.group]:
+                print(f"warning: objective {spec.name!r}: command {command.group} {command.name} is not free; left out",
+                      file=sys.stderr)
+                continue
+            taken[command.group].add(command.name)
+            groups[command.group].command(command.name)(command.function)
+            _added.append((groups[command.group], groups[command.group].registered_commands[-1]))
 
 
 def _print_version(value: bool) -> None:
@@ -89,6 +118,7 @@ def _click_exception_types() -> tuple[tuple[type, ...], tuple[type, ...]]:
 def main(argv: list[str] | None = None) -> int:
     """Entry point; also callable from tests as ``main([...])`` returning the exit code."""
     try:
+        add_objective_commands([arg for arg in (sys.argv[1:] if argv is None else argv) if arg != "--debug"])
         # without standalone mode click returns the exit code of typer.Exit instead of exiting
         result = app(args=argv, prog_name="vitpipe", standalone_mode=False)
         code = result if isinstance(result, int) else 0

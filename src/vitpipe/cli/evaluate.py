@@ -27,7 +27,7 @@ MaxLeakOpt = Annotated[float, typer.Option(
                                 "in the pretraining or the eval's own training data.")]
 
 
-def _print_result(title: str, rows: list[tuple[str, str]], path: Path, result: dict | None = None) -> None:
+def print_result(title: str, rows: list[tuple[str, str]], path: Path, result: dict | None = None) -> None:
     """The result's rows, then its contamination figure (beside every number, never left out)."""
     from rich.console import Console
     from rich.table import Table
@@ -77,7 +77,7 @@ def eval_linear_probe(
     rows = [("top1", f"{result['top1']:.4f}"), ("top5", f"{result['top5']:.4f}"), ("val top1", f"{result['val_top1']:.4f}"),
             ("layer", result["layer"]), ("lr / wd", f"{result['lr']} / {result['weight_decay']}")]
     rows += [(f"top1 {name}", f"{r['top1']:.4f}") for name, r in result["per_layer"].items()] if layer_list else []
-    _print_result("linear probe", rows, path, result)
+    print_result("linear probe", rows, path, result)
 
 
 @user_errors
@@ -107,7 +107,7 @@ def eval_knn(
                            max_contamination=max_contamination)
     if path is None:  # a torchrun process other than the first: its share of the features is written
         return
-    _print_result("k-NN", [(f"top1 k={k}", f"{v:.4f}") for k, v in result["per_k"].items()], path, result)
+    print_result("k-NN", [(f"top1 k={k}", f"{v:.4f}") for k, v in result["per_k"].items()], path, result)
 
 
 @user_errors
@@ -149,7 +149,7 @@ def eval_retrieval(
         if path is None:  # a torchrun process other than the first
             return
         rows = [(f"recall@{k}", f"{v:.4f}") for k, v in result["recall"].items()] + [("indexed", str(result["size"]))]
-        _print_result("retrieval", rows, path)
+        print_result("retrieval", rows, path)
     if query is not None:
         hits = query_image(source, query, top_k, pool)
         for rank, (key, similarity) in enumerate(hits, 1):
@@ -192,7 +192,7 @@ def _text_retrieval(source, index: str, text: str | None, top_k: int, workers: i
     path, result = eval_text_retrieval(source, index, workers, max_skipped)
     rows = [(f"{direction} recall@{k}", f"{v:.4f}") for direction in ("image_to_text", "text_to_image")
             for k, v in result[direction].items()]
-    _print_result("image-text retrieval", rows, path)
+    print_result("image-text retrieval", rows, path)
     if text is not None:
         hits = query_text(source, text, top_k)
         for rank, (key, similarity) in enumerate(hits, 1):
@@ -225,7 +225,7 @@ def eval_finetune(
     except Preempted as stop:
         typer.echo(f"stopped: {stop}; rerun the same command to resume (exit {EXIT_PREEMPTED})", err=True)
         raise typer.Exit(EXIT_PREEMPTED) from None
-    _print_result("fine-tune", [("top1", f"{result['top1']:.4f}"), ("labels", f"{result['label_fraction']:g}"),
+    print_result("fine-tune", [("top1", f"{result['top1']:.4f}"), ("labels", f"{result['label_fraction']:g}"),
                                 ("steps", str(result["steps"])), ("train seconds", str(result["train_seconds"]))], path, result)
 
 
@@ -245,59 +245,3 @@ def _floats(text: str) -> tuple[float, ...]:
         return tuple(float(x) for x in text.split(",") if x.strip())
     except ValueError:
         raise ConfigError(f"expected comma-separated numbers, got {text!r}") from None
-
-
-@user_errors
-def eval_zero_shot(
-    run: RunArg,
-    test: Annotated[str, typer.Option("--test", help="Labelled test shards.")],
-    classes: Annotated[Optional[Path], typer.Option(
-        "--classes", help="Class names, one per line in label order (default: the test manifest's label map).")] = None,
-    templates: Annotated[Optional[Path], typer.Option(
-        "--templates", help="Prompt templates with {} for the class name, one per line.")] = None,
-    init: InitOpt = "trained", workers: WorkersOpt = 2, max_skipped: MaxSkippedOpt = 0.01,
-    max_contamination: MaxLeakOpt = 0.01, precision: PrecisionOpt = "auto",
-) -> None:
-    """Zero-shot classification by class-name prompts (image-text objectives such as clip)."""
-    from vitpipe.downstream.evaluate import source_for
-    from vitpipe.downstream.imagetext import eval_zero_shot as run_zero_shot
-
-    path, result = run_zero_shot(source_for(run, init, False, precision), test, classes, templates, workers, max_skipped,
-                                 max_contamination)
-    _print_result("zero-shot", [("top1", f"{result['top1']:.4f}"), ("top5", f"{result['top5']:.4f}"),
-                                ("chance", f"{result['chance']:.4f}"), ("classes", str(len(result["classes"])))], path, result)
-
-
-@user_errors
-def eval_bits_per_dim(
-    run: RunArg,
-    test: Annotated[str, typer.Option("--test", help="Held-out shards.")],
-    init: InitOpt = "trained", workers: WorkersOpt = 2, max_skipped: MaxSkippedOpt = 0.01,
-    max_contamination: MaxLeakOpt = 0.01, precision: PrecisionOpt = "auto",
-) -> None:
-    """Held-out loss of a pixel-sequence model (igpt) in bits per palette index."""
-    from vitpipe.downstream.evaluate import source_for
-    from vitpipe.ssl.objectives.igpt.evals import eval_bits_per_dim as run_bits
-
-    path, result = run_bits(source_for(run, init, False, precision), test, workers, max_skipped, max_contamination)
-    _print_result("bits per dim", [("bits per dim", f"{result['bits_per_dim']:.4f}"),
-                                   ("uniform palette", f"{result['uniform_bits']:.4f}"),
-                                   ("images", str(result["test_samples"]))], path, result)
-
-
-@user_errors
-def sample(
-    run: RunArg,
-    prompt: Annotated[str, typer.Option("--prompt", help="Shards whose first images are completed.")],
-    out: Annotated[Path, typer.Option("--out", help="PNG grid: upper half given | completion | original.")],
-    n: Annotated[int, typer.Option("--n", help="Images to complete.")] = 8,
-    temperature: Annotated[float, typer.Option(help="Softmax temperature of the sampling.")] = 1.0,
-    top_k: Annotated[int, typer.Option("--top-k", help="Sample among the K likeliest colours (0 = all).")] = 0,
-    seed: Annotated[int, typer.Option(help="Seed of the sampling.")] = 0,
-    workers: WorkersOpt = 2,
-) -> None:
-    """iGPT: complete the lower half of held-out images, one palette index at a time."""
-    from vitpipe.ssl.objectives.igpt.evals import sample as run_sample
-
-    path = run_sample(run, prompt, n, out, temperature, top_k, seed, workers)
-    typer.echo(f"wrote {path}")

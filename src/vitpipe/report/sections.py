@@ -1,6 +1,5 @@
-"""Which figures a run's report gets: objective name -> figure functions, plus the encoder figures
-every ViT gets. An objective adds its own with one ``register_figure`` call; the report never
-asks which objective it is drawing."""
+"""Which figures a run's report gets: its objective's own (``ObjectiveSpec.figures``), then the
+encoder figures every ViT gets; the report never asks which objective it is drawing."""
 
 from __future__ import annotations
 
@@ -42,25 +41,6 @@ Section = tuple[str, str, Path]
 """(title, caption, PNG written under ctx.out_dir)."""
 FigureFn = Callable[[FigureContext], Section | None]
 
-OBJECTIVE_FIGURES: dict[str, list[FigureFn]] = {}
-
-
-def register_figure(objective: str, figure: FigureFn) -> FigureFn:
-    OBJECTIVE_FIGURES.setdefault(objective, []).append(figure)
-    return figure
-
-
-def _mae_reconstructions(ctx: FigureContext) -> Section | None:
-    if ctx.objective is None:
-        return None
-    png = figures.mae_reconstructions(ctx.objective, ctx.images, ctx.mean, ctx.std, ctx.out_dir / "reconstructions.png")
-    return ("MAE reconstructions", "original | 75% of patches hidden | decoder output | output with the visible "
-            "patches pasted back.", png)
-
-
-register_figure("mae", _mae_reconstructions)
-
-
 def _cls_attention(ctx: FigureContext) -> Section | None:
     if not isinstance(ctx.encoder, VisionTransformer):
         return None
@@ -87,53 +67,6 @@ def _attention_distance(ctx: FigureContext) -> Section | None:
             "images: local heads sit low, global heads high.", png)
 
 
-def _zero_shot_confusion(ctx: FigureContext) -> Section | None:
-    import json
-
-    path = ctx.run_dir / "eval" / "zero-shot.json"
-    if not path.is_file():
-        return None
-    result = json.loads(path.read_text())
-    png = figures.confusion_matrix(result["confusion"], result["classes"], ctx.out_dir / "zero_shot_confusion.png")
-    return ("Zero-shot confusion", f"Rows: true class, columns: the class whose prompts scored highest "
-            f"(top-1 {result['top1']:.3f}, chance {result['chance']:.3f}).", png)
-
-
-def _text_query_grid(ctx: FigureContext) -> Section | None:
-    import shutil
-
-    grid = ctx.run_dir / "eval" / "retrieval-text" / "query_text.png"
-    if not grid.is_file():
-        return None
-    png = ctx.out_dir / "retrieval_text_query.png"
-    shutil.copyfile(grid, png)
-    return "Text query", "The last `vitpipe eval retrieval --text` query and its nearest images.", png
-
-
-register_figure("clip", _zero_shot_confusion)
-register_figure("clip", _text_query_grid)
-
-
-def _completions(ctx: FigureContext) -> Section | None:
-    from PIL import Image
-
-    from vitpipe.ssl.objectives.igpt.evals import completion_grid
-
-    if ctx.objective is None or ctx.objective.config.objective != "ar":
-        return None
-    with torch.no_grad():
-        grid = completion_grid(ctx.objective, ctx.images[:6], torch.Generator().manual_seed(0))
-    png = ctx.out_dir / "completions.png"
-    Image.fromarray(grid).save(png)
-    palette = ctx.objective.encoder().palette
-    note = " (a greyscale palette: the data has one channel)" if palette.shape[1] == 1 else ""
-    return ("Completions", f"Upper half given (lower half grey) | the model's completion, sampled at temperature 1 "
-            f"| the image as the model sees it: {len(palette)} palette colours{note}.", png)
-
-
-register_figure("igpt", _completions)
-
-
 def _layer_probe(ctx: FigureContext) -> Section | None:
     import json
 
@@ -155,8 +88,10 @@ ENCODER_FIGURES: list[FigureFn] = [_cls_attention, _positions, _attention_distan
 
 
 def figure_sections(ctx: FigureContext) -> list[Section]:
+    from vitpipe.ssl import registry
+
     out = []
-    for figure in [*OBJECTIVE_FIGURES.get(ctx.config.objective, []), *ENCODER_FIGURES]:
+    for figure in [*registry.get(ctx.config.objective).figures, *ENCODER_FIGURES]:
         section = figure(ctx)
         if section is not None:
             out.append(section)

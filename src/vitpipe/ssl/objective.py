@@ -132,6 +132,18 @@ class Objective(nn.Module):
 
 
 @dataclass(frozen=True)
+class ObjectiveCommand:
+    """A command an objective adds to the CLI (its own evals): `vitpipe eval NAME` or `vitpipe NAME`."""
+
+    name: str
+    """Its name on the command line (e.g. ``zero-shot``)."""
+    function: Callable[..., None]
+    """A typer command function (its parameters are the options; its docstring the help)."""
+    group: str = "eval"
+    """"eval" (`vitpipe eval NAME`) or "" (`vitpipe NAME`)."""
+
+
+@dataclass(frozen=True)
 class ObjectiveSpec:
     """Everything the rest of vitpipe needs to know about an objective: its registry entry."""
 
@@ -162,3 +174,9 @@ class ObjectiveSpec:
     fitted or built, so a shard set that cannot serve the objective is one line, not a worker error."""
     towers: tuple[str, ...] = ("image",)
     """What it embeds: ("image",), or ("image", "text") for image-text models (zero-shot, text retrieval)."""
+    commands: tuple[ObjectiveCommand, ...] = ()
+    """Its own evals, found by the CLI here (CLIP's zero-shot, iGPT's bits-per-dim and sample); a
+    name a built-in command or an earlier objective already has is left out with a warning."""
+    figures: tuple[Callable[[Any], Any], ...] = ()
+    """Its report figures: (``vitpipe.report.sections.FigureContext``) -> (title, caption, PNG) or
+    None when the run has nothing to draw; drawn before the figures every encoder gets."""

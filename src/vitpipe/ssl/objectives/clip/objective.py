@@ -18,8 +18,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from vitpipe.config import ConfigError, PretrainConfig, check, to_dict
-from vitpipe.ssl.engine.distributed import gather_others, gather_with_grad, is_first_process
-from vitpipe.ssl.objective import Objective, ObjectiveSpec, Output
+from vitpipe.ssl.engine.distributed import (
+    gather_others,
+    gather_with_grad,
+    is_first_process,
+)
+from vitpipe.ssl.objective import Objective, ObjectiveCommand, ObjectiveSpec, Output
+from vitpipe.ssl.objectives.clip import commands, figures
 from vitpipe.ssl.objectives.clip.text import TextTransformer, Tokenize, fit_bpe
 from vitpipe.ssl.vit import VisionTransformer
 
@@ -244,5 +249,7 @@ SPEC = ObjectiveSpec(
               "data": {"crop_scale_min": 0.9, "hflip": False}, "model": {"pool": "gap"}},
     summary="CLIP: contrastive image-text pretraining (tokenizer fitted on the captions; LiT with clip.image_init)",
     towers=("image", "text"), needs=("text",),
+    commands=(ObjectiveCommand("zero-shot", commands.eval_zero_shot),),
+    figures=(figures.zero_shot_confusion, figures.text_query_grid),
 )
 

@@ -18,7 +18,15 @@ def fit_bpe(captions, vocab_size: int, lowercase: bool) -> bytes:
     """A byte-level BPE trained on ``captions`` (no download: the vocabulary is the data's own).
     Captions are NFKC-normalised, runs of whitespace collapsed and the ends stripped (as open_clip
     cleans text before its tokenizer, so an exported run tokenises alike there), then lower-cased."""
-    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from tokenizers import (
+        Regex,
+        Tokenizer,
+        decoders,
+        models,
+        normalizers,
+        pre_tokenizers,
+        trainers,
+    )
 
     tokenizer = Tokenizer(models.BPE())
     tokenizer.normalizer = normalizers.Sequence(

@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from vitpipe.config import ConfigError, PretrainConfig, check
-from vitpipe.ssl.objective import Objective, ObjectiveSpec, Output
+from vitpipe.ssl.objective import Objective, ObjectiveCommand, ObjectiveSpec, Output
+from vitpipe.ssl.objectives.igpt import commands, figures
 from vitpipe.ssl.vit import LN_EPS, Block, init_weights
 
 PALETTE = "palette.json"
@@ -352,4 +353,7 @@ SPEC = ObjectiveSpec(
               "data": {"crop_scale_min": 0.8, "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]},
               "model": {"class_token": False, "pool": "gap"}},
     summary="iGPT: autoregressive (or BERT) modelling of palette-quantized pixels (palette fitted by k-means)",
+    commands=(ObjectiveCommand("bits-per-dim", commands.eval_bits_per_dim),
+              ObjectiveCommand("sample", commands.sample, group="")),
+    figures=(figures.completions,),
 )

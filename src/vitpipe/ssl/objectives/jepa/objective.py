@@ -18,9 +18,9 @@ from torch import nn
 
 from vitpipe.config import PretrainConfig, check
 from vitpipe.ssl.engine.ema import ema_update
+from vitpipe.ssl.engine.schedules import linear
 from vitpipe.ssl.masking import MultiBlockMasks
 from vitpipe.ssl.objective import Objective, ObjectiveSpec, Output
-from vitpipe.ssl.engine.schedules import linear
 from vitpipe.ssl.vit import (
     LN_EPS,
     Block,

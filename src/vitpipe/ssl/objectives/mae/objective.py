@@ -13,7 +13,15 @@ from torch import nn
 
 from vitpipe.config import PretrainConfig, check
 from vitpipe.ssl.objective import Objective, ObjectiveSpec, Output
-from vitpipe.ssl.vit import LN_EPS, Block, VisionTransformer, init_weights, patchify, sincos_pos_embed_2d
+from vitpipe.ssl.objectives.mae import figures
+from vitpipe.ssl.vit import (
+    LN_EPS,
+    Block,
+    VisionTransformer,
+    init_weights,
+    patchify,
+    sincos_pos_embed_2d,
+)
 
 
 @dataclass
@@ -126,4 +134,5 @@ def build(config: PretrainConfig, artifacts: dict[str, bytes]) -> MAE:
 SPEC = ObjectiveSpec(
     name="mae", build=build, section="mae", section_type=MAEConfig,
     summary="masked autoencoder: reconstruct the pixels of 75% hidden patches",
+    figures=(figures.reconstructions,),
 )
