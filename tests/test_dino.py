@@ -11,6 +11,7 @@ import torch
 
 from test_models import SMALL_SECTIONS
 from vitpipe.cli import main
+from vitpipe.config import ConfigError
 from vitpipe.pipeline.loader import LoaderSpec, make_loader
 from vitpipe.pipeline.shardset import resolve_shards
 from vitpipe.pipeline.transforms import TransformSpec
@@ -43,6 +44,28 @@ def test_views_come_from_the_loader_per_data_position_with_workers(labelled_shar
     assert all(torch.equal(a, b) for x, y in zip(*batches) for a, b in zip(x, y))  # same position, same views
     assert not torch.equal(first[0], first[1])  # two different global crops of one image
     assert local_size(DINOConfig(), 224, 16) == 96 and local_size(DINOConfig(), 32, 4) == 12
+
+
+def test_augmentations_are_keys_of_the_dino_section():
+    """Every random step off (and whole-image crops): both global views are the resized image itself;
+    solarisation certain: view 2 is the first view solarised (bright pixels inverted)."""
+    torch.manual_seed(0)
+    image = torch.randint(0, 256, (3, 16, 16), dtype=torch.uint8)
+    off = ["dino.color_jitter=0", "dino.grayscale=0", "dino.blur=[0,0,0]", "dino.solarize=0", "dino.hflip=false",
+           "dino.global_scale=[1,1]", "dino.local_crops=1"]
+    objective, config = build(*off)
+    plain = objective.views(config.data)(image)
+    assert torch.allclose(plain[0], plain[1]) and [tuple(v.shape) for v in plain] == [(3, 16, 16)] * 2 + [(3, 8, 8)]
+    objective, config = build(*off[:3], "dino.solarize=1", *off[4:])
+    views = objective.views(config.data)(image)
+    mean, std = torch.tensor(config.data.mean)[:, None, None], torch.tensor(config.data.std)[:, None, None]
+    pixels = [(v * std + mean) * 255 for v in views[:2]]
+    bright = image >= 128
+    assert torch.allclose(pixels[0], image.float(), atol=1e-3)
+    assert torch.allclose(pixels[1][bright], 255 - image[bright].float(), atol=1e-3)
+    assert torch.allclose(pixels[1][~bright], image[~bright].float(), atol=1e-3)
+    with pytest.raises(ConfigError, match="dino.blur"):
+        build("dino.blur=[1,0.1]")
 
 
 def test_loss_pairs_every_teacher_view_with_every_other_student_view():

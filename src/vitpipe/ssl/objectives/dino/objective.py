@@ -64,6 +64,16 @@ class DINOConfig:
     """The head's last layer gets no update for this fraction of training (the paper: 1 of 100 epochs)."""
     koleo: float = 0.0
     """Weight of DINOv2's KoLeo regulariser on the student's pooled global features (0 = off; DINOv2: 0.1)."""
+    color_jitter: float = 0.8
+    """Probability of colour jitter (brightness 0.4, contrast 0.4, saturation 0.2, hue 0.1) on every view."""
+    grayscale: float = 0.2
+    """Probability of turning a colour view grey."""
+    blur: list[float] = field(default_factory=lambda: [1.0, 0.1, 0.5])
+    """Gaussian-blur probability of [global view 1, global view 2, each local view]."""
+    solarize: float = 0.2
+    """Solarisation probability of global view 2 (the other views are never solarised)."""
+    hflip: bool = True
+    """Random horizontal flips (off for data whose left and right differ in meaning)."""
 
     def __post_init__(self) -> None:
         check(self.local_crops >= 0 and self.local_size >= 0, "dino.local_crops and dino.local_size must be >= 0")
@@ -77,6 +87,9 @@ class DINOConfig:
         check(0 <= self.center_momentum < 1 and 0 <= self.ema_start <= self.ema_end <= 1,
               "dino.center_momentum must be in [0, 1) and 0 <= ema_start <= ema_end <= 1")
         check(self.koleo >= 0, "dino.koleo must be >= 0")
+        check(len(self.blur) == 3 and all(0 <= p <= 1 for p in [*self.blur, self.color_jitter, self.grayscale,
+                                                                   self.solarize]),
+              "dino.blur must be 3 probabilities; dino.color_jitter, grayscale and solarize in [0, 1]")
 
 
 def local_size(config: DINOConfig, image_size: int, patch: int) -> int:
@@ -85,19 +98,21 @@ def local_size(config: DINOConfig, image_size: int, patch: int) -> int:
     return max(patch, round(image_size * 96 / 224 / patch) * patch)
 
 
-def view_transform(size: int, scale: list[float], data, blur: float, solarize: float) -> v2.Compose:
-    """One view: random resized crop, flip, colour jitter (p 0.8), greyscale (p 0.2), Gaussian blur
-    (probability ``blur``; sigma 0.1-2 px at 224 px, scaled to ``size``), solarisation (``solarize``),
-    then the run's normalisation."""
+def view_transform(size: int, scale: list[float], data, config: DINOConfig, blur: float,
+                   solarize: float) -> v2.Compose:
+    """One view: random resized crop, flip, colour jitter and greyscale (``dino.*`` probabilities),
+    Gaussian blur (probability ``blur``; sigma 0.1-2 px at 224 px, scaled to ``size``),
+    solarisation (``solarize``), then the run's normalisation."""
     sigma = (0.1 * size / 224, 2.0 * size / 224)
     kernel = 2 * math.ceil(3 * sigma[1]) + 1
     colour = [v2.ColorJitter(0.4, 0.4, 0.2, 0.1)] if data.channels == 3 else [v2.ColorJitter(0.4, 0.4)]
     steps: list = [v2.ToImage(), *([v2.Grayscale(1)] if data.channels == 1 else []),
                    v2.RandomResizedCrop(size, scale=tuple(scale), interpolation=v2.InterpolationMode.BICUBIC,
                                         antialias=True),
-                   v2.RandomHorizontalFlip(), v2.RandomApply(colour, p=0.8)]
+                   *([v2.RandomHorizontalFlip()] if config.hflip else []),
+                   v2.RandomApply(colour, p=config.color_jitter)]
     if data.channels == 3:
-        steps.append(v2.RandomGrayscale(p=0.2))
+        steps.append(v2.RandomGrayscale(p=config.grayscale))
     steps += [v2.RandomApply([v2.GaussianBlur(kernel, sigma)], p=blur), v2.RandomSolarize(128, p=solarize),
               v2.ToDtype(torch.float32, scale=True),
               v2.Normalize(list(data.mean)[: data.channels], list(data.std)[: data.channels])]
@@ -105,12 +120,14 @@ def view_transform(size: int, scale: list[float], data, blur: float, solarize: f
 
 
 def multi_crop(config: DINOConfig, data, patch: int) -> MultiView:
-    """The paper's recipe: global view 1 always blurred, global view 2 rarely blurred and sometimes
-    solarised, local views half the time blurred."""
+    """The paper's recipe by default (``dino.blur``, ``dino.solarize``): global view 1 always blurred,
+    global view 2 rarely blurred and sometimes solarised, local views half the time blurred."""
     small = local_size(config, data.image_size, patch)
-    return MultiView([view_transform(data.image_size, config.global_scale, data, 1.0, 0.0),
-                      view_transform(data.image_size, config.global_scale, data, 0.1, 0.2),
-                      *[view_transform(small, config.local_scale, data, 0.5, 0.0) for _ in range(config.local_crops)]])
+    first, second, local = config.blur
+    return MultiView([view_transform(data.image_size, config.global_scale, data, config, first, 0.0),
+                      view_transform(data.image_size, config.global_scale, data, config, second, config.solarize),
+                      *[view_transform(small, config.local_scale, data, config, local, 0.0)
+                        for _ in range(config.local_crops)]])
 
 
 class DINOHead(nn.Module):
