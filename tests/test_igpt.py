@@ -60,7 +60,7 @@ def test_changing_token_t_never_changes_logits_before_t():
 
 
 def test_bert_masks_an_exact_fraction_and_predicts_only_those():
-    model = tiny_igpt("igpt.objective=bert")
+    model = tiny_igpt("igpt.task=bert")
     batch = model.batch_hook()({"image": torch.rand(4, 3, 16, 16) * 2 - 1}, torch.Generator().manual_seed(0))
     assert batch["pixels"].shape == (4, 64) and batch["masked"].sum(dim=1).tolist() == [10] * 4  # round(64 * 0.15)
     assert model(batch).loss.isfinite()
@@ -139,11 +139,15 @@ def test_sample_refuses_other_objectives_and_bert(tiny_shards, tmp_path, capsys)
     assert len(err) == 1 and "needs an igpt run" in err[0] and "is a mae run" in err[0]
     bert = tmp_path / "bert"
     assert main(["pretrain", "igpt", "--data", str(tiny_shards), "--out", str(bert), *ARGS, "train.max_steps=1",
-                 "igpt.objective=bert"]) == 0
+                 "igpt.task=bert"]) == 0
     capsys.readouterr()
     assert main(["sample", str(bert), "--prompt", str(tiny_shards), "--out", str(tmp_path / "g.png")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "igpt.objective=ar" in err[0]
+    assert len(err) == 1 and "igpt.task=ar" in err[0]
+    # a run written when the key was igpt.objective reads as igpt.task
+    saved = bert / "config.yaml"
+    saved.write_text(saved.read_text().replace("task: bert", "objective: bert"))
+    assert "objective: bert" in saved.read_text() and registry.run_config(saved).igpt.task == "bert"
 
 
 def test_palette_fit_command_and_reuse(tiny_shards, tmp_path, capsys):

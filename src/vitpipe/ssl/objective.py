@@ -174,6 +174,8 @@ class ObjectiveSpec:
     fitted or built, so a shard set that cannot serve the objective is one line, not a worker error."""
     towers: tuple[str, ...] = ("image",)
     """What it embeds: ("image",), or ("image", "text") for image-text models (zero-shot, text retrieval)."""
+    renamed: dict[str, str] = field(default_factory=dict)
+    """Old key -> new key of its section: a run config written before a rename reads as the new one."""
     commands: tuple[ObjectiveCommand, ...] = ()
     """Its own evals, found by the CLI here (CLIP's zero-shot, iGPT's bits-per-dim and sample); a
     name a built-in command or an earlier objective already has is left out with a warning."""

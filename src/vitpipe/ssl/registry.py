@@ -82,6 +82,8 @@ def run_config(path: str | Path) -> PretrainConfig:
     name = data.get("objective", "mae")
     spec = get(name)
     known = {"objective", "data", "model", "optim", "train", spec.section}
+    if spec.section and isinstance(data.get(spec.section), dict):
+        data[spec.section] = {spec.renamed.get(key, key): value for key, value in data[spec.section].items()}
     try:
         return from_dict(config_class(name), {k: v for k, v in data.items() if k in known or k not in _sections()})
     except TypeError as err:

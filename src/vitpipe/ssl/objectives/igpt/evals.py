@@ -117,7 +117,7 @@ def eval_bits_per_dim(source: EncoderSource, test: str, workers: int = 2,
     if not tally.read:
         raise ConfigError(f"no test images in {test}")
     encoder = model.encoder()
-    payload = {"bits_per_dim": total_nats / predicted / math.log(2), "objective": model.config.objective,
+    payload = {"bits_per_dim": total_nats / predicted / math.log(2), "task": model.config.task,
                "uniform_bits": math.log2(len(encoder.palette)), "palette_size": len(encoder.palette),
                "resolution": encoder.resolution, "test_samples": tally.read, "samples": {"test": tally.as_dict()},
                "contamination": leaks}

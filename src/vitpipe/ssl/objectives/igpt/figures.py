@@ -15,7 +15,7 @@ def completions(ctx: FigureContext) -> Section | None:
 
     from vitpipe.ssl.objectives.igpt.evals import completion_grid
 
-    if ctx.objective is None or ctx.objective.config.objective != "ar":
+    if ctx.objective is None or ctx.objective.config.task != "ar":
         return None
     with torch.no_grad():
         grid = completion_grid(ctx.objective, ctx.images[:6], torch.Generator().manual_seed(0))

@@ -28,7 +28,7 @@ PALETTE = "palette.json"
 
 @dataclass
 class IGPTConfig:
-    objective: str = "ar"
+    task: str = "ar"
     """ar: predict every index from the ones before it (raster order) | bert: predict masked indices."""
     resolution: int = 16
     """Side of the reduced image the sequence is read from (32 in the paper; 16-24 on CPU)."""
@@ -48,7 +48,7 @@ class IGPTConfig:
     """Refuse a batch x sequence whose estimated step memory exceeds this (0 = 80% of this machine's RAM)."""
 
     def __post_init__(self) -> None:
-        check(self.objective in ("ar", "bert"), "igpt.objective must be ar | bert")
+        check(self.task in ("ar", "bert"), "igpt.task must be ar | bert")
         check(4 <= self.resolution <= 64, "igpt.resolution must be in 4..64")
         check(2 <= self.palette_size <= 4096, "igpt.palette_size must be in 2..4096")
         check(self.palette_images >= 1 and self.palette_pixels >= self.palette_size,
@@ -232,7 +232,7 @@ class IGPT(Objective):
     def batch_hook(self) -> Quantize:
         enc = self.backbone
         return Quantize(enc.palette, enc.mean.tolist(), enc.std.tolist(), enc.resolution,
-                        self.config.mask_ratio if self.config.objective == "bert" else None)
+                        self.config.mask_ratio if self.config.task == "bert" else None)
 
     def no_weight_decay(self) -> set[str]:
         return {f"backbone.{n}" for n in self.backbone.no_weight_decay()}
@@ -258,8 +258,8 @@ class IGPT(Objective):
                  generator: torch.Generator | None = None) -> torch.Tensor:
         """[B, T] indices of which the first ``given`` are kept -> [B, T] with the rest sampled, one
         index at a time in raster order (ar only)."""
-        if self.config.objective != "ar":
-            raise ConfigError("completing images needs igpt.objective=ar (this run is bert)")
+        if self.config.task != "ar":
+            raise ConfigError("completing images needs igpt.task=ar (this run is bert)")
         out = pixels.clone()
         for position in range(given, pixels.shape[1]):
             scores = self.logits(self.backbone.inputs(out)[:, : position + 1])[:, -1] / max(temperature, 1e-6)
@@ -318,7 +318,7 @@ def build(config: PretrainConfig, artifacts: dict[str, bytes]) -> IGPT:
     igpt, model, data = config.igpt, config.model, config.data
     palette = load_palette(artifacts[PALETTE], data.channels, f"artifact {PALETTE}")
     encoder = PixelTransformer(palette, data.mean, data.std, igpt.resolution, model.embed_dim, model.depth,
-                               model.num_heads, model.mlp_ratio, causal=igpt.objective == "ar",
+                               model.num_heads, model.mlp_ratio, causal=igpt.task == "ar",
                                drop_path=model.drop_path)
     return IGPT(encoder, igpt)
 
@@ -353,6 +353,7 @@ SPEC = ObjectiveSpec(
               "data": {"crop_scale_min": 0.8, "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]},
               "model": {"class_token": False, "pool": "gap"}},
     summary="iGPT: autoregressive (or BERT) modelling of palette-quantized pixels (palette fitted by k-means)",
+    renamed={"objective": "task"},
     commands=(ObjectiveCommand("bits-per-dim", commands.eval_bits_per_dim),
               ObjectiveCommand("sample", commands.sample, group="")),
     figures=(figures.completions,),
