@@ -9,11 +9,11 @@ from typing import Any
 
 
 from vitpipe.config import ConfigError
-from vitpipe.pipeline.loader import LoaderSpec, make_loader
+from vitpipe.pipeline.loader import make_loader
 from vitpipe.pipeline.shardset import resolve_shards
-from vitpipe.pipeline.transforms import TransformSpec
 from vitpipe.ssl import registry
 from vitpipe.ssl.engine.checkpoints import latest_verified, log_stderr
+from vitpipe.ssl.engine.data import training_spec
 from vitpipe.ssl.runs import build_run_objective, run_dir_of
 
 COUNT_BATCH = 8
@@ -39,14 +39,12 @@ def flops_per_sample(run_dir: Path) -> float | None:
     what FlopCounterMode counts; elementwise work is not). None when the training data is gone."""
     config = registry.run_config(run_dir / "config.yaml")
     try:
-        shards = resolve_shards(config.data.shards)
+        resolve_shards(config.data.shards)  # the training data may be gone
     except ConfigError:
         return None
     objective = build_run_objective(run_dir, config, seed=0).train()
-    data = config.data
-    spec = LoaderSpec(shards, COUNT_BATCH, TransformSpec.for_training(objective.transform_preset, data), train=True,
-                      fields=tuple(objective.batch_fields), seed=config.train.seed, shuffle_buffer=COUNT_BATCH,
-                      samples_per_epoch=COUNT_BATCH, batch_hook=objective.batch_hook(), views=objective.views(data))
+    spec = training_spec(config, objective, batch_size=COUNT_BATCH, shuffle_buffer=COUNT_BATCH,
+                         samples_per_epoch=COUNT_BATCH, subset_fraction=1.0, resampled=False)
     batch = next(iter(make_loader(spec, 0)[1]))
     from torch.utils.flop_counter import FlopCounterMode
 

@@ -25,10 +25,9 @@ from vitpipe.config import ConfigError, PretrainConfig, to_dict
 from vitpipe.downstream import featurestore
 from vitpipe.downstream.featurestore import Processes
 from vitpipe.pipeline.census import UNLABELLED, require
-from vitpipe.pipeline.loader import DataError, LoaderSpec, ReadTally, counted, make_loader
+from vitpipe.pipeline.loader import DataError, ReadTally, counted, eval_loader
 from vitpipe.pipeline.shardset import ShardSet, resolve_shards
 from vitpipe.pipeline.tario import sha256_file
-from vitpipe.pipeline.transforms import TransformSpec
 from vitpipe.ssl import registry
 from vitpipe.ssl.engine.rundir import read_run_info
 from vitpipe.ssl.runs import build_run_objective, checkpoint_step, load_run_encoder, locate_run, run_dir_of
@@ -263,10 +262,7 @@ def _extract_parts(source: EncoderSource, shards, names: list[str], layers: list
         if pool == "map" and getattr(encoder, "attn_pool", None) is None:
             raise ConfigError("--pool map needs an encoder trained with model.pool=map")
     fields = ("image", "label", "key") if need_labels else ("image", "key")
-    transform = TransformSpec.for_eval(source.config.data)
-    spec = LoaderSpec(shards, batch_size, transform, train=False, fields=fields, rank=processes.rank,
-                      world_size=processes.world)
-    _, loader = make_loader(spec, num_workers)
+    loader = eval_loader(shards, source.config.data, fields, num_workers, batch_size, processes.rank, processes.world)
     writer = featurestore.PartWriter(parts, processes.rank, names)
     tally = ReadTally(None)  # what this process read; the merge sets the expected total
     for batch in counted(loader, tally):

@@ -22,10 +22,9 @@ from vitpipe.downstream.features import EncoderSource, FeatureSet, check_tally, 
 from vitpipe.downstream.featurestore import Processes
 from vitpipe.downstream.probe import fit_linear_head
 from vitpipe.pipeline.census import require
-from vitpipe.pipeline.loader import LoaderSpec, ReadTally, counted, in_subset, make_loader
+from vitpipe.pipeline.loader import ReadTally, counted, eval_loader, in_subset
 from vitpipe.pipeline.shardset import resolve_shards
 from vitpipe.pipeline.manifest import label_map_of
-from vitpipe.pipeline.transforms import TransformSpec
 from vitpipe.ssl.objectives.classify.objective import Classifier
 from vitpipe.ssl import registry
 from vitpipe.ssl.engine.checkpoints import list_checkpoints
@@ -120,11 +119,9 @@ def probe_head(source: EncoderSource, train: str, config: PretrainConfig) -> tup
 def evaluate_classifier(model: Classifier, config: PretrainConfig, test: str, workers: int,
                         max_skipped: float = 0.01) -> dict[str, Any]:
     model.eval()
-    transform = TransformSpec.for_eval(config.data)
     shards = resolve_shards(test)
     require(shards, test, ("label",), "a fine-tune's test")
-    spec = LoaderSpec(shards, 256, transform, train=False, fields=("image", "label"))
-    _, loader = make_loader(spec, workers)
+    loader = eval_loader(shards, config.data, ("image", "label"), workers)
     correct = total = 0
     tally = ReadTally(shards.expected)
     for batch in counted(loader, tally):

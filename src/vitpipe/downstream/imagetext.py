@@ -16,10 +16,9 @@ from vitpipe.downstream.contamination import DEFAULT_MAX
 from vitpipe.downstream.evaluate import checked_contamination, write_result
 from vitpipe.downstream.features import EncoderSource, FeatureSet, check_tally
 from vitpipe.pipeline.census import require
-from vitpipe.pipeline.loader import LoaderSpec, ReadTally, counted, make_loader
+from vitpipe.pipeline.loader import ReadTally, counted, eval_loader
 from vitpipe.pipeline.manifest import label_map_of
 from vitpipe.pipeline.shardset import resolve_shards
-from vitpipe.pipeline.transforms import TransformSpec
 from vitpipe.ssl import registry
 from vitpipe.ssl.runs import load_run_objective, run_dir_of
 
@@ -105,8 +104,7 @@ def eval_zero_shot(source: EncoderSource, test: str, classes_file: Path | None =
     config = source.config
     shards = resolve_shards(test)
     check_class_count(test, names, require(shards, test, ("label",), "zero-shot"))
-    transform = TransformSpec.for_eval(config.data)
-    loader = make_loader(LoaderSpec(shards, 256, transform, train=False, fields=("image", "label")), workers)[1]
+    loader = eval_loader(shards, config.data, ("image", "label"), workers)
     tally = ReadTally(shards.expected)
     top1 = top5 = 0
     confusion = torch.zeros(len(names), len(names), dtype=torch.long)  # [true, predicted]
@@ -132,8 +130,7 @@ def embed_pairs(model, source: EncoderSource, spec: str, workers: int, max_skipp
     config, source = source.config, source.resolved()
     shards = resolve_shards(spec)
     require(shards, spec, ("text",), "image-text retrieval", every=True)
-    transform = TransformSpec.for_eval(config.data)
-    loader = make_loader(LoaderSpec(shards, 256, transform, train=False, fields=("image", "text", "key")), workers)[1]
+    loader = eval_loader(shards, config.data, ("image", "text", "key"), workers)
     tally = ReadTally(shards.expected)
     images, texts, keys = [], [], []
     for batch in counted(loader, tally):

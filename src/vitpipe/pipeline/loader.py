@@ -310,6 +310,16 @@ def _take(iterator: Iterator, count: int) -> list:
     return out
 
 
+def eval_loader(shards: ShardSet, data, fields: tuple[str, ...] = ("image",), workers: int = 0,
+                batch_size: int = 256, rank: int = 0, world_size: int = 1) -> DataLoader:
+    """Every sample of ``shards`` once (this rank's share), in shard order, as the run's ``data``
+    config evaluates them (``TransformSpec.for_eval``: resize, centre crop, normalise): the one
+    loader every eval, index, figure and artefact fitter reads through."""
+    spec = LoaderSpec(shards, batch_size, TransformSpec.for_eval(data), train=False, fields=fields, rank=rank,
+                      world_size=world_size)
+    return make_loader(spec, workers)[1]
+
+
 def make_loader(spec: LoaderSpec, num_workers: int) -> tuple[ShardDataset, DataLoader]:
     dataset = ShardDataset(spec)
     # its own generator: creating an iterator must not draw from the global RNG, or a resumed run

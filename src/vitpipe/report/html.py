@@ -12,7 +12,7 @@ import torch
 
 from vitpipe.atomic import write_text_atomic
 from vitpipe.config import ConfigError, PretrainConfig
-from vitpipe.pipeline.loader import LoaderSpec, ReadTally, counted, make_loader
+from vitpipe.pipeline.loader import ReadTally, counted, eval_loader
 from vitpipe.pipeline.shardset import has_labels, images_by_key, resolve_shards
 from vitpipe.pipeline.transforms import TransformSpec, build_transform
 from vitpipe.report import figures
@@ -38,11 +38,10 @@ def held_out_shards(train: str) -> str:
 def _sample_batch(config: PretrainConfig, shards: str, count: int, pool: int = 512) -> torch.Tensor:
     """``count`` example images spread over the labels (one of each label in turn, from the first
     ``pool`` samples), not the first ``count`` samples of the first shard."""
-    transform = TransformSpec.for_eval(config.data)
     shard_set = resolve_shards(shards)
     labelled = has_labels(shard_set.urls[0])
-    spec = LoaderSpec(shard_set, pool, transform, train=False, fields=("image", "label") if labelled else ("image",))
-    batch = next(counted(make_loader(spec, 0)[1], ReadTally(None)))
+    loader = eval_loader(shard_set, config.data, ("image", "label") if labelled else ("image",), batch_size=pool)
+    batch = next(counted(loader, ReadTally(None)))
     if not labelled:
         return batch["image"][:count]
     by_label: dict[int, list[int]] = {}

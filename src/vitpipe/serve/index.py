@@ -21,7 +21,7 @@ from vitpipe.config import ConfigError
 from vitpipe.downstream.features import EncoderSource
 from vitpipe.pipeline.census import parse_label, sample_members
 from vitpipe.pipeline.images import EXTENSIONS, ImageRejected, decode_rgb
-from vitpipe.pipeline.loader import LoaderSpec, make_loader
+from vitpipe.pipeline.loader import eval_loader
 from vitpipe.pipeline.shardset import open_shard, resolve_shards
 from vitpipe.pipeline.transforms import TransformSpec, build_transform
 from vitpipe.ssl import registry
@@ -85,8 +85,7 @@ class SearchIndex:
         if cache.is_file():
             with np.load(cache, allow_pickle=False) as stored:
                 return [str(k) for k in stored["keys"]], stored["vectors"]
-        loader = make_loader(LoaderSpec(resolve_shards(self.spec), 256, TransformSpec.for_eval(self.source.config.data),
-                                        train=False, fields=("image", "key")), workers)[1]
+        loader = eval_loader(resolve_shards(self.spec), self.source.config.data, ("image", "key"), workers)
         keys, parts = [], []
         for batch in loader:
             parts.append(self.embed_images(batch["image"]))

@@ -66,14 +66,12 @@ def load(run_dir: Path) -> dict[str, bytes]:
 def read_samples(data, fields: tuple[str, ...], limit: int):
     """Decoded batches of the training shards (``data``: the run's DataConfig), each sample once,
     no augmentation, until ``limit`` samples: what a fitter reads."""
-    from vitpipe.pipeline.loader import LoaderSpec, ReadTally, counted, make_loader
+    from vitpipe.pipeline.loader import ReadTally, counted, eval_loader
     from vitpipe.pipeline.shardset import resolve_shards
-    from vitpipe.pipeline.transforms import TransformSpec
 
-    transform = TransformSpec.for_eval(data)
-    spec = LoaderSpec(resolve_shards(data.shards), 256, transform, train=False, fields=fields)
     seen = 0
-    for batch in counted(make_loader(spec, data.num_workers)[1], ReadTally(None), fields[0]):
+    for batch in counted(eval_loader(resolve_shards(data.shards), data, fields, data.num_workers), ReadTally(None),
+                         fields[0]):
         yield batch
         seen += len(batch[fields[0]])
         if seen >= limit:

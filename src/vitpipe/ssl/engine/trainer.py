@@ -22,9 +22,8 @@ import torch
 
 from vitpipe.config import PretrainConfig, to_dict
 from vitpipe.pipeline.census import require_needs
-from vitpipe.pipeline.loader import LoaderSpec, ShardDataset, make_loader
+from vitpipe.pipeline.loader import ShardDataset, make_loader
 from vitpipe.pipeline.shardset import resolve_shards
-from vitpipe.pipeline.transforms import TransformSpec
 from vitpipe.ssl import registry
 from vitpipe.ssl.engine import artifacts, checkpoints, optim, rundir, trackers
 from vitpipe.ssl.engine.distributed import average_late_gradients, sum_gradients
@@ -32,6 +31,7 @@ from vitpipe.ssl.engine.health import monitor
 from vitpipe.ssl.engine.launch import RunLock, make_accelerator
 from vitpipe.ssl.objective import Objective
 from vitpipe.ssl.engine.precision import for_run as choose_precision
+from vitpipe.ssl.engine.data import training_spec
 from vitpipe.ssl.engine.rundir import JsonLines
 from vitpipe.ssl.engine.state import RunSummary, Session, TrainState
 from vitpipe.ssl.vit import set_grad_checkpointing
@@ -166,17 +166,7 @@ class Trainer:
         return artifacts.load(self.run_dir)
 
     def _loader(self, objective: Objective, rank: int, world: int) -> tuple[ShardDataset, Any]:
-        data, train = self.config.data, self.config.train
-        shards = resolve_shards(data.shards)
-        transform = TransformSpec.for_training(objective.transform_preset, data)
-        fields = tuple(objective.batch_fields) + (("key",) if train.record_keys and "key" not in objective.batch_fields else ())
-        spec = LoaderSpec(shards, train.batch_size, transform, train=True, fields=fields,
-                          subset_fraction=data.subset_fraction,
-                          seed=train.seed, shuffle_buffer=data.shuffle_buffer,
-                          samples_per_epoch=data.samples_per_epoch, resampled=data.resampled,
-                          max_error_rate=data.max_error_rate, rank=rank, world_size=world,
-                          batch_hook=objective.batch_hook(), views=objective.views(data))
-        return make_loader(spec, data.num_workers)
+        return make_loader(training_spec(self.config, objective, rank, world), self.config.data.num_workers)
 
     # -- the loop --------------------------------------------------------------------------
 

@@ -15,9 +15,8 @@ from vitpipe.config import ConfigError
 from vitpipe.downstream.contamination import DEFAULT_MAX
 from vitpipe.downstream.evaluate import checked_contamination, write_result
 from vitpipe.downstream.features import EncoderSource, FeatureSet, check_tally
-from vitpipe.pipeline.loader import LoaderSpec, ReadTally, counted, make_loader
+from vitpipe.pipeline.loader import ReadTally, counted, eval_loader
 from vitpipe.pipeline.shardset import resolve_shards
-from vitpipe.pipeline.transforms import TransformSpec
 from vitpipe.ssl.runs import load_run_objective
 
 CELL = 64
@@ -34,9 +33,8 @@ def load_pixel_model(source: EncoderSource):
 
 def _loader(source: EncoderSource, spec: str, workers: int, fields=("image",)):
     data = source.config.data
-    transform = TransformSpec.for_eval(data)
     shards = resolve_shards(spec)
-    return shards, make_loader(LoaderSpec(shards, 128, transform, train=False, fields=fields), workers)[1]
+    return shards, eval_loader(shards, data, fields, workers, batch_size=128)
 
 
 def to_pixels(indices: torch.Tensor, palette: torch.Tensor, resolution: int) -> np.ndarray:
