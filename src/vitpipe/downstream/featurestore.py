@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from vitpipe.atomic import write_text_atomic
 from vitpipe.pipeline.loader import ReadTally
 
 CHUNK_ROWS = 4096
@@ -182,6 +183,4 @@ def load(target: Path) -> tuple[np.ndarray, np.ndarray | None, list[str], ReadTa
 
 
 def _write_json(path: Path, data) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data))
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(data))

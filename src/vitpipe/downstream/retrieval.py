@@ -8,13 +8,13 @@ always CPU indexes, so they load anywhere.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import faiss
 import numpy as np
 
+from vitpipe.atomic import write_text_atomic, writing
 from vitpipe.config import ConfigError
 
 
@@ -115,12 +115,10 @@ def build_index(features: np.ndarray, settings: IndexSettings = IndexSettings(),
 def save_index(index: faiss.Index, keys: list[str], labels: np.ndarray | None, directory: Path,
                meta: dict) -> None:
     directory.mkdir(parents=True, exist_ok=True)
-    tmp = directory / "index.faiss.tmp"
-    faiss.write_index(index, str(tmp))
-    os.replace(tmp, directory / "index.faiss")
+    with writing(directory / "index.faiss") as tmp:
+        faiss.write_index(index, str(tmp))
     ids = {"keys": keys, "labels": None if labels is None else labels.tolist(), **meta}
-    (directory / "ids.json.tmp").write_text(json.dumps(ids))
-    os.replace(directory / "ids.json.tmp", directory / "ids.json")
+    write_text_atomic(directory / "ids.json", json.dumps(ids))
 
 
 def load_index(directory: Path) -> tuple[faiss.Index, dict]:

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from vitpipe.atomic import write_text_atomic
+from vitpipe.atomic import write_text_atomic, writing
 from vitpipe.config import ConfigError, PretrainConfig, save_config, to_dict
 from vitpipe.ssl import registry
 from vitpipe.ssl.engine import checkpoints
@@ -79,7 +79,7 @@ def keep_metrics_up_to(run_dir: Path, step: int) -> None:
     if not path.exists():
         return
     kept = [line for line in path.read_text().splitlines(keepends=True) if line.strip() and _step_of(line) <= step]
-    write_atomic(path, "".join(kept))
+    write_text_atomic(path, "".join(kept))
 
 
 def _step_of(line: str) -> int:
@@ -107,11 +107,7 @@ def read_run_info(run_dir: Path) -> dict[str, Any]:
 
 
 def update_run_info(run_dir: Path, values: dict[str, Any]) -> None:
-    write_atomic(run_dir / "run.json", json.dumps({**read_run_info(run_dir), **values}, indent=2))
-
-
-def write_atomic(path: Path, text: str) -> None:
-    write_text_atomic(path, text)
+    write_text_atomic(run_dir / "run.json", json.dumps({**read_run_info(run_dir), **values}, indent=2))
 
 
 class JsonLines:
@@ -148,7 +144,7 @@ def record_session(run_dir: Path, config: PretrainConfig, launch: dict[str, Any]
                              "resumed_from_step": resumed_from,
                              "slurm_restart_count": os.environ.get("SLURM_RESTART_COUNT")})
     info.pop("encoder_sha256", None)  # until this session exports a new encoder
-    write_atomic(run_dir / "run.json", json.dumps(info, indent=2))
+    write_text_atomic(run_dir / "run.json", json.dumps(info, indent=2))
 
 
 def export_encoder(run_dir: Path, encoder) -> None:
@@ -156,10 +152,9 @@ def export_encoder(run_dir: Path, encoder) -> None:
     its sha256 and depth in run.json so a damaged file is never evaluated."""
     from safetensors.torch import save_file
 
-    tmp = run_dir / "encoder.safetensors.tmp"
-    save_file({k: v.detach().cpu().contiguous() for k, v in encoder.state_dict().items()}, tmp)
-    digest = checkpoints.sha256_file(tmp)
-    os.replace(tmp, run_dir / "encoder.safetensors")
+    with writing(run_dir / "encoder.safetensors") as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in encoder.state_dict().items()}, tmp)
+        digest = checkpoints.sha256_file(tmp)
     update_run_info(run_dir, {"encoder_sha256": digest, "encoder_depth": encoder.depth})
 
 
