@@ -104,6 +104,8 @@ def test_locked_image_tuning_from_another_run(caption_shards, tmp_path, capsys):
                  "train.max_steps=3", f"clip.image_init={mae}", "clip.lock_image=true"]) == 0
     start, end = load_file(mae / "encoder.safetensors"), load_file(lit / "encoder.safetensors")
     assert all(torch.equal(start[k], end[k]) for k in start)  # locked: the MAE encoder, untouched
+    # the engine read the MAE run (CLIP declares encoder_init) and keeps its weights as a checked artefact
+    assert "encoder_init.safetensors" in json.loads((lit / "run.json").read_text())["artifacts"]
     capsys.readouterr()
     assert main(["pretrain", "clip", "--data", str(caption_shards / "train"), "--out", str(tmp_path / "bad"), *ARGS,
                  "model.patch_size=2", f"clip.image_init={mae}"]) == 2

@@ -160,6 +160,10 @@ class ObjectiveSpec:
     """(config, read) -> {file name: bytes}, fitted once from the training shards before training
     (a tokenizer, a palette); ``read(fields, limit)`` yields decoded batches. Saved under
     RUN/artifacts/, checksummed in run.json, handed to ``build`` by every later command."""
+    encoder_init: Callable[[Any], str] | None = None
+    """(config) -> a run or checkpoint whose trained encoder starts this one ("" = none; CLIP's
+    ``clip.image_init``). The engine refuses one of another shape before the run starts, and hands
+    its weights to ``build`` as the artefact ``vitpipe.ssl.engine.warmstart.ENCODER_INIT``."""
     preflight: Callable[[Any], None] | None = None
     """(config) -> None, raising ConfigError for a training run this machine cannot do (e.g. a step
     that would not fit in memory); called before every training session, never at evaluation."""

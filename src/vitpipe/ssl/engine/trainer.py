@@ -25,7 +25,7 @@ from vitpipe.pipeline.census import require_needs
 from vitpipe.pipeline.loader import ShardDataset, make_loader
 from vitpipe.pipeline.shardset import resolve_shards
 from vitpipe.ssl import registry
-from vitpipe.ssl.engine import artifacts, checkpoints, optim, rundir, trackers
+from vitpipe.ssl.engine import artifacts, checkpoints, optim, rundir, trackers, warmstart
 from vitpipe.ssl.engine.distributed import average_late_gradients, sum_gradients
 from vitpipe.ssl.engine.health import monitor
 from vitpipe.ssl.engine.launch import RunLock, make_accelerator
@@ -93,6 +93,7 @@ class Trainer:
         config, spec = self.config, registry.OBJECTIVES.get(self.config.objective)
         if spec is not None and spec.preflight is not None:
             spec.preflight(config)
+        warmstart.check(spec, config)
         if spec is not None:
             require_needs(resolve_shards(config.data.shards), config.data.shards, spec.needs, f"pretrain {config.objective}")
 
@@ -156,11 +157,13 @@ class Trainer:
     def _artifacts(self, accelerator, refit: bool) -> dict[str, bytes]:
         """Fit the objective's artefacts once (main process) for a fresh run; load them otherwise."""
         spec = registry.OBJECTIVES.get(self.config.objective)
-        if spec is None or spec.fit_artifacts is None:
+        if spec is None or (spec.fit_artifacts is None and not warmstart.source_of(spec, self.config)):
             return {}
         if refit or not artifacts.recorded(self.run_dir):
             if accelerator.is_main_process:
-                files = spec.fit_artifacts(self.config, functools.partial(artifacts.read_samples, self.config.data))
+                read = functools.partial(artifacts.read_samples, self.config.data)
+                files = spec.fit_artifacts(self.config, read) if spec.fit_artifacts is not None else {}
+                files.update(warmstart.weights(spec, self.config))
                 rundir.update_run_info(self.run_dir, {"artifacts": artifacts.save(self.run_dir, files)})
             accelerator.wait_for_everyone()
         return artifacts.load(self.run_dir)

@@ -10,19 +10,19 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vitpipe.config import ConfigError, PretrainConfig, check, to_dict
+from vitpipe.config import PretrainConfig, check
 from vitpipe.ssl.engine.distributed import (
     gather_others,
     gather_with_grad,
     is_first_process,
 )
+from vitpipe.ssl.engine.warmstart import ENCODER_INIT
 from vitpipe.ssl.objective import Objective, ObjectiveCommand, ObjectiveSpec, Output
 from vitpipe.ssl.objectives.clip import commands, figures
 from vitpipe.ssl.objectives.clip.text import TextTransformer, Tokenize, fit_bpe
@@ -31,6 +31,7 @@ from vitpipe.ssl.vit import VisionTransformer
 MAX_LOGIT_SCALE = math.log(100)
 TOKENIZER = "tokenizer.json"
 IMAGE_INIT = "image_init.safetensors"
+"""Where runs made before the engine started encoders (``warmstart``) kept LiT's image tower."""
 
 
 @dataclass
@@ -183,49 +184,14 @@ class CLIP(Objective):
 
 
 def fit_artifacts(config: PretrainConfig, read) -> dict[str, bytes]:
-    """The BPE tokenizer fitted on the training captions, and (LiT) the image tower to start from."""
+    """The BPE tokenizer fitted on the training captions (the engine adds LiT's image tower: ``encoder_init``)."""
     captions = (text for batch in read(("text",), config.clip.tokenizer_samples) for text in batch["text"])
     files = {TOKENIZER: fit_bpe(captions, config.clip.vocab_size, config.clip.lowercase)}
-    if config.clip.image_init:
-        files[IMAGE_INIT] = _image_init(config)
     return files
 
 
-def _image_init(config: PretrainConfig) -> bytes:
-    """The encoder weights of the ``clip.image_init`` run, after checking it has this run's shape."""
-    from safetensors.torch import save
-
-    from vitpipe.ssl.runs import load_run_encoder
-
-    encoder, source, _ = load_run_encoder(config.clip.image_init)
-    _check_image_init(config, source)
-    if not isinstance(encoder, VisionTransformer):
-        raise ConfigError(f"clip.image_init={config.clip.image_init}: its encoder is not a ViT")
-    return save({k: v.contiguous() for k, v in encoder.state_dict().items()})
-
-
-def _check_image_init(config: PretrainConfig, source: PretrainConfig | None = None) -> None:
-    """Refuse (naming every difference) a ``clip.image_init`` run whose image tower is not this
-    run's: checked before anything of the run is made (``preflight``) and again on loading."""
-    if not config.clip.image_init:
-        return
-    if source is None:
-        from vitpipe.ssl import registry
-        from vitpipe.ssl.runs import run_dir_of
-
-        saved = run_dir_of(Path(config.clip.image_init)) / "config.yaml"
-        if not saved.is_file():
-            raise ConfigError(f"clip.image_init={config.clip.image_init} is neither a run directory nor a checkpoint")
-        source = registry.run_config(saved)
-    shape_keys = ("patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio", "class_token", "pos_embed",
-                  "conv_stem", "pool", "pre_norm")
-    mine, theirs = to_dict(config.model), to_dict(source.model)
-    differ = [f"model.{k} {theirs[k]} vs {mine[k]}" for k in shape_keys if mine[k] != theirs[k]]
-    differ += [f"data.{k} {getattr(source.data, k)} vs {getattr(config.data, k)}" for k in ("image_size", "channels")
-               if getattr(source.data, k) != getattr(config.data, k)]
-    if differ:
-        raise ConfigError(f"clip.image_init={config.clip.image_init}: its encoder does not have this run's shape "
-                          f"({', '.join(differ)}); set them to match it")
+def _image_init(config: PretrainConfig) -> str:
+    return config.clip.image_init
 
 
 def build(config: PretrainConfig, artifacts: dict[str, bytes]) -> CLIP:
@@ -233,15 +199,16 @@ def build(config: PretrainConfig, artifacts: dict[str, bytes]) -> CLIP:
 
     clip = config.clip
     image = VisionTransformer(config.model, config.data.image_size, config.data.channels)
-    if IMAGE_INIT in artifacts:
-        image.load_state_dict(load(artifacts[IMAGE_INIT]))
+    init = artifacts.get(ENCODER_INIT, artifacts.get(IMAGE_INIT))  # the engine's name, or older runs'
+    if init is not None:
+        image.load_state_dict(load(init))
     text = TextTransformer(clip.vocab_size, clip.context_length, clip.text_width, clip.text_depth, clip.text_heads)
     return CLIP(image, text, clip, artifacts[TOKENIZER])
 
 
 SPEC = ObjectiveSpec(
     name="clip", build=build, section="clip", section_type=CLIPConfig, fit_artifacts=fit_artifacts,
-    preflight=_check_image_init,
+    encoder_init=_image_init,
     # the paper's optimizer (AdamW betas 0.9/0.98, eps 1e-6, wd 0.2), crops that keep most of the
     # image and no flips (captions say "left"), gap pooling of the image tower
     defaults={"optim": {"betas": [0.9, 0.98], "eps": 1e-6, "weight_decay": 0.2, "base_lr": 1e-3,
