@@ -20,11 +20,12 @@ import numpy as np
 import torch
 from PIL import Image
 
+from vitpipe.runlayout import RunLayout
 from vitpipe.config import ConfigError
 from vitpipe.export import export
 from vitpipe.pipeline.images import to_rgb
 from vitpipe.pipeline.transforms import TransformSpec, build_transform
-from vitpipe.ssl.runs import load_run_objective, run_dir_of
+from vitpipe.ssl.runs import load_run_objective
 
 
 def sample(folder: Path, n: int, seed: int) -> tuple[list[Image.Image], list[str]]:
@@ -42,7 +43,7 @@ def ours(run: Path, images, titles):
     clip = load_run_objective(run)
     from vitpipe.ssl import registry
 
-    data = registry.run_config(run_dir_of(run) / "config.yaml").data
+    data = registry.run_config(RunLayout.of(run).config).data
     transform = build_transform(TransformSpec.for_eval(data))
     pixels = torch.stack([transform(i) for i in images])
     with torch.no_grad():
@@ -54,9 +55,9 @@ def open_clip_row(run: Path, out: Path, images, titles, want_image, want_text) -
 
     export(run, out, "open_clip")
     open_clip.add_model_config(out)
-    model, _, preprocess = open_clip.create_model_and_transforms(run_dir_of(run).name,
+    model, _, preprocess = open_clip.create_model_and_transforms(RunLayout.of(run).root.name,
                                                                  pretrained=str(out / "open_clip_model.safetensors"))
-    tokenizer = open_clip.get_tokenizer(run_dir_of(run).name)
+    tokenizer = open_clip.get_tokenizer(RunLayout.of(run).root.name)
     with torch.no_grad():
         image = model.eval().encode_image(torch.stack([preprocess(i) for i in images]), normalize=True)
         text = model.encode_text(tokenizer(titles), normalize=True)

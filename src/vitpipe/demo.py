@@ -20,6 +20,7 @@ from typing import Callable, Iterator
 import numpy as np
 from PIL import Image
 
+from vitpipe.runlayout import RunLayout
 from vitpipe.config import ConfigError
 from vitpipe.ssl import registry
 from vitpipe.pipeline.sources import FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, read_idx
@@ -121,7 +122,7 @@ def run_demo(out: Path, run_command: Callable[[list[str]], int], config: Path | 
     step(["pretrain", "mae", "--config", str(config), "--data", str(shards / "train"), "--out", str(run),
           "--resume", "auto", *(overrides or [])])
     common = ["--train", str(shards / "train"), "--test", str(shards / "test")]
-    depth = registry.run_config(run / "config.yaml").model.depth
+    depth = registry.run_configRunLayout(run).config.model.depth
     blocks = ",".join(str(block) for block in range(1, depth)) or "0"
     for baseline in ([], ["--init", "random"]):
         # blocks side by side: what made MAE beat raw pixels in benchmarks/RESULTS.md
@@ -130,7 +131,7 @@ def run_demo(out: Path, run_command: Callable[[list[str]], int], config: Path | 
     step(["eval", "retrieval", str(run), "--index", str(shards / "test")])
     step(["report", str(run)])
 
-    results = {path.name: json.loads(path.read_text()) for path in sorted((run / "eval").glob("*.json"))}
+    results = {path.name: json.loads(path.read_text()) for path in RunLayout(run).results()}
     headline = {
         "linear_probe_top1": results["linear-probe.json"]["top1"],
         "linear_probe_top1_random_init": results["linear-probe.random.json"]["top1"],
@@ -138,7 +139,7 @@ def run_demo(out: Path, run_command: Callable[[list[str]], int], config: Path | 
         "knn_top1_random_init": results["knn.random.json"]["top1"],
         "retrieval_recall_at_1": results["retrieval.json"]["recall"].get("1"),
         "seconds": round(time.monotonic() - start, 1),
-        "report": str(run / "report" / "index.html"),
+        "report": str(RunLayout(run).report / "index.html"),
         "run": str(run), "shards": str(shards),
     }
     (out / "demo.json").write_text(json.dumps(headline, indent=2) + "\n")

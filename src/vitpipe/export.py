@@ -14,11 +14,12 @@ from typing import Any
 import torch
 from einops import rearrange
 
+from vitpipe.runlayout import RunLayout
 from vitpipe.config import ConfigError, from_dict, to_dict
 from vitpipe.pipeline.manifest import write_bytes_atomic
 from vitpipe.ssl import registry
 from vitpipe.ssl.engine import artifacts
-from vitpipe.ssl.runs import load_run_encoder, load_run_objective, run_dir_of
+from vitpipe.ssl.runs import load_run_encoder, load_run_objective
 from vitpipe.ssl.vit import VisionTransformer
 
 TIMM_NAMES = {"micro": "vit_tiny", "mini": "vit_tiny", "tiny": "vit_tiny", "small": "vit_small", "base": "vit_base",
@@ -170,7 +171,7 @@ def export_files(run: Path, fmt: str, out: Path) -> dict[str, bytes]:
     else:  # the whole objective: a CLIP's text tower and projections, an iGPT's output head
         whole = load_run_objective(run, config)
         state = {k: v.detach().cpu().contiguous() for k, v in whole.state_dict().items()}
-        saved = artifacts.load(run_dir_of(run))
+        saved = artifacts.load(RunLayout.of(run).root)
         files.update({f"artifacts/{name}": data for name, data in saved.items()})
         cfg = {"architecture": "vitpipe", "objective": config.objective, "config": to_dict(config),
                "artifacts": sorted(saved)}
@@ -191,10 +192,10 @@ def clip_files(run: Path, config, fmt: str, out: Path) -> dict[str, bytes]:
         raise ConfigError(f"--format open_clip needs a CLIP run; this is a {config.objective} run "
                           "(its encoder exports with --format timm, hf, onnx or vitpipe)")
     clip = load_run_objective(run, config)
-    name = run_dir_of(run).name.replace("/", "-") or "vitpipe-clip"
+    name = RunLayout.of(run).root.name.replace("/", "-") or "vitpipe-clip"
     files = (clip_export.open_clip_files(clip, config, name, out) if fmt == "open_clip"
              else clip_export.hf_clip_files(clip, config))
-    files["README.md"] = clip_export.model_card(run_dir_of(run), config, fmt, name).encode()
+    files["README.md"] = clip_export.model_card(RunLayout.of(run).root, config, fmt, name).encode()
     return files
 
 
@@ -216,14 +217,14 @@ def load_exported(directory: Path, whole: bool = False) -> torch.nn.Module:
 
 def model_card(run: Path, config, cfg: dict[str, Any], fmt: str) -> str:
     """A model card: data manifest, objective, steps, eval results, and how to load it."""
-    run_dir = run.parent.parent if (run / "state.json").is_file() else run
-    info = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").is_file() else {}
+    run_dir = RunLayout.of(run).root
+    info = json.loads(RunLayout(run_dir).info.read_text()) if RunLayout(run_dir).info.is_file() else {}
     steps = None
-    if (run_dir / "metrics.jsonl").is_file():
-        records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    if RunLayout(run_dir).metrics.is_file():
+        records = [json.loads(line) for line in RunLayout(run_dir).metrics.read_text().splitlines() if line.strip()]
         steps = max((r["step"] for r in records if "loss" in r), default=None)
     evals = []
-    for path in sorted((run_dir / "eval").glob("*.json")) if (run_dir / "eval").is_dir() else []:
+    for path in RunLayout(run_dir).results():
         result = json.loads(path.read_text())
         value = (f"top-1 {result['top1']:.4f}" if "top1" in result
                  else ", ".join(f"recall@{k} {v:.4f}" for k, v in result.get("recall", {}).items()))

@@ -8,6 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from vitpipe.runlayout import RunLayout
 from vitpipe.cli.common import user_errors
 from vitpipe.config import ConfigError
 
@@ -128,7 +129,7 @@ def eval_retrieval(
 ) -> None:
     """Build a FAISS index over shards (saved in RUN/eval/retrieval/), report recall@1/5/10, answer
     --query; for image-text runs also recall both ways between images and their captions, and --text."""
-    from vitpipe.downstream.evaluate import eval_retrieval as run_retrieval, hit_grid, query_image, run_dir_of, source_for
+    from vitpipe.downstream.evaluate import eval_retrieval as run_retrieval, hit_grid, query_image, source_for
     from vitpipe.downstream.featurestore import Processes
     from vitpipe.downstream.retrieval import IndexSettings
     from vitpipe.pipeline.shardset import resolve_shards
@@ -140,7 +141,7 @@ def eval_retrieval(
     source = source_for(run, init, pixels, precision)
     pairs = _image_text_pairs(source, index, text)
     settings = IndexSettings(kind=index_type, nlist=nlist, nprobe=nprobe, hnsw_m=hnsw_m, pq_m=pq_m)
-    index_dir = run_dir_of(run) / "eval" / f"retrieval{source.baseline_suffix}"
+    index_dir = RunLayout.of(run).eval / f"retrieval{source.baseline_suffix}"
     built = json.loads((index_dir / "ids.json").read_text()) if (index_dir / "ids.json").is_file() else {}
     current = (index, resolve_shards(index).identity())
     if query is None or (built.get("shards"), built.get("shards_identity")) != current:

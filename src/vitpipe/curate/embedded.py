@@ -11,12 +11,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from vitpipe.runlayout import RunLayout
 from vitpipe.config import ConfigError
 from vitpipe.curate.recipe import BalanceStep, ClipScoreStep, DecontaminateStep, SemanticDedupStep
 from vitpipe.curate.steps import Item, Removal
 from vitpipe.downstream.features import EncoderSource, extract
 from vitpipe.downstream.featurestore import Processes
-from vitpipe.ssl.runs import run_dir_of
 
 
 def encoder_source(run: str, what: str) -> EncoderSource:
@@ -29,7 +29,7 @@ def encoder_source(run: str, what: str) -> EncoderSource:
 def embeddings(source: EncoderSource, spec: str, workers: int = 2) -> dict[str, np.ndarray] | None:
     """Key -> L2-normalised output embedding of every sample of ``spec`` (None on a torchrun
     process other than the first: its share is in the store)."""
-    cache = run_dir_of(source.run) / "eval" / "cache"
+    cache = RunLayout.of(source.run).cache
     found = extract(source, spec, need_labels=False, num_workers=workers, cache_dir=cache,
                     processes=Processes.from_env())
     if found is None:

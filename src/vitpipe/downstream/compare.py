@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from vitpipe.runlayout import RunLayout
 from vitpipe.atomic import write_json_atomic
 from vitpipe.config import ConfigError, to_dict
 from vitpipe.downstream.features import EncoderSource
@@ -28,7 +29,6 @@ from vitpipe.pipeline.shardset import resolve_shards
 from vitpipe.pipeline.transforms import TransformSpec
 from vitpipe.ssl import registry
 from vitpipe.ssl.engine.rundir import read_run_info
-from vitpipe.ssl.runs import run_dir_of
 
 SUITE = ("probe", "knn", "finetune")
 BASELINES = ("trained", "random", "pixels")
@@ -94,7 +94,7 @@ def check_data(runs: list[Path], test: str) -> list[str]:
     pretrained: dict[str, set[str]] = {}  # runs pretrained on the same shards are scanned once
     manifests = {}
     for run in runs:
-        config = registry.run_config(run_dir_of(run) / "config.yaml")
+        config = registry.run_config(RunLayout.of(run).config)
         try:
             paths, hashes = shard_identity(config.data.shards)
             if config.data.shards not in pretrained:
@@ -110,7 +110,7 @@ def check_data(runs: list[Path], test: str) -> list[str]:
         if seen:
             raise ConfigError(f"{run}: {seen} of {len(test_samples)} test samples are in its pretraining data "
                               "(the same image by sha256, whatever the shards are called); test on data the run never saw")
-        info = read_run_info(run_dir_of(run))
+        info = read_run_info(RunLayout.of(run).root)
         manifests[str(run)] = info.get("data_manifest_sha256") or config.data.shards
     warnings = []
     if len(set(manifests.values())) > 1:
@@ -316,7 +316,7 @@ def compare(runs: list[Path], train: str, test: str, out: Path, settings: Compar
     if Processes.from_env().world > 1:
         raise ConfigError("vitpipe compare runs on one process (its features can be extracted first on many: "
                           "torchrun ... -m vitpipe eval knn RUN --train ... --test ...)")
-    if len({run_dir_of(r).resolve() for r in runs}) < len(runs):
+    if len({RunLayout.of(r).root.resolve() for r in runs}) < len(runs):
         raise ConfigError("a run is named twice")
     warnings = check_data(runs, test)
     for line in warnings:
@@ -325,15 +325,15 @@ def compare(runs: list[Path], train: str, test: str, out: Path, settings: Compar
     for run in runs:
         leaks[str(run)] = checked_contamination(EncoderSource.resolve(run, "trained"), test, settings.max_contamination,
                                                 train=train)
-        log(f"compare: {run_dir_of(run).name}: contamination: {Contamination(**_fields(leaks[str(run)])).line()}")
+        log(f"compare: {RunLayout.of(run).root.name}: contamination: {Contamination(**_fields(leaks[str(run)])).line()}")
     shared = BaselineMemo()
     rows = []
     for run in runs:
         trained = EncoderSource.resolve(run, "trained").with_precision(settings.precision)
-        row = {"run": str(run), "name": run_dir_of(run).name, "objective": trained.config.objective,
+        row = {"run": str(run), "name": RunLayout.of(run).root.name, "objective": trained.config.objective,
                "encoder": _encoder_facts(trained), "cost": pretraining_cost(run), "evals": {},
                "contamination": leaks[str(run)], "precision": trained.precision}
-        report = run_dir_of(run) / "report" / "index.html"
+        report = RunLayout.of(run).report / "index.html"
         row["report"] = os.path.relpath(report, out) if report.is_file() else None
         for task in (task for task in SUITE if task in settings.suite):  # the probe first: --knn-layer probe reads it
             row["evals"][task] = {}

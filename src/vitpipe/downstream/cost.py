@@ -8,27 +8,28 @@ from pathlib import Path
 from typing import Any
 
 
+from vitpipe.runlayout import RunLayout
 from vitpipe.config import ConfigError
 from vitpipe.pipeline.loader import make_loader
 from vitpipe.pipeline.shardset import resolve_shards
 from vitpipe.ssl import registry
 from vitpipe.ssl.engine.checkpoints import latest_verified, log_stderr
 from vitpipe.ssl.engine.data import training_spec
-from vitpipe.ssl.runs import build_run_objective, run_dir_of
+from vitpipe.ssl.runs import build_run_objective
 
 COUNT_BATCH = 8
 
 
 def checkpoint_state(run: Path) -> dict[str, Any]:
     """state.json of the run's latest verified checkpoint (step, samples_seen, wall_seconds, ...); {} if none."""
-    checkpoint = latest_verified(run_dir_of(run), log_stderr, set_aside=False)
+    checkpoint = latest_verified(RunLayout.of(run).root, log_stderr, set_aside=False)
     return json.loads((checkpoint / "state.json").read_text()) if checkpoint else {}
 
 
 def pretraining_cost(run: Path) -> dict[str, Any]:
     state = checkpoint_state(run)
     samples = state.get("samples_seen")
-    per_sample = flops_per_sample(run_dir_of(run))
+    per_sample = flops_per_sample(RunLayout.of(run).root)
     return {"steps": state.get("step"), "samples_seen": samples, "wall_seconds": state.get("wall_seconds"),
             "world_size": state.get("world_size"), "flops_per_sample": per_sample,
             "flops": per_sample * samples if per_sample and samples else None}
@@ -37,7 +38,7 @@ def pretraining_cost(run: Path) -> dict[str, Any]:
 def flops_per_sample(run_dir: Path) -> float | None:
     """Forward + backward FLOPs of a training step, per sample (matmuls, convolutions, attention:
     what FlopCounterMode counts; elementwise work is not). None when the training data is gone."""
-    config = registry.run_config(run_dir / "config.yaml")
+    config = registry.run_config(RunLayout(run_dir).config)
     try:
         resolve_shards(config.data.shards)  # the training data may be gone
     except ConfigError:

@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from vitpipe.runlayout import RunLayout
 from vitpipe import __version__
 from vitpipe.config import ConfigError, to_dict
 from vitpipe.downstream import contamination
@@ -22,7 +23,6 @@ from vitpipe.downstream.retrieval import (
 )
 from vitpipe.pipeline.shardset import has_labels, resolve_shards
 from vitpipe.pipeline.manifest import manifest_hash, write_json_atomic
-from vitpipe.ssl.runs import run_dir_of
 from vitpipe.ssl.engine.rundir import git_revision
 
 
@@ -44,7 +44,7 @@ def data_id(spec: str) -> dict[str, Any]:
 
 def result_path(source: EncoderSource, name: str) -> Path:
     """RUN/eval/<name>[.random|.pixels].json"""
-    return run_dir_of(source.run) / "eval" / f"{name}{source.baseline_suffix}.json"
+    return RunLayout.of(source.run).result(f"{name}{source.baseline_suffix}")
 
 
 def write_result(source: EncoderSource, name: str, payload: dict[str, Any], data: dict[str, str],
@@ -72,7 +72,7 @@ def checked_contamination(source: EncoderSource, test: str, limit: float, **refe
     eval's own training / reference shards (``references``) for every encoder."""
     if source.kind == "trained" and source.config.data.shards:
         references = {"pretraining": source.config.data.shards, **references}
-    cache = run_dir_of(source.run) / "eval" / "cache" / "fingerprints"
+    cache = RunLayout.of(source.run).cache / "fingerprints"
     return contamination.checked(test, references, cache, limit).as_dict()
 
 
@@ -80,7 +80,7 @@ def _features(source: EncoderSource, spec: str, layers: list[int] | None, pool: 
               need_labels: bool = True, max_skipped: float = 0.01) -> FeatureSet | None:
     """Under torchrun / accelerate launch every process extracts its share; only the first gets the
     features back (None elsewhere: those processes are done)."""
-    cache = run_dir_of(source.run) / "eval" / "cache"
+    cache = RunLayout.of(source.run).cache
     return extract(source, spec, layers=layers, pool=pool, num_workers=workers, cache_dir=cache,
                    need_labels=need_labels, max_skipped=max_skipped, processes=Processes.from_env())
 
@@ -164,7 +164,7 @@ def eval_retrieval(source: EncoderSource, index_shards: str, settings: IndexSett
         return None, {}
     name = _names(source, None)[0]
     index = build_index(features.features[name], settings)
-    directory = run_dir_of(source.run) / "eval" / f"retrieval{source.baseline_suffix}"
+    directory = RunLayout.of(source.run).eval / f"retrieval{source.baseline_suffix}"
     save_index(index, features.keys, features.labels, directory,
                {"shards": index_shards, "shards_identity": shards.identity(), "settings": asdict(settings), "pool": pool or source.config.model.pool,
                 "source": source.kind})
@@ -183,7 +183,7 @@ def query_image(source: EncoderSource, image_path: Path, top_k: int, pool: str |
     from vitpipe.pipeline.images import ImageRejected, decode_rgb
     from vitpipe.pipeline.transforms import TransformSpec, build_transform
 
-    directory = run_dir_of(source.run) / "eval" / f"retrieval{source.baseline_suffix}"
+    directory = RunLayout.of(source.run).eval / f"retrieval{source.baseline_suffix}"
     index, ids = load_index(directory)
     if not Path(image_path).is_file():
         raise ConfigError(f"query image not found: {image_path}")

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from vitpipe.runlayout import RunLayout
 from vitpipe.config import ConfigError, PretrainConfig, to_dict
 from vitpipe.downstream import featurestore
 from vitpipe.downstream.featurestore import Processes
@@ -30,7 +31,7 @@ from vitpipe.pipeline.shardset import ShardSet, resolve_shards
 from vitpipe.pipeline.tario import sha256_file
 from vitpipe.ssl import registry
 from vitpipe.ssl.engine.rundir import read_run_info
-from vitpipe.ssl.runs import build_run_objective, checkpoint_step, load_run_encoder, locate_run, run_dir_of
+from vitpipe.ssl.runs import build_run_objective, checkpoint_step, load_run_encoder, locate_run
 
 PIXELS = "pixels"
 
@@ -71,7 +72,7 @@ class EncoderSource:
         if kind not in ("trained", "random", "pixels"):
             raise ConfigError(f"unknown encoder source {kind!r}")
         if kind == "pixels":  # raw pixels need the run's input settings, not its weights
-            config_file = run_dir_of(run) / "config.yaml"
+            config_file = RunLayout.of(run).config
             if not config_file.is_file():
                 raise ConfigError(f"{run} is neither a run directory nor a checkpoint")
             return cls(kind, registry.run_config(config_file), Path(run), None, seed)
@@ -97,7 +98,7 @@ class EncoderSource:
         """Blocks of the encoder, known without building it (recorded with the exported encoder)."""
         if self.kind == "pixels":
             return 1
-        info = read_run_info(run_dir_of(self.run))
+        info = read_run_info(RunLayout.of(self.run).root)
         return int(info.get("encoder_depth") or self.config.model.depth)
 
     def build(self) -> nn.Module | None:
@@ -121,7 +122,7 @@ class EncoderSource:
             return self
         from vitpipe.ssl.engine.precision import for_eval
 
-        memo = run_dir_of(self.run) / "eval" / "cache" / "precision.json"
+        memo = RunLayout.of(self.run).cache / "precision.json"
         return dataclasses.replace(self, precision=for_eval("auto", self.build, self.config.data, memo, self.identity()))
 
     def autocast(self, device: str):

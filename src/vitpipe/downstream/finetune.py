@@ -15,9 +15,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from vitpipe.runlayout import RunLayout
 from vitpipe.config import ConfigError, PretrainConfig, from_dict, merge, parse_overrides, to_dict
 from vitpipe.downstream.contamination import DEFAULT_MAX
-from vitpipe.downstream.evaluate import checked_contamination, run_dir_of, write_result
+from vitpipe.downstream.evaluate import checked_contamination, write_result
 from vitpipe.downstream.features import EncoderSource, FeatureSet, check_tally, extract
 from vitpipe.downstream.featurestore import Processes
 from vitpipe.downstream.probe import fit_linear_head
@@ -107,7 +108,7 @@ def probe_head(source: EncoderSource, train: str, config: PretrainConfig) -> tup
         raise ConfigError("--probe-init needs the pretraining resolution (features are taken from the frozen encoder)")
     frozen = dataclasses.replace(source, seed=config.train.seed)
     features = extract(frozen, train, pool=config.model.pool, num_workers=config.data.num_workers,
-                       cache_dir=run_dir_of(source.run) / "eval" / "cache")
+                       cache_dir=RunLayout.of(source.run).cache)
     keep = np.array([in_subset(key, config.data.subset_fraction, config.train.seed) for key in features.keys])
     if keep.sum() < 2:
         raise ConfigError("--probe-init: fewer than 2 labelled samples in the subset")
@@ -154,7 +155,7 @@ def finetune(source: EncoderSource, train: str, test: str, overrides: list[str] 
     # different settings must never resume (and silently reuse) another fine-tune's checkpoints
     identity = {"config": to_dict(config), "probe_init": probe_init}
     settings_hash = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:8]
-    out = run_dir_of(source.run) / "finetune" / f"{source.kind}-labels{fraction:g}-seed{seed}-{settings_hash}"
+    out = RunLayout.of(source.run).finetune / f"{source.kind}-labels{fraction:g}-seed{seed}-{settings_hash}"
     head, probe = probe_head(source, train, config) if probe_init else (None, None)
     build = classifier_builder(source, head)
     summary = Trainer(config, out, build, resume="auto").run()

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from vitpipe.runlayout import RunLayout
 from vitpipe.config import ConfigError
 from vitpipe.downstream.contamination import DEFAULT_MAX
 from vitpipe.downstream.evaluate import checked_contamination, write_result
@@ -20,7 +21,7 @@ from vitpipe.pipeline.loader import ReadTally, counted, eval_loader
 from vitpipe.pipeline.manifest import label_map_of
 from vitpipe.pipeline.shardset import resolve_shards
 from vitpipe.ssl import registry
-from vitpipe.ssl.runs import load_run_objective, run_dir_of
+from vitpipe.ssl.runs import load_run_objective
 
 TEMPLATES = ["a photo of a {}.", "a picture of a {}.", "an image of a {}.", "a {}.", "a drawing of a {}.",
              "a close-up photo of a {}.", "a photo of the {}.", "a rendering of a {}."]
@@ -160,7 +161,7 @@ def eval_text_retrieval(source: EncoderSource, index: str, workers: int = 2,
     start = time.monotonic()
     model = load_image_text_model(source)
     images, texts, keys, tally = embed_pairs(model, source, index, workers, max_skipped)
-    directory = run_dir_of(source.run) / "eval" / f"retrieval-text{source.baseline_suffix}"
+    directory = RunLayout.of(source.run).eval / f"retrieval-text{source.baseline_suffix}"
     directory.mkdir(parents=True, exist_ok=True)
     np.savez(directory / "pairs.npz", images=images.numpy(), keys=np.array(keys))
     (directory / "pairs.json").write_text(json.dumps({"shards": index, "shards_identity":
@@ -175,7 +176,7 @@ def query_text(source: EncoderSource, text: str, top_k: int) -> list[tuple[str, 
     """Nearest images (keys, cosine) of a caption among those embedded by ``eval_text_retrieval``."""
     import numpy as np
 
-    directory = run_dir_of(source.run) / "eval" / f"retrieval-text{source.baseline_suffix}"
+    directory = RunLayout.of(source.run).eval / f"retrieval-text{source.baseline_suffix}"
     with np.load(directory / "pairs.npz", allow_pickle=False) as stored:
         images, keys = torch.from_numpy(stored["images"]), stored["keys"].tolist()
     model = load_image_text_model(source)

@@ -17,12 +17,12 @@ from typing import Any
 
 import yaml
 
+from vitpipe.runlayout import RunLayout
 from vitpipe.config import ConfigError
 from vitpipe.downstream.compare import BaselineMemo, CompareSettings, eval_result, read_back_or_run
 from vitpipe.downstream.features import EncoderSource
 from vitpipe.atomic import write_json_atomic
 from vitpipe.ssl import registry
-from vitpipe.ssl.runs import run_dir_of
 
 EVALS = ("linear-probe", "knn", "zero-shot", "retrieval")
 HEADLINE = {"linear-probe": "top-1", "knn": "top-1", "zero-shot": "top-1",
@@ -104,11 +104,11 @@ def run_suite(datasets: list[SuiteDataset], runs: list[Path], out: Path, setting
     if Processes.from_env().world > 1:
         raise ConfigError("vitpipe eval suite runs on one process (extract features first on many: "
                           "torchrun ... -m vitpipe eval knn RUN --train ... --test ...)")
-    names = [run_dir_of(r).name for r in runs]
-    if len({run_dir_of(r).resolve() for r in runs}) < len(runs) or len(set(names)) < len(names):
+    names = [RunLayout.of(r).root.name for r in runs]
+    if len({RunLayout.of(r).root.resolve() for r in runs}) < len(runs) or len(set(names)) < len(names):
         raise ConfigError("two runs have the same name (the suite's table and result folders are keyed by it)")
     for run in runs:
-        registry.run_config(run_dir_of(run) / "config.yaml")  # a directory that is not a run: one line, before any work
+        registry.run_config(RunLayout.of(run).config)  # a directory that is not a run: one line, before any work
     rows = []
     for dataset in datasets:
         memo = BaselineMemo()  # random init and pixels are shared between runs, per dataset
@@ -123,7 +123,7 @@ def run_suite(datasets: list[SuiteDataset], runs: list[Path], out: Path, setting
 
 
 def _objective(run: Path) -> str:
-    return registry.run_config(run_dir_of(run) / "config.yaml").objective
+    return registry.run_configRunLayout.of(run).config.objective
 
 
 def _dataset_run(dataset: SuiteDataset, run: Path, name: str, out: Path, settings: SuiteSettings, memo: BaselineMemo,

@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from vitpipe.runlayout import RunLayout
 from vitpipe.atomic import write_text_atomic
 from vitpipe.config import ConfigError, PretrainConfig
 from vitpipe.pipeline.loader import ReadTally, counted, eval_loader
@@ -69,7 +70,7 @@ def _load_objective(run_dir: Path):
 def _retrieval_section(run_dir: Path, config: PretrainConfig, encoder, out_dir: Path) -> Path | None:
     from vitpipe.downstream.retrieval import load_index, search
 
-    directory = run_dir / "eval" / "retrieval"
+    directory = RunLayout(run_dir).eval / "retrieval"
     if not (directory / "index.faiss").is_file():
         return None
     index, ids = load_index(directory)
@@ -94,7 +95,7 @@ def _retrieval_section(run_dir: Path, config: PretrainConfig, encoder, out_dir: 
 
 def _eval_rows(run_dir: Path) -> list[dict[str, Any]]:
     rows = []
-    for path in sorted((run_dir / "eval").glob("*.json")):
+    for path in RunLayout(run_dir).results():
         result = json.loads(path.read_text())
         value, higher = result.get("top1"), True
         if "recall" in result:
@@ -140,10 +141,10 @@ def _manifest_summary(shards: str) -> list[tuple[str, str]]:
 
 def build_report(run_dir: Path) -> Path:
     run_dir = Path(run_dir)
-    if not (run_dir / "config.yaml").is_file() or not (run_dir / "metrics.jsonl").is_file():
+    if not RunLayout(run_dir).config.is_file() or not RunLayout(run_dir).metrics.is_file():
         raise ConfigError(f"{run_dir} is not a pretraining run (no config.yaml / metrics.jsonl)")
-    config = registry.run_config(run_dir / "config.yaml")
-    out_dir = run_dir / "report"
+    config = registry.run_config(RunLayout(run_dir).config)
+    out_dir = RunLayout(run_dir).report
     out_dir.mkdir(parents=True, exist_ok=True)
     sections: list[tuple[str, str, str | None]] = []  # (title, caption, png name)
     curve = loss_curve(run_dir, out_dir / "curves.png", f"{config.objective} loss")
@@ -158,7 +159,7 @@ def build_report(run_dir: Path) -> Path:
         sections.append(("Retrieval", "Queries from the indexed set and their nearest neighbours (cosine).", png.name))
 
     records = last_per_step(read_metrics(run_dir))
-    info = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").exists() else {}
+    info = json.loads(RunLayout(run_dir).info.read_text()) if RunLayout(run_dir).info.exists() else {}
     page = _render(run_dir, config, records, info, sections, _eval_rows(run_dir), weights)
     path = out_dir / "index.html"
     write_text_atomic(path, page)
@@ -189,7 +190,7 @@ def _render(run_dir, config, records, info, sections, eval_rows, weights) -> str
         f"<section><h2>{esc(title)}</h2><p>{esc(caption)}</p><img src=\"{esc(png)}\" alt=\"{esc(title)}\"></section>"
         for title, caption, png in sections)
     data_rows = "".join(f"<tr><th>{esc(k)}</th><td>{esc(v)}</td></tr>" for k, v in _manifest_summary(config.data.shards))
-    resolved = (run_dir / "config.yaml").read_text() if (run_dir / "config.yaml").is_file() else ""
+    resolved = RunLayout(run_dir).config.read_text() if RunLayout(run_dir).config.is_file() else ""
     details = (f"<section><h2>Data</h2><div class=\"wide\"><table>{data_rows}</table></div></section>"
                f"<details><summary>Resolved config (config.yaml)</summary><pre>{esc(resolved)}</pre></details>")
     return f"""<!doctype html>

@@ -9,10 +9,11 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only; never needs a display
 import matplotlib.pyplot as plt  # noqa: E402
+from vitpipe.runlayout import RunLayout
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
-    path = Path(run_dir) / "metrics.jsonl"
+    path = RunLayout(run_dir).metrics
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 

@@ -10,6 +10,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from vitpipe.runlayout import RunLayout
 from vitpipe.downstream.features import LayerKey, single_blocks
 from vitpipe.report import figures
 from vitpipe.ssl.vit import VisionTransformer
@@ -70,7 +71,7 @@ def _attention_distance(ctx: FigureContext) -> Section | None:
 def _layer_probe(ctx: FigureContext) -> Section | None:
     import json
 
-    path = ctx.run_dir / "eval" / "linear-probe.json"
+    path = RunLayout(ctx.run_dir).result("linear-probe")
     per_layer = json.loads(path.read_text()).get("per_layer", {}) if path.is_file() else {}
     blocks = single_blocks(per_layer)
     if len(blocks) < 2:

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from vitpipe.runlayout import RunLayout
 from vitpipe.config import ConfigError
 from vitpipe.downstream.features import EncoderSource
 from vitpipe.pipeline.census import parse_label, sample_members
@@ -25,7 +26,6 @@ from vitpipe.pipeline.loader import eval_loader
 from vitpipe.pipeline.shardset import open_shard, resolve_shards
 from vitpipe.pipeline.transforms import TransformSpec, build_transform
 from vitpipe.ssl import registry
-from vitpipe.ssl.runs import run_dir_of
 
 MIME = {"jpg": "image/jpeg", "png": "image/png", "webp": "image/webp"}
 MAX_QUERY_PIXELS = 40_000_000
@@ -81,7 +81,7 @@ class SearchIndex:
     def _embedded(self, workers: int) -> tuple[list[str], np.ndarray]:
         ident = hashlib.sha256(json.dumps([self.source.identity(), resolve_shards(self.spec).identity()],
                                           sort_keys=True).encode()).hexdigest()[:24]
-        cache = run_dir_of(self.source.run) / "eval" / "serve" / f"{ident}.npz"
+        cache = RunLayout.of(self.source.run).eval / "serve" / f"{ident}.npz"
         if cache.is_file():
             with np.load(cache, allow_pickle=False) as stored:
                 return [str(k) for k in stored["keys"]], stored["vectors"]

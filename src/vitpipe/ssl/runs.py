@@ -8,31 +8,24 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from vitpipe.runlayout import RunLayout
 from vitpipe.config import ConfigError, PretrainConfig
 from vitpipe.ssl import registry
 from vitpipe.ssl.engine import artifacts, checkpoints
-
-
-def run_dir_of(run_or_checkpoint: Path) -> Path:
-    path = Path(run_or_checkpoint)
-    return path.parent.parent if (path / "state.json").is_file() else path
 
 
 def locate_run(run_or_checkpoint: Path) -> tuple[PretrainConfig, Path]:
     """(config, weights file) of a run directory (its encoder.safetensors, else its latest
     checkpoint that verifies) or of a checkpoint directory. The file is checked against the
     checksum written with it: a damaged file is an error (CheckpointError), never evaluated."""
-    path = Path(run_or_checkpoint)
-    if (path / "state.json").is_file():  # a checkpoint directory
-        run_dir, checkpoint = path.parent.parent, path
-    elif (path / "config.yaml").is_file():
-        run_dir, checkpoint = path, None
-    else:
+    path, layout = Path(run_or_checkpoint), RunLayout.of(run_or_checkpoint)
+    if not layout.config.is_file():
         raise ConfigError(f"{path} is neither a run directory nor a checkpoint")
-    config = registry.run_config(run_dir / "config.yaml")
-    encoder = run_dir / "encoder.safetensors"
+    run_dir, checkpoint = layout.root, (path if layout.root != path else None)
+    config = registry.run_config(layout.config)
+    encoder = layout.encoder
     if checkpoint is None and encoder.is_file():
-        info = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").is_file() else {}
+        info = json.loads(layout.info.read_text()) if layout.info.is_file() else {}
         expected = info.get("encoder_sha256")
         if expected and checkpoints.sha256_file(encoder) != expected:
             raise checkpoints.CheckpointError(f"{encoder} does not match the sha256 in run.json (damaged); "
@@ -70,8 +63,8 @@ def checkpoint_step(weights: Path) -> int | None:
 def build_run_objective(run_or_checkpoint: Path, config: PretrainConfig | None = None, seed: int | None = None):
     """A freshly initialised objective of this run (its own schema and artefacts), ``config``
     replacing the run's when given (e.g. another drop-path rate for fine-tuning)."""
-    run_dir = run_dir_of(run_or_checkpoint)
-    config = config or registry.run_config(run_dir / "config.yaml")
+    run_dir = RunLayout.of(run_or_checkpoint).root
+    config = config or registry.run_config(RunLayout(run_dir).config)
     if seed is not None:
         torch.manual_seed(seed)
     files = artifacts.load(run_dir)
@@ -87,7 +80,7 @@ def load_run_encoder(run_or_checkpoint: Path, config: PretrainConfig | None = No
 
     run_config, weights = locate_run(run_or_checkpoint)
     objective = build_run_objective(run_or_checkpoint, config or run_config)
-    if weights.name == "encoder.safetensors":
+    if weights == RunLayout.of(run_or_checkpoint).encoder:
         encoder = objective.encoder()
         encoder.load_state_dict(load_file(weights))
     else:  # a checkpoint holds the whole objective; keep its encoder
@@ -106,7 +99,7 @@ def load_run_objective(run_or_checkpoint: Path, config: PretrainConfig | None = 
     if trained:
         _, weights = locate_run(run_or_checkpoint)
         checkpoint = weights.parent if weights.name == "model.safetensors" else checkpoints.latest_verified(
-            run_dir_of(run_or_checkpoint), checkpoints.log_stderr, set_aside=False)
+            RunLayout.of(run_or_checkpoint).root, checkpoints.log_stderr, set_aside=False)
         if checkpoint is None:
             raise ConfigError(f"{run_or_checkpoint}: no checkpoint holds the whole model (only its encoder was kept)")
         model.load_state_dict(load_file(checkpoint / "model.safetensors"))

@@ -13,15 +13,15 @@ import os
 import shutil
 from pathlib import Path
 
+from vitpipe.runlayout import RunLayout
 from vitpipe.ssl.engine.checkpoints import CheckpointError
 
-DIRECTORY = "artifacts"
 
 
 def save(run_dir: Path, files: dict[str, bytes]) -> dict[str, str]:
     """Write ``files`` atomically as RUN/artifacts/; return their sha256 by name."""
-    final = Path(run_dir) / DIRECTORY
-    tmp = final.with_name(f".tmp-{DIRECTORY}")
+    final = RunLayout(run_dir).artifacts
+    tmp = final.with_name(f".tmp-{final.name}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     for name, data in files.items():
@@ -38,7 +38,7 @@ def save(run_dir: Path, files: dict[str, bytes]) -> dict[str, str]:
 
 def recorded(run_dir: Path) -> dict[str, str] | None:
     """The checksums run.json holds, or None when the run has no artefacts recorded."""
-    path = Path(run_dir) / "run.json"
+    path = RunLayout(run_dir).info
     if not path.is_file():
         return None
     return json.loads(path.read_text()).get("artifacts")
@@ -49,7 +49,7 @@ def load(run_dir: Path) -> dict[str, bytes]:
     expected = recorded(run_dir)
     if not expected:
         return {}
-    directory = Path(run_dir) / DIRECTORY
+    directory = RunLayout(run_dir).artifacts
     files = {}
     for name, digest in expected.items():
         path = directory / name

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from vitpipe.runlayout import RunLayout
 from vitpipe import __version__
 from vitpipe.pipeline.tario import sha256_file
 
@@ -35,7 +36,7 @@ class CheckpointError(RuntimeError):
 def list_checkpoints(run_dir: Path) -> list[Path]:
     """Complete checkpoints, oldest first (verified or not). Incomplete ones only ever exist under
     a ``.tmp-`` name, damaged ones that were set aside under ``.damaged-``."""
-    directory = Path(run_dir) / "checkpoints"
+    directory = RunLayout(run_dir).checkpoints
     if not directory.is_dir():
         return []
     return sorted(p for p in directory.iterdir()
@@ -134,7 +135,7 @@ def save(accelerator, model, optimizer, scheduler, state: dict[str, Any], run_di
     if bad is not None:
         raise CheckpointError(f"non-finite values in {bad} after step {state['step']}; not checkpointed (lower "
                               "optim.base_lr or set optim.clip_grad); the last checkpoint is still good")
-    directory = Path(run_dir) / "checkpoints"
+    directory = RunLayout(run_dir).checkpoints
     final = directory / f"{PREFIX}{state['step']:08d}"
     tmp = directory / f".tmp-{final.name}"
     try:

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from vitpipe.runlayout import RunLayout
 from vitpipe.atomic import write_text_atomic, writing
 from vitpipe.config import ConfigError, PretrainConfig, save_config, to_dict
 from vitpipe.ssl import registry
@@ -46,7 +47,7 @@ def start_checkpoint(run_dir: Path, config: PretrainConfig, resume: str | None, 
     if resume == "auto":
         start = checkpoints.latest_verified(run_dir, checkpoints.log_stderr if is_main else _silent)
     elif resume in (None, "never"):
-        if list_checkpoints(run_dir) or (run_dir / "encoder.safetensors").exists():
+        if list_checkpoints(run_dir) or RunLayout(run_dir).encoder.exists():
             raise ConfigError(f"{run_dir} already holds a run; use --resume auto to continue it or another --out")
         start = None
     else:
@@ -54,10 +55,10 @@ def start_checkpoint(run_dir: Path, config: PretrainConfig, resume: str | None, 
         if (problem := checkpoints.verify(start)) is not None:
             raise CheckpointError(f"checkpoint {start} is damaged ({problem})")
     if start is not None:
-        check_resumable(start.parent.parent / "config.yaml", config)
+        check_resumable(RunLayout(start.parent.parent).config, config)
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(config, run_dir / "config.yaml")
+        save_config(config, RunLayout(run_dir).config)
     return start
 
 
@@ -75,7 +76,7 @@ def check_resumable(saved: Path, config: PretrainConfig) -> None:
 def keep_metrics_up_to(run_dir: Path, step: int) -> None:
     """Drop records of steps after the checkpoint a run resumes from: those steps are redone, and
     each step must appear once in metrics.jsonl."""
-    path = run_dir / "metrics.jsonl"
+    path = RunLayout(run_dir).metrics
     if not path.exists():
         return
     kept = [line for line in path.read_text().splitlines(keepends=True) if line.strip() and _step_of(line) <= step]
@@ -102,12 +103,12 @@ def git_revision() -> str | None:
 
 
 def read_run_info(run_dir: Path) -> dict[str, Any]:
-    path = run_dir / "run.json"
+    path = RunLayout(run_dir).info
     return json.loads(path.read_text()) if path.exists() else {}
 
 
 def update_run_info(run_dir: Path, values: dict[str, Any]) -> None:
-    write_text_atomic(run_dir / "run.json", json.dumps({**read_run_info(run_dir), **values}, indent=2))
+    write_text_atomic(RunLayout(run_dir).info, json.dumps({**read_run_info(run_dir), **values}, indent=2))
 
 
 class JsonLines:
@@ -144,7 +145,7 @@ def record_session(run_dir: Path, config: PretrainConfig, launch: dict[str, Any]
                              "resumed_from_step": resumed_from,
                              "slurm_restart_count": os.environ.get("SLURM_RESTART_COUNT")})
     info.pop("encoder_sha256", None)  # until this session exports a new encoder
-    write_text_atomic(run_dir / "run.json", json.dumps(info, indent=2))
+    write_text_atomic(RunLayout(run_dir).info, json.dumps(info, indent=2))
 
 
 def export_encoder(run_dir: Path, encoder) -> None:
@@ -152,7 +153,7 @@ def export_encoder(run_dir: Path, encoder) -> None:
     its sha256 and depth in run.json so a damaged file is never evaluated."""
     from safetensors.torch import save_file
 
-    with writing(run_dir / "encoder.safetensors") as tmp:
+    with writing(RunLayout(run_dir).encoder) as tmp:
         save_file({k: v.detach().cpu().contiguous() for k, v in encoder.state_dict().items()}, tmp)
         digest = checkpoints.sha256_file(tmp)
     update_run_info(run_dir, {"encoder_sha256": digest, "encoder_depth": encoder.depth})

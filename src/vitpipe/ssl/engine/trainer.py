@@ -20,6 +20,7 @@ from typing import Any, Callable
 
 import torch
 
+from vitpipe.runlayout import RunLayout
 from vitpipe.config import PretrainConfig, to_dict
 from vitpipe.pipeline.census import require_needs
 from vitpipe.pipeline.loader import ShardDataset, make_loader
@@ -131,14 +132,14 @@ class Trainer:
             accelerator.init_trackers("pretrain", config=flat, init_kwargs=trackers.init_kwargs(
                 self.run_dir, train, rundir.read_run_info(self.run_dir), state.step))
             rundir.update_run_info(self.run_dir, {"trackers": trackers.run_ids(accelerator)})
-            session.metrics = JsonLines(self.run_dir / "metrics.jsonl")
+            session.metrics = JsonLines(RunLayout(self.run_dir).metrics)
             if self.progress:
                 from tqdm import tqdm
 
                 session.bar = tqdm(total=train.max_steps, initial=state.step, desc=f"pretrain {config.objective}",
                                    dynamic_ncols=True)
         if train.record_keys:
-            session.audit = JsonLines(self.run_dir / "audit" / f"rank{accelerator.process_index}.jsonl")
+            session.audit = JsonLines(RunLayout(self.run_dir).audit / f"rank{accelerator.process_index}.jsonl")
         session.stop.install()
         return session
 
@@ -355,7 +356,7 @@ class Trainer:
         session_samples = s.state.samples_seen - (s.resumed_from or 0) * s.global_batch
         if self.config.train.record_keys:
             fingerprint = sum(p.detach().double().abs().sum().item() for p in s.objective.parameters())
-            (self.run_dir / "audit" / f"rank{s.accelerator.process_index}.final.json").write_text(
+            (RunLayout(self.run_dir).audit / f"rank{s.accelerator.process_index}.final.json").write_text(
                 json.dumps({"param_abs_sum": fingerprint, "global_batch": s.global_batch,
                             "world_size": s.accelerator.num_processes}))
         if s.accelerator.is_main_process:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from vitpipe.runlayout import RunLayout
 from vitpipe.config import ConfigError, PretrainConfig, to_dict
 from vitpipe.ssl.objective import ObjectiveSpec
 
@@ -28,9 +29,8 @@ def check(spec: ObjectiveSpec | None, config: PretrainConfig, source: PretrainCo
         return
     if source is None:
         from vitpipe.ssl import registry
-        from vitpipe.ssl.runs import run_dir_of
 
-        saved = run_dir_of(Path(start)) / "config.yaml"
+        saved = RunLayout.of(Path(start)).config
         if not saved.is_file():
             raise ConfigError(f"{start} (the encoder to start from) is neither a run directory nor a checkpoint")
         source = registry.run_config(saved)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 from typing import TYPE_CHECKING
+from vitpipe.runlayout import RunLayout
 
 if TYPE_CHECKING:
     from vitpipe.report.sections import FigureContext, Section
@@ -14,7 +15,7 @@ if TYPE_CHECKING:
 def zero_shot_confusion(ctx: FigureContext) -> Section | None:
     from vitpipe.report import figures
 
-    path = ctx.run_dir / "eval" / "zero-shot.json"
+    path = RunLayout(ctx.run_dir).result("zero-shot")
     if not path.is_file():
         return None
     result = json.loads(path.read_text())
@@ -24,7 +25,7 @@ def zero_shot_confusion(ctx: FigureContext) -> Section | None:
 
 
 def text_query_grid(ctx: FigureContext) -> Section | None:
-    grid = ctx.run_dir / "eval" / "retrieval-text" / "query_text.png"
+    grid = RunLayout(ctx.run_dir).eval / "retrieval-text" / "query_text.png"
     if not grid.is_file():
         return None
     png = ctx.out_dir / "retrieval_text_query.png"
