@@ -133,3 +133,51 @@ def test_parameters_unfrozen_after_ddp_wrapped_are_averaged(tmp_path):
         module(torch.full((2, 3), float(rank + 1))).sum().mul(0.5).backward()
     for got, expected in zip(grads[0], [p.grad for p in module.parameters()]):
         assert torch.allclose(got, expected, atol=1e-6)
+
+
+def _as_written_before_frozen_joined(checkpoint, objective) -> dict:
+    """Rewrite ``checkpoint``'s optimizer.pt as vitpipe wrote it before frozen parameters joined the
+    groups (only those trainable at build time, numbered in order), with its checksum; return it."""
+    from vitpipe.ssl.engine import checkpoints, optim
+
+    saved = torch.load(checkpoint / "optimizer.pt", weights_only=True)
+    groups = optim.param_groups(objective, 0.0, 1.0)
+    state, old_groups, start = {}, [], 0
+    for saved_group, group in zip(saved["param_groups"], groups):
+        live = [saved_id for saved_id, param in zip(saved_group["params"], group["params"]) if param.requires_grad]
+        ids = list(range(start, start + len(live)))
+        state.update({new: saved["state"][old] for new, old in zip(ids, live) if old in saved["state"]})
+        old_groups.append({**saved_group, "params": ids})
+        start += len(ids)
+    old = {"state": state, "param_groups": old_groups}
+    torch.save(old, checkpoint / "optimizer.pt")
+    sums = json.loads((checkpoint / "checksums.json").read_text())
+    sums["optimizer.pt"] = checkpoints.sha256_file(checkpoint / "optimizer.pt")
+    (checkpoint / "checksums.json").write_text(json.dumps(sums))
+    assert checkpoints.verify(checkpoint) is None
+    return old
+
+
+def test_a_checkpoint_from_before_frozen_parameters_joined_the_optimizer_resumes(labelled_shards, tmp_path):
+    """A run with frozen blocks checkpointed by the older optimizer layout resumes, its Adam moments
+    carried to the same parameters (they used to fail with a group size mismatch)."""
+    from vitpipe.ssl.engine import optim
+    from vitpipe.ssl.runs import load_run_objective, locate_run
+
+    run = tmp_path / "run"
+    args = ["pretrain", "classify", "--data", str(labelled_shards / "train"), "--out", str(run), *RUN_ARGS[:1],
+            "data.image_size=16", "model.patch_size=4", "train.batch_size=8", "data.num_workers=0",
+            "finetune.num_classes=2", "finetune.freeze_blocks=1", "train.ckpt_every_steps=1"]
+    assert main([*args, "train.max_steps=2"]) == 0
+    objective = load_run_objective(run)
+    checkpoint = sorted((run / "checkpoints").iterdir())[-1]
+    old = _as_written_before_frozen_joined(checkpoint, objective)
+    optimizer, *_ = optim.build(objective, locate_run(run)[0], 8)
+    assert sum(len(g["params"]) for g in old["param_groups"]) < sum(len(g["params"]) for g in optimizer.param_groups)
+    optimizer.load_state_dict(optim.with_frozen(old, optimizer))
+    first_live = next(p for p in optimizer.param_groups[0]["params"] if p.requires_grad)
+    assert torch.equal(optimizer.state[first_live]["exp_avg"], old["state"][0]["exp_avg"])
+    assert not any(optimizer.state.get(p) for g in optimizer.param_groups for p in g["params"] if not p.requires_grad)
+    assert main([*args, "train.max_steps=3", "--resume", "auto"]) == 0
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines() if "loss" in line]
+    assert steps[-1] == 3

@@ -243,7 +243,9 @@ def load(path: Path, accelerator, model, optimizer, scheduler) -> dict[str, Any]
                           f"{accelerator.num_processes}: the data position would not match")
     try:
         accelerator.unwrap_model(model).load_state_dict(load_file(path / "model.safetensors"))
-        optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+        from vitpipe.ssl.engine.optim import with_frozen
+
+        optimizer.load_state_dict(with_frozen(torch.load(path / "optimizer.pt", weights_only=True), optimizer))
         scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
         set_rng_state(torch.load(path / f"rng_{accelerator.process_index}.pt", weights_only=True))
     except Exception as err:  # e.g. a refused pickle: say which file, in one line

@@ -29,6 +29,26 @@ def param_groups(model: Objective, weight_decay: float, lr: float) -> list[dict[
             for (decay, scale), params in sorted(groups.items(), key=lambda item: (not item[0][0], -item[0][1]))]
 
 
+def with_frozen(saved: dict[str, Any], optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """An optimizer state dict written when the groups held only the parameters trainable at build
+    time (checkpoints before frozen parameters joined them, 2026-12-04), re-indexed onto today's
+    groups: each saved entry goes to its parameter, a frozen one enters with no state. A state dict
+    of today's shape, or one this does not describe, is returned unchanged (loading it says why)."""
+    old_groups, groups = saved["param_groups"], optimizer.param_groups
+    if len(old_groups) != len(groups) or all(len(o["params"]) == len(g["params"]) for o, g in zip(old_groups, groups)):
+        return saved
+    start, state, new_groups = 0, {}, []
+    for old, group in zip(old_groups, groups):
+        live = [i for i, param in enumerate(group["params"]) if param.requires_grad]
+        if len(live) != len(old["params"]):
+            return saved
+        ids = list(range(start, start + len(group["params"])))
+        state.update({ids[i]: saved["state"][old_id] for i, old_id in zip(live, old["params"]) if old_id in saved["state"]})
+        new_groups.append({**old, "params": ids})
+        start += len(ids)
+    return {"state": state, "param_groups": new_groups}
+
+
 def peak_lr(config: PretrainConfig, global_batch: int) -> float:
     return config.optim.lr or config.optim.base_lr * global_batch / 256
 
