@@ -3,8 +3,9 @@ ssl/engine/: checkpoints, launch, optim, rundir, artifacts, data, warmstart).
 
 It takes any objective from the registry and the shard loader, and calls only the hooks the
 ``Objective`` base class declares (``forward``, ``accumulate``, ``after_backward``,
-``on_step_end``, ``views``, ``batch_hook``, ``trainable_module``): it never reads a batch's fields
-nor an objective's attributes. Schedules are in optimizer steps.
+``on_step_end``, ``views``, ``batch_hook``, ``trainable_module``). Of a batch it reads only the
+loader's bookkeeping (``skipped``, ``shard_errors``, ``key`` for the audit) and the first view of
+``image`` for the health monitors. Schedules are in optimizer steps.
 
 Exit codes of a run: 0 done, 1 failure (e.g. NaN loss), 75 (EX_TEMPFAIL) stopped by SIGTERM or
 SIGUSR1 after a complete checkpoint; rerun the same command with ``--resume auto``.
