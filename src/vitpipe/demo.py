@@ -122,7 +122,7 @@ def run_demo(out: Path, run_command: Callable[[list[str]], int], config: Path | 
     step(["pretrain", "mae", "--config", str(config), "--data", str(shards / "train"), "--out", str(run),
           "--resume", "auto", *(overrides or [])])
     common = ["--train", str(shards / "train"), "--test", str(shards / "test")]
-    depth = registry.run_configRunLayout(run).config.model.depth
+    depth = registry.run_config(RunLayout(run).config).model.depth
     blocks = ",".join(str(block) for block in range(1, depth)) or "0"
     for baseline in ([], ["--init", "random"]):
         # blocks side by side: what made MAE beat raw pixels in benchmarks/RESULTS.md

@@ -123,7 +123,7 @@ def run_suite(datasets: list[SuiteDataset], runs: list[Path], out: Path, setting
 
 
 def _objective(run: Path) -> str:
-    return registry.run_configRunLayout.of(run).config.objective
+    return registry.run_config(RunLayout.of(run).config).objective
 
 
 def _dataset_run(dataset: SuiteDataset, run: Path, name: str, out: Path, settings: SuiteSettings, memo: BaselineMemo,
