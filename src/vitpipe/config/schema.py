@@ -271,8 +271,9 @@ class TrainConfig:
     """Micro-batches accumulated per optimizer step."""
     precision: str = "auto"
     """fp32 | bf16 | fp16 | auto (bf16 on GPUs that support it, fp32 on CPU)."""
-    compile: bool = False
-    """torch.compile the objective (no gain on CPU; worth it on GPUs)."""
+    compile: bool | str = False
+    """torch.compile the objective's trainable module: true | false | auto (measured for this
+    objective, size and run length, compile cost included; the choice and its numbers in run.json)."""
     grad_checkpointing: bool = False
     """Recompute every transformer block's activations in the backward pass (encoder, decoder,
     predictor, text tower): less activation memory for about a third more compute; same gradients."""
@@ -311,6 +312,7 @@ class TrainConfig:
         check(self.max_steps >= 1, "train.max_steps must be >= 1")
         check(self.batch_size >= 1 and self.grad_accum >= 1, "train.batch_size and train.grad_accum must be >= 1")
         check(self.precision in ("auto", "fp32", "bf16", "fp16"), "train.precision must be auto|fp32|bf16|fp16")
+        check(self.compile in (True, False, "auto"), "train.compile must be true | false | auto")
         check(self.log_every >= 1, "train.log_every must be >= 1")
         check(self.ckpt_every_steps >= 0 and self.ckpt_every_minutes >= 0, "checkpoint intervals must be >= 0")
         check(self.keep_checkpoints >= 1, "train.keep_checkpoints must be >= 1")

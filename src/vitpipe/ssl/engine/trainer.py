@@ -28,12 +28,12 @@ from vitpipe.pipeline.census import require_needs
 from vitpipe.pipeline.loader import ShardDataset, make_loader
 from vitpipe.pipeline.shardset import resolve_shards
 from vitpipe.ssl import registry
-from vitpipe.ssl.engine import artifacts, checkpoints, optim, rundir, trackers, warmstart
+from vitpipe.ssl.engine import artifacts, checkpoints, compiling, optim, rundir, trackers, warmstart
 from vitpipe.ssl.engine.distributed import average_late_gradients, sum_gradients
 from vitpipe.ssl.engine.health import monitor
 from vitpipe.ssl.engine.launch import RunLock, make_accelerator
 from vitpipe.ssl.objective import Objective
-from vitpipe.ssl.engine.precision import for_run as choose_precision
+from vitpipe.ssl.engine.precision import for_run as choose_precision, synthetic_batch
 from vitpipe.ssl.engine.data import training_spec
 from vitpipe.ssl.engine.rundir import JsonLines
 from vitpipe.ssl.engine.state import RunSummary, Session, TrainState
@@ -114,7 +114,9 @@ class Trainer:
         global_batch = train.batch_size * train.grad_accum * accelerator.num_processes
         optimizer, scheduler, lr, warmup = optim.build(objective, config, global_batch)
         synced = {id(p) for p in objective.trainable_module().parameters() if p.requires_grad}
-        model, wrapped, optimizer = self._wrap(accelerator, objective, optimizer)
+        done = json.loads((start / "state.json").read_text())["step"] if start is not None else 0
+        compiled = self._compile_choice(accelerator, fitted, max(train.max_steps - done, 0))
+        model, wrapped, optimizer = self._wrap(accelerator, objective, optimizer, compiled[0])
         set_seed(train.seed + accelerator.process_index)  # masks differ across ranks
         state = TrainState()
         if start is not None:
@@ -127,7 +129,7 @@ class Trainer:
             rundir.keep_metrics_up_to(self.run_dir, state.step)
             rundir.record_session(self.run_dir, config, {
                 "world_size": accelerator.num_processes, "device": str(accelerator.device), "precision": precision[0],
-                "precision_reason": precision[1],
+                "precision_reason": precision[1], "compile": compiled[0], "compile_reason": compiled[1],
                 "global_batch": global_batch, "peak_lr": lr, "warmup_steps": warmup}, session.resumed_from)
             # a resumed run's trackers hold its first session's settings (MLflow refuses changed ones)
             flat = rundir.flat(to_dict(config)) if session.resumed_from is None else None
@@ -145,12 +147,27 @@ class Trainer:
         session.stop.install()
         return session
 
-    def _wrap(self, accelerator, objective: Objective, optimizer):
+    def _compile_choice(self, accelerator, fitted: dict[str, bytes], remaining: int) -> tuple[bool, str]:
+        """(compile?, reason): ``train.compile``, or for auto a measurement on throwaway copies."""
+        from accelerate.utils import send_to_device
+
+        config, train = self.config, self.config.train
+
+        def build() -> Objective:
+            return self.build_objective(config, fitted).to(accelerator.device)
+
+        def batch(objective: Objective) -> dict[str, Any]:
+            return send_to_device(synthetic_batch(objective, config.data, train.batch_size), accelerator.device)
+
+        return compiling.decide(train.compile, build, batch, train.batch_size * train.grad_accum, remaining,
+                                accelerator.autocast)
+
+    def _wrap(self, accelerator, objective: Objective, optimizer, compile_: bool):
         """Compile and DDP-wrap the objective's trainable module alone (a teacher stays out) and
         bind the wrapper to the objective: (what the step calls, the wrapper, the prepared optimizer)."""
         trainable = objective.trainable_module()
         objective.to(accelerator.device)  # the teacher too: prepare moves only what it wraps
-        wrapped = torch.compile(trainable) if self.config.train.compile else trainable
+        wrapped = torch.compile(trainable) if compile_ else trainable
         wrapped, optimizer = accelerator.prepare(wrapped, optimizer)
         if trainable is objective:
             return wrapped, wrapped, optimizer
