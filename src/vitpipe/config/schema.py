@@ -277,6 +277,10 @@ class TrainConfig:
     grad_checkpointing: bool = False
     """Recompute every transformer block's activations in the backward pass (encoder, decoder,
     predictor, text tower): less activation memory for about a third more compute; same gradients."""
+    fsdp: bool = False
+    """Shard parameters, gradients and optimizer state over the processes (FSDP2 ``fully_shard`` per
+    transformer block) instead of replicating them (DDP). Checkpoints and encoder.safetensors stay
+    consolidated (the same files as DDP's); one process trains unsharded."""
     seed: int = 0
     """Seed for parameters, masks, augmentation and data order."""
     log_every: int = 10

@@ -113,11 +113,11 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _first_nonfinite(module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> str | None:
-    for name, param in module.state_dict().items():
+def _first_nonfinite(weights: dict[str, torch.Tensor], optimizer: dict[str, Any]) -> str | None:
+    for name, param in weights.items():
         if param.is_floating_point() and not torch.isfinite(param).all():
             return f"parameter {name}"
-    for index, state in optimizer.state_dict()["state"].items():
+    for index, state in optimizer["state"].items():
         for key, value in state.items():
             if torch.is_tensor(value) and value.is_floating_point() and not torch.isfinite(value).all():
                 return f"optimizer state {key} of parameter {index}"
@@ -130,8 +130,12 @@ def save(accelerator, model, optimizer, scheduler, state: dict[str, Any], run_di
     failed write (disk full) so the previous checkpoint stays the latest."""
     from safetensors.torch import save_file
 
+    from vitpipe.ssl.engine import sharding
+
     unwrapped = accelerator.unwrap_model(model)
-    bad = _first_nonfinite(unwrapped, optimizer)  # every rank holds the same state: all agree
+    # whole tensors on every process (gathering FSDP shards is a collective): all ranks agree below
+    weights, optimizer_state = sharding.full_state_dict(unwrapped), sharding.full_optimizer_state(optimizer)
+    bad = _first_nonfinite(weights, optimizer_state)
     if bad is not None:
         raise CheckpointError(f"non-finite values in {bad} after step {state['step']}; not checkpointed (lower "
                               "optim.base_lr or set optim.clip_grad); the last checkpoint is still good")
@@ -146,9 +150,8 @@ def save(accelerator, model, optimizer, scheduler, state: dict[str, Any], run_di
         accelerator.wait_for_everyone()
         torch.save(rng_state(), tmp / f"rng_{accelerator.process_index}.pt")
         if accelerator.is_main_process:
-            weights = {k: v.detach().cpu().contiguous() for k, v in unwrapped.state_dict().items()}
-            save_file(weights, tmp / "model.safetensors")
-            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            save_file({k: v.contiguous() for k, v in weights.items()}, tmp / "model.safetensors")
+            torch.save(optimizer_state, tmp / "optimizer.pt")
             torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
             (tmp / "state.json").write_text(json.dumps({**state, "world_size": accelerator.num_processes,
                                                        "vitpipe_version": __version__}, indent=2))
@@ -242,10 +245,11 @@ def load(path: Path, accelerator, model, optimizer, scheduler) -> dict[str, Any]
         raise ConfigError(f"{path} was written by {saved['world_size']} processes, this run has "
                           f"{accelerator.num_processes}: the data position would not match")
     try:
-        accelerator.unwrap_model(model).load_state_dict(load_file(path / "model.safetensors"))
+        from vitpipe.ssl.engine import sharding
         from vitpipe.ssl.engine.optim import with_frozen
 
-        optimizer.load_state_dict(with_frozen(torch.load(path / "optimizer.pt", weights_only=True), optimizer))
+        sharding.load_model(accelerator.unwrap_model(model), load_file(path / "model.safetensors"))
+        sharding.load_optimizer(optimizer, with_frozen(torch.load(path / "optimizer.pt", weights_only=True), optimizer))
         scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
         set_rng_state(torch.load(path / f"rng_{accelerator.process_index}.pt", weights_only=True))
     except Exception as err:  # e.g. a refused pickle: say which file, in one line

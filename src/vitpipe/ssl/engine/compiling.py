@@ -62,3 +62,22 @@ def decide(setting: bool | str, build: Callable[[], torch.nn.Module], batch: Cal
     return chosen, (f"auto: compiled steps {eager / fast:.2f}x eager ({fast * 1000:.0f} vs {eager * 1000:.0f} ms), "
                     f"saving {saved:.0f} s over {remaining_steps} steps against a {cost:.0f} s compile "
                     f"(needs {MIN_GAIN}x and a saving above the cost)")
+
+
+def for_run(config: Any, build_objective: Callable, fitted: dict[str, bytes], accelerator,
+            remaining_steps: int) -> tuple[bool, str]:
+    """``decide`` for a run: throwaway copies of its objective and synthetic batches on its device."""
+    from accelerate.utils import send_to_device
+
+    from vitpipe.ssl.engine.precision import synthetic_batch
+
+    train = config.train
+
+    def build() -> torch.nn.Module:
+        return build_objective(config, fitted).to(accelerator.device)
+
+    def batch(objective: torch.nn.Module) -> dict[str, Any]:
+        return send_to_device(synthetic_batch(objective, config.data, train.batch_size), accelerator.device)
+
+    return decide(train.compile, build, batch, train.batch_size * train.grad_accum, remaining_steps,
+                  accelerator.autocast)

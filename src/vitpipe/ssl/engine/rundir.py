@@ -22,7 +22,7 @@ RESUMABLE_CHANGES = {
     "data.shards", "data.num_workers", "train.max_steps", "train.log_every", "train.ckpt_every_steps",
     "train.ckpt_every_minutes", "train.keep_checkpoints", "train.tensorboard", "train.wandb", "train.mlflow",
     "train.record_keys", "train.nan_policy", "train.compile", "train.grad_checkpointing", "train.health_every",
-    "train.collapse_min_std",
+    "train.collapse_min_std", "train.fsdp",
     "train.collapse_min_rank",
 }
 """Settings a resumed run may change; any other change would make it another run."""
@@ -148,15 +148,16 @@ def record_session(run_dir: Path, config: PretrainConfig, launch: dict[str, Any]
     write_text_atomic(RunLayout(run_dir).info, json.dumps(info, indent=2))
 
 
-def export_encoder(run_dir: Path, encoder) -> None:
-    """RUN/encoder.safetensors (what eval and export read; decoders and heads are training-only),
-    its sha256 and depth in run.json so a damaged file is never evaluated."""
+def export_encoder(run_dir: Path, weights: dict, depth: int) -> None:
+    """RUN/encoder.safetensors from the encoder's whole state dict (what eval and export read;
+    decoders and heads are training-only), its sha256 and depth in run.json so a damaged file is
+    never evaluated."""
     from safetensors.torch import save_file
 
     with writing(RunLayout(run_dir).encoder) as tmp:
-        save_file({k: v.detach().cpu().contiguous() for k, v in encoder.state_dict().items()}, tmp)
+        save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, tmp)
         digest = checkpoints.sha256_file(tmp)
-    update_run_info(run_dir, {"encoder_sha256": digest, "encoder_depth": encoder.depth})
+    update_run_info(run_dir, {"encoder_sha256": digest, "encoder_depth": depth})
 
 
 def progress_line(record: dict[str, Any], max_steps: int, global_batch: int) -> str:

@@ -76,6 +76,8 @@ class Session:
     last_checkpoint: Path | None = None
     last_loss: float | None = None
     decode_errors: int = 0
+    sharded: bool = False
+    """FSDP2 (``train.fsdp`` on more than one process): the objective's parameters are DTensors."""
     skipped_in_a_row: int = 0
     weight_decay: float | None = None
     images: torch.Tensor | None = None

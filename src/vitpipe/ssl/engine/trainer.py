@@ -28,12 +28,12 @@ from vitpipe.pipeline.census import require_needs
 from vitpipe.pipeline.loader import ShardDataset, make_loader
 from vitpipe.pipeline.shardset import resolve_shards
 from vitpipe.ssl import registry
-from vitpipe.ssl.engine import artifacts, checkpoints, compiling, optim, rundir, trackers, warmstart
+from vitpipe.ssl.engine import artifacts, checkpoints, compiling, optim, rundir, sharding, trackers, warmstart
 from vitpipe.ssl.engine.distributed import average_late_gradients, sum_gradients
 from vitpipe.ssl.engine.health import monitor
 from vitpipe.ssl.engine.launch import RunLock, make_accelerator
 from vitpipe.ssl.objective import Objective
-from vitpipe.ssl.engine.precision import for_run as choose_precision, synthetic_batch
+from vitpipe.ssl.engine.precision import for_run as choose_precision
 from vitpipe.ssl.engine.data import training_spec
 from vitpipe.ssl.engine.rundir import JsonLines
 from vitpipe.ssl.engine.state import RunSummary, Session, TrainState
@@ -82,9 +82,9 @@ class Trainer:
             session = self._setup(accelerator, precision)
             try:
                 self._loop(session)
+                return self._finish(session)  # before _close: its end_training ends the process group
             finally:
                 self._close(session)
-            return self._finish(session)
         finally:
             lock.release()
 
@@ -110,13 +110,16 @@ class Trainer:
         set_seed(train.seed)  # identical initial parameters on every rank
         objective = self.build_objective(config, fitted)
         set_grad_checkpointing(objective, train.grad_checkpointing)
+        whole = self._shard(accelerator, objective)  # before the optimizer: sharding replaces parameters
+        sharded = whole is not None
         dataset, loader = self._loader(objective, accelerator.process_index, accelerator.num_processes)
         global_batch = train.batch_size * train.grad_accum * accelerator.num_processes
         optimizer, scheduler, lr, warmup = optim.build(objective, config, global_batch)
-        synced = {id(p) for p in objective.trainable_module().parameters() if p.requires_grad}
+        synced = {id(p) for p in objective.trainable_module().parameters()  # the rest are averaged by hand
+                  if (id(p) not in whole if sharded else p.requires_grad)}
         done = json.loads((start / "state.json").read_text())["step"] if start is not None else 0
-        compiled = self._compile_choice(accelerator, fitted, max(train.max_steps - done, 0))
-        model, wrapped, optimizer = self._wrap(accelerator, objective, optimizer, compiled[0])
+        compiled = compiling.for_run(config, self.build_objective, fitted, accelerator, max(train.max_steps - done, 0))
+        model, wrapped, optimizer = self._wrap(accelerator, objective, optimizer, compiled[0], sharded)
         set_seed(train.seed + accelerator.process_index)  # masks differ across ranks
         state = TrainState()
         if start is not None:
@@ -124,12 +127,12 @@ class Trainer:
             state = TrainState(**{k: saved[k] for k in TrainState.__dataclass_fields__})
         session = Session(accelerator, model, wrapped, synced, objective, optimizer, scheduler, dataset, loader, state, global_batch,
                            state.step if start is not None else None, last_log=(time.monotonic(), state.samples_seen),
-                           wall_before=state.wall_seconds)
+                           wall_before=state.wall_seconds, sharded=sharded)
         if is_main:
             rundir.keep_metrics_up_to(self.run_dir, state.step)
             rundir.record_session(self.run_dir, config, {
                 "world_size": accelerator.num_processes, "device": str(accelerator.device), "precision": precision[0],
-                "precision_reason": precision[1], "compile": compiled[0], "compile_reason": compiled[1],
+                "precision_reason": precision[1], "compile": compiled[0], "compile_reason": compiled[1], "fsdp": sharded,
                 "global_batch": global_batch, "peak_lr": lr, "warmup_steps": warmup}, session.resumed_from)
             # a resumed run's trackers hold its first session's settings (MLflow refuses changed ones)
             flat = rundir.flat(to_dict(config)) if session.resumed_from is None else None
@@ -147,28 +150,29 @@ class Trainer:
         session.stop.install()
         return session
 
-    def _compile_choice(self, accelerator, fitted: dict[str, bytes], remaining: int) -> tuple[bool, str]:
-        """(compile?, reason): ``train.compile``, or for auto a measurement on throwaway copies."""
-        from accelerate.utils import send_to_device
+    def _shard(self, accelerator, objective: Objective) -> set[int] | None:
+        """FSDP2 over the processes when ``train.fsdp`` and there is more than one (sharding.py):
+        the ids of the parameters it leaves whole, or None when not sharding."""
+        if not (self.config.train.fsdp and accelerator.num_processes > 1):
+            return None
+        if self.config.train.grad_accum > 1 and objective.accumulates_step:
+            from vitpipe.config import ConfigError
 
-        config, train = self.config, self.config.train
+            raise ConfigError(f"train.fsdp with train.grad_accum > 1 is not supported for {self.config.objective} "
+                              "(its accumulate() sums gradients itself); use DDP or grad_accum=1")
+        return sharding.shard(objective.to(accelerator.device), objective.trainable_module())
 
-        def build() -> Objective:
-            return self.build_objective(config, fitted).to(accelerator.device)
-
-        def batch(objective: Objective) -> dict[str, Any]:
-            return send_to_device(synthetic_batch(objective, config.data, train.batch_size), accelerator.device)
-
-        return compiling.decide(train.compile, build, batch, train.batch_size * train.grad_accum, remaining,
-                                accelerator.autocast)
-
-    def _wrap(self, accelerator, objective: Objective, optimizer, compile_: bool):
-        """Compile and DDP-wrap the objective's trainable module alone (a teacher stays out) and
-        bind the wrapper to the objective: (what the step calls, the wrapper, the prepared optimizer)."""
+    def _wrap(self, accelerator, objective: Objective, optimizer, compile_: bool, sharded: bool):
+        """Compile and DDP-wrap the objective's trainable module alone (a teacher stays out; FSDP
+        sharded it already) and bind the wrapper to the objective: (what the step calls, the wrapper,
+        the prepared optimizer)."""
         trainable = objective.trainable_module()
         objective.to(accelerator.device)  # the teacher too: prepare moves only what it wraps
         wrapped = torch.compile(trainable) if compile_ else trainable
-        wrapped, optimizer = accelerator.prepare(wrapped, optimizer)
+        if sharded:
+            optimizer = accelerator.prepare(optimizer)
+        else:
+            wrapped, optimizer = accelerator.prepare(wrapped, optimizer)
         if trainable is objective:
             return wrapped, wrapped, optimizer
         objective.bind_trainable(wrapped)
@@ -322,6 +326,7 @@ class Trainer:
         state = s.state
         loss = s.accelerator.reduce(output.loss.detach().float(), reduction="mean").item()
         s.last_loss = loss
+        health = self._health(s)
         if not s.accelerator.is_main_process:
             return
         now = time.monotonic()
@@ -333,7 +338,7 @@ class Trainer:
             "decode_errors": s.decode_errors,
             **({"weight_decay": s.weight_decay} if s.weight_decay is not None else {}),
             **{k: float(v) for k, v in output.metrics.items()},
-            **self._health(s),
+            **health,
         }
         s.last_log = (now, state.samples_seen)
         s.metrics.write(record)
@@ -345,10 +350,17 @@ class Trainer:
                                 * self.config.train.grad_accum * s.accelerator.num_processes), flush=True)
 
     def _health(self, s: Session) -> dict[str, float]:
+        """On the first process; on every one when sharded (gathering the weights is a collective)."""
         train = self.config.train
         if not train.health_every or (s.state.step % train.health_every and s.state.step > 1) or s.images is None:
             return {}
-        return monitor(s.objective.encoder(), s.images, s.state.step, train, s.metrics.write)
+        if not s.sharded:
+            return monitor(s.objective.encoder(), s.images, s.state.step, train, s.metrics.write) \
+                if s.accelerator.is_main_process else {}
+        with sharding.unsharded(s.objective, s.objective.trainable_module()):
+            health = monitor(s.objective.encoder(), s.images, s.state.step, train,
+                             s.metrics.write if s.metrics is not None else lambda event: None)
+        return health if s.accelerator.is_main_process else {}
 
     def _checkpoint_due(self, step: int, last_checkpoint_time: float) -> bool:
         train = self.config.train
@@ -374,12 +386,15 @@ class Trainer:
         seconds = time.monotonic() - s.session_start
         session_samples = s.state.samples_seen - (s.resumed_from or 0) * s.global_batch
         if self.config.train.record_keys:
-            fingerprint = sum(p.detach().double().abs().sum().item() for p in s.objective.parameters())
+            whole = sharding.full_state_dict(s.objective)
+            fingerprint = sum(whole[n].double().abs().sum().item() for n, _ in s.objective.named_parameters())
             (RunLayout(self.run_dir).audit / f"rank{s.accelerator.process_index}.final.json").write_text(
                 json.dumps({"param_abs_sum": fingerprint, "global_batch": s.global_batch,
                             "world_size": s.accelerator.num_processes}))
+        encoder = s.objective.encoder()
+        weights = sharding.full_state_dict(encoder)  # every process: gathering shards is a collective
         if s.accelerator.is_main_process:
-            rundir.export_encoder(self.run_dir, s.objective.encoder())
+            rundir.export_encoder(self.run_dir, weights, encoder.depth)
         return RunSummary(self.run_dir, s.state.step, s.last_loss, seconds, session_samples / max(seconds, 1e-9),
                           s.last_checkpoint, s.resumed_from, {"decode_errors": s.decode_errors},
                           s.accelerator.is_main_process)

@@ -1,0 +1,130 @@
+"""FSDP2 (``train.fsdp``): parameters, gradients and optimizer state sharded over the processes.
+
+``shard`` applies ``torch.distributed.fsdp.fully_shard`` to every transformer ``Block`` of the
+objective (encoder, decoder, predictor, text tower; a teacher's too), then to the trainable module
+and, when a teacher lives outside it, to each of the objective's other children that hold
+parameters (the teacher's backbone and head: the objective is no FSDP unit, since its student
+shares its attribute names). It must run before the optimizer is built: sharding replaces each
+parameter by a DTensor holding this process's slice.
+
+Checkpoints stay consolidated and in DDP's format: ``full_state_dict`` and
+``full_optimizer_state`` gather every shard (collectives: all processes call them, in the same
+order) into whole CPU tensors, keyed as an unsharded module and optimizer key them; ``load_model``
+and ``load_optimizer`` cut this process's slice back out locally. So a checkpoint does not depend
+on how it was sharded (the run's world size is still checked: the data position depends on it).
+The gathered copy lives in host memory on every process while a checkpoint is written.
+
+A teacher kept by EMA is sharded like its student (the same slices), so the update stays local.
+Buffers (a conv stem's BatchNorm statistics, DINO's centre) are not sharded and, unlike DDP,
+not broadcast from the first process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+
+def _dtensor():
+    from torch.distributed.tensor import DTensor
+
+    return DTensor
+
+
+def shard(objective: nn.Module, trainable: nn.Module) -> set[int]:
+    """Shard ``objective`` in place. Returns the ids of the parameters left whole: scalars (CLIP's
+    temperature), which FSDP cannot shard; their gradients are the caller's to average."""
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+
+    from vitpipe.ssl.vit import Block
+
+    scalars = {p for p in objective.parameters() if p.ndim == 0}
+    for block in [module for module in objective.modules() if isinstance(module, Block)]:
+        fully_shard(block, ignored_params=scalars)
+    fully_shard(trainable, ignored_params=scalars)
+    student = {id(p) for p in trainable.parameters()}  # after: sharding replaced them
+    if trainable is not objective:
+        for child in objective.children():
+            if any(id(p) not in student for p in child.parameters()):
+                # explicitly: a root unit would otherwise stay gathered after its forward for the
+                # backward a teacher never has, and its EMA update works on the slices
+                fully_shard(child, reshard_after_forward=True, ignored_params=scalars)
+                if hasattr(child, "forward_features"):  # I-JEPA's target encoder is called so
+                    register_fsdp_forward_method(child, "forward_features")
+    return {id(p) for p in scalars}
+
+
+def is_sharded(module: nn.Module) -> bool:
+    DTensor = _dtensor()
+    return any(isinstance(p, DTensor) for p in module.parameters())
+
+
+def _whole(value: Any) -> Any:
+    """A DTensor gathered into one CPU tensor; anything else as it is (a tensor moved to the CPU)."""
+    if isinstance(value, _dtensor()):
+        return value.full_tensor().detach().cpu()
+    return value.detach().cpu() if torch.is_tensor(value) else value
+
+
+def full_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
+    """``module.state_dict()`` with every shard gathered: the tensors an unsharded module would hold."""
+    return {name: _whole(value) for name, value in module.state_dict().items()}
+
+
+def full_optimizer_state(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """``optimizer.state_dict()`` with every DTensor (AdamW's moments) gathered whole."""
+    saved = optimizer.state_dict()
+    state = {index: {key: _whole(value) for key, value in entry.items()} for index, entry in saved["state"].items()}
+    return {"state": state, "param_groups": saved["param_groups"]}
+
+
+def _like(target: torch.Tensor, whole: torch.Tensor) -> torch.Tensor:
+    """``whole`` cut to ``target``'s slice when ``target`` is a DTensor (every process holds the whole
+    tensor, so no data moves: ``src_data_rank=None``)."""
+    DTensor = _dtensor()
+    if not isinstance(target, DTensor):
+        return whole
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(whole.to(target.device, target.dtype), target.device_mesh, target.placements,
+                             src_data_rank=None)
+
+
+def load_model(module: nn.Module, whole: dict[str, torch.Tensor]) -> None:
+    """Load a consolidated state dict into ``module``, sharded or not (strict, as load_state_dict)."""
+    if not is_sharded(module):
+        module.load_state_dict(whole)
+        return
+    current = module.state_dict()
+    module.load_state_dict({name: _like(current[name], value) if name in current else value
+                            for name, value in whole.items()})
+
+
+def load_optimizer(optimizer: torch.optim.Optimizer, whole: dict[str, Any]) -> None:
+    """Load a consolidated optimizer state dict; moments of a sharded parameter are cut to its slice."""
+    params = [param for group in optimizer.param_groups for param in group["params"]]
+    state = {}
+    for index, entry in whole["state"].items():
+        param = params[int(index)] if int(index) < len(params) else None
+        state[index] = {key: _like(param, value) if param is not None and torch.is_tensor(value) and value.ndim
+                        else value for key, value in entry.items()}
+    optimizer.load_state_dict({"state": state, "param_groups": whole["param_groups"]})
+
+
+@contextlib.contextmanager
+def unsharded(*modules: nn.Module) -> Iterator[None]:
+    """Every FSDP unit of ``modules`` gathered whole for the block (a collective): for calls that go
+    around the sharded forward, e.g. the health monitor's ``encoder.forward_features``."""
+    from torch.distributed.fsdp import FSDPModule
+
+    units = list({id(m): m for module in modules for m in module.modules() if isinstance(m, FSDPModule)}.values())
+    for unit in units:
+        unit.unshard()
+    try:
+        yield
+    finally:
+        for unit in units:
+            unit.reshard()

@@ -1,0 +1,196 @@
+"""train.fsdp: FSDP2 over two gloo CPU processes gives DDP's steps, keeps every checkpoint promise,
+and exports the same encoder."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from test_models import SMALL_SECTIONS, synthetic_read, through_views
+from test_trainer import RUN_ARGS
+
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "vitpipe"]
+ENV = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+STEPS = 3
+
+
+def _objectives_worker(rank: int, init_file: str, out_dir: str) -> None:
+    """Per objective: a replicated copy whose gradients are all-reduced by hand (what DDP does) and
+    a sharded copy, the same batches and seeds; per-step losses, gathered weights and the health
+    monitor's features are saved for the test to compare."""
+    import torch.distributed as dist
+
+    from vitpipe.ssl import registry
+    from vitpipe.ssl.engine import optim, sharding
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    results = {}
+    for name in sorted(registry.OBJECTIVES):
+        config = registry.pretrain_config(name, None, ["model.size=micro", "data.image_size=16", "model.patch_size=4",
+                                                       "train.max_steps=10", *SMALL_SECTIONS.get(name, [])])
+        spec = registry.get(name)
+        artifacts = spec.fit_artifacts(config, synthetic_read) if spec.fit_artifacts else {}
+        models = []
+        for sharded in (False, True):
+            torch.manual_seed(0)
+            objective = registry.build_objective(config, artifacts)
+            whole = sharding.shard(objective, objective.trainable_module()) if sharded else set()
+            assert sharding.is_sharded(objective) == sharded
+            models.append((objective, optim.build(objective, config, 8)[0], whole))
+        losses = [[], []]
+        for step in range(1, STEPS + 1):
+            generator = torch.Generator().manual_seed(100 * step + rank)  # each rank its own samples
+            images = torch.rand(4, 3, 16, 16, generator=generator) * 2 - 1
+            raw = {"image": images, "label": torch.tensor([0, 1, 0, 1]), "text": ["a b", "c", "d e f", "g"],
+                   "key": [f"{rank}-{step}-{i}" for i in range(4)]}
+            for which, (objective, optimizer, whole) in enumerate(models):
+                torch.manual_seed(step * 7 + rank)
+                batch = through_views(objective, config.data, raw)
+                hook = objective.batch_hook()
+                if hook is not None:
+                    batch = hook(batch, torch.Generator().manual_seed(step))
+                loss = objective(batch).loss
+                loss.backward()
+                for param in objective.trainable_module().parameters():
+                    if param.grad is not None and (which == 0 or id(param) in whole):  # DDP's mean
+                        dist.all_reduce(param.grad)
+                        param.grad.div_(2)
+                objective.after_backward(step, 10)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                objective.on_step_end(step, 10)
+                losses[which].append(loss.item())
+        (plain, _, _), (sharded, _, _) = models
+        with sharding.unsharded(sharded, sharded.trainable_module()), torch.no_grad():
+            health = sharded.encoder().eval().forward_features(images)
+        reloaded = registry.build_objective(config, artifacts)
+        sharding.shard(reloaded, reloaded.trainable_module())
+        sharding.load_model(reloaded, sharding.full_state_dict(plain))
+        results[name] = {"losses": losses, "plain": {k: v.detach().clone() for k, v in plain.state_dict().items()},
+                         "sharded": sharding.full_state_dict(sharded), "reloaded": sharding.full_state_dict(reloaded),
+                         "encoder": sharding.full_state_dict(sharded.encoder()),
+                         "health": health, "plain_health": plain.encoder().eval().forward_features(images).detach()}
+    torch.save(results, f"{out_dir}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_every_objective_shards_like_ddp(tmp_path):
+    """Every registered objective (teachers, text towers, predictors included): sharded steps give
+    DDP's losses and weights to 1e-5, its encoder gathers whole for export, the health monitor
+    reads it, and a consolidated state dict loads back into a sharded copy exactly."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_objectives_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    for name, result in ranks[0].items():
+        plain_losses, sharded_losses = result["losses"]
+        assert plain_losses == pytest.approx(sharded_losses, abs=1e-5), name
+        assert result["plain"].keys() == result["sharded"].keys(), name
+        for key, value in result["plain"].items():
+            assert result["sharded"][key].shape == value.shape and result["sharded"][key].dtype == value.dtype
+            assert torch.allclose(result["sharded"][key].float(), value.float(), atol=1e-5), (name, key)
+            assert torch.equal(result["reloaded"][key], value), (name, key)
+        assert torch.allclose(result["health"], result["plain_health"], atol=1e-5), name
+        assert result["encoder"].keys() == ranks[1][name]["encoder"].keys(), name
+        for key, value in result["encoder"].items():  # both processes gather the same whole tensors
+            assert torch.equal(value, ranks[1][name]["encoder"][key]), (name, key)
+
+
+def _pretrain(run, shards, *settings, options=(), launcher=TORCHRUN, steps=4, **popen):
+    command = [*launcher, "pretrain", "mae", "--data", str(shards), "--out", str(run), *options, *RUN_ARGS,
+               "data.image_size=8", "model.patch_size=2", f"train.max_steps={steps}", "train.ckpt_every_steps=2",
+               "train.keep_checkpoints=3", "train.health_every=2", *settings]
+    if popen:
+        return subprocess.Popen(command, env=ENV, **popen)
+    result = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=300)
+    return result
+
+
+def _losses(run):
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return {m["step"]: m["loss"] for m in lines if "loss" in m}
+
+
+def _weights(path):
+    from safetensors.torch import load_file
+
+    return load_file(path)
+
+
+def _same(a, b, atol):
+    assert a.keys() == b.keys()
+    for key in a:
+        assert a[key].shape == b[key].shape and a[key].dtype == b[key].dtype, key
+        assert torch.allclose(a[key], b[key], atol=atol), key
+
+
+def test_fsdp_run_matches_ddp_resumes_and_refuses_another_world_size(tmp_path):
+    from test_loader import write_shards
+
+    from vitpipe.ssl.engine import checkpoints
+
+    shards = write_shards(tmp_path / "shards", sizes=[12] * 6)
+    ddp, fsdp = tmp_path / "ddp", tmp_path / "fsdp"
+    for run, flag in ((ddp, "false"), (fsdp, "true")):
+        result = _pretrain(run, shards, f"train.fsdp={flag}")
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert json.loads((run / "run.json").read_text())["fsdp"] is (flag == "true")
+    first = _losses(fsdp)
+    assert sorted(first) == [1, 2, 3, 4] and list(first.values()) == pytest.approx(list(_losses(ddp).values()), abs=1e-5)
+    encoder = _weights(fsdp / "encoder.safetensors")
+    _same(encoder, _weights(ddp / "encoder.safetensors"), atol=1e-5)  # the export DDP writes
+    last = fsdp / "checkpoints" / "step_00000004"
+    assert checkpoints.verify(last) is None
+    _same(_weights(last / "model.safetensors"), _weights(ddp / "checkpoints" / "step_00000004" / "model.safetensors"), 1e-5)
+    saved = [torch.load(run / "checkpoints" / "step_00000004" / "optimizer.pt", weights_only=True) for run in (ddp, fsdp)]
+    assert saved[0]["param_groups"] == saved[1]["param_groups"] and saved[0]["state"].keys() == saved[1]["state"].keys()
+
+    # a crash after step 2's checkpoint: resumed sharded, then with DDP, it redoes steps 3-4 exactly
+    for flag in ("true", "false"):
+        import shutil
+
+        shutil.rmtree(last)
+        (fsdp / "encoder.safetensors").unlink()
+        result = _pretrain(fsdp, shards, f"train.fsdp={flag}", options=["--resume", "auto"])
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert list(_losses(fsdp).values()) == pytest.approx(list(first.values()), abs=1e-5)
+        _same(_weights(fsdp / "encoder.safetensors"), encoder, atol=1e-5)
+
+    # one process cannot continue a two-process run: its data position would not match
+    result = _pretrain(fsdp, shards, "train.fsdp=true", "train.max_steps=6", options=["--resume", "auto"],
+                       launcher=[sys.executable, "-m", "vitpipe"])
+    assert result.returncode != 0 and "written by 2 processes" in result.stderr
+
+
+def test_fsdp_run_killed_hard_resumes_sample_exact(tmp_path):
+    """kill -9 of both processes while they train and checkpoint: the rerun resumes from the newest
+    checkpoint that verifies and logs every step once, and it ends where an uninterrupted run does."""
+    from test_loader import write_shards
+
+    from vitpipe.ssl.engine import checkpoints
+
+    shards = write_shards(tmp_path / "shards", sizes=[12] * 6)
+    run, whole = tmp_path / "run", tmp_path / "whole"
+    settings = ["train.fsdp=true", "train.ckpt_every_steps=3"]
+    with open(tmp_path / "log", "w") as log:
+        job = _pretrain(run, shards, *settings, steps=30, stdout=log, stderr=log, start_new_session=True)
+        deadline = time.monotonic() + 180
+        while not (run / "checkpoints" / "step_00000009" / "state.json").exists() and time.monotonic() < deadline:
+            assert job.poll() is None, (tmp_path / "log").read_text()[-3000:]
+            time.sleep(0.05)
+        os.killpg(job.pid, signal.SIGKILL)
+        job.wait()
+    assert not (run / "encoder.safetensors").exists()
+    result = _pretrain(run, shards, *settings, steps=30, options=["--resume", "auto"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert checkpoints.verify(checkpoints.list_checkpoints(run)[-1]) is None
+    assert sorted(_losses(run)) == list(range(1, 31))
+    result = _pretrain(whole, shards, *settings, steps=30)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert list(_losses(run).values()) == pytest.approx(list(_losses(whole).values()), abs=1e-5)
+    _same(_weights(run / "encoder.safetensors"), _weights(whole / "encoder.safetensors"), atol=1e-5)
