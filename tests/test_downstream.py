@@ -36,9 +36,9 @@ def test_sweep_in_one_pass_equals_each_head_alone():
     together = train_heads(x, y, 4, lrs, wds, epochs=3, batch_size=32, seed=7)
     for index, (lr, wd) in enumerate(zip(lrs, wds)):
         alone = train_heads(x, y, 4, [lr], [wd], epochs=3, batch_size=32, seed=7)
-        assert torch.allclose(alone.weights[0], together.weights[index], atol=1e-6)
-        assert torch.allclose(alone.biases[0], together.biases[index], atol=1e-6)
-    assert not torch.allclose(together.weights[0], together.weights[2])
+        assert torch.allclose(alone.head(0)[0], together.head(index)[0], atol=1e-6)
+        assert torch.allclose(alone.head(0)[1], together.head(index)[1], atol=1e-6)
+    assert not torch.allclose(together.head(0)[0], together.head(2)[0])
 
 
 def test_heads_train_exactly_like_torch_sgd():
@@ -65,7 +65,7 @@ def test_heads_train_exactly_like_torch_sgd():
             loss.backward()
             optimizer.step()
             schedule.step()
-    assert torch.allclose(ours.weights[0], weight, atol=1e-5) and torch.allclose(ours.biases[0], bias, atol=1e-5)
+    assert torch.allclose(ours.head(0)[0], weight, atol=1e-5) and torch.allclose(ours.head(0)[1], bias, atol=1e-5)
 
 
 def brute_knn(train_x, train_y, test_x, k, temperature, classes):
@@ -171,7 +171,7 @@ def test_fitted_head_folds_batchnorm_exactly():
     fit_idx, _ = split_train_val(len(x), 0.1, 0)
     heads = train_heads(x[fit_idx], y[fit_idx], 4, [0.1], [0.0], 3, 32, 0)
     with torch.no_grad():
-        expected = heads(torch.from_numpy(x))[0]
+        expected = heads(torch.from_numpy(x))[0][0]
         assert torch.allclose(linear(torch.from_numpy(x)), expected, atol=1e-4)
     assert info["val_top1"] >= 0.95
 

@@ -17,7 +17,7 @@ from vitpipe.config import ConfigError, to_dict
 from vitpipe.downstream import contamination
 from vitpipe.downstream.featurestore import Processes
 from vitpipe.downstream.features import PIXELS, EncoderSource, FeatureSet, extract, layer_names
-from vitpipe.downstream.probe import ProbeSettings, linear_probe
+from vitpipe.downstream.probe import ProbeSettings, probe_sets
 from vitpipe.downstream.retrieval import (
     IndexSettings, build_index, knn_classify, load_index, recall_at_k, save_index, search,
 )
@@ -94,6 +94,25 @@ def _names(source: EncoderSource, layers: list[int] | None) -> list[str]:
     return [PIXELS] if source.kind == "pixels" else layer_names(layers)
 
 
+def _probe_layers(names: list[str], train_set, test_set, settings: ProbeSettings, concat: bool) -> dict[str, Any]:
+    """Each layer's probe, and with ``concat`` (more than one layer) the probe of all of them side by
+    side under the name "a+b+...": layers of one width are trained together in one pass."""
+    widths: dict[int, list[str]] = {}
+    for name in names:
+        widths.setdefault(train_set.features[name].shape[1], []).append(name)
+    joined = concat and len(names) > 1
+    results = {}
+    for group in widths.values():
+        together = joined and len(widths) == 1  # the concatenation rides along in the same pass
+        found = probe_sets([train_set.features[n] for n in group], train_set.labels,
+                           [test_set.features[n] for n in group], test_set.labels, settings, joined=together)
+        results.update(zip(group + (["+".join(names)] if together else []), found))
+    if joined and len(widths) > 1:
+        stacked = [np.concatenate([s.features[name] for name in names], axis=1) for s in (train_set, test_set)]
+        results["+".join(names)] = probe_sets([stacked[0]], train_set.labels, [stacked[1]], test_set.labels, settings)[0]
+    return {name: results[name] for name in [*names, *(["+".join(names)] if joined else [])]}
+
+
 def eval_linear_probe(source: EncoderSource, train: str, test: str, layers: list[int] | None = None,
                       pool: str | None = None, settings: ProbeSettings = ProbeSettings(),
                       workers: int = 2, concat: bool = False, max_skipped: float = 0.01,
@@ -106,17 +125,8 @@ def eval_linear_probe(source: EncoderSource, train: str, test: str, layers: list
     test_set = _features(source, test, layers, pool, workers, max_skipped=max_skipped)
     if train_set is None or test_set is None:
         return None, {}
-    names = _names(source, layers)
-    if concat and len(names) > 1:
-        joined = "+".join(names)
-        for features in (train_set, test_set):
-            features.features[joined] = np.concatenate([features.features[name] for name in names], axis=1)
-        names.append(joined)
-    per_layer = {}
-    for name in names:
-        result = linear_probe(train_set.features[name], train_set.labels, test_set.features[name], test_set.labels,
-                              settings)
-        per_layer[name] = asdict(result)
+    per_layer = {name: asdict(result) for name, result in
+                 _probe_layers(_names(source, layers), train_set, test_set, settings, concat).items()}
     best_layer = max(per_layer, key=lambda n: per_layer[n]["val_top1"])
     best = per_layer[best_layer]
     payload = {"top1": best["top1"], "top5": best["top5"], "val_top1": best["val_top1"], "layer": best_layer,

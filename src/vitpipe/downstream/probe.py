@@ -1,9 +1,13 @@
-"""Linear probe on cached features: a sweep of heads trained together in one pass.
+"""Linear probe on cached features: a sweep of heads, over several feature sets, trained in one pass.
 
-Each head is BatchNorm without affine + Linear (the MAE protocol). BatchNorm has no parameters,
-so one shared BatchNorm computes exactly what each head's own would; every head has its own
-parameters and its own optimizer group (learning rate, weight decay), and the summed loss gives
-each head the gradient it would get alone. One pass over the features trains the whole sweep.
+Each head is BatchNorm without affine + Linear (the MAE protocol). BatchNorm has no parameters and
+normalises each channel on its own, so one BatchNorm over all the sets' channels computes exactly
+what each head's own would; every head has its own parameters and its own learning rate and weight
+decay, and the summed loss gives each head the gradient it would get alone. The sets are the
+layers of one encoder (same width): every layer's K heads, and with ``joined`` K more over the
+layers side by side (the concatenation candidate), come out of one batched matmul per step. One
+pass over the features trains them all; a set trained with others ends where it would alone
+(the same batches in the same order; tests/test_probe_sets.py).
 """
 
 from __future__ import annotations
@@ -44,24 +48,38 @@ class ProbeResult:
 
 
 class LinearHeads(nn.Module):
-    """K independent heads over the same normalized features: [B, D] -> [K, B, C]."""
+    """K independent heads on each of L feature sets of width D, and with ``joined`` K more on the
+    L sets side by side (set L): [B, L, D] (or [B, D] for one set) -> logits [S, K, B, C]."""
 
-    def __init__(self, dim: int, classes: int, count: int) -> None:
+    def __init__(self, dim: int, classes: int, count: int, sets: int = 1, joined: bool = False) -> None:
         super().__init__()
-        self.norm = nn.BatchNorm1d(dim, affine=False)
+        self.sets, self.joined = sets, joined
+        self.norm = nn.BatchNorm1d(sets * dim, affine=False)  # per channel: each set's own BatchNorm
         # zero init: a convex problem needs no symmetry breaking, and a head then starts the same
-        # whatever else is in the sweep
-        self.weights = nn.Parameter(torch.zeros(count, dim, classes))
-        self.biases = nn.Parameter(torch.zeros(count, classes))
+        # whatever else is in the sweep. [L, D, own | joined part, K, C]
+        self.weights = nn.Parameter(torch.zeros(sets, dim, 1 + joined, count, classes))
+        self.biases = nn.Parameter(torch.zeros(sets + joined, count, classes))
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.batch_major(features).transpose(0, 1)
+        return self.batch_major(features).permute(1, 2, 0, 3)
 
     def batch_major(self, features: torch.Tensor) -> torch.Tensor:
-        """[B, D] -> [B, K, C] by one [B, D] x [D, K*C] matmul (einsum would copy the features K times)."""
-        count, dim, classes = self.weights.shape
-        stacked = self.weights.permute(1, 0, 2).reshape(dim, count * classes)
-        return (self.norm(features) @ stacked).view(-1, count, classes) + self.biases
+        """[B, L, D] -> [B, S, K, C] by one batched [L, B, D] x [L, D, (1 + joined) K C] matmul."""
+        sets, dim, parts, count, classes = self.weights.shape
+        normed = self.norm(features.reshape(len(features), sets * dim)).view(-1, sets, dim).transpose(0, 1)
+        out = torch.bmm(normed, self.weights.flatten(2)).view(sets, -1, parts, count, classes)
+        logits = out[:, :, 0].transpose(0, 1)
+        if self.joined:
+            logits = torch.cat([logits, out[:, :, 1].sum(dim=0).unsqueeze(1)], dim=1)
+        return logits + self.biases
+
+    def head(self, index: int, set_index: int = 0) -> tuple[torch.Tensor, torch.Tensor, slice]:
+        """(weight [D_s, C], bias [C], the set's channels in ``norm``) of head ``index`` of a set."""
+        sets, dim = self.weights.shape[:2]
+        if set_index == sets:  # the joined set: the layers' slices in order, as concatenated features
+            return self.weights[:, :, 1, index].reshape(sets * dim, -1), self.biases[set_index, index], slice(None)
+        return (self.weights[set_index, :, 0, index], self.biases[set_index, index],
+                slice(set_index * dim, (set_index + 1) * dim))
 
 
 def _cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -71,26 +89,34 @@ def _cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return (shifted.exp().sum(dim=1).log() - shifted.gather(1, labels[:, None]).squeeze(1)).mean()
 
 
-def train_heads(features: np.ndarray, labels: np.ndarray, classes: int, lrs: list[float], wds: list[float],
-                epochs: int, batch_size: int, seed: int) -> LinearHeads:
-    """Heads i = (lrs[i], wds[i]) trained together on the same batches in the same order.
+def _stacked(features: np.ndarray | list[np.ndarray] | torch.Tensor) -> torch.Tensor:
+    """One [N, D] array or a list of L [N, D] arrays -> float32 [N, L, D]; a tensor as it is."""
+    if torch.is_tensor(features):
+        return features
+    if isinstance(features, np.ndarray):
+        features = [features]
+    return torch.from_numpy(np.stack([np.asarray(f, dtype=np.float32) for f in features], axis=1))
 
-    All heads live in one [K, D, C] tensor so a step costs about the same for 1 or 24 heads; SGD
-    (momentum 0.9, cosine decay, as torch.optim.SGD computes it) is applied by hand because
-    torch's optimizers take one learning rate per tensor, not per slice.
+
+def train_heads(features: np.ndarray | list[np.ndarray] | torch.Tensor, labels: np.ndarray, classes: int, lrs: list[float],
+                wds: list[float], epochs: int, batch_size: int, seed: int, joined: bool = False) -> LinearHeads:
+    """Heads i = (lrs[i], wds[i]) on every feature set (an [N, D] array, or a list of them of one
+    width), trained together on the same batches in the same order.
+
+    All heads live in one tensor so a step costs about the same for 1 or 24 heads; SGD (momentum
+    0.9, cosine decay, as torch.optim.SGD computes it) is applied by hand because torch's
+    optimizers take one learning rate per tensor, not per slice.
     """
-    x = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32))
+    x = _stacked(features)
     y = torch.from_numpy(labels.astype(np.int64))
-    count = len(lrs)
-    heads = LinearHeads(x.shape[1], classes, count)
+    count, sets = len(lrs), x.shape[1]
+    heads = LinearHeads(x.shape[2], classes, count, sets, joined)
     params = [heads.weights, heads.biases]
-    lr = torch.tensor(lrs, dtype=torch.float32)
-    wd = torch.tensor(wds, dtype=torch.float32)
-    lr_of = [lr.view(count, 1, 1), lr.view(count, 1)]
-    wd_of = [wd.view(count, 1, 1), wd.view(count, 1)]
+    lr, wd = torch.tensor(lrs, dtype=torch.float32), torch.tensor(wds, dtype=torch.float32)
+    lr_of, wd_of = [lr.view(1, 1, 1, count, 1), lr.view(1, count, 1)], [wd.view(1, 1, 1, count, 1), wd.view(1, count, 1)]
     momentum = [torch.zeros_like(p) for p in params]
     steps_per_epoch = max(1, len(x) // batch_size)
-    total = epochs * steps_per_epoch
+    total, heads_in_all = epochs * steps_per_epoch, count * (sets + joined)
     order_rng = torch.Generator().manual_seed(seed)
     heads.train()
     step = 0
@@ -99,8 +125,8 @@ def train_heads(features: np.ndarray, labels: np.ndarray, classes: int, lrs: lis
         for batch in range(steps_per_epoch):
             index = order[batch * batch_size:(batch + 1) * batch_size]
             logits = heads.batch_major(x[index])
-            # K x the mean over K heads = the sum of each head's own loss: each gets its own gradient
-            loss = _cross_entropy(logits.flatten(0, 1), y[index].repeat_interleave(count)) * count
+            # every head's mean loss, summed: each gets its own gradient
+            loss = _cross_entropy(logits.flatten(0, 2), y[index].repeat_interleave(heads_in_all)) * heads_in_all
             grads = torch.autograd.grad(loss, params)
             decay = warmup_cosine(step, total)
             with torch.no_grad():
@@ -124,33 +150,44 @@ def split_train_val(count: int, fraction: float, seed: int) -> tuple[np.ndarray,
     return np.sort(order[cut:]), np.sort(order[:cut])
 
 
-def fit_sweep(features: np.ndarray, labels: np.ndarray, classes: int,
-              settings: ProbeSettings) -> tuple[LinearHeads, list[tuple[float, float]], list[float], int]:
-    """Train every (lr, wd) head on ``features`` minus a held-out split and pick one on that split:
-    (heads, grid, held-out top-1 per head, index of the picked head)."""
+def fit_sweep(features: np.ndarray | list[np.ndarray], labels: np.ndarray, classes: int, settings: ProbeSettings,
+              joined: bool = False) -> tuple[LinearHeads, list[tuple[float, float]], list[list[float]], list[int]]:
+    """Train every (lr, wd) head on every feature set minus a held-out split and pick one per set on
+    that split: (heads, grid, held-out top-1 per set and head, index of the picked head per set)."""
     grid = [(lr, wd) for lr in settings.lrs for wd in settings.weight_decays]
-    fit_idx, val_idx = split_train_val(len(features), settings.val_fraction, settings.seed)
-    heads = train_heads(features[fit_idx], labels[fit_idx], classes, [g[0] for g in grid], [g[1] for g in grid],
-                        settings.epochs, settings.batch_size, settings.seed)
+    x = _stacked(features)
+    fit_idx, val_idx = split_train_val(len(x), settings.val_fraction, settings.seed)
+    heads = train_heads(x[torch.from_numpy(fit_idx)], labels[fit_idx], classes,
+                        [g[0] for g in grid], [g[1] for g in grid], settings.epochs, settings.batch_size,
+                        settings.seed, joined)
     with torch.no_grad():
-        val_logits = heads(torch.from_numpy(features[val_idx].astype(np.float32)))
+        val_logits = heads(x[torch.from_numpy(val_idx)])
     val_y = torch.from_numpy(labels[val_idx].astype(np.int64))
-    scores = [topk_accuracy(val_logits[i], val_y, 1) for i in range(len(grid))]
-    return heads, grid, scores, max(range(len(grid)), key=lambda i: (scores[i], -i))
+    scores = [[topk_accuracy(per_head, val_y, 1) for per_head in per_set] for per_set in val_logits]
+    return heads, grid, scores, [max(range(len(grid)), key=lambda i: (row[i], -i)) for row in scores]
+
+
+def probe_sets(train_x: list[np.ndarray], train_y: np.ndarray, test_x: list[np.ndarray], test_y: np.ndarray,
+               settings: ProbeSettings = ProbeSettings(), joined: bool = False) -> list[ProbeResult]:
+    """The probe of each feature set (one width), plus with ``joined`` the probe of all of them
+    side by side, trained in one pass: one ProbeResult per set (the joined one last)."""
+    classes = int(max(train_y.max(), test_y.max())) + 1
+    heads, grid, val_top1, best = fit_sweep(train_x, train_y, classes, settings, joined)
+    with torch.no_grad():
+        test_logits = heads(_stacked(test_x))
+    test_labels = torch.from_numpy(test_y.astype(np.int64))
+    results = []
+    for logits, scores, pick in zip(test_logits, val_top1, best):
+        sweep = [{"lr": lr, "weight_decay": wd, "val_top1": scores[index],
+                  "test_top1": topk_accuracy(logits[index], test_labels, 1)} for index, (lr, wd) in enumerate(grid)]
+        results.append(ProbeResult(top1=sweep[pick]["test_top1"], top5=topk_accuracy(logits[pick], test_labels, 5),
+                                   val_top1=scores[pick], lr=grid[pick][0], weight_decay=grid[pick][1], sweep=sweep))
+    return results
 
 
 def linear_probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray,
                  settings: ProbeSettings = ProbeSettings()) -> ProbeResult:
-    classes = int(max(train_y.max(), test_y.max())) + 1
-    heads, grid, val_top1, best = fit_sweep(train_x, train_y, classes, settings)
-    with torch.no_grad():
-        test_logits = heads(torch.from_numpy(test_x.astype(np.float32)))
-    test_labels = torch.from_numpy(test_y.astype(np.int64))
-    sweep = [{"lr": lr, "weight_decay": wd, "val_top1": val_top1[index],
-              "test_top1": topk_accuracy(test_logits[index], test_labels, 1)}
-             for index, (lr, wd) in enumerate(grid)]
-    return ProbeResult(top1=sweep[best]["test_top1"], top5=topk_accuracy(test_logits[best], test_labels, 5),
-                       val_top1=val_top1[best], lr=grid[best][0], weight_decay=grid[best][1], sweep=sweep)
+    return probe_sets([train_x], train_y, [test_x], test_y, settings)[0]
 
 
 def fit_linear_head(features: np.ndarray, labels: np.ndarray, classes: int,
@@ -161,10 +198,12 @@ def fit_linear_head(features: np.ndarray, labels: np.ndarray, classes: int,
     ((f - mean) / std) @ W + b = f @ (W / std) + (b - (mean / std) @ W).
     """
     heads, grid, scores, best = fit_sweep(features, labels, classes, settings)
+    best, scores = best[0], scores[0]
     with torch.no_grad():
+        head_weight, head_bias, _ = heads.head(best)
         std = torch.sqrt(heads.norm.running_var + heads.norm.eps)
-        weight = heads.weights[best] / std[:, None]  # [D, C]
-        bias = heads.biases[best] - (heads.norm.running_mean / std) @ heads.weights[best]
+        weight = head_weight / std[:, None]  # [D, C]
+        bias = head_bias - (heads.norm.running_mean / std) @ head_weight
         linear = nn.Linear(features.shape[1], classes)
         linear.weight.copy_(weight.T)
         linear.bias.copy_(bias)
