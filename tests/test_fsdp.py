@@ -11,6 +11,7 @@ import time
 import pytest
 import torch
 
+from test_clip import caption_shards  # noqa: F401  (a fixture)
 from test_models import SMALL_SECTIONS, synthetic_read, through_views
 from test_trainer import RUN_ARGS
 
@@ -194,3 +195,13 @@ def test_fsdp_run_killed_hard_resumes_sample_exact(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert list(_losses(run).values()) == pytest.approx(list(_losses(whole).values()), abs=1e-5)
     _same(_weights(run / "encoder.safetensors"), _weights(whole / "encoder.safetensors"), atol=1e-5)
+
+
+def test_fsdp_refuses_clip_with_accumulation(caption_shards, tmp_path):  # noqa: F811 (the fixture)
+    """CLIP's accumulate() sums its micro-batches' gradients itself; sharding it is refused up front."""
+    from test_clip import ARGS
+
+    result = subprocess.run([*TORCHRUN, "pretrain", "clip", "--data", str(caption_shards / "train"), "--out",
+                             str(tmp_path / "run"), *ARGS, "train.max_steps=2", "train.grad_accum=2", "train.fsdp=true"],
+                            env=ENV, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0 and "train.fsdp with train.grad_accum > 1 is not supported for clip" in result.stderr

@@ -34,6 +34,16 @@ def _dtensor():
     return DTensor
 
 
+def refuse_unsupported(objective: nn.Module, config) -> None:
+    """ConfigError for what FSDP cannot train here: an objective that sums its micro-batches'
+    gradients itself (``accumulate``) with ``train.grad_accum`` > 1."""
+    if config.train.grad_accum > 1 and objective.accumulates_step:
+        from vitpipe.config import ConfigError
+
+        raise ConfigError(f"train.fsdp with train.grad_accum > 1 is not supported for {config.objective} "
+                          "(its accumulate() sums gradients itself); use DDP or grad_accum=1")
+
+
 def shard(objective: nn.Module, trainable: nn.Module) -> set[int]:
     """Shard ``objective`` in place. Returns the ids of the parameters left whole: scalars (CLIP's
     temperature), which FSDP cannot shard; their gradients are the caller's to average."""

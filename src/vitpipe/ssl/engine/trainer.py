@@ -155,12 +155,9 @@ class Trainer:
         the ids of the parameters it leaves whole, or None when not sharding."""
         if not (self.config.train.fsdp and accelerator.num_processes > 1):
             return None
-        if self.config.train.grad_accum > 1 and objective.accumulates_step:
-            from vitpipe.config import ConfigError
-
-            raise ConfigError(f"train.fsdp with train.grad_accum > 1 is not supported for {self.config.objective} "
-                              "(its accumulate() sums gradients itself); use DDP or grad_accum=1")
-        return sharding.shard(objective.to(accelerator.device), objective.trainable_module())
+        sharding.refuse_unsupported(objective, self.config)
+        # on the CPU: fully_shard moves unit by unit to the mesh's device, never the whole model
+        return sharding.shard(objective, objective.trainable_module())
 
     def _wrap(self, accelerator, objective: Objective, optimizer, compile_: bool, sharded: bool):
         """Compile and DDP-wrap the objective's trainable module alone (a teacher stays out; FSDP
