@@ -5,7 +5,7 @@ layers (and their concatenation) in one pass.
 
 RUN is a ViT run (e.g. the shoot-out's MAE); FM an ingest of Fashion-MNIST. Times, in this process:
 feature extraction of every block for train and test (read from RUN's feature cache when `vitpipe
-compare` or an eval made them already: then it says "cached" and the time is the cache's), then the
+compare` or an eval made them already, unless --fresh: then into a new cache, timed), then the
 probe sweep (21 heads, 30 epochs, the defaults) of the 12 blocks plus their concatenation, once as
 before this change (each layer trained alone, the concatenation as a 2304-wide array) and once as
 `vitpipe eval linear-probe --layers all --concat` does it now (one pass); prints each layer's
@@ -15,6 +15,8 @@ held-out and test top-1 both ways.
 from __future__ import annotations
 
 import argparse
+import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -41,16 +43,20 @@ def main() -> None:
     parser.add_argument("--train", required=True)
     parser.add_argument("--test", required=True)
     parser.add_argument("--precision", default="auto", help="feature extraction: auto | fp32 | bf16")
+    parser.add_argument("--fresh", action="store_true", help="extract into a new cache (time the extraction)")
     args = parser.parse_args()
     source = EncoderSource.resolve(args.run).with_precision(args.precision).resolved()
     layers = list(range(source.depth()))
     names = layer_names(layers)
     sets, seconds = [], []
+    cache = Path(tempfile.mkdtemp(prefix="probe-speed-")) if args.fresh else RunLayout.of(args.run).cache
     for spec in (args.train, args.test):
         start = time.perf_counter()
-        sets.append(extract(source, spec, layers=layers, cache_dir=RunLayout.of(args.run).cache))
+        sets.append(extract(source, spec, layers=layers, cache_dir=cache))
         seconds.append(time.perf_counter() - start)
-    print(f"features ({source.precision}): "
+    if args.fresh:
+        shutil.rmtree(cache)
+    print(f"features ({source.precision}, {'extracted' if args.fresh else 'from the run cache when there'}): "
           f"train {seconds[0]:.1f} s, test {seconds[1]:.1f} s ({len(sets[0].keys)} + {len(sets[1].keys)} images)")
     settings = ProbeSettings()
     start = time.perf_counter()
