@@ -146,3 +146,20 @@ def test_dino_through_the_cli(labelled_shards, tmp_path):
     exported = load_file(tmp_path / "export" / "model.safetensors")
     teacher = load_run_objective(run).teacher.state_dict()
     assert torch.equal(exported["blocks.0.attn.qkv.weight"], teacher["blocks.0.attn.qkv.weight"])  # the teacher
+
+
+def test_collapse_is_warned_after_the_warm_up(capsys):
+    from vitpipe.ssl.objectives.dino.objective import COLLAPSE_EVERY, collapse_warning
+
+    objective, _ = build()
+    k = objective.config.out_dim
+    assert "near uniform" in collapse_warning(objective.health(torch.full((4, k), 1 / k)), k)
+    one_hot = torch.nn.functional.one_hot(torch.zeros(4, dtype=torch.long), k).float()
+    assert "same prototype" in collapse_warning(objective.health(one_hot), k)
+    spread = torch.nn.functional.one_hot(torch.arange(4), k).float() * 0.9 + 0.1 / k
+    assert collapse_warning(objective.health(spread), k) is None
+    object.__setattr__(objective, "last_health", objective.health(torch.full((4, k), 1 / k)))
+    objective.on_step_end(COLLAPSE_EVERY, 10 * COLLAPSE_EVERY)  # still warming the teacher temperature up
+    assert "near uniform" not in capsys.readouterr().err
+    objective.on_step_end(4 * COLLAPSE_EVERY, 10 * COLLAPSE_EVERY)
+    assert f"warning: step {4 * COLLAPSE_EVERY}: DINO's teacher output is near uniform" in capsys.readouterr().err

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import math
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,7 +25,7 @@ from torchvision.transforms import v2
 
 from vitpipe.config import PretrainConfig, check
 from vitpipe.pipeline.transforms import MultiView
-from vitpipe.ssl.engine.distributed import all_reduce_mean
+from vitpipe.ssl.engine.distributed import all_reduce_mean, is_first_process
 from vitpipe.ssl.engine.ema import cosine_momentum, ema_update
 from vitpipe.ssl.objective import Objective, ObjectiveSpec, Output
 from vitpipe.ssl.vit import VisionTransformer, init_weights
@@ -235,6 +236,7 @@ class DINO(Objective):
         teacher = F.softmax((teacher_logits - self.center) / float(self.teacher_temp), dim=-1)
         loss = dino_loss(student, list(teacher.chunk(2)), self.config.student_temp)
         metrics = self.health(teacher)
+        object.__setattr__(self, "last_health", metrics)  # read by on_step_end's collapse check
         if self.config.koleo:
             koleo = sum(koleo_loss(part) for part in pooled.chunk(2)) / 2
             loss = loss + self.config.koleo * koleo
@@ -272,8 +274,32 @@ class DINO(Objective):
         ema_update(self.teacher, self.backbone, momentum)
         ema_update(self.teacher_head, self.head, momentum)
         warmup = config.warmup_teacher_temp_fraction * max_steps
+        if step % COLLAPSE_EVERY == 0 and step >= warmup and is_first_process():
+            problem = collapse_warning(self.__dict__.get("last_health"), config.out_dim)
+            if problem:
+                print(f"warning: step {step}: {problem}", file=sys.stderr)
         progress = min(step / warmup, 1.0) if warmup > 0 else 1.0
         self.teacher_temp.fill_(config.warmup_teacher_temp + (config.teacher_temp - config.warmup_teacher_temp) * progress)
+
+
+COLLAPSE_EVERY = 50
+"""Steps between collapse checks after the teacher-temperature warm-up (each reads two numbers)."""
+
+
+def collapse_warning(health: dict[str, torch.Tensor] | None, out_dim: int) -> str | None:
+    """A sentence when the teacher is in a collapse mode: near-uniform outputs (entropy >= 98% of
+    log K) or one prototype for every image (the batch mean's KL to uniform >= 90% of log K)."""
+    if not health:
+        return None
+    log_k = math.log(out_dim)
+    entropy, kl = float(health["teacher_entropy"]), float(health["teacher_kl_to_uniform"])
+    if entropy >= 0.98 * log_k:
+        return (f"DINO's teacher output is near uniform (entropy {entropy:.2f} of log K = {log_k:.2f} nats): "
+                "collapsed; more steps, a lower dino.teacher_temp or a smaller dino.out_dim may help")
+    if kl >= 0.9 * log_k:
+        return (f"DINO's teacher puts every image on the same prototype (KL to uniform {kl:.2f} of "
+                f"{log_k:.2f} nats): collapsed; a higher dino.center_momentum or a lower learning rate may help")
+    return None
 
 
 def build(config: PretrainConfig, artifacts: dict[str, bytes]) -> DINO:
