@@ -28,6 +28,7 @@ def _objectives_worker(rank: int, init_file: str, out_dir: str) -> None:
 
     from vitpipe.ssl import registry
     from vitpipe.ssl.engine import optim, sharding
+    from vitpipe.ssl.vit import set_grad_checkpointing
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     results = {}
@@ -40,6 +41,7 @@ def _objectives_worker(rank: int, init_file: str, out_dir: str) -> None:
         for sharded in (False, True):
             torch.manual_seed(0)
             objective = registry.build_objective(config, artifacts)
+            set_grad_checkpointing(objective, sharded)  # the sharded side recomputes its blocks too
             whole = sharding.shard(objective, objective.trainable_module()) if sharded else set()
             assert sharding.is_sharded(objective) == sharded
             models.append((objective, optim.build(objective, config, 8)[0], whole))
@@ -81,8 +83,8 @@ def _objectives_worker(rank: int, init_file: str, out_dir: str) -> None:
 
 
 def test_every_objective_shards_like_ddp(tmp_path):
-    """Every registered objective (teachers, text towers, predictors included): sharded steps give
-    DDP's losses and weights to 1e-5, its encoder gathers whole for export, the health monitor
+    """Every registered objective (teachers, text towers, predictors included): sharded steps, with
+    activation checkpointing on, give DDP's losses and weights to 1e-5, its encoder gathers whole for export, the health monitor
     reads it, and a consolidated state dict loads back into a sharded copy exactly."""
     import torch.multiprocessing as mp
 
