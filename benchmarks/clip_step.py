@@ -63,7 +63,7 @@ def step_flops(batch: int, image_tokens: int, text_tokens: int) -> float:
     return 3 * batch * (image + text)
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=6)
@@ -71,7 +71,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--full-context", action="store_true",
                         help="give vitpipe captions padded to the context too (where its lead comes from)")
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     roofline = matmul_gflops()

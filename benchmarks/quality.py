@@ -29,7 +29,7 @@ def step(args: list[str]) -> float:
     return time.monotonic() - start
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--objective", default="mae")
@@ -45,7 +45,11 @@ def main() -> None:
     parser.add_argument("--finetune-args", default="", help="extra `vitpipe eval finetune` flags and key=value "
                                                             "settings, quoted")
     parser.add_argument("overrides", nargs="*", help="key=value overrides of the pretraining config")
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
     out = args.out
     shards, run = out / "shards", out / args.objective
     label = args.objective.upper()
