@@ -207,3 +207,25 @@ def test_fsdp_refuses_clip_with_accumulation(caption_shards, tmp_path):  # noqa:
                              str(tmp_path / "run"), *ARGS, "train.max_steps=2", "train.grad_accum=2", "train.fsdp=true"],
                             env=ENV, capture_output=True, text=True, timeout=300)
     assert result.returncode != 0 and "train.fsdp with train.grad_accum > 1 is not supported for clip" in result.stderr
+
+
+def test_fsdp_dino_exports_the_teacher_ddp_exports(tmp_path):
+    """A teacher outside the trainable module: sharded, EMA-updated on slices, gathered for the
+    health monitor and the export; the same losses and encoder.safetensors as a DDP run."""
+    from test_loader import write_shards
+
+    shards = write_shards(tmp_path / "shards", sizes=[12] * 6)
+    args = [a for a in RUN_ARGS if not a.startswith("mae.")]
+    dino = ["dino.local_crops=2", "dino.local_size=4", "dino.out_dim=64", "dino.hidden_dim=32", "dino.bottleneck_dim=16"]
+    runs = {}
+    for flag in ("false", "true"):
+        run = runs[flag] = tmp_path / f"fsdp-{flag}"
+        result = subprocess.run([*TORCHRUN, "pretrain", "dino", "--data", str(shards), "--out", str(run), *args, *dino,
+                                 "data.image_size=8", "model.patch_size=2", "train.max_steps=3", "train.health_every=1",
+                                 f"train.fsdp={flag}"], env=ENV, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+    ddp, fsdp = _losses(runs["false"]), _losses(runs["true"])
+    assert sorted(fsdp) == [1, 2, 3] and list(fsdp.values()) == pytest.approx(list(ddp.values()), abs=1e-5)
+    _same(_weights(runs["true"] / "encoder.safetensors"), _weights(runs["false"] / "encoder.safetensors"), atol=1e-5)
+    health = [json.loads(line) for line in (runs["true"] / "metrics.jsonl").read_text().splitlines()]
+    assert all("effective_rank" in record for record in health if "loss" in record)
