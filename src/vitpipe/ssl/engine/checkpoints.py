@@ -133,9 +133,12 @@ def save(accelerator, model, optimizer, scheduler, state: dict[str, Any], run_di
     from vitpipe.ssl.engine import sharding
 
     unwrapped = accelerator.unwrap_model(model)
-    # whole tensors on every process (gathering FSDP shards is a collective): all ranks agree below
-    weights, optimizer_state = sharding.full_state_dict(unwrapped), sharding.full_optimizer_state(optimizer)
-    bad = _first_nonfinite(weights, optimizer_state)
+    if sharding.is_sharded(unwrapped) or accelerator.is_main_process:
+        # whole host tensors: gathering FSDP shards is a collective, so every process takes part
+        weights, optimizer_state = sharding.full_state_dict(unwrapped), sharding.full_optimizer_state(optimizer)
+    else:  # DDP: this replica only checks the state it holds; the writer makes the host copies
+        weights, optimizer_state = unwrapped.state_dict(), optimizer.state_dict()
+    bad = _first_nonfinite(weights, optimizer_state)  # every rank holds the same state: all agree
     if bad is not None:
         raise CheckpointError(f"non-finite values in {bad} after step {state['step']}; not checkpointed (lower "
                               "optim.base_lr or set optim.clip_grad); the last checkpoint is still good")
