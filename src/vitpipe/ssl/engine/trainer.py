@@ -13,6 +13,7 @@ SIGUSR1 after a complete checkpoint; rerun the same command with ``--resume auto
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import sys
@@ -351,13 +352,14 @@ class Trainer:
         train = self.config.train
         if not train.health_every or (s.state.step % train.health_every and s.state.step > 1) or s.images is None:
             return {}
-        if not s.sharded:
-            return monitor(s.objective.encoder(), s.images, s.state.step, train, s.metrics.write) \
-                if s.accelerator.is_main_process else {}
-        with sharding.unsharded(s.objective, s.objective.trainable_module()):
+        main = s.accelerator.is_main_process
+        if not (main or s.sharded):
+            return {}
+        gathered = sharding.unsharded(s.objective, s.objective.trainable_module()) if s.sharded else contextlib.nullcontext()
+        with gathered:
             health = monitor(s.objective.encoder(), s.images, s.state.step, train,
-                             s.metrics.write if s.metrics is not None else lambda event: None)
-        return health if s.accelerator.is_main_process else {}
+                             s.metrics.write if main else lambda event: None)
+        return health if main else {}
 
     def _checkpoint_due(self, step: int, last_checkpoint_time: float) -> bool:
         train = self.config.train
