@@ -37,6 +37,30 @@ def one_at_a_time(names, train_set, test_set, settings):
     return results
 
 
+def bf16_heads(names, sets, settings, fp32) -> None:
+    """The one-pass probe again with LinearHeads.batch_major under bf16 autocast (patched here only)."""
+    import torch
+
+    from vitpipe.downstream.probe import LinearHeads
+
+    plain = LinearHeads.batch_major
+
+    def autocast_major(self, features):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return plain(self, features).float()
+
+    LinearHeads.batch_major = autocast_major
+    try:
+        start = time.perf_counter()
+        found = _probe_layers(names, *sets, settings, concat=True)
+        print(f"one pass with bf16 heads: {time.perf_counter() - start:.1f} s")
+    finally:
+        LinearHeads.batch_major = plain
+    for name, result in found.items():
+        print(f"  {name if len(name) < 20 else 'concatenation'}: test top-1 {fp32[name].top1:.4f} fp32, "
+              f"{result.top1:.4f} bf16 heads")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", type=Path, required=True)
@@ -44,6 +68,8 @@ def main() -> None:
     parser.add_argument("--test", required=True)
     parser.add_argument("--precision", default="auto", help="feature extraction: auto | fp32 | bf16")
     parser.add_argument("--fresh", action="store_true", help="extract into a new cache (time the extraction)")
+    parser.add_argument("--bf16-heads", action="store_true",
+                        help="also time the one-pass probe with its heads' matmuls under bf16 autocast (not adopted)")
     args = parser.parse_args()
     source = EncoderSource.resolve(args.run).with_precision(args.precision).resolved()
     layers = list(range(source.depth()))
@@ -67,6 +93,8 @@ def main() -> None:
     together = time.perf_counter() - start
     print(f"probe of {len(names)} blocks + concatenation: one layer at a time {alone:.1f} s, one pass {together:.1f} s "
           f"({alone / together:.2f}x)")
+    if args.bf16_heads:
+        bf16_heads(names, sets, settings, now)
     print("| layer | held-out top-1, alone / one pass | test top-1, alone / one pass |\n|---|---:|---:|")
     for name, result in now.items():
         print(f"| {name if len(name) < 20 else 'concatenation'} | {before[name].val_top1:.4f} / {result.val_top1:.4f} "

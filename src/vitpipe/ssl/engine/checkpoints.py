@@ -4,7 +4,8 @@ Layout: ``RUN/checkpoints/step_NNNNNNNN/`` with model.safetensors, optimizer.pt,
 rng_<rank>.pt, state.json and checksums.json (sha256 of every other file, written last). A
 checkpoint is built in ``.tmp-step_N``, fsynced and renamed, so a ``step_*`` directory is
 complete; checksums catch what happens to it afterwards (bit rot, a truncated copy, a tool that
-writes into it). Non-finite weights or optimizer state are never written.
+writes into it). Non-finite weights or optimizer state are never written. Under FSDP the files
+are the same consolidated ones (ssl/engine/sharding.py gathers and re-cuts the shards).
 """
 
 from __future__ import annotations
