@@ -1,11 +1,14 @@
 """CLIP train step: vitpipe against open_clip side by side, and against the matmul roofline.
 
     pip install open_clip_torch==3.3.0
-    python benchmarks/clip_step.py [--batch 128] [--rounds 6] [--steps 3] [--threads 2]
+    python benchmarks/clip_step.py [--batch 128] [--rounds 6] [--steps 3] [--threads 2] [--bf16]
 
 Both models have the same shapes: image tower ViT-Ti/4 at 32 px (192 wide, 12 blocks, 3 heads,
 average-pooled), text tower 128 wide x 4 blocks x 4 heads, context 32, vocabulary 4096, shared
-width 128; AdamW with the same settings; the same images. Captions are real: titles of Debian's
+width 128; AdamW with the same settings (each tool's own: open_clip's training script builds torch's
+default AdamW, a per-parameter loop on a CPU; vitpipe its trainer's fused one); the same images.
+--bf16 runs both under bf16 autocast: open_clip's `--precision amp_bf16`, its best CPU setting,
+is ``torch.autocast(dtype=torch.bfloat16)`` around the forward and loss, as is vitpipe's. Captions are real: titles of Debian's
 openclipart-png (falling back to templated Fashion-MNIST captions), each tool tokenising them its
 own way into the same vocabulary size: open_clip pads every caption to the context (its tokenizer's
 contract), vitpipe to the batch's longest caption. Rounds alternate (vitpipe, open_clip, ...) in one
@@ -25,12 +28,14 @@ import torch
 
 from train_step import block_flops, matmul_gflops
 from vitpipe.ssl import registry
+from vitpipe.ssl.engine import optim
 from vitpipe.ssl.objectives.clip.objective import TOKENIZER
 from vitpipe.ssl.objectives.clip.text import fit_bpe
 
 OPENCLIPART = Path("/usr/share/openclipart/png")
 SHAPE = ["model.size=tiny", "model.patch_size=4", "data.image_size=32", "clip.text_width=128", "clip.text_depth=4",
-         "clip.text_heads=4", "clip.context_length=32", "clip.vocab_size=4096", "clip.embed_dim=128"]
+         "clip.text_heads=4", "clip.context_length=32", "clip.vocab_size=4096", "clip.embed_dim=128",
+         "optim.lr=1e-4", "optim.betas=[0.9,0.98]", "optim.eps=1e-6", "optim.weight_decay=0.2"]
 
 
 def captions(count: int) -> list[str]:
@@ -43,9 +48,11 @@ def captions(count: int) -> list[str]:
     return [random.Random(i).choice(titles) for i in range(count)] if len(titles) < count else titles
 
 
-def vitpipe_clip(texts: list[str]):
+def vitpipe_clip(texts: list[str], batch: int):
+    """vitpipe's CLIP and the optimizer its trainer would build for it."""
     config = registry.pretrain_config("clip", None, SHAPE)
-    return registry.build_objective(config, {TOKENIZER: fit_bpe(texts, 4096, lowercase=True)})
+    objective = registry.build_objective(config, {TOKENIZER: fit_bpe(texts, 4096, lowercase=True)})
+    return objective, optim.build(objective, config, batch)[0]
 
 
 def open_clip_model():
@@ -69,6 +76,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--steps", type=int, default=3, help="timed steps per round")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--bf16", action="store_true", help="both under bf16 autocast (open_clip's amp_bf16)")
+    parser.add_argument("--compile", action="store_true", help="vitpipe's objective under torch.compile (what "
+                        "train.compile=auto turns on for a long run when it pays; compile time not counted)")
     parser.add_argument("--full-context", action="store_true",
                         help="give vitpipe captions padded to the context too (where its lead comes from)")
     return parser.parse_args()
@@ -80,7 +90,7 @@ def main() -> None:
     torch.manual_seed(0)
     roofline = matmul_gflops()
     texts = captions(8000)
-    ours = vitpipe_clip(texts)
+    ours, our_optimizer = vitpipe_clip(texts, args.batch)
     theirs, clip_loss = open_clip_model()
     batches = []
     for index in range(args.steps):
@@ -93,17 +103,23 @@ def main() -> None:
             tokens = torch.cat([tokens, torch.zeros(len(chunk), 32 - tokens.shape[1], dtype=torch.long)], dim=1)
         batches.append((torch.randn(len(chunk), 3, 32, 32), tokens, padded))
 
+    forward = torch.compile(ours) if args.compile else ours
+
     def vitpipe_step(images, tokens, _):
-        ours({"image": images, "tokens": tokens}).loss.backward()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
+            loss = forward({"image": images, "tokens": tokens}).loss
+        loss.backward()
 
     def open_clip_step(images, _, padded):
-        image_features, text_features, scale = theirs(images, padded)
-        clip_loss(image_features, text_features, scale).backward()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
+            image_features, text_features, scale = theirs(images, padded)
+            loss = clip_loss(image_features, text_features, scale)
+        loss.backward()
 
     timings = {"vitpipe": [], "open_clip": []}
     runners = {"vitpipe": (vitpipe_step, ours), "open_clip": (open_clip_step, theirs)}
-    optimizers = {name: torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.2)
-                  for name, (_, model) in runners.items()}
+    optimizers = {"vitpipe": our_optimizer, "open_clip": torch.optim.AdamW(
+        theirs.parameters(), lr=1e-4, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.2)}
     for round_index in range(args.rounds + 1):  # round 0 warms both up
         for name, (run_step, _) in runners.items():
             start = time.perf_counter()
@@ -116,7 +132,7 @@ def main() -> None:
     text_len = statistics.mean(b[1].shape[1] for b in batches)
     image_tokens = ours.backbone.num_patches + ours.backbone.num_prefix_tokens  # both keep a class token
     flops = {"vitpipe": step_flops(args.batch, image_tokens, text_len), "open_clip": step_flops(args.batch, 65, 32)}
-    print(f"torch {torch.__version__}, {args.threads} threads, batch {args.batch}, {args.rounds} rounds x {args.steps} "
+    print(f"torch {torch.__version__}, {'bf16 autocast' if args.bf16 else 'fp32'}{', vitpipe compiled' if args.compile else ''}, {args.threads} threads, batch {args.batch}, {args.rounds} rounds x {args.steps} "
           f"steps; captions {'openclipart titles' if OPENCLIPART.is_dir() else 'templates'}, vitpipe's mean token "
           f"width {text_len:.1f} of 32")
     print(f"fp32 matmul (2048^3): {roofline:.1f} GFLOP/s\n")

@@ -24,16 +24,19 @@ import torch
 import torch.distributed as dist
 
 from vitpipe.ssl import registry
+from vitpipe.ssl.engine import optim
 from vitpipe.ssl.engine.precision import synthetic_batch
 
 
 def vitpipe_step(args, precision: str):
+    """vitpipe's step as its trainer runs it: the optimizer from engine.optim.build (fused AdamW)."""
     config = registry.pretrain_config("dino", None, [
         "model.size=tiny", "model.patch_size=4", "data.image_size=32", f"dino.out_dim={args.out_dim}",
-        "dino.hidden_dim=2048", "dino.bottleneck_dim=256", "dino.local_crops=8", "dino.local_size=12"])
+        "dino.hidden_dim=2048", "dino.bottleneck_dim=256", "dino.local_crops=8", "dino.local_size=12",
+        "optim.lr=1e-4", "optim.weight_decay=0.04", "optim.weight_decay_end=0.04"])
     torch.manual_seed(0)
     objective = registry.build_objective(config, {}).train()
-    optimizer = torch.optim.AdamW([p for p in objective.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.04)
+    optimizer = optim.build(objective, config, args.batch)[0]
     batch = synthetic_batch(objective, config.data, args.batch)
 
     def step():

@@ -173,6 +173,7 @@ def test_a_checkpoint_from_before_frozen_parameters_joined_the_optimizer_resumes
     checkpoint = sorted((run / "checkpoints").iterdir())[-1]
     old = _as_written_before_frozen_joined(checkpoint, objective)
     optimizer, *_ = optim.build(objective, locate_run(run)[0], 8)
+    assert all(group["fused"] for group in optimizer.param_groups)  # torch's fused kernel, not its per-parameter loop
     assert sum(len(g["params"]) for g in old["param_groups"]) < sum(len(g["params"]) for g in optimizer.param_groups)
     optimizer.load_state_dict(optim.with_frozen(old, optimizer))
     first_live = next(p for p in optimizer.param_groups[0]["params"] if p.requires_grad)

@@ -13,7 +13,7 @@ import torch
 
 from test_clip import caption_shards  # noqa: F401  (a fixture)
 from test_models import SMALL_SECTIONS, synthetic_read, through_views
-from test_trainer import RUN_ARGS
+from test_trainer import RUN_ARGS, losses
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "vitpipe"]
 ENV = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
@@ -115,8 +115,10 @@ def _pretrain(run, shards, *settings, options=(), launcher=TORCHRUN, steps=4, **
 
 
 def _losses(run):
-    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return {m["step"]: m["loss"] for m in lines if "loss" in m}
+    """step -> loss, each step logged once (a resumed run must not log a step twice)."""
+    logged = losses(run)
+    assert all(len(values) == 1 for values in logged.values()), logged
+    return {step: values[0] for step, values in sorted(logged.items())}
 
 
 def _weights(path):
@@ -171,15 +173,16 @@ def test_fsdp_run_matches_ddp_resumes_and_refuses_another_world_size(tmp_path):
 
 
 def test_fsdp_run_killed_hard_resumes_sample_exact(tmp_path):
-    """kill -9 of both processes while they train and checkpoint: the rerun resumes from the newest
-    checkpoint that verifies and logs every step once, and it ends where an uninterrupted run does."""
+    """kill -9 of both processes and their loader workers while they train and checkpoint: the rerun
+    resumes from the newest checkpoint that verifies and logs every step once, and it ends where an
+    uninterrupted run does."""
     from test_loader import write_shards
 
     from vitpipe.ssl.engine import checkpoints
 
     shards = write_shards(tmp_path / "shards", sizes=[12] * 6)
     run, whole = tmp_path / "run", tmp_path / "whole"
-    settings = ["train.fsdp=true", "train.ckpt_every_steps=3"]
+    settings = ["train.fsdp=true", "train.ckpt_every_steps=3", "data.num_workers=2"]
     with open(tmp_path / "log", "w") as log:
         job = _pretrain(run, shards, *settings, steps=30, stdout=log, stderr=log, start_new_session=True)
         deadline = time.monotonic() + 180
