@@ -232,3 +232,20 @@ def test_fsdp_dino_exports_the_teacher_ddp_exports(tmp_path):
     _same(_weights(runs["true"] / "encoder.safetensors"), _weights(runs["false"] / "encoder.safetensors"), atol=1e-5)
     health = [json.loads(line) for line in (runs["true"] / "metrics.jsonl").read_text().splitlines()]
     assert all("effective_rank" in record for record in health if "loss" in record)
+
+
+def test_a_process_that_does_not_write_keeps_finiteness_flags_not_copies():
+    """checkpoints.save under FSDP: every process gathers each tensor (a collective) but only the
+    writer keeps it whole; the others keep a 0-d flag the non-finite check reads the same way."""
+    from vitpipe.ssl.engine import checkpoints, sharding
+
+    model = torch.nn.Linear(3, 2)
+    flags = sharding.full_state_dict(model, keep=False)
+    assert all(v.shape == () and v.item() == 0 for v in flags.values())
+    assert checkpoints._first_nonfinite(flags, {"state": {}}) is None
+    with torch.no_grad():
+        model.bias[1] = float("nan")
+    whole, flags = sharding.full_state_dict(model), sharding.full_state_dict(model, keep=False)
+    assert checkpoints._first_nonfinite(whole, {"state": {}}) == checkpoints._first_nonfinite(flags, {"state": {}}) \
+        == "parameter bias"
+    assert sharding.full_optimizer_state(torch.optim.SGD(model.parameters()), keep=False)["state"] == {}

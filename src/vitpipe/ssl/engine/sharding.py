@@ -12,7 +12,8 @@ Checkpoints stay consolidated and in DDP's format: ``full_state_dict`` and
 order) into whole CPU tensors, keyed as an unsharded module and optimizer key them; ``load_model``
 and ``load_optimizer`` cut this process's slice back out locally. So a checkpoint does not depend
 on how it was sharded (the run's world size is still checked: the data position depends on it).
-The gathered copy lives in host memory on every process while a checkpoint is written.
+Every process gathers each tensor (all-gather), but only the writing process keeps the whole
+copy in host memory; the others keep one finiteness flag per tensor (``keep=False``).
 
 A teacher kept by EMA is sharded like its student (the same slices), so the update stays local.
 Buffers (a conv stem's BatchNorm statistics, DINO's centre) are not sharded and, unlike DDP,
@@ -72,22 +73,32 @@ def is_sharded(module: nn.Module) -> bool:
     return any(isinstance(p, DTensor) for p in module.parameters())
 
 
-def _whole(value: Any) -> Any:
-    """A DTensor gathered into one CPU tensor; anything else as it is (a tensor moved to the CPU)."""
+def _whole(value: Any, keep: bool = True) -> Any:
+    """A DTensor gathered into one CPU tensor; anything else as it is (a tensor moved to the CPU).
+    With ``keep`` False a tensor is reduced, once gathered, to a 0-d float that is non-finite exactly
+    when the tensor held a non-finite value: what a process that does not write the checkpoint
+    needs to agree on the non-finite check, without holding a second copy of the whole state."""
     if isinstance(value, _dtensor()):
-        return value.full_tensor().detach().cpu()
-    return value.detach().cpu() if torch.is_tensor(value) else value
+        value = value.full_tensor()
+    if not torch.is_tensor(value):
+        return value
+    if keep:
+        return value.detach().cpu()
+    finite = not value.is_floating_point() or bool(torch.isfinite(value).all())
+    return torch.tensor(0.0 if finite else float("nan"))
 
 
-def full_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
-    """``module.state_dict()`` with every shard gathered: the tensors an unsharded module would hold."""
-    return {name: _whole(value) for name, value in module.state_dict().items()}
+def full_state_dict(module: nn.Module, keep: bool = True) -> dict[str, torch.Tensor]:
+    """``module.state_dict()`` with every shard gathered: the tensors an unsharded module would hold
+    (a collective; ``keep`` as in ``_whole``)."""
+    return {name: _whole(value, keep) for name, value in module.state_dict().items()}
 
 
-def full_optimizer_state(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """``optimizer.state_dict()`` with every DTensor (AdamW's moments) gathered whole."""
+def full_optimizer_state(optimizer: torch.optim.Optimizer, keep: bool = True) -> dict[str, Any]:
+    """``optimizer.state_dict()`` with every DTensor (AdamW's moments) gathered whole (``keep`` as in
+    ``_whole``)."""
     saved = optimizer.state_dict()
-    state = {index: {key: _whole(value) for key, value in entry.items()} for index, entry in saved["state"].items()}
+    state = {index: {key: _whole(value, keep) for key, value in entry.items()} for index, entry in saved["state"].items()}
     return {"state": state, "param_groups": saved["param_groups"]}
 
 
