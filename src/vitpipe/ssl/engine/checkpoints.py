@@ -137,9 +137,9 @@ def save(accelerator, model, optimizer, scheduler, state: dict[str, Any], run_di
     if sharding.is_sharded(unwrapped) or accelerator.is_main_process:
         # gathering FSDP shards is a collective, so every process takes part; only the writer keeps
         # whole host tensors, the others a finiteness flag per tensor for the check below
-        keep = accelerator.is_main_process
-        weights = sharding.full_state_dict(unwrapped, keep)
-        optimizer_state = sharding.full_optimizer_state(optimizer, keep)
+        writer = accelerator.is_main_process
+        weights = sharding.full_state_dict(unwrapped, writer)
+        optimizer_state = sharding.full_optimizer_state(optimizer, writer)
     else:  # DDP: this replica only checks the state it holds; the writer makes the host copies
         weights, optimizer_state = unwrapped.state_dict(), optimizer.state_dict()
     bad = _first_nonfinite(weights, optimizer_state)  # every rank holds the same state: all agree
