@@ -84,8 +84,9 @@ def _objectives_worker(rank: int, init_file: str, out_dir: str) -> None:
 
 def test_every_objective_shards_like_ddp(tmp_path):
     """Every registered objective (teachers, text towers, predictors included): sharded steps, with
-    activation checkpointing on, give DDP's losses and weights to 1e-5, its encoder gathers whole for export, the health monitor
-    reads it, and a consolidated state dict loads back into a sharded copy exactly."""
+    activation checkpointing on, give DDP's losses and weights to 1e-5, its encoder gathers whole
+    for export, the health monitor reads it, and a consolidated state dict loads back into a sharded
+    copy exactly."""
     import torch.multiprocessing as mp
 
     mp.spawn(_objectives_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
@@ -235,8 +236,8 @@ def test_fsdp_dino_exports_the_teacher_ddp_exports(tmp_path):
 
 
 def test_a_process_that_does_not_write_keeps_finiteness_flags_not_copies():
-    """checkpoints.save under FSDP: every process gathers each tensor (a collective) but only the
-    writer keeps it whole; the others keep a 0-d flag the non-finite check reads the same way."""
+    """checkpoints.save, with DDP or FSDP: every process reads each tensor (gathered, under FSDP) but
+    only the writer keeps it whole; the others keep a 0-d flag the non-finite check reads the same way."""
     from vitpipe.ssl.engine import checkpoints, sharding
 
     model = torch.nn.Linear(3, 2)

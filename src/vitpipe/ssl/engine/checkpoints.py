@@ -134,15 +134,12 @@ def save(accelerator, model, optimizer, scheduler, state: dict[str, Any], run_di
     from vitpipe.ssl.engine import sharding
 
     unwrapped = accelerator.unwrap_model(model)
-    if sharding.is_sharded(unwrapped) or accelerator.is_main_process:
-        # gathering FSDP shards is a collective, so every process takes part; only the writer keeps
-        # whole host tensors, the others a finiteness flag per tensor for the check below
-        writer = accelerator.is_main_process
-        weights = sharding.full_state_dict(unwrapped, writer)
-        optimizer_state = sharding.full_optimizer_state(optimizer, writer)
-    else:  # DDP: this replica only checks the state it holds; the writer makes the host copies
-        weights, optimizer_state = unwrapped.state_dict(), optimizer.state_dict()
-    bad = _first_nonfinite(weights, optimizer_state)  # every rank holds the same state: all agree
+    # every process takes part (gathering FSDP shards is a collective); only the writer keeps whole
+    # host tensors, the others one finiteness flag per tensor, so all reach the same verdict below
+    writer = accelerator.is_main_process
+    weights = sharding.full_state_dict(unwrapped, writer)
+    optimizer_state = sharding.full_optimizer_state(optimizer, writer)
+    bad = _first_nonfinite(weights, optimizer_state)
     if bad is not None:
         raise CheckpointError(f"non-finite values in {bad} after step {state['step']}; not checkpointed (lower "
                               "optim.base_lr or set optim.clip_grad); the last checkpoint is still good")
