@@ -130,32 +130,32 @@ def main() -> None:
     _, bf16_step = vitpipe_step("bf16")
     generator = torch.Generator().manual_seed(0)
     images = [torch.randn(args.batch, 3, 32, 32) for _ in range(args.steps)]
-    own = [(jepa.batch_hook()({"image": x}, generator),) for x in images]
-    sides = {"vitpipe fp32, own masks": (fp32_step, own), "vitpipe bf16, own masks": (bf16_step, own)}
+    own = [jepa.batch_hook()({"image": x}, generator) for x in images]
+    # label: (step, its arguments per batch, the same masks in vitpipe's batch format for FLOPs)
+    sides = {"vitpipe fp32, own masks": (fp32_step, [(b,) for b in own], own),
+             "vitpipe bf16, own masks": (bf16_step, [(b,) for b in own], own)}
     if args.peer_dir:
         collator, official_step = official(args.peer_dir)
-        drawn = [collator([0] * args.batch) for _ in images]
-        theirs = [(x, enc, pred) for x, (_, enc, pred) in zip(images, drawn)]
-        equal = [({"image": x, "context_idx": enc[0], "target_idx": torch.stack(pred, 1)},) for x, enc, pred in theirs]
-        sides = {"official fp32": (official_step, theirs), **sides,
-                 "vitpipe fp32, official masks": (fp32_step, equal), "vitpipe bf16, official masks": (bf16_step, equal)}
+        theirs = [(x, enc, pred) for x, (_, enc, pred) in zip(images, (collator([0] * args.batch) for _ in images))]
+        equal = [{"image": x, "context_idx": enc[0], "target_idx": torch.stack(pred, 1)} for x, enc, pred in theirs]
+        sides = {"official fp32": (official_step, theirs, equal), **sides,
+                 "vitpipe fp32, official masks": (fp32_step, [(b,) for b in equal], equal),
+                 "vitpipe bf16, official masks": (bf16_step, [(b,) for b in equal], equal)}
     report(args, sides, roofline, jepa)
 
 
 def report(args, sides: dict, roofline: float, jepa) -> None:
     timings = {label: [] for label in sides}
     for round_index in range(args.rounds + 1):  # round 0 warms every side up
-        for label, (step, batches) in sides.items():
+        for label, (step, batches, _) in sides.items():
             timed(step, batches, timings[label] if round_index else [])
     print(f"torch {torch.__version__}, {args.threads} threads, batch {args.batch}, fastest of {args.rounds} rounds "
           f"x {args.steps} steps; fp32 matmul (2048^3) {roofline:.1f} GFLOP/s\n")
     print("| step | mean context patches | s/step | img/s | GFLOP/s (work done) | of fp32 matmul |")
     print("|---|---:|---:|---:|---:|---:|")
-    for label, (_, batches) in sides.items():
-        vitpipe_batches = [b[0] if isinstance(b[0], dict) else
-                           {"context_idx": b[1][0], "target_idx": torch.stack(b[2], 1)} for b in batches]
-        context = sum(b["context_idx"].shape[1] for b in vitpipe_batches) / len(batches)
-        flops = sum(step_flops(jepa, b) for b in vitpipe_batches) / len(batches)
+    for label, (_, _, counted) in sides.items():
+        context = sum(b["context_idx"].shape[1] for b in counted) / len(counted)
+        flops = sum(step_flops(jepa, b) for b in counted) / len(counted)
         seconds = min(timings[label])
         print(f"| {label} | {context:.1f} | {seconds:.3f} | {args.batch / seconds:.0f} | {flops / seconds / 1e9:.1f} "
               f"| {flops / seconds / 1e9 / roofline:.0%} |", flush=True)
