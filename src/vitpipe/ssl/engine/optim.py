@@ -59,8 +59,8 @@ def warmup_steps(config: PretrainConfig) -> int:
 
 def build(model: Objective, config: PretrainConfig, global_batch: int):
     """(AdamW, its LambdaLR warmup+cosine scheduler, peak lr, warmup steps). AdamW is torch's fused
-    kernel: on a CPU torch's default is a per-parameter loop, 5.6x slower on ViT-B/16 MAE's 112M
-    parameters (0.38 vs 0.07 s a step; benchmarks/RESULTS.md). A checkpoint's optimizer state keeps
+    kernel: on a CPU torch's default is a per-parameter loop, 4-6x slower on ViT-B/16 MAE's 112M
+    parameters (0.32-0.38 vs 0.07 s a step; benchmarks/adamw_step.py). A checkpoint's optimizer state keeps
     the implementation it was written with (torch's load_state_dict restores the group settings),
     so a run resumed from an older, unfused checkpoint steps as it did before."""
     optim, max_steps = config.optim, config.train.max_steps
