@@ -4,7 +4,8 @@
 
 Launches `torchrun --nproc_per_node 2` on this file once per mode and round, alternating
 (ddp, fsdp, ddp, fsdp, ...). Each process builds vitpipe's MAE for the size, wraps it as the trainer
-does (torch DDP, or `vitpipe.ssl.engine.sharding.shard`), runs 2 warm-up steps and times --steps
+does (torch DDP, or `vitpipe.ssl.engine.sharding.build_sharded`: only the first process builds the
+whole model, the others build it on the meta device and receive their slices), runs 2 warm-up steps and times --steps
 AdamW steps. Reported per process: bytes of parameters + gradients + AdamW moments it holds (the
 local slices under FSDP), and its peak resident memory (ru_maxrss: includes the ~0.4 GB of the
 Python and torch runtime and the transient full blocks FSDP gathers).
@@ -45,11 +46,11 @@ def worker(args: argparse.Namespace) -> None:
     torch.manual_seed(0)
     config = registry.pretrain_config("mae", None, [f"model.size={args.size}", f"data.image_size={args.image_size}",
                                                     f"model.patch_size={args.patch}"])
-    objective = registry.build_objective(config)
-    if args.mode == "fsdp":
-        sharding.shard(objective, objective)
+    if args.mode == "fsdp":  # as the trainer builds it: whole on the first process only, meta elsewhere
+        objective = sharding.build_sharded(lambda: registry.build_objective(config), rank == 0, "cpu")[0]
         model = objective
     else:
+        objective = registry.build_objective(config)
         model = torch.nn.parallel.DistributedDataParallel(objective)
     optimizer = optim.build(objective, config, args.batch * 2)[0]
     images = torch.rand(args.batch, 3, args.image_size, args.image_size) * 2 - 1
@@ -109,13 +110,13 @@ def main() -> None:
             print(json.dumps(results[mode][-1]), flush=True)
     print(f"\nMAE ViT-{args.size}, {args.image_size} px / patch {args.patch}, batch {args.batch} per process, 2 processes, "
           f"{args.rounds} alternating rounds (best step time; memory of the first round)")
-    print("| mode | step s (per process) | params + grads + AdamW per process | peak RSS per process |")
+    print("| mode | step s (per process) | params + grads + AdamW per process | peak RSS, process 0 / 1 |")
     print("|---|---:|---:|---:|")
     for mode, rows in results.items():
         step = min(min(r["step_s"]) for r in rows)
         state = max(rows[0]["state_bytes"]) / 2**20
-        peak = max(rows[0]["peak_rss"]) / 2**20
-        print(f"| {mode} | {step:.3f} | {state:.1f} MiB | {peak:.0f} MiB |")
+        peaks = " / ".join(f"{peak / 2**20:.0f}" for peak in rows[0]["peak_rss"])
+        print(f"| {mode} | {step:.3f} | {state:.1f} MiB | {peaks} MiB |")
 
 
 if __name__ == "__main__":

@@ -20,6 +20,33 @@ ENV = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
 STEPS = 3
 
 
+def _plain_and_sharded(config, artifacts, rank: int) -> list:
+    """(objective, optimizer, ids of parameters left whole) replicated as DDP starts it (each process
+    builds it, the first's weights broadcast) and sharded as the trainer builds it
+    (``sharding.build_sharded``: only the first process builds it whole, the others on meta)."""
+    import torch.distributed as dist
+
+    from vitpipe.ssl import registry
+    from vitpipe.ssl.engine import optim, sharding
+    from vitpipe.ssl.vit import set_grad_checkpointing
+
+    def build(sharded: bool):
+        torch.manual_seed(0 if sharded else rank)  # each process its own init: the broadcast must fix it
+        objective = registry.build_objective(config, artifacts)
+        built_on.append(next(objective.parameters()).device.type)
+        set_grad_checkpointing(objective, sharded)  # the sharded side recomputes its blocks too
+        return objective
+
+    built_on = []
+    plain = build(False)
+    for tensor in plain.state_dict().values():
+        dist.broadcast(tensor, src=0)
+    sharded, whole = sharding.build_sharded(lambda: build(True), rank == 0, "cpu")
+    assert sharding.is_sharded(sharded) and not sharding.is_sharded(plain)
+    assert built_on[1] == ("cpu" if rank == 0 else "meta"), built_on  # only the first builds it whole
+    return [(objective, optim.build(objective, config, 8)[0], ids) for objective, ids in ((plain, set()), (sharded, whole))]
+
+
 def _objectives_worker(rank: int, init_file: str, out_dir: str) -> None:
     """Per objective: a replicated copy whose gradients are all-reduced by hand (what DDP does) and
     a sharded copy, the same batches and seeds; per-step losses, gathered weights and the health
@@ -27,8 +54,7 @@ def _objectives_worker(rank: int, init_file: str, out_dir: str) -> None:
     import torch.distributed as dist
 
     from vitpipe.ssl import registry
-    from vitpipe.ssl.engine import optim, sharding
-    from vitpipe.ssl.vit import set_grad_checkpointing
+    from vitpipe.ssl.engine import sharding
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     results = {}
@@ -37,14 +63,7 @@ def _objectives_worker(rank: int, init_file: str, out_dir: str) -> None:
                                                        "train.max_steps=10", *SMALL_SECTIONS.get(name, [])])
         spec = registry.get(name)
         artifacts = spec.fit_artifacts(config, synthetic_read) if spec.fit_artifacts else {}
-        models = []
-        for sharded in (False, True):
-            torch.manual_seed(0)
-            objective = registry.build_objective(config, artifacts)
-            set_grad_checkpointing(objective, sharded)  # the sharded side recomputes its blocks too
-            whole = sharding.shard(objective, objective.trainable_module()) if sharded else set()
-            assert sharding.is_sharded(objective) == sharded
-            models.append((objective, optim.build(objective, config, 8)[0], whole))
+        models = _plain_and_sharded(config, artifacts, rank)
         losses = [[], []]
         for step in range(1, STEPS + 1):
             generator = torch.Generator().manual_seed(100 * step + rank)  # each rank its own samples

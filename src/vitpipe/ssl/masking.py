@@ -33,19 +33,20 @@ class MultiBlockMasks:
 
     def block_size(self, scale: tuple[float, float], aspect: tuple[float, float],
                    generator: torch.Generator) -> tuple[int, int]:
-        """(rows, cols) of a block covering a drawn fraction of the grid with a drawn aspect."""
+        """(rows, cols) of a block covering a drawn fraction of the grid with a drawn aspect. Draws are
+        made on the generator's device, whatever the default (a meta-device build runs ``check``)."""
         rows, cols = self.grid
-        s = scale[0] + (scale[1] - scale[0]) * torch.rand(1, generator=generator).item()
-        a = aspect[0] + (aspect[1] - aspect[0]) * torch.rand(1, generator=generator).item()
+        s = scale[0] + (scale[1] - scale[0]) * torch.rand(1, generator=generator, device=generator.device).item()
+        a = aspect[0] + (aspect[1] - aspect[0]) * torch.rand(1, generator=generator, device=generator.device).item()
         area = s * rows * cols
         return (min(rows, max(1, round(math.sqrt(area * a)))), min(cols, max(1, round(math.sqrt(area / a)))))
 
     def place(self, size: tuple[int, int], generator: torch.Generator) -> torch.Tensor:
         """[rows, cols] bool mask of one block at a uniform position where it fits."""
         rows, cols = self.grid
-        top = torch.randint(0, rows - size[0] + 1, (1,), generator=generator).item()
-        left = torch.randint(0, cols - size[1] + 1, (1,), generator=generator).item()
-        mask = torch.zeros(rows, cols, dtype=torch.bool)
+        top = torch.randint(0, rows - size[0] + 1, (1,), generator=generator, device=generator.device).item()
+        left = torch.randint(0, cols - size[1] + 1, (1,), generator=generator, device=generator.device).item()
+        mask = torch.zeros(rows, cols, dtype=torch.bool, device=generator.device)
         mask[top:top + size[0], left:left + size[1]] = True
         return mask
 

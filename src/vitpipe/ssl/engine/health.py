@@ -3,6 +3,7 @@ for every objective (JEPA-style objectives can collapse silently: their loss sti
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from typing import Any, Callable
 
@@ -41,3 +42,20 @@ def monitor(encoder: nn.Module, images: torch.Tensor, step: int, train: Any,
               f"{health['feature_std']:.2e}, effective rank {health['effective_rank']:.2f})", file=sys.stderr)
         log_event({"step": step, "event": "collapse", **health})
     return health
+
+
+def session_health(s: Any, train: Any) -> dict[str, float]:
+    """``monitor`` on a trainer ``Session`` when ``train.health_every`` says so: on the first process,
+    and on every one when sharded (gathering the weights is a collective); {} elsewhere."""
+    from vitpipe.ssl.engine import sharding
+
+    if not train.health_every or (s.state.step % train.health_every and s.state.step > 1) or s.images is None:
+        return {}
+    main = s.accelerator.is_main_process
+    if not (main or s.sharded):
+        return {}
+    gathered = sharding.unsharded(s.objective, s.objective.trainable_module()) if s.sharded else contextlib.nullcontext()
+    with gathered:
+        health = monitor(s.objective.encoder(), s.images, s.state.step, train,
+                         s.metrics.write if main else lambda event: None)
+    return health if main else {}

@@ -23,7 +23,7 @@ not broadcast from the first process.
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -66,6 +66,49 @@ def shard(objective: nn.Module, trainable: nn.Module) -> set[int]:
                 if hasattr(child, "forward_features"):  # I-JEPA's target encoder is called so
                     register_fsdp_forward_method(child, "forward_features")
     return {id(p) for p in scalars}
+
+
+def build_sharded(build: Callable[[], nn.Module], first: bool, device: torch.device | str) -> tuple[nn.Module, set[int]]:
+    """``build()`` sharded over the processes with only the first holding the whole model: it builds
+    it as usual (its seed, its init), the others on the meta device (no memory), and each then
+    receives its slices from the first, one tensor at a time. Every process ends with the values the
+    first built, as if each had built it whole (DDP's start). Returns (objective, ``shard``'s whole ids)."""
+    if first:
+        objective = build()
+        source = dict(_tensors(objective))  # the whole tensors, before sharding replaces the parameters
+    else:
+        with torch.device("meta"):
+            objective = build()
+    shard(objective, objective.trainable_module())
+    if not first:
+        objective.to_empty(device=device)  # this process's slices (and whole buffers), not yet filled
+    _receive_from_first(objective, source if first else None)
+    # after to_empty, which gives a parameter left whole a new object (meta -> device)
+    return objective, {id(p) for p in objective.parameters() if not isinstance(p, _dtensor())}
+
+
+def _tensors(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """Parameters then buffers (non-persistent ones too: a meta build holds no sincos table), in the
+    module's order, the same on every process."""
+    return [*module.named_parameters(), *module.named_buffers()]
+
+
+@torch.no_grad()
+def _receive_from_first(module: nn.Module, source: dict[str, torch.Tensor] | None) -> None:
+    """Each tensor of ``module`` set to the first process's (``source``, its whole tensors; None on
+    the others): a sharded one scattered (distribute_tensor from rank 0), any other broadcast."""
+    import torch.distributed as dist
+    from torch.distributed.tensor import distribute_tensor
+
+    for name, tensor in _tensors(module):
+        if isinstance(tensor, _dtensor()):
+            local = tensor.to_local()
+            whole = source[name] if source is not None else torch.empty(tensor.shape, dtype=tensor.dtype)
+            sliced = distribute_tensor(whole.to(local.device), tensor.device_mesh, tensor.placements, src_data_rank=0)
+            if source is None:
+                local.copy_(sliced.to_local())
+        else:
+            dist.broadcast(tensor.data, src=0)
 
 
 def is_sharded(module: nn.Module) -> bool:

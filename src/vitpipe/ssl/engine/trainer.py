@@ -13,7 +13,6 @@ SIGUSR1 after a complete checkpoint; rerun the same command with ``--resume auto
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import sys
@@ -31,7 +30,7 @@ from vitpipe.pipeline.shardset import resolve_shards
 from vitpipe.ssl import registry
 from vitpipe.ssl.engine import artifacts, checkpoints, compiling, optim, rundir, sharding, trackers, warmstart
 from vitpipe.ssl.engine.distributed import average_late_gradients, sum_gradients
-from vitpipe.ssl.engine.health import monitor
+from vitpipe.ssl.engine.health import session_health
 from vitpipe.ssl.engine.launch import RunLock, make_accelerator
 from vitpipe.ssl.objective import Objective
 from vitpipe.ssl.engine.precision import for_run as choose_precision
@@ -108,10 +107,7 @@ class Trainer:
         is_main = accelerator.is_main_process
         start = rundir.start_checkpoint(self.run_dir, config, self.resume, is_main)
         fitted = self._artifacts(accelerator, refit=start is None)
-        set_seed(train.seed)  # identical initial parameters on every rank
-        objective = self.build_objective(config, fitted)
-        set_grad_checkpointing(objective, train.grad_checkpointing)
-        whole = self._shard(accelerator, objective)  # before the optimizer: sharding replaces parameters
+        objective, whole = self._build(accelerator, fitted)  # before the optimizer: sharding replaces parameters
         sharded = whole is not None
         dataset, loader = self._loader(objective, accelerator.process_index, accelerator.num_processes)
         global_batch = train.batch_size * train.grad_accum * accelerator.num_processes
@@ -151,14 +147,25 @@ class Trainer:
         session.stop.install()
         return session
 
-    def _shard(self, accelerator, objective: Objective) -> set[int] | None:
-        """FSDP2 over the processes when ``train.fsdp`` and there is more than one (sharding.py):
-        the ids of the parameters it leaves whole, or None when not sharding."""
-        if not (self.config.train.fsdp and accelerator.num_processes > 1):
-            return None
-        sharding.refuse_unsupported(objective, self.config)
-        # on the CPU: fully_shard moves unit by unit to the mesh's device, never the whole model
-        return sharding.shard(objective, objective.trainable_module())
+    def _build(self, accelerator, fitted: dict[str, bytes]) -> tuple[Objective, set[int] | None]:
+        """The objective, seeded (the same initial parameters on every rank), FSDP2-sharded when
+        ``train.fsdp`` and more than one process (sharding.build_sharded: only the first builds it
+        whole): (objective, ids of the parameters sharding leaves whole, or None when not sharding)."""
+        from accelerate.utils import set_seed
+
+        config, sharded = self.config, self.config.train.fsdp and accelerator.num_processes > 1
+
+        def build() -> Objective:
+            set_seed(config.train.seed)
+            objective = self.build_objective(config, fitted)
+            set_grad_checkpointing(objective, config.train.grad_checkpointing)
+            if sharded:
+                sharding.refuse_unsupported(objective, config)
+            return objective
+
+        if not sharded:
+            return build(), None
+        return sharding.build_sharded(build, accelerator.is_main_process, accelerator.device)
 
     def _wrap(self, accelerator, objective: Objective, optimizer, compile_: bool, sharded: bool):
         """Compile and DDP-wrap the objective's trainable module alone (a teacher stays out; FSDP
@@ -324,7 +331,7 @@ class Trainer:
         state = s.state
         loss = s.accelerator.reduce(output.loss.detach().float(), reduction="mean").item()
         s.last_loss = loss
-        health = self._health(s)
+        health = session_health(s, self.config.train)
         if not s.accelerator.is_main_process:
             return
         now = time.monotonic()
@@ -346,20 +353,6 @@ class Trainer:
         elif self.progress_lines:
             print(rundir.progress_line(record, self.config.train.max_steps, self.config.train.batch_size
                                 * self.config.train.grad_accum * s.accelerator.num_processes), flush=True)
-
-    def _health(self, s: Session) -> dict[str, float]:
-        """On the first process; on every one when sharded (gathering the weights is a collective)."""
-        train = self.config.train
-        if not train.health_every or (s.state.step % train.health_every and s.state.step > 1) or s.images is None:
-            return {}
-        main = s.accelerator.is_main_process
-        if not (main or s.sharded):
-            return {}
-        gathered = sharding.unsharded(s.objective, s.objective.trainable_module()) if s.sharded else contextlib.nullcontext()
-        with gathered:
-            health = monitor(s.objective.encoder(), s.images, s.state.step, train,
-                             s.metrics.write if main else lambda event: None)
-        return health if main else {}
 
     def _checkpoint_due(self, step: int, last_checkpoint_time: float) -> bool:
         train = self.config.train

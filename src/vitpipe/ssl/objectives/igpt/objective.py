@@ -81,7 +81,7 @@ def load_palette(data: bytes, channels: int, origin: str) -> torch.Tensor:
     """A palette file -> [K, C] tensor, checked against the run's channel count."""
     try:
         content = json.loads(data)
-        colours = torch.tensor(content["colours"], dtype=torch.float32)
+        colours = torch.tensor(content["colours"], dtype=torch.float32, device="cpu")  # checked: even in a meta build
     except (ValueError, KeyError, TypeError) as err:
         raise ConfigError(f"{origin}: not a vitpipe palette file ({err})") from None
     if colours.ndim != 2 or colours.shape[1] != channels or int(content.get("channels", -1)) != channels:
@@ -161,7 +161,7 @@ class PixelTransformer(nn.Module):
         self.special = len(palette)  # start-of-image (ar) or mask (bert) token
         self.token_embed = nn.Embedding(len(palette) + 1, width)
         self.pos_embed = nn.Parameter(torch.zeros(1, resolution**2, width))
-        rates = torch.linspace(0, drop_path, depth).tolist()  # stochastic depth, as the ViT (fine-tuning)
+        rates = torch.linspace(0, drop_path, depth, device="cpu").tolist()  # as the ViT (fine-tuning); meta-safe
         self.blocks = nn.ModuleList(Block(width, heads, mlp_ratio, rate) for rate in rates)
         self.norm = nn.LayerNorm(width, eps=LN_EPS)
         self.apply(init_weights)
