@@ -16,8 +16,8 @@ Every process gathers each tensor (all-gather), but only the writing process kee
 copy in host memory; the others keep one finiteness flag per tensor (``keep=False``).
 
 A teacher kept by EMA is sharded like its student (the same slices), so the update stays local.
-Buffers (a conv stem's BatchNorm statistics, DINO's centre) are not sharded and, unlike DDP,
-not broadcast from the first process.
+Buffers (a conv stem's BatchNorm statistics, DINO's centre) are not sharded; ``build_sharded``
+sends them from the first process once, not before every forward as DDP does.
 """
 
 from __future__ import annotations
