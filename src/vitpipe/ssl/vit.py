@@ -109,6 +109,12 @@ class Block(nn.Module):
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
+def drop_path_rates(last: float, depth: int) -> list[float]:
+    """Stochastic depth per block, rising linearly from 0 to ``last``: plain numbers computed on the
+    CPU, so a model built on the meta device (FSDP's other processes) gets them too."""
+    return torch.linspace(0, last, depth, device="cpu").tolist()
+
+
 def set_grad_checkpointing(model: nn.Module, enabled: bool) -> int:
     """Activation checkpointing for every transformer block of ``model``: each objective's encoder,
     decoder, predictor and text tower are built of ``Block``. Returns how many blocks it set."""
@@ -179,8 +185,7 @@ class VisionTransformer(nn.Module):
             self.pos_embed = nn.Parameter(table)
         else:  # a constant: a buffer, never in the optimizer (same state-dict key as a learned table)
             self.register_buffer("pos_embed", table)
-        # plain numbers on the CPU even when built on the meta device (FSDP's other processes)
-        rates = torch.linspace(0, config.drop_path, config.depth, device="cpu").tolist()
+        rates = drop_path_rates(config.drop_path, config.depth)
         self.norm_pre = nn.LayerNorm(config.embed_dim, eps=LN_EPS) if config.pre_norm else nn.Identity()
         self.blocks = nn.ModuleList(Block(config.embed_dim, config.num_heads, config.mlp_ratio, r) for r in rates)
         self.norm = nn.LayerNorm(config.embed_dim, eps=LN_EPS)

@@ -45,9 +45,9 @@ def refuse_unsupported(objective: nn.Module, config) -> None:
                           "(its accumulate() sums gradients itself); use DDP or grad_accum=1")
 
 
-def shard(objective: nn.Module, trainable: nn.Module) -> set[int]:
-    """Shard ``objective`` in place. Returns the ids of the parameters left whole: scalars (CLIP's
-    temperature), which FSDP cannot shard; their gradients are the caller's to average."""
+def shard(objective: nn.Module, trainable: nn.Module) -> None:
+    """Shard ``objective`` in place; scalars (CLIP's temperature), which FSDP cannot shard, stay whole
+    (``left_whole``)."""
     from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
     from vitpipe.ssl.vit import Block
@@ -65,14 +65,19 @@ def shard(objective: nn.Module, trainable: nn.Module) -> set[int]:
                 fully_shard(child, reshard_after_forward=True, ignored_params=scalars)
                 if hasattr(child, "forward_features"):  # I-JEPA's target encoder is called so
                     register_fsdp_forward_method(child, "forward_features")
-    return {id(p) for p in scalars}
+
+
+def left_whole(module: nn.Module) -> set[int]:
+    """Ids of ``module``'s parameters sharding left whole: FSDP does not synchronise their gradients,
+    they are the caller's to average. Read when needed: ``to_empty`` replaces such a parameter."""
+    return {id(p) for p in module.parameters() if not isinstance(p, _dtensor())}
 
 
 def build_sharded(build: Callable[[], nn.Module], first: bool, device: torch.device | str) -> tuple[nn.Module, set[int]]:
     """``build()`` sharded over the processes with only the first holding the whole model: it builds
     it as usual (its seed, its init), the others on the meta device (no memory), and each then
     receives its slices from the first, one tensor at a time. Every process ends with the values the
-    first built, as if each had built it whole (DDP's start). Returns (objective, ``shard``'s whole ids)."""
+    first built, as if each had built it whole (DDP's start). Returns (objective, ``left_whole`` ids)."""
     if first:
         objective = build()
         source = dict(_tensors(objective))  # the whole tensors, before sharding replaces the parameters
@@ -83,8 +88,7 @@ def build_sharded(build: Callable[[], nn.Module], first: bool, device: torch.dev
     if not first:
         objective.to_empty(device=device)  # this process's slices (and whole buffers), not yet filled
     _receive_from_first(objective, source if first else None)
-    # after to_empty, which gives a parameter left whole a new object (meta -> device)
-    return objective, {id(p) for p in objective.parameters() if not isinstance(p, _dtensor())}
+    return objective, left_whole(objective)
 
 
 def _tensors(module: nn.Module) -> list[tuple[str, torch.Tensor]]:

@@ -21,7 +21,7 @@ from torch import nn
 from vitpipe.config import ConfigError, PretrainConfig, check
 from vitpipe.ssl.objective import Objective, ObjectiveCommand, ObjectiveSpec, Output
 from vitpipe.ssl.objectives.igpt import commands, figures
-from vitpipe.ssl.vit import LN_EPS, Block, init_weights
+from vitpipe.ssl.vit import LN_EPS, Block, drop_path_rates, init_weights
 
 PALETTE = "palette.json"
 
@@ -161,8 +161,7 @@ class PixelTransformer(nn.Module):
         self.special = len(palette)  # start-of-image (ar) or mask (bert) token
         self.token_embed = nn.Embedding(len(palette) + 1, width)
         self.pos_embed = nn.Parameter(torch.zeros(1, resolution**2, width))
-        rates = torch.linspace(0, drop_path, depth, device="cpu").tolist()  # as the ViT (fine-tuning); meta-safe
-        self.blocks = nn.ModuleList(Block(width, heads, mlp_ratio, rate) for rate in rates)
+        self.blocks = nn.ModuleList(Block(width, heads, mlp_ratio, rate) for rate in drop_path_rates(drop_path, depth))
         self.norm = nn.LayerNorm(width, eps=LN_EPS)
         self.apply(init_weights)
         nn.init.normal_(self.token_embed.weight, std=0.02)
