@@ -86,10 +86,10 @@ def _cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy; ~3x faster than F.cross_entropy on CPU for few classes (torch's
     log_softmax kernel vectorises poorly over a last dimension of ~10), which is most of a sweep step.
 
-    A class more than 60 below the top one adds exp(-60) ~ 1e-26 of probability: it is left out of
-    the sum (its gradient is zero, not a subnormal float). A sweep's high-lr heads are that sure of
+    A class more than 60 below the top one counts as exactly 60 below (exp(-60) ~ 1e-26 of the sum)
+    with a gradient of zero, not a subnormal float. A sweep's high-lr heads are that sure of
     most samples, and their subnormal gradients made every matmul of the step several times slower
-    on x86 (benchmarks/RESULTS.md: the 12-block probe 438 -> 2xx s)."""
+    on x86 (benchmarks/RESULTS.md: the 12-block probe 438 -> 80 s on cached features)."""
     shifted = logits - logits.detach().max(dim=1, keepdim=True).values
     total = shifted.clamp(min=-60.0).exp().sum(dim=1)
     return (total.log() - shifted.gather(1, labels[:, None]).squeeze(1)).mean()
@@ -117,21 +117,14 @@ def train_heads(features: np.ndarray | list[np.ndarray] | torch.Tensor, labels: 
     y = torch.from_numpy(labels.astype(np.int64))
     count, sets = len(lrs), x.shape[1]
     heads = LinearHeads(x.shape[2], classes, count, sets, joined)
-    lr, wd = torch.tensor(lrs, dtype=torch.float32), torch.tensor(wds, dtype=torch.float32)
-    rates = ([lr.view(1, 1, 1, count, 1), lr.view(1, count, 1)], [wd.view(1, 1, 1, count, 1), wd.view(1, count, 1)])
-    heads.train()
-    _sgd_epochs(heads, x, y, rates, epochs, batch_size, torch.Generator().manual_seed(seed))
-    return heads.eval()
-
-
-def _sgd_epochs(heads: LinearHeads, x: torch.Tensor, y: torch.Tensor, rates, epochs: int, batch_size: int,
-                order_rng: torch.Generator) -> None:
-    """SGD with momentum 0.9 and warm-up-cosine decay, each head at the (lr, wd) ``rates`` give it
-    (shaped to broadcast over the weights and the biases)."""
     params = [heads.weights, heads.biases]
+    lr, wd = torch.tensor(lrs, dtype=torch.float32), torch.tensor(wds, dtype=torch.float32)
+    lr_of, wd_of = [lr.view(1, 1, 1, count, 1), lr.view(1, count, 1)], [wd.view(1, 1, 1, count, 1), wd.view(1, count, 1)]
     momentum = [torch.zeros_like(p) for p in params]
     steps_per_epoch = max(1, len(x) // batch_size)
-    total, heads_in_all = epochs * steps_per_epoch, heads.biases.shape[0] * heads.biases.shape[1]
+    total, heads_in_all = epochs * steps_per_epoch, count * (sets + joined)
+    order_rng = torch.Generator().manual_seed(seed)
+    heads.train()
     step = 0
     for _ in range(epochs):
         order = torch.randperm(len(x), generator=order_rng)
@@ -143,10 +136,11 @@ def _sgd_epochs(heads: LinearHeads, x: torch.Tensor, y: torch.Tensor, rates, epo
             grads = torch.autograd.grad(loss, params)
             decay = warmup_cosine(step, total)
             with torch.no_grad():
-                for param, grad, buf, head_lr, head_wd in zip(params, grads, momentum, *rates):
+                for param, grad, buf, head_lr, head_wd in zip(params, grads, momentum, lr_of, wd_of):
                     buf.mul_(0.9).add_(grad + head_wd * param)
                     param.sub_(head_lr * decay * buf)
             step += 1
+    return heads.eval()
 
 
 @torch.no_grad()
