@@ -141,3 +141,28 @@ def test_a_stale_sidecar_is_not_trusted(world, tmp_path):
     assert fingerprints.read_sidecar(victim, None) is None
     lookup = fingerprints.of_shards(resolve_shards(str(copy)), None)
     assert lookup.stored == 30 and lookup.hashed == 4  # the three untouched shards read; the replacement (4 samples) hashed
+
+
+def test_near_pairs_equals_the_rule_checked_pair_by_pair():
+    """Every (query, reference) pair, brute force: pHash and dHash within the radius and the
+    mean-removed thumbnails' cosine at least the threshold (flat thumbnails: cosine 0)."""
+    rng = np.random.default_rng(0)
+    base_hashes = rng.integers(0, 256, (300, 2, 8), dtype=np.uint8)
+    base_thumbs = rng.integers(0, 256, (300, 256), dtype=np.uint8)
+    base_thumbs[:5] = 77  # flat
+    pick = rng.integers(0, 300, 200)
+    flips = rng.random((200, 2, 64)) < 0.08
+    query_hashes = np.packbits(np.unpackbits(base_hashes[pick], axis=2) ^ flips, axis=2)
+    noise = rng.normal(0, rng.choice([2.0, 40.0], (200, 1)), (200, 256))
+    query_thumbs = np.clip(base_thumbs[pick] + noise, 0, 255).astype(np.uint8)
+    query_thumbs[:3] = base_thumbs[:3]
+    got = fingerprints.near_pairs((query_hashes, query_thumbs), (base_hashes, base_thumbs), 8, 0.99)
+
+    def centred(t):
+        t = t.astype(np.float64) - t.mean()
+        return t / np.linalg.norm(t) if np.linalg.norm(t) else t
+    bits = np.unpackbits(query_hashes[:, None] ^ base_hashes[None], axis=3).sum(axis=3)  # [Q, B, 2]
+    want = [(q, b, int(bits[q, b].sum())) for q in range(200) for b in range(300)
+            if bits[q, b].max() <= 8 and centred(query_thumbs[q]) @ centred(base_thumbs[b]) >= 0.99]
+    assert 20 < len(want) < 200  # both outcomes exercised
+    assert sorted(zip(*(part.tolist() for part in got))) == sorted(want)
