@@ -12,7 +12,6 @@ from typing import Annotated
 
 import typer
 
-from vitpipe import allocator
 from vitpipe.cli import compare, curate, data, evaluate, serve, train
 from vitpipe.cli.common import DEBUG_ENV, EXIT_USAGE, error_line, runtime_failure_line
 from vitpipe.config import ConfigError
@@ -118,7 +117,6 @@ def _click_exception_types() -> tuple[tuple[type, ...], tuple[type, ...]]:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point; also callable from tests as ``main([...])`` returning the exit code."""
-    allocator.keep_freed_memory()  # before any tensor: every command's steps reuse their pages
     try:
         add_objective_commands([arg for arg in (sys.argv[1:] if argv is None else argv) if arg != "--debug"])
         # without standalone mode click returns the exit code of typer.Exit instead of exiting
