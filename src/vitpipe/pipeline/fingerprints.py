@@ -96,17 +96,12 @@ def of_crops(image: Image.Image, flips: bool = False) -> list[tuple[np.ndarray, 
 
 def unit_thumbs(thumbs: np.ndarray) -> np.ndarray:
     """[K, 256] thumbnails as float32 rows with their mean brightness removed and unit length (a flat
-    thumbnail stays all zeros), so that a dot product of two is their thumb_cosine."""
+    thumbnail stays all zeros), so that a dot product of two is their cosine after removing each
+    one's mean brightness (a brightened copy scores ~1, a flat image against anything 0)."""
     centred = thumbs.astype(np.float32)
     centred -= centred.mean(axis=1, keepdims=True)
     norms = np.linalg.norm(centred, axis=1, keepdims=True)
     return np.divide(centred, norms, out=np.zeros_like(centred), where=norms > 0)
-
-
-def thumb_cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Row-wise cosine of [K, 256] thumbnails after removing each one's mean brightness (so a
-    brightened copy scores ~1, a flat image against anything 0)."""
-    return np.einsum("ij,ij->i", unit_thumbs(a), unit_thumbs(b))
 
 
 def hamming_pairs(database: np.ndarray, queries: np.ndarray, radius: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
