@@ -24,7 +24,7 @@ from torch import nn
 from torchvision.transforms import v2
 
 from vitpipe.config import PretrainConfig, check
-from vitpipe.pipeline.transforms import MultiView
+from vitpipe.pipeline.transforms import MultiView, ToNormalized
 from vitpipe.ssl.engine.distributed import all_reduce_mean, is_first_process
 from vitpipe.ssl.engine.ema import cosine_momentum, ema_update
 from vitpipe.ssl.objective import Objective, ObjectiveSpec, Output
@@ -115,8 +115,7 @@ def view_transform(size: int, scale: list[float], data, config: DINOConfig, blur
     if data.channels == 3:
         steps.append(v2.RandomGrayscale(p=config.grayscale))
     steps += [v2.RandomApply([v2.GaussianBlur(kernel, sigma)], p=blur), v2.RandomSolarize(128, p=solarize),
-              v2.ToDtype(torch.float32, scale=True),
-              v2.Normalize(list(data.mean)[: data.channels], list(data.std)[: data.channels])]
+              ToNormalized(data.channels, tuple(data.mean)[: data.channels], tuple(data.std)[: data.channels])]
     return v2.Compose(steps)
 
 
