@@ -66,19 +66,46 @@ def test_eval_probes_layers_of_other_widths_apart():
     assert found["wide"].top1 == pytest.approx(alone.top1, abs=1e-9)
 
 
-def test_cross_entropy_matches_torch_and_never_makes_subnormal_gradients():
-    """The sweep's loss is torch's cross-entropy, but a very sure head's gradient holds zeros where
+def torch_loss(logits, labels):
+    """The sweep's loss by torch: every head's mean cross-entropy, summed over heads ([B, H, C])."""
+    return sum(torch.nn.functional.cross_entropy(logits[:, h], labels) for h in range(logits.shape[1]))
+
+
+def test_cross_entropy_gradient_matches_torch_and_is_never_subnormal():
+    """The sweep's gradient is torch's cross-entropy's, but a very sure head's holds zeros where
     torch's holds subnormal floats (which slowed every step of a real probe 3-5x on x86)."""
-    from vitpipe.downstream.probe import _cross_entropy
+    from vitpipe.downstream.probe import _cross_entropy_grad
 
     labels = torch.tensor([0, 1, 2, 3])
-    mild = torch.randn(4, 10, generator=torch.Generator().manual_seed(0), requires_grad=True)
-    assert torch.allclose(_cross_entropy(mild, labels), torch.nn.functional.cross_entropy(mild, labels), atol=1e-6)
-    sure = (torch.arange(10.0) * 10.0).repeat(4, 1).requires_grad_()  # classes 0-3 are 60-90 below the top
-    grad_ours = torch.autograd.grad(_cross_entropy(sure, labels), sure)[0]
-    grad_torch = torch.autograd.grad(torch.nn.functional.cross_entropy(sure, labels), sure)[0]
+    mild = torch.randn(4, 3, 10, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    expected = torch.autograd.grad(torch_loss(mild, labels), mild)[0]
+    assert torch.allclose(_cross_entropy_grad(mild.detach(), labels), expected, atol=1e-7)
+    sure = (torch.arange(10.0) * 10.0).repeat(4, 2, 1).requires_grad_()  # classes 0-3 are 60-90 below the top
+    grad_torch = torch.autograd.grad(torch_loss(sure, labels), sure)[0]
+    grad_ours = _cross_entropy_grad(sure.detach(), labels)
     subnormal = lambda g: ((g != 0) & (g.abs() < torch.finfo(torch.float32).tiny)).sum().item()  # noqa: E731
     assert subnormal(grad_torch) > 0, "the case no longer makes subnormals: the test checks nothing"
     assert subnormal(grad_ours) == 0
     assert torch.allclose(grad_ours, grad_torch, atol=1e-20)
-    assert torch.allclose(_cross_entropy(sure, labels), torch.nn.functional.cross_entropy(sure, labels))
+
+
+@pytest.mark.parametrize("joined", [False, True])
+def test_written_out_head_gradients_equal_autograd(joined):
+    """LinearHeads.grads (what each SGD step applies) against autograd through the forward."""
+    from vitpipe.downstream.probe import LinearHeads, _cross_entropy_grad
+
+    gen = torch.Generator().manual_seed(3)
+    heads = LinearHeads(dim=6, classes=5, count=4, sets=3, joined=joined)
+    with torch.no_grad():
+        heads.weights.normal_(generator=gen)
+        heads.biases.normal_(generator=gen)
+    features, labels = torch.randn(16, 3, 6, generator=gen), torch.randint(0, 5, (16,), generator=gen)
+    normed = heads.normalise(features)
+    logits = heads.logits(normed)
+    loss = torch_loss(logits.flatten(1, 2), labels)
+    expected = torch.autograd.grad(loss, [heads.weights, heads.biases])
+    with torch.no_grad():
+        ours = heads.grads(normed, _cross_entropy_grad(logits.flatten(1, 2), labels).view_as(logits))
+    for got, want in zip(ours, expected):
+        assert got.shape == want.shape
+        assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()

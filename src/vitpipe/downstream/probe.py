@@ -64,14 +64,32 @@ class LinearHeads(nn.Module):
         return self.batch_major(features).permute(1, 2, 0, 3)
 
     def batch_major(self, features: torch.Tensor) -> torch.Tensor:
-        """[B, L, D] -> [B, S, K, C] by one batched [L, B, D] x [L, D, (1 + joined) K C] matmul."""
+        """[B, L, D] -> [B, S, K, C]."""
+        return self.logits(self.normalise(features))
+
+    def normalise(self, features: torch.Tensor) -> torch.Tensor:
+        """[B, L, D] -> [L, B, D], each channel through the (parameter-free) BatchNorm."""
+        sets, dim = self.weights.shape[:2]
+        return self.norm(features.reshape(len(features), sets * dim)).view(-1, sets, dim).transpose(0, 1)
+
+    def logits(self, normed: torch.Tensor) -> torch.Tensor:
+        """[L, B, D] -> [B, S, K, C] by one batched [L, B, D] x [L, D, (1 + joined) K C] matmul."""
         sets, dim, parts, count, classes = self.weights.shape
-        normed = self.norm(features.reshape(len(features), sets * dim)).view(-1, sets, dim).transpose(0, 1)
         out = torch.bmm(normed, self.weights.flatten(2)).view(sets, -1, parts, count, classes)
-        logits = out[:, :, 0].transpose(0, 1)
+        own = out[:, :, 0].transpose(0, 1)
         if self.joined:
-            logits = torch.cat([logits, out[:, :, 1].sum(dim=0).unsqueeze(1)], dim=1)
-        return logits + self.biases
+            own = torch.cat([own, out[:, :, 1].sum(dim=0).unsqueeze(1)], dim=1)
+        return own + self.biases
+
+    def grads(self, normed: torch.Tensor, d_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The gradients of (weights, biases) given the loss's gradient [B, S, K, C] at ``logits``:
+        one batched matmul, as the forward (the joined heads see every layer's slice)."""
+        sets = self.weights.shape[0]
+        d_out = d_logits[:, :sets].transpose(0, 1)
+        if self.joined:
+            d_out = torch.stack([d_out, d_logits[:, sets].unsqueeze(0).expand_as(d_out)], dim=2)
+        d_weights = torch.bmm(normed.transpose(1, 2), d_out.reshape(sets, len(d_logits), -1))
+        return d_weights.view_as(self.weights), d_logits.sum(dim=0)
 
     def head(self, index: int, set_index: int = 0) -> tuple[torch.Tensor, torch.Tensor, slice]:
         """(weight [D_s, C], bias [C], the set's channels in ``norm``) of head ``index`` of a set."""
@@ -82,17 +100,23 @@ class LinearHeads(nn.Module):
                 slice(set_index * dim, (set_index + 1) * dim))
 
 
-def _cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy; ~3x faster than F.cross_entropy on CPU for few classes (torch's
-    log_softmax kernel vectorises poorly over a last dimension of ~10), which is most of a sweep step.
+def _cross_entropy_grad(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """[B, H, C] logits of H heads, [B] labels -> the gradient of the sum over heads of each head's
+    mean cross-entropy: (softmax - one-hot) / B. Written out, not by autograd: the sweep's loss
+    needs no value, and autograd's slicing and gather backward zero-fill whole tensors every step
+    (1.26x the probe step; benchmarks/RESULTS.md, "The 12-block linear probe").
 
-    A class more than 60 below the top one counts as exactly 60 below (exp(-60) ~ 1e-26 of the sum)
-    with a gradient of zero, not a subnormal float. A sweep's high-lr heads are that sure of
-    most samples, and their subnormal gradients made every matmul of the step several times slower
-    on x86 (benchmarks/RESULTS.md: the 12-block probe 438 -> 80 s on cached features)."""
-    shifted = logits - logits.detach().max(dim=1, keepdim=True).values
-    total = shifted.clamp(min=-60.0).exp().sum(dim=1)
-    return (total.log() - shifted.gather(1, labels[:, None]).squeeze(1)).mean()
+    A class more than 60 below the top one gets a gradient of exactly zero (its probability is <
+    exp(-60) ~ 1e-26), not a subnormal float: a sweep's high-lr heads are that sure of most samples,
+    and subnormal operands made every matmul of the step several times slower on x86 (the 12-block
+    probe 438 -> 80 s on cached features)."""
+    shifted = logits - logits.max(dim=-1, keepdim=True).values
+    keep = shifted >= -60.0
+    grad = shifted.clamp_(min=-60.0).exp_()
+    grad.div_(grad.sum(dim=-1, keepdim=True)).mul_(keep)
+    index = labels.view(-1, 1, 1).expand(-1, grad.shape[1], 1)
+    grad.scatter_add_(-1, index, torch.full(index.shape, -1.0, dtype=grad.dtype))
+    return grad.div_(len(logits))
 
 
 def _stacked(features: np.ndarray | list[np.ndarray] | torch.Tensor) -> torch.Tensor:
@@ -122,7 +146,7 @@ def train_heads(features: np.ndarray | list[np.ndarray] | torch.Tensor, labels: 
     lr_of, wd_of = [lr.view(1, 1, 1, count, 1), lr.view(1, count, 1)], [wd.view(1, 1, 1, count, 1), wd.view(1, count, 1)]
     momentum = [torch.zeros_like(p) for p in params]
     steps_per_epoch = max(1, len(x) // batch_size)
-    total, heads_in_all = epochs * steps_per_epoch, count * (sets + joined)
+    total = epochs * steps_per_epoch
     order_rng = torch.Generator().manual_seed(seed)
     heads.train()
     step = 0
@@ -130,12 +154,13 @@ def train_heads(features: np.ndarray | list[np.ndarray] | torch.Tensor, labels: 
         order = torch.randperm(len(x), generator=order_rng)
         for batch in range(steps_per_epoch):
             index = order[batch * batch_size:(batch + 1) * batch_size]
-            logits = heads.batch_major(x[index])
-            # every head's mean loss, summed: each gets its own gradient
-            loss = _cross_entropy(logits.flatten(0, 2), y[index].repeat_interleave(heads_in_all)) * heads_in_all
-            grads = torch.autograd.grad(loss, params)
-            decay = warmup_cosine(step, total)
             with torch.no_grad():
+                normed = heads.normalise(x[index])
+                logits = heads.logits(normed)
+                # every head's mean loss, summed: each gets its own gradient
+                d_logits = _cross_entropy_grad(logits.flatten(1, 2), y[index]).view_as(logits)
+                grads = heads.grads(normed, d_logits)
+                decay = warmup_cosine(step, total)
                 for param, grad, buf, head_lr, head_wd in zip(params, grads, momentum, lr_of, wd_of):
                     buf.mul_(0.9).add_(grad + head_wd * param)
                     param.sub_(head_lr * decay * buf)
