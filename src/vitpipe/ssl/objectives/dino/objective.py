@@ -184,10 +184,10 @@ class Student(nn.Module):
         """Views [B, C, h, w] (2 global, then local) -> (head logits [B, K] per view, the global
         views' pooled features [2B, D]); one pass per resolution."""
         pooled = self.backbone(torch.cat(views[:2]))
-        logits = [self.head(pooled)]
-        if len(views) > 2:
-            logits.append(self.head(self.backbone(torch.cat(views[2:]))))
-        return list(torch.cat(logits).chunk(len(views))), pooled
+        logits = list(self.head(pooled).chunk(2))
+        if len(views) > 2:  # chunked per resolution: no [V * B, K] copy forward and back
+            logits += self.head(self.backbone(torch.cat(views[2:]))).chunk(len(views) - 2)
+        return logits, pooled
 
 
 class DINO(Objective):
