@@ -65,7 +65,8 @@ def build_transform(spec: TransformSpec) -> v2.Compose:
 
 class ToNormalized:
     """A PIL image or a uint8 [C, H, W] tensor -> float32 ``(x / 255 - mean) / std`` (mean 0, std 1
-    when not given): torchvision's ToImage + ToDtype(scale=True) + Normalize, the same operations
+    when not given; the first ``channels`` values, or one value for all): torchvision's ToImage +
+    ToDtype(scale=True) + Normalize, the same operations
     in the same order, so bit-identical, at ~23 instead of ~150 us a sample (benchmarks/RESULTS.md,
     "The 12-block linear probe"). Returns a plain tensor, [C, H, W]."""
 

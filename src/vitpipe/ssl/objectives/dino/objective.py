@@ -115,7 +115,7 @@ def view_transform(size: int, scale: list[float], data, config: DINOConfig, blur
     if data.channels == 3:
         steps.append(v2.RandomGrayscale(p=config.grayscale))
     steps += [v2.RandomApply([v2.GaussianBlur(kernel, sigma)], p=blur), v2.RandomSolarize(128, p=solarize),
-              ToNormalized(data.channels, tuple(data.mean)[: data.channels], tuple(data.std)[: data.channels])]
+              ToNormalized(data.channels, tuple(data.mean), tuple(data.std))]
     return v2.Compose(steps)
 
 
