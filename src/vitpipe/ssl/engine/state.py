@@ -82,3 +82,13 @@ class Session:
     weight_decay: float | None = None
     images: torch.Tensor | None = None
     """The last micro-batch's images (a reference, for the health monitor)."""
+    auto_compile: Any = None
+    """`train.compile=auto` still timing this session's steps (ssl/engine/compiling.AutoCompile)."""
+
+    def use(self, module: Any) -> None:
+        """Step through ``module`` (the trainable module as wrapped, compiled or not) from now on."""
+        if self.model is self.wrapped:
+            self.model = module
+        else:
+            self.objective.bind_trainable(module)
+        self.wrapped = module

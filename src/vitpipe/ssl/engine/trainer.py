@@ -115,7 +115,8 @@ class Trainer:
         synced = {id(p) for p in objective.trainable_module().parameters()  # the rest are averaged by hand
                   if (id(p) not in whole if sharded else p.requires_grad)}
         done = json.loads((start / "state.json").read_text())["step"] if start is not None else 0
-        compiled = compiling.for_run(config, self.build_objective, fitted, accelerator, max(train.max_steps - done, 0))
+        remaining = max(train.max_steps - done, 0)
+        compiled = compiling.initial(train.compile, remaining)
         model, wrapped, optimizer = self._wrap(accelerator, objective, optimizer, compiled[0], sharded)
         set_seed(train.seed + accelerator.process_index)  # masks differ across ranks
         state = TrainState()
@@ -125,6 +126,7 @@ class Trainer:
         session = Session(accelerator, model, wrapped, synced, objective, optimizer, scheduler, dataset, loader, state, global_batch,
                            state.step if start is not None else None, last_log=(time.monotonic(), state.samples_seen),
                            wall_before=state.wall_seconds, sharded=sharded)
+        session.auto_compile = compiling.AutoCompile.for_session(session, remaining) if compiled[2] else None
         if is_main:
             rundir.keep_metrics_up_to(self.run_dir, state.step)
             rundir.record_session(self.run_dir, config, {
@@ -312,6 +314,9 @@ class Trainer:
         state.samples_seen += s.global_batch
         s.weight_decay = optim.update_weight_decay(s.optimizer, self.config, state.step)
         s.objective.on_step_end(state.step, train.max_steps)
+        if s.auto_compile is not None and (decided := s.auto_compile.after_step()) is not None:
+            s.auto_compile = None
+            compiling.record(self.run_dir, s, *decided)
         if state.step % train.log_every == 0 or state.step in (1, train.max_steps):  # step 1: health early
             self._log(s, output)
         if s.bar is not None:
