@@ -165,7 +165,7 @@ def test_fitted_head_folds_batchnorm_exactly():
 
     x, y = separable(n=400)
     x = x * 3 + 5  # the fold has to undo a real mean and scale
-    settings = ProbeSettings(lrs=(0.1,), weight_decays=(0.0,), epochs=3, batch_size=32, val_fraction=0.1)
+    settings = ProbeSettings(lrs=(0.1,), weight_decays=(0.0,), epochs=3, batch_size=32, val_fraction=0.1, folds=1)
     linear, info = fit_linear_head(x, y, 4, settings)
     from vitpipe.downstream.probe import split_train_val
     fit_idx, _ = split_train_val(len(x), 0.1, 0)
@@ -212,6 +212,12 @@ def test_eval_cli_with_baselines(tiny_run, tiny_labelled_shards, tmp_path, capsy
                      "linear-probe.random.json"]
     result = json.loads((tiny_run / "eval" / "linear-probe.json").read_text())
     assert 0 <= result["top1"] <= 1 and set(result["per_layer"]) == {"block0", "block1", "block0+block1"}
+    # a small train split: 5 folds judged the pick on every train image (auto), and the result says so
+    assert (result["folds"], result["judged"]) == (5, result["train_samples"])
+    assert main(["eval", "linear-probe", str(tiny_run), *common, "--epochs", "2", "--folds", "-1"]) == 2
+    assert main(["eval", "linear-probe", str(tiny_run), *common, "--epochs", "2", "--folds", "1"]) == 0
+    one_split = json.loads((tiny_run / "eval" / "linear-probe.json").read_text())
+    assert one_split["folds"] == 1 and one_split["judged"] == round(one_split["train_samples"] * 0.1)
     assert result["provenance"]["data"]["train"]["manifest_sha256"]
     assert result["provenance"]["encoder"].endswith("encoder.safetensors")
     assert list((tiny_run / "eval" / "cache").glob("*/features.npy"))

@@ -61,21 +61,23 @@ def eval_linear_probe(
     concat: Annotated[bool, typer.Option("--concat", help="Also probe the --layers concatenated.")] = False,
     lrs: Annotated[str, typer.Option(help="Learning rates of the sweep.")] = "0.01,0.03,0.1,0.3,1,3,10",
     wds: Annotated[str, typer.Option(help="Weight decays of the sweep.")] = "0,1e-4,1e-3",
+    folds: Annotated[int, typer.Option(help="What judges the pick: 1 = one 10% held-out split, k = k-fold "
+                                            "cross-validation then a refit on all, 0 = auto (k=5 under 50,000 train images).")] = 0,
     max_skipped: MaxSkippedOpt = 0.01, max_contamination: MaxLeakOpt = 0.01, precision: PrecisionOpt = "auto",
 ) -> None:
-    """Frozen features + BatchNorm/Linear heads; a lr x wd sweep in one pass, picked on a val split."""
+    """Frozen features + BatchNorm/Linear heads; a lr x wd sweep in one pass, picked on held-out train images."""
     from vitpipe.downstream.evaluate import eval_linear_probe as run_probe, source_for
     from vitpipe.downstream.probe import ProbeSettings
 
     _check_pool(pool)
-    settings = ProbeSettings(lrs=_floats(lrs), weight_decays=_floats(wds), epochs=epochs)
+    settings = ProbeSettings(lrs=_floats(lrs), weight_decays=_floats(wds), epochs=epochs, folds=folds)
     source = source_for(run, init, pixels, precision)
     layer_list = _layer_list(layers, source)
     path, result = run_probe(source, train, test, layer_list, pool, settings, workers, concat, max_skipped,
                              max_contamination)
     if path is None:  # a torchrun process other than the first: its share of the features is written
         return
-    rows = [("top1", f"{result['top1']:.4f}"), ("top5", f"{result['top5']:.4f}"), ("val top1", f"{result['val_top1']:.4f}"),
+    rows = [("top1", f"{result['top1']:.4f}"), ("top5", f"{result['top5']:.4f}"), ("val top1", f"{result['val_top1']:.4f} ({result['judged']} images, {result['folds']} fold(s))"),
             ("layer", result["layer"]), ("lr / wd", f"{result['lr']} / {result['weight_decay']}")]
     rows += [(f"top1 {name}", f"{r['top1']:.4f}") for name, r in result["per_layer"].items()] if layer_list else []
     print_result("linear probe", rows, path, result)

@@ -130,6 +130,7 @@ def eval_linear_probe(source: EncoderSource, train: str, test: str, layers: list
     best_layer = max(per_layer, key=lambda n: per_layer[n]["val_top1"])
     best = per_layer[best_layer]
     payload = {"top1": best["top1"], "top5": best["top5"], "val_top1": best["val_top1"], "layer": best_layer,
+               "folds": best["folds"], "judged": best["judged"],
                "lr": best["lr"], "weight_decay": best["weight_decay"], "pool": pool or source.config.model.pool,
                "per_layer": per_layer, "settings": asdict(settings),
                "train_samples": len(train_set.keys), "test_samples": len(test_set.keys),

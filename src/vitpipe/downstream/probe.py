@@ -13,15 +13,21 @@ pass over the features trains them all; a set trained with others ends where it 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 import torch
 from torch import nn
 
+from vitpipe.config import ConfigError
 from vitpipe.ssl.engine.schedules import warmup_cosine
 
 DEFAULT_LRS = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)  # BatchNorm'd features often want lr >= 1
 DEFAULT_WDS = (0.0, 1e-4, 1e-3)
+# A held-out top-1 on n images has a standard error of ~sqrt(p (1 - p) / n): 1.7 points at the
+# demo's 600, 0.6 at 5,000. Among near-ties a smaller split picks by noise (benchmarks/RESULTS.md,
+# "The demo's learning rate": one image apart moved the demo's headline 1.7 points).
+MIN_JUDGED = 5000
 
 
 @dataclass
@@ -33,8 +39,16 @@ class ProbeSettings:
     epochs: int = 30
     batch_size: int = 256
     val_fraction: float = 0.1
-    """Held out from train to pick the head; the test split is only used for the report."""
+    """Held out from train to pick the head (one split); the test split is only used for the report."""
+    folds: int = 0
+    """What judges the pick: 1 = one held-out split of ``val_fraction`` (the heads keep its other
+    images); k > 1 = k-fold cross-validation (every train image judged once, then every head refit
+    on all of train); 0 = auto: 1 where one split holds at least ``MIN_JUDGED`` images, else 5."""
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.folds < 0 or not 0.0 < self.val_fraction < 1.0:
+            raise ConfigError(f"probe folds must be >= 0 (0 = auto) and val_fraction in (0, 1): {self}")
 
 
 @dataclass
@@ -44,6 +58,10 @@ class ProbeResult:
     val_top1: float
     lr: float
     weight_decay: float
+    folds: int = 1
+    """How many held-out folds judged the pick (1: one split; k: k-fold, every train image once)."""
+    judged: int = 0
+    """Train images the pick's ``val_top1`` was measured on."""
     sweep: list[dict[str, float]] = field(default_factory=list)
 
 
@@ -181,21 +199,59 @@ def split_train_val(count: int, fraction: float, seed: int) -> tuple[np.ndarray,
     return np.sort(order[cut:]), np.sort(order[:cut])
 
 
+def fold_count(count: int, settings: ProbeSettings) -> int:
+    """The folds that judge the pick among ``count`` train images (``settings.folds``, 0 = auto)."""
+    if settings.folds:
+        return settings.folds
+    return 1 if count * settings.val_fraction >= MIN_JUDGED else 5
+
+
+def held_out_splits(count: int, settings: ProbeSettings) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(fit, held-out) index pairs: one ``val_fraction`` split, or k disjoint folds covering all."""
+    folds = fold_count(count, settings)
+    if folds == 1:
+        return [split_train_val(count, settings.val_fraction, settings.seed)]
+    parts = np.array_split(np.random.default_rng(settings.seed).permutation(count), folds)
+    return [(np.sort(np.concatenate(parts[:i] + parts[i + 1:])), np.sort(part)) for i, part in enumerate(parts)]
+
+
+class Sweep(NamedTuple):
+    heads: LinearHeads
+    grid: list[tuple[float, float]]
+    """(lr, weight decay) of each head."""
+    scores: list[list[float]]
+    """Held-out top-1 per set and head."""
+    best: list[int]
+    """The picked head of each set."""
+    folds: int
+    judged: int
+    """Images the scores were measured on (all of train with k folds)."""
+
+
 def fit_sweep(features: np.ndarray | list[np.ndarray], labels: np.ndarray, classes: int, settings: ProbeSettings,
-              joined: bool = False) -> tuple[LinearHeads, list[tuple[float, float]], list[list[float]], list[int]]:
-    """Train every (lr, wd) head on every feature set minus a held-out split and pick one per set on
-    that split: (heads, grid, held-out top-1 per set and head, index of the picked head per set)."""
+              joined: bool = False) -> Sweep:
+    """Train every (lr, wd) head on every feature set and pick one per set on held-out images (one
+    split, or k folds whose counts add up, then a refit on all). Ties go to the earlier head."""
     grid = [(lr, wd) for lr in settings.lrs for wd in settings.weight_decays]
     x = _stacked(features)
-    fit_idx, val_idx = split_train_val(len(x), settings.val_fraction, settings.seed)
-    heads = train_heads(x[torch.from_numpy(fit_idx)], labels[fit_idx], classes,
-                        [g[0] for g in grid], [g[1] for g in grid], settings.epochs, settings.batch_size,
-                        settings.seed, joined)
-    with torch.no_grad():
-        val_logits = heads(x[torch.from_numpy(val_idx)])
-    val_y = torch.from_numpy(labels[val_idx].astype(np.int64))
-    scores = [[topk_accuracy(per_head, val_y, 1) for per_head in per_set] for per_set in val_logits]
-    return heads, grid, scores, [max(range(len(grid)), key=lambda i: (row[i], -i)) for row in scores]
+    splits = held_out_splits(len(x), settings)
+    correct = None
+    for fit_idx, val_idx in splits:
+        heads = train_heads(x[torch.from_numpy(fit_idx)], labels[fit_idx], classes,
+                            [g[0] for g in grid], [g[1] for g in grid], settings.epochs, settings.batch_size,
+                            settings.seed, joined)
+        with torch.no_grad():
+            val_logits = heads(x[torch.from_numpy(val_idx)])
+        val_y = torch.from_numpy(labels[val_idx].astype(np.int64))
+        hits = (val_logits.argmax(dim=-1) == val_y).sum(dim=-1)  # [S, K] images right
+        correct = hits if correct is None else correct + hits
+    judged = sum(len(val_idx) for _, val_idx in splits)
+    if len(splits) > 1:  # the folds judged the grid; the reported heads learn from every image
+        heads = train_heads(x, labels, classes, [g[0] for g in grid], [g[1] for g in grid], settings.epochs,
+                            settings.batch_size, settings.seed, joined)
+    scores = (correct.double() / judged).tolist()
+    best = [max(range(len(grid)), key=lambda i: (row[i], -i)) for row in scores]
+    return Sweep(heads, grid, scores, best, len(splits), judged)
 
 
 def probe_sets(train_x: list[np.ndarray], train_y: np.ndarray, test_x: list[np.ndarray], test_y: np.ndarray,
@@ -203,7 +259,8 @@ def probe_sets(train_x: list[np.ndarray], train_y: np.ndarray, test_x: list[np.n
     """The probe of each feature set (one width), plus with ``joined`` the probe of all of them
     side by side, trained in one pass: one ProbeResult per set (the joined one last)."""
     classes = int(max(train_y.max(), test_y.max())) + 1
-    heads, grid, val_top1, best = fit_sweep(train_x, train_y, classes, settings, joined)
+    sweep_fit = fit_sweep(train_x, train_y, classes, settings, joined)
+    heads, grid, val_top1, best = sweep_fit.heads, sweep_fit.grid, sweep_fit.scores, sweep_fit.best
     with torch.no_grad():
         test_logits = heads(_stacked(test_x))
     test_labels = torch.from_numpy(test_y.astype(np.int64))
@@ -212,7 +269,8 @@ def probe_sets(train_x: list[np.ndarray], train_y: np.ndarray, test_x: list[np.n
         sweep = [{"lr": lr, "weight_decay": wd, "val_top1": scores[index],
                   "test_top1": topk_accuracy(logits[index], test_labels, 1)} for index, (lr, wd) in enumerate(grid)]
         results.append(ProbeResult(top1=sweep[pick]["test_top1"], top5=topk_accuracy(logits[pick], test_labels, 5),
-                                   val_top1=scores[pick], lr=grid[pick][0], weight_decay=grid[pick][1], sweep=sweep))
+                                   val_top1=scores[pick], lr=grid[pick][0], weight_decay=grid[pick][1],
+                                   folds=sweep_fit.folds, judged=sweep_fit.judged, sweep=sweep))
     return results
 
 
@@ -228,7 +286,7 @@ def fit_linear_head(features: np.ndarray, labels: np.ndarray, classes: int,
     BatchNorm without affine is a fixed affine map at eval time, so it folds exactly into the Linear:
     ((f - mean) / std) @ W + b = f @ (W / std) + (b - (mean / std) @ W).
     """
-    heads, grid, scores, best = fit_sweep(features, labels, classes, settings)
+    heads, grid, scores, best, _, _ = fit_sweep(features, labels, classes, settings)
     best, scores = best[0], scores[0]
     with torch.no_grad():
         head_weight, head_bias, _ = heads.head(best)
