@@ -272,8 +272,9 @@ class TrainConfig:
     precision: str = "auto"
     """fp32 | bf16 | fp16 | auto (bf16 on GPUs that support it, fp32 on CPU)."""
     compile: bool | str = False
-    """torch.compile the objective's trainable module: true | false | auto (measured for this
-    objective, size and run length, compile cost included; the choice and its numbers in run.json)."""
+    """torch.compile the objective's trainable module: true | false | auto (decided from the run's
+    own eager and then compiled steps, for sessions long enough to pay a compile back; the choice and
+    its numbers in run.json; ssl/engine/compiling.py)."""
     grad_checkpointing: bool = False
     """Recompute every transformer block's activations in the backward pass (encoder, decoder,
     predictor, text tower): less activation memory for about a third more compute; same gradients."""
