@@ -22,7 +22,7 @@ def data(n=400, dim=8, classes=4, seed=0):
 
 def test_auto_folds_follow_the_held_out_size():
     auto = ProbeSettings()
-    assert fold_count(6000, auto) == 5  # the demo: one split would hold 600 images
+    assert fold_count(6000, auto) == 3  # the demo: one split would hold 600 images
     assert fold_count(int(MIN_JUDGED / auto.val_fraction), auto) == 1  # full Fashion-MNIST: 6,000 held out
     assert fold_count(60000, auto) == 1
     assert fold_count(60000, ProbeSettings(folds=3)) == 3 and fold_count(100, ProbeSettings(folds=1)) == 1

@@ -62,7 +62,7 @@ def eval_linear_probe(
     lrs: Annotated[str, typer.Option(help="Learning rates of the sweep.")] = "0.01,0.03,0.1,0.3,1,3,10",
     wds: Annotated[str, typer.Option(help="Weight decays of the sweep.")] = "0,1e-4,1e-3",
     folds: Annotated[int, typer.Option(help="What judges the pick: 1 = one 10% held-out split, k = k-fold "
-                                            "cross-validation then a refit on all, 0 = auto (k=5 under 50,000 train images).")] = 0,
+                                            "cross-validation then a refit on all, 0 = auto (k=3 under 50,000 train images).")] = 0,
     max_skipped: MaxSkippedOpt = 0.01, max_contamination: MaxLeakOpt = 0.01, precision: PrecisionOpt = "auto",
 ) -> None:
     """Frozen features + BatchNorm/Linear heads; a lr x wd sweep in one pass, picked on held-out train images."""

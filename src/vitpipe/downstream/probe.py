@@ -28,6 +28,9 @@ DEFAULT_WDS = (0.0, 1e-4, 1e-3)
 # demo's 600, 0.6 at 5,000. Among near-ties a smaller split picks by noise (benchmarks/RESULTS.md,
 # "The demo's learning rate": one image apart moved the demo's headline 1.7 points).
 MIN_JUDGED = 5000
+AUTO_FOLDS = 3
+"""Every train image judged once either way; 3 folds cost 3 sweeps on 2/3 of train and a refit
+(the demo's two probes ~12 s each; 5 folds ~19 s, of a 3-minute budget)."""
 
 
 @dataclass
@@ -43,7 +46,8 @@ class ProbeSettings:
     folds: int = 0
     """What judges the pick: 1 = one held-out split of ``val_fraction`` (the heads keep its other
     images); k > 1 = k-fold cross-validation (every train image judged once, then every head refit
-    on all of train); 0 = auto: 1 where one split holds at least ``MIN_JUDGED`` images, else 5."""
+    on all of train); 0 = auto: 1 where one split holds at least ``MIN_JUDGED`` images, else
+    ``AUTO_FOLDS``."""
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -203,7 +207,7 @@ def fold_count(count: int, settings: ProbeSettings) -> int:
     """The folds that judge the pick among ``count`` train images (``settings.folds``, 0 = auto)."""
     if settings.folds:
         return settings.folds
-    return 1 if count * settings.val_fraction >= MIN_JUDGED else 5
+    return 1 if count * settings.val_fraction >= MIN_JUDGED else AUTO_FOLDS
 
 
 def held_out_splits(count: int, settings: ProbeSettings) -> list[tuple[np.ndarray, np.ndarray]]:
