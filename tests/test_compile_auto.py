@@ -115,3 +115,44 @@ def test_explicit_settings_are_kept_and_checked():
     assert compiling.initial(False, 10**6)[:2] == (False, "set by train.compile")
     with pytest.raises(ConfigError, match="train.compile"):
         registry.pretrain_config("mae", None, ["train.compile=maybe"])
+
+
+def test_every_process_takes_the_same_decision(monkeypatch):
+    """Two processes in lockstep (threads; ``average`` meets at a barrier as the all-reduce does):
+    one sees compiled steps 2x faster, the other none faster. Alone they would decide apart; on
+    the averaged times both keep the compiled module, at the same step."""
+    import threading
+
+    monkeypatch.setattr(compiling, "MIN_SECONDS", 1.0)
+    step_seconds = {0: {False: 0.1, True: 0.05}, 1: {False: 0.1, True: 0.1}}
+    barrier, shared, local = threading.Barrier(2), {}, threading.local()
+    decisions: dict[int, list] = {0: [], 1: []}
+
+    def clock() -> float:
+        local.now += step_seconds[local.rank][local.trial.using]
+        return local.now
+
+    def average(value: float) -> float:
+        shared[local.rank] = value
+        barrier.wait()
+        mean = sum(shared.values()) / 2
+        barrier.wait()
+        return mean
+
+    def process(rank: int) -> None:
+        local.rank, local.now = rank, 0.0
+        local.trial = compiling.AutoCompile(200, lambda on: None, average)
+        for step in range(1, 201):
+            decided = local.trial.after_step()
+            if decided is not None:
+                decisions[rank].append((step, decided[0]))
+                return
+
+    monkeypatch.setattr(compiling, "clock", clock)
+    threads = [threading.Thread(target=process, args=(rank,)) for rank in (0, 1)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    decided_at = 1 + 2 * compiling.WARMUP + compiling.WINDOW + compiling.BLOCK * compiling.ROUNDS
+    assert decisions[0] == decisions[1] == [(decided_at, True)]
