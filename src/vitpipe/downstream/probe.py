@@ -7,7 +7,9 @@ decay, and the summed loss gives each head the gradient it would get alone. The 
 layers of one encoder (same width): every layer's K heads, and with ``joined`` K more over the
 layers side by side (the concatenation candidate), come out of one batched matmul per step. One
 pass over the features trains them all; a set trained with others ends where it would alone
-(the same batches in the same order; tests/test_probe_sets.py).
+(the same batches in the same order; tests/test_probe_sets.py). The pick of a head (and, in
+evaluate.py, of a layer) is judged on held-out train images: one split, or k folds and a refit
+where one split would be too small to tell near-ties apart (``ProbeSettings.folds``).
 """
 
 from __future__ import annotations
