@@ -33,6 +33,7 @@ def ingest(
     image_size: Annotated[Optional[int], typer.Option(help=f"Resize to fit N pixels (0 keeps sizes; default {_DEFAULTS['image_size']}).")] = None,
     url_col: Annotated[Optional[str], typer.Option(help=f"URL column of a URL list (default {_DEFAULTS['url_col']}).")] = None,
     caption_col: Annotated[Optional[str], typer.Option(help="Caption column of a URL list.")] = None,
+    split_col: Annotated[Optional[str], typer.Option(help="Split column of a URL list (train, test, ...: each to OUT/<split>/).")] = None,
     shard_size: Annotated[Optional[int], typer.Option(help=f"Samples per shard (default {_DEFAULTS['shard_size']}).")] = None,
     val_fraction: Annotated[Optional[float], typer.Option(help=f"Carve a validation split from train (default {_DEFAULTS['val_fraction']}).")] = None,
     split: Annotated[Optional[str], typer.Option(help="Hugging Face datasets: take only this split.")] = None,
@@ -45,7 +46,7 @@ def ingest(
     """Turn a source into verified WebDataset shards + sizes.json + manifest.json."""
     from vitpipe.pipeline.ingest import check_outcome, ingest as run_ingest
 
-    options = dict(image_size=image_size, url_col=url_col, caption_col=caption_col, shard_size=shard_size,
+    options = dict(image_size=image_size, url_col=url_col, caption_col=caption_col, split_col=split_col, shard_size=shard_size,
                    val_fraction=val_fraction, processes=processes, threads=threads, split=split)
     cfg = load_config(IngestConfig, config, overrides, {k: v for k, v in options.items() if v is not None})
     manifest = run_ingest(source, out, cfg, overwrite=overwrite)

@@ -82,6 +82,10 @@ class IngestConfig:
     """Hugging Face datasets: image column."""
     label_col: str | None = "label"
     """Integer label column of a URL list or Hugging Face dataset (ignored when missing)."""
+    split_col: str | None = None
+    """URL lists: a column naming each row's split (train, test, ...; letters, digits, `_.-`); each
+    split goes to OUT/<split>/, an empty cell to train. A test split is kept whole (no dedup), as
+    Fashion-MNIST's and Hugging Face's own test splits are; a row with another name fails as bad_split."""
     text_col: str | None = None
     """Hugging Face datasets: caption column."""
     split: str = ""

@@ -111,7 +111,8 @@ def _records(spec: SourceSpec, work: Path, config: IngestConfig) -> Iterator[Rec
     if spec.kind == "url_list":
         from vitpipe.pipeline import web
 
-        yield from web.iter_downloaded(web.download(Path(spec.location), work, config), config.label_col)
+        yield from web.iter_downloaded(web.download(Path(spec.location), work, config), config.label_col,
+                                       config.split_col)
     elif spec.kind == "folder":
         yield from iter_folder(Path(spec.location), config)
     elif spec.kind == "hf":
@@ -218,6 +219,8 @@ def ingest(source: str, out: Path, config: IngestConfig, *, overwrite: bool = Fa
     """Ingest ``source`` into ``out``; returns the manifest (also written to out/manifest.json)."""
     spec = parse_source(source)
     out = Path(out)
+    if config.split_col and spec.kind != "url_list":
+        raise ConfigError(f"ingest.split_col is for URL lists; {source} is a {spec.kind} source")
     if config.distributor == "pyspark":  # before anything is written
         from vitpipe.pipeline import spark
 
@@ -328,7 +331,7 @@ def _has_splits(spec: SourceSpec, config: IngestConfig) -> bool:
         from vitpipe.pipeline.hf import open_splits
 
         return None not in open_splits(spec.location, config.split)
-    return False
+    return spec.kind == "url_list" and bool(config.split_col)
 
 
 def _label_map(spec: SourceSpec, config: IngestConfig) -> dict[str, int] | None:

@@ -40,7 +40,7 @@ class Sample:
     text: str | None = None
     meta: dict[str, Any] = field(default_factory=dict)
     split: str | None = None
-    """Official split this sample belongs to (IDX train/test); None = assign by val_fraction."""
+    """Official split this sample belongs to (IDX train/test, a URL list's split_col); None = assign by val_fraction."""
 
 
 @dataclass

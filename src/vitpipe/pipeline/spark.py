@@ -104,7 +104,7 @@ def classify_shard(table: str, settings: dict[str, Any]) -> list[tuple]:
 
     config = IngestConfig(**settings)
     shard, rows = int(Path(table).stem), []
-    for position, record in enumerate(shard_records(Path(table), config.label_col)):
+    for position, record in enumerate(shard_records(Path(table), config.label_col, config.split_col)):
         outcome, where = local.place(record, config)
         if outcome == "sample":
             rows.append((shard, position, record.key, where, None, record.content_hash, None, None))
@@ -187,7 +187,7 @@ def write_final_shard(split: str, index: int, members: list[tuple[int, str]], do
         wanted.setdefault(shard, set()).add(key)
     found: dict[tuple[int, str], Sample] = {}
     for shard, keys in wanted.items():
-        for record in shard_records(Path(downloaded) / f"{shard:05d}.parquet", config.label_col):
+        for record in shard_records(Path(downloaded) / f"{shard:05d}.parquet", config.label_col, config.split_col):
             if isinstance(record, Sample) and record.key in keys:
                 found[shard, record.key] = record
     samples = [found[member] for member in members]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Iterator
@@ -129,7 +130,9 @@ def download(url_list: Path, work_dir: Path, config: IngestConfig) -> Path:
     if ImageColor.getrgb(config.background)[:3] != (255, 255, 255):
         raise ConfigError(f"ingest.background={config.background}: URL lists are resized by img2dataset, which "
                           "composites transparency on white only; ingest a folder for another background")
-    extra = [config.label_col] if config.label_col and config.label_col in columns else None
+    if config.split_col and config.split_col not in columns:
+        raise ConfigError(f"{url_list}: no column {config.split_col!r} (ingest.split_col); columns: {', '.join(columns)}")
+    extra = [c for c in (config.label_col, config.split_col) if c and c in columns] or None
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations phones home on import
     from img2dataset import download as i2d_download
 
@@ -185,14 +188,26 @@ def classify(error_message: str | None) -> str:
     return "other_error"
 
 
-def iter_downloaded(output: Path, label_col: str | None = None) -> Iterator[Record]:
+def iter_downloaded(output: Path, label_col: str | None = None, split_col: str | None = None) -> Iterator[Record]:
     """Every row img2dataset processed, as samples and classified failures, in shard and key order.
-    An integer ``label_col`` of the URL list (kept by img2dataset) becomes the sample's label."""
+    An integer ``label_col`` of the URL list (kept by img2dataset) becomes the sample's label, a
+    ``split_col`` its split."""
     for table_path in sorted(output.glob("*.parquet")):
-        yield from shard_records(table_path, label_col)
+        yield from shard_records(table_path, label_col, split_col)
 
 
-def shard_records(table_path: Path, label_col: str | None = None) -> Iterator[Record]:
+SPLIT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+"""A split is a folder under OUT: no path separators, no leading dot or underscore (OUT/_work)."""
+
+
+def _cell_text(value: object) -> str:
+    """A URL list cell as text: an empty cell (None, or NaN where pandas read the column) is ""."""
+    if value is None or (isinstance(value, float) and value != value):
+        return ""
+    return str(value).strip()
+
+
+def shard_records(table_path: Path, label_col: str | None = None, split_col: str | None = None) -> Iterator[Record]:
     """One img2dataset shard: its parquet rows (status, error) joined with its tar members."""
     rows = pq.read_table(table_path).to_pylist()
     tar_path = table_path.with_suffix(".tar")
@@ -212,9 +227,14 @@ def shard_records(table_path: Path, label_col: str | None = None) -> Iterator[Re
             yield Failure("missing_in_shard", url, f"{tar_path.name}:{key}")
             continue
         label = row.get(label_col) if label_col else None
+        split = _cell_text(row.get(split_col)) if split_col else ""
+        if split and not SPLIT_NAME.fullmatch(split):
+            yield Failure("bad_split", url, f"{split_col}={split[:80]!r}: a split is a folder name (letters, digits, _.-)")
+            continue
         yield Sample(
             key=key, image=files[ext], ext=ext, content_hash=row.get("sha256") or "",
             label=int(label) if label is not None and str(label).lstrip("-").isdigit() else None,
             original_size=(row.get("original_width") or 0, row.get("original_height") or 0),
             text=row.get("caption"), meta={"source": url, "width": row.get("width"), "height": row.get("height")},
+            split=split or None,
         )
