@@ -82,14 +82,21 @@ def test_report_marks_a_pretrained_encoder_worse_than_its_baseline(tmp_path):
 @pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (scripts/setup.sh installs it)")
 def test_demo_end_to_end(tmp_path):
     out = tmp_path / "demo"
+    (out / "shards" / "train").mkdir(parents=True)  # an earlier demo's (the old one-ingest-per-split layout)
+    (out / "shards" / "train" / "manifest.json").write_text("{}")
+    (out / "demo.json").write_text("{}")
     code = main(["demo", "--out", str(out), "--train-images", "600", "--test-images", "200",
                  "train.max_steps=20", "train.batch_size=32", "model.size=micro", "model.depth=3",
                  "data.num_workers=0"])  # 3 blocks: the demo probes blocks 1-2 and their concatenation
     assert code == 0
     headline = json.loads((out / "demo.json").read_text())
     assert 0 <= headline["linear_probe_top1"] <= 1 and 0 <= headline["knn_top1_random_init"] <= 1
-    manifest = json.loads((out / "shards" / "train" / "manifest.json").read_text())
-    assert manifest["written"] == 600 and manifest["source"]["kind"] == "url_list"
+    timed = [step["command"] for step in headline["steps"]]
+    assert timed[0] == "ingest " + str(out / "web" / "images.csv") and "pretrain mae" in timed and timed[-1].startswith("report")
+    assert sum(step["seconds"] for step in headline["steps"]) <= headline["seconds"]
+    manifest = json.loads((out / "shards" / "manifest.json").read_text())  # one ingest, a split column
+    assert manifest["splits"]["train"]["written"] == 600 and manifest["splits"]["test"]["written"] == 200
+    assert manifest["source"]["kind"] == "url_list"
     sample_labels = manifest["splits"]["train"]["shards"][0]["labels"]
     assert sum(sample_labels.values()) == 600  # labels came through the URL list
     assert "the blocks side by side" in (out / "mae" / "report" / "index.html").read_text()
@@ -98,3 +105,13 @@ def test_demo_end_to_end(tmp_path):
     artifacts.mkdir(exist_ok=True)
     for name in VIEWPORTS:
         shutil.copy(tmp_path / f"demo-{name}.png", artifacts / f"demo-report-{name}.png")
+
+
+def test_demo_refuses_a_folder_holding_anything_but_an_earlier_demo(tmp_path, capsys):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "web").mkdir()
+    (out / "notes.txt").write_text("keep me")
+    assert main(["demo", "--out", str(out)]) == 2
+    assert "holds other files (notes.txt)" in capsys.readouterr().err
+    assert (out / "notes.txt").read_text() == "keep me" and (out / "web").is_dir()

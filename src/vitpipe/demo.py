@@ -11,6 +11,7 @@ import functools
 import http.server
 import json
 import shlex
+import shutil
 import threading
 import time
 from importlib import resources
@@ -51,7 +52,7 @@ def fashion_mnist(train_count: int, test_count: int) -> tuple[dict[str, np.ndarr
 
 
 def write_web_folder(web: Path, arrays: dict[str, np.ndarray]) -> None:
-    """PNG files plus, per split, a CSV URL list template (url filled in once the port is known)."""
+    """The PNG files, per split in its own folder."""
     for split in ("train", "test"):
         folder = web / split
         folder.mkdir(parents=True, exist_ok=True)
@@ -61,14 +62,16 @@ def write_web_folder(web: Path, arrays: dict[str, np.ndarray]) -> None:
                 Image.fromarray(pixels, "L").save(path)
 
 
-def write_url_list(web: Path, split: str, labels: np.ndarray, base_url: str) -> Path:
-    path = web / f"{split}.csv"
+def write_url_list(web: Path, labels: dict[str, np.ndarray], base_url: str) -> Path:
+    """One CSV URL list of every split's images, with caption, label and split columns."""
+    path = web / "images.csv"
     with open(path, "w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["url", "caption", "label"])
-        for index, label in enumerate(labels):
-            writer.writerow([f"{base_url}/{split}/{index:05d}.png", f"a photo of a {FASHION_MNIST_CLASSES[label].lower()}",
-                             int(label)])
+        writer.writerow(["url", "caption", "label", "split"])
+        for split, split_labels in labels.items():
+            for index, label in enumerate(split_labels):
+                writer.writerow([f"{base_url}/{split}/{index:05d}.png",
+                                 f"a photo of a {FASHION_MNIST_CLASSES[label].lower()}", int(label), split])
     return path
 
 
@@ -92,6 +95,22 @@ class _QuietHandler(http.server.SimpleHTTPRequestHandler):
         pass
 
 
+DEMO_ENTRIES = frozenset({"web", "shards", "mae", "demo.json"})
+
+
+def clear_earlier_demo(out: Path) -> None:
+    """Start from nothing: an earlier demo in ``out`` (finished or not, any version: only the
+    demo's own entries) is removed; a folder holding anything else is refused, never emptied. A
+    rerun cannot resume the old one: its URL list names another port, so its shards' source changed."""
+    entries = {entry.name for entry in out.iterdir()} if out.is_dir() else set()
+    if entries - DEMO_ENTRIES:
+        raise ConfigError(f"--out {out} holds other files ({', '.join(sorted(entries - DEMO_ENTRIES)[:3])}); "
+                          "the demo writes to an empty folder or to an earlier demo's, which it replaces")
+    for name in entries:
+        path = out / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
 def run_demo(out: Path, run_command: Callable[[list[str]], int], config: Path | None = None,
              train_images: int = 6000, test_images: int = 1000, overrides: list[str] | None = None,
              echo: Callable[[str], None] = print) -> dict:
@@ -100,25 +119,32 @@ def run_demo(out: Path, run_command: Callable[[list[str]], int], config: Path | 
     if not config.is_file():
         raise ConfigError(f"demo config not found: {config}")
     start = time.monotonic()
+    clear_earlier_demo(out)
     arrays, origin = fashion_mnist(train_images, test_images)
     web, shards, run = out / "web", out / "shards", out / "mae"
     write_web_folder(web, arrays)
     echo(f"demo: {len(arrays['train_images'])} train + {len(arrays['test_images'])} test Fashion-MNIST images "
          f"({origin}), served from {web}")
 
+    steps: list[dict] = []
+
     def step(args: list[str]) -> None:
         echo("$ vitpipe " + " ".join(shlex.quote(a) for a in args))
+        began = time.monotonic()
         code = run_command(args)
         if code != 0:
             raise RuntimeError(f"demo step failed with exit code {code}: vitpipe {' '.join(args)}")
+        seconds = round(time.monotonic() - began, 1)
+        steps.append({"command": " ".join(args[:2]), "seconds": seconds})
+        echo(f"  ({seconds} s)")
 
     with serve(web) as base_url:
-        for split in ("train", "test"):
-            url_list = write_url_list(web, split, arrays[f"{split}_labels"], base_url)
-            step(["ingest", str(url_list), "--out", str(shards / split), "--caption-col", "caption",
-                  "--shard-size", "2000", "--threads", "16", "encode_format=png", "timeout=20",
-                  "allow_networks=127.0.0.1/32"])
-    step(["shards", "verify", str(shards / "train")])
+        # one list, one ingest (img2dataset's processes start once): shards/train and shards/test
+        url_list = write_url_list(web, {split: arrays[f"{split}_labels"] for split in ("train", "test")}, base_url)
+        step(["ingest", str(url_list), "--out", str(shards), "--caption-col", "caption", "--split-col", "split",
+              "--shard-size", "2000", "--threads", "16", "encode_format=png", "timeout=20",
+              "allow_networks=127.0.0.1/32"])
+    step(["shards", "verify", str(shards)])
     step(["pretrain", "mae", "--config", str(config), "--data", str(shards / "train"), "--out", str(run),
           "--resume", "auto", *(overrides or [])])
     common = ["--train", str(shards / "train"), "--test", str(shards / "test")]
@@ -139,6 +165,7 @@ def run_demo(out: Path, run_command: Callable[[list[str]], int], config: Path | 
         "knn_top1_random_init": results["knn.random.json"]["top1"],
         "retrieval_recall_at_1": results["retrieval.json"]["recall"].get("1"),
         "seconds": round(time.monotonic() - start, 1),
+        "steps": steps,
         "report": str(RunLayout(run).report / "index.html"),
         "run": str(run), "shards": str(shards),
     }
