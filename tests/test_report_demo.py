@@ -91,6 +91,7 @@ def test_demo_end_to_end(tmp_path):
     assert code == 0
     headline = json.loads((out / "demo.json").read_text())
     assert 0 <= headline["linear_probe_top1"] <= 1 and 0 <= headline["knn_top1_random_init"] <= 1
+    assert 0 <= headline["retrieval_recall_at_1_random_init"] <= 1  # every headline number beside random init
     timed = [step["command"] for step in headline["steps"]]
     assert timed[0] == "ingest " + str(out / "web" / "images.csv") and "pretrain mae" in timed and timed[-1].startswith("report")
     assert sum(step["seconds"] for step in headline["steps"]) <= headline["seconds"]

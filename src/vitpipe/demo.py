@@ -154,7 +154,7 @@ def run_demo(out: Path, run_command: Callable[[list[str]], int], config: Path | 
         # blocks side by side: what made MAE beat raw pixels in benchmarks/RESULTS.md
         step(["eval", "linear-probe", str(run), *common, *baseline, "--layers", blocks, "--concat"])
         step(["eval", "knn", str(run), *common, *baseline])
-    step(["eval", "retrieval", str(run), "--index", str(shards / "test")])
+        step(["eval", "retrieval", str(run), "--index", str(shards / "test"), *baseline])
     step(["report", str(run)])
 
     results = {path.name: json.loads(path.read_text()) for path in RunLayout(run).results()}
@@ -164,6 +164,7 @@ def run_demo(out: Path, run_command: Callable[[list[str]], int], config: Path | 
         "knn_top1": results["knn.json"]["top1"],
         "knn_top1_random_init": results["knn.random.json"]["top1"],
         "retrieval_recall_at_1": results["retrieval.json"]["recall"].get("1"),
+        "retrieval_recall_at_1_random_init": results["retrieval.random.json"]["recall"].get("1"),
         "seconds": round(time.monotonic() - start, 1),
         "steps": steps,
         "report": str(RunLayout(run).report / "index.html"),

@@ -89,7 +89,8 @@ def demo(
     typer.echo(f"linear probe top-1: {headline['linear_probe_top1']:.4f} (random init "
                f"{headline['linear_probe_top1_random_init']:.4f})")
     typer.echo(f"k-NN top-1 (k=20):  {headline['knn_top1']:.4f} (random init {headline['knn_top1_random_init']:.4f})")
-    typer.echo(f"retrieval recall@1: {headline['retrieval_recall_at_1']:.4f}")
+    typer.echo(f"retrieval recall@1: {headline['retrieval_recall_at_1']:.4f} (random init "
+               f"{headline['retrieval_recall_at_1_random_init']:.4f})")
     typer.echo(f"report:  {headline['report']}")
     typer.echo(f"run:     {headline['run']}   shards: {headline['shards']}")
     typer.echo(f"total:   {headline['seconds']:.0f} s")
