@@ -28,18 +28,29 @@ def shard_files(out):
     return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*.tar"))}
 
 
+def with_split_column(url_list, path):
+    """The list with a split column: every 4th row (from the third) test, one row a bad name."""
+    header, *rows = url_list.read_text().splitlines()
+    lines = [header + ",split"] + [f"{row},{'test' if i % 4 == 2 else 'train'}" for i, row in enumerate(rows)]
+    path.write_text("\n".join([*lines, rows[0] + ",../up"]) + "\n")
+    return path
+
+
 def test_spark_ingest_writes_what_the_local_ingest_writes(tmp_path, url_list):
-    """Dedup (the duplicate of image 3 sits in a later downloaded shard), the val split, every
-    failure reason (SSRF refusals and the pixel bound applied on the executors) and the re-sharding
-    must come out byte for byte as in local mode."""
-    local = ingest(str(url_list), tmp_path / "local", web_config(val_fraction=0.3), progress=False)
-    spark = ingest(str(url_list), tmp_path / "spark", spark_config(val_fraction=0.3), progress=False)
+    """Dedup (the duplicate of image 3 sits in a later downloaded shard), the list's own split
+    column and the val split carved from its train rows, every failure reason (SSRF refusals and
+    the pixel bound applied on the executors) and the re-sharding must come out byte for byte as
+    in local mode."""
+    url_list = with_split_column(url_list, tmp_path / "split.csv")
+    local = ingest(str(url_list), tmp_path / "local", web_config(val_fraction=0.3, split_col="split"), progress=False)
+    spark = ingest(str(url_list), tmp_path / "spark", spark_config(val_fraction=0.3, split_col="split"), progress=False)
     assert_accounting(spark)
     assert {k: spark[k] for k in COUNTS} == {k: local[k] for k in COUNTS}
     assert spark["duplicates"] == 1 and set(spark["failures"]) >= set(FAILURE_ROUTES.values()) - {"too_many_pixels"}
     assert spark["failures"]["too_many_pixels"] == 1 and spark["failures"]["bad_scheme"] == 2
-    assert set(spark["splits"]) == {"train", "val"}
-    for split in ("train", "val"):
+    assert spark["failures"]["bad_split"] == 1
+    assert set(spark["splits"]) == {"train", "val", "test"} and spark["splits"]["test"]["written"] >= 3
+    for split in ("train", "val", "test"):
         for name in ("shards", "written"):
             assert spark["splits"][split][name] == local["splits"][split][name]
         assert (json.loads((tmp_path / "spark" / split / "sizes.json").read_text())

@@ -52,3 +52,25 @@ def test_eval_preset_matches_the_torchvision_pipeline_it_replaced(channels):
     ours = build_transform(spec)(image)
     assert ours.shape == (channels, 32, 32)
     assert torch.equal(ours, reference(image).as_subclass(torch.Tensor))
+
+
+@pytest.mark.parametrize("channels,hflip,size", [(3, True, 28), (1, True, 16), (3, False, 32)])
+def test_training_preset_equals_the_v2_chain_it_replaced(channels, hflip, size):
+    """The same crops, flips and pixels as ToImage + RandomResizedCrop + RandomHorizontalFlip, draw
+    for draw: a run's augmentations (and MAE's golden losses) do not move."""
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in
+              [(28, 28), (40, 25), (7, 90), (300, 200)] * 10]  # the last two: the fallback central crop
+    steps = [v2.Grayscale(1)] if channels == 1 else []
+    steps += [v2.ToImage(), v2.RandomResizedCrop(size, scale=(0.3, 1.0), interpolation=v2.InterpolationMode.BICUBIC,
+                                                 antialias=True)]
+    steps += [v2.RandomHorizontalFlip()] if hflip else []
+    reference = v2.Compose([*steps, ToNormalized(channels, (0.5,), (0.25,))])
+    ours = build_transform(TransformSpec("mae", size, channels, 0.3, hflip, (0.5,) * 3, (0.25,) * 3))
+    for seed in range(3):
+        outputs, next_draw = [], []
+        for transform in (reference, ours):
+            torch.manual_seed(seed)
+            outputs.append([transform(image) for image in images] + [transform(v2.functional.pil_to_tensor(images[0]))])
+            next_draw.append(torch.rand(1).item())  # the RNG is left where v2 leaves it
+        assert all(torch.equal(a, b) for a, b in zip(*outputs)) and next_draw[0] == next_draw[1]

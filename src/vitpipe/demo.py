@@ -157,18 +157,20 @@ def run_demo(out: Path, run_command: Callable[[list[str]], int], config: Path | 
         step(["eval", "retrieval", str(run), "--index", str(shards / "test"), *baseline])
     step(["report", str(run)])
 
+    headline = {**headline_numbers(run), "seconds": round(time.monotonic() - start, 1), "steps": steps,
+                "report": str(RunLayout(run).report / "index.html"), "run": str(run), "shards": str(shards)}
+    (out / "demo.json").write_text(json.dumps(headline, indent=2) + "\n")
+    return headline
+
+
+def headline_numbers(run: Path) -> dict[str, float]:
+    """Each headline number of the run's evals beside the same eval of a random-init encoder."""
     results = {path.name: json.loads(path.read_text()) for path in RunLayout(run).results()}
-    headline = {
+    return {
         "linear_probe_top1": results["linear-probe.json"]["top1"],
         "linear_probe_top1_random_init": results["linear-probe.random.json"]["top1"],
         "knn_top1": results["knn.json"]["top1"],
         "knn_top1_random_init": results["knn.random.json"]["top1"],
         "retrieval_recall_at_1": results["retrieval.json"]["recall"].get("1"),
         "retrieval_recall_at_1_random_init": results["retrieval.random.json"]["recall"].get("1"),
-        "seconds": round(time.monotonic() - start, 1),
-        "steps": steps,
-        "report": str(RunLayout(run).report / "index.html"),
-        "run": str(run), "shards": str(shards),
     }
-    (out / "demo.json").write_text(json.dumps(headline, indent=2) + "\n")
-    return headline

@@ -47,10 +47,7 @@ def build_transform(spec: TransformSpec) -> v2.Compose:
     if spec.channels == 1:
         steps.append(v2.Grayscale(1))
     if spec.preset in ("mae", "finetune"):
-        steps += [v2.ToImage(), v2.RandomResizedCrop(size, scale=(spec.crop_scale_min, 1.0),
-                                                     interpolation=v2.InterpolationMode.BICUBIC, antialias=True)]
-        if spec.hflip:
-            steps.append(v2.RandomHorizontalFlip())
+        steps.append(RandomCropFlip(size, (spec.crop_scale_min, 1.0), spec.hflip))
     else:
         # resized while still a PIL image (PIL's bicubic), as timm, open_clip and transformers do: the
         # same pixels, so an exported model gives vitpipe's features through the tool's own transform
@@ -61,6 +58,28 @@ def build_transform(spec: TransformSpec) -> v2.Compose:
     else:
         steps.append(ToNormalized(spec.channels, spec.mean, spec.std))
     return v2.Compose(steps)
+
+
+class RandomCropFlip:
+    """v2.ToImage + v2.RandomResizedCrop(bicubic, antialiased) + v2.RandomHorizontalFlip, the same
+    random draws from the torch RNG and the same kernels, called directly: v2's per-transform
+    dispatch cost more than the work on small images (all three 245 instead of ~470 us a 28 px
+    sample; benchmarks/RESULTS.md, "The demo's loader"). A PIL image or a uint8 [C, H, W] tensor
+    -> uint8 [C, H, W] tensor, bit-identical to the v2 chain (tests/test_transforms.py)."""
+
+    def __init__(self, size: int, scale: tuple[float, float], hflip: bool = True) -> None:
+        self.crop = v2.RandomResizedCrop(size, scale=scale, interpolation=v2.InterpolationMode.BICUBIC, antialias=True)
+        self.hflip = hflip
+
+    def __call__(self, image: Image.Image | torch.Tensor) -> torch.Tensor:
+        tensor = (v2.functional.pil_to_tensor(image) if isinstance(image, Image.Image)
+                  else image).as_subclass(torch.Tensor)
+        box = self.crop.make_params([tensor])
+        out = v2.functional.resized_crop_image(tensor, **box, size=self.crop.size,
+                                               interpolation=self.crop.interpolation, antialias=True)
+        if self.hflip and torch.rand(1) < 0.5:  # v2.RandomHorizontalFlip(p=0.5): flips unless rand >= p
+            out = v2.functional.horizontal_flip_image(out)
+        return out
 
 
 class ToNormalized:
