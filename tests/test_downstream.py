@@ -266,7 +266,7 @@ def test_finetune_probe_init_starts_from_the_subset_probe(tiny_run, tiny_labelle
             assert torch.allclose(model.logits(images), head(frozen(images)), atol=1e-5)
     assert finetune_config(source, train, ["data.crop_scale_min=0.5"]).data.crop_scale_min == 0.5
     from vitpipe.pipeline.transforms import TransformSpec, build_transform
-    crop = build_transform(TransformSpec("finetune", 16, crop_scale_min=0.5)).transforms[1]
+    crop = build_transform(TransformSpec("finetune", 16, crop_scale_min=0.5)).transforms[0].crop
     assert crop.scale == (0.5, 1.0)
     with pytest.raises(ConfigError, match="pretraining resolution"):
         probe_head(source, train, finetune_config(source, train, ["data.image_size=24"]))
