@@ -8,7 +8,7 @@ demo=$(realpath "$1"); test_shards=$(realpath "$2")
 scratch=$(mktemp -d)
 trap 'rm -rf "$scratch"' EXIT
 cp -r "$demo/mae" "$scratch/mae"
-blocks=$(python -c "import sys; from vitpipe.ssl import registry; from vitpipe.runlayout import RunLayout; d = registry.run_config(RunLayout(sys.argv[1]).config).model.depth; print(','.join(map(str, range(1, d))))" "$scratch/mae")
+blocks=$(python -c "import sys; from vitpipe.demo import probe_blocks; print(probe_blocks(sys.argv[1]))" "$scratch/mae")
 for init in trained random; do
     vitpipe eval linear-probe "$scratch/mae" --train "$demo/shards/train" --test "$test_shards" --init "$init" \
         --layers "$blocks" --concat > /dev/null

@@ -43,6 +43,10 @@ def test_split_column_is_refused_where_it_cannot_be_honoured(tmp_path, image_ser
     code = main(["ingest", str(urls), "--out", str(tmp_path / "a"), "--split-col", "fold",
                  "allow_networks=127.0.0.1/32"])
     assert code == 2 and "no column 'fold'" in capsys.readouterr().err
+    plain = tmp_path / "urls.txt"
+    plain.write_text(f"{image_server}/img/0.png\n")
+    assert main(["ingest", str(plain), "--out", str(tmp_path / "t"), "--split-col", "split"]) == 2
+    assert "a .txt URL list has no columns; drop --split-col" in capsys.readouterr().err
     folder = write_image_folder(tmp_path / "images")
     code = main(["ingest", str(folder), "--out", str(tmp_path / "b"), "--split-col", "split"])
     assert code == 2 and "split_col is for URL lists" in capsys.readouterr().err

@@ -148,8 +148,7 @@ def run_demo(out: Path, run_command: Callable[[list[str]], int], config: Path | 
     step(["pretrain", "mae", "--config", str(config), "--data", str(shards / "train"), "--out", str(run),
           "--resume", "auto", *(overrides or [])])
     common = ["--train", str(shards / "train"), "--test", str(shards / "test")]
-    depth = registry.run_config(RunLayout(run).config).model.depth
-    blocks = ",".join(str(block) for block in range(1, depth)) or "0"
+    blocks = probe_blocks(run)
     for baseline in ([], ["--init", "random"]):
         # blocks side by side: what made MAE beat raw pixels in benchmarks/RESULTS.md
         step(["eval", "linear-probe", str(run), *common, *baseline, "--layers", blocks, "--concat"])
@@ -161,6 +160,13 @@ def run_demo(out: Path, run_command: Callable[[list[str]], int], config: Path | 
                 "report": str(RunLayout(run).report / "index.html"), "run": str(run), "shards": str(shards)}
     (out / "demo.json").write_text(json.dumps(headline, indent=2) + "\n")
     return headline
+
+
+def probe_blocks(run: Path) -> str:
+    """The blocks the demo probes (and benchmarks/demo_rescore.sh): every block after the first, as
+    --layers takes them ("1,2,3" for 4 blocks; "0" for one)."""
+    depth = registry.run_config(RunLayout(run).config).model.depth
+    return ",".join(str(block) for block in range(1, depth)) or "0"
 
 
 def headline_numbers(run: Path) -> dict[str, float]:

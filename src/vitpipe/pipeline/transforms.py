@@ -63,9 +63,9 @@ def build_transform(spec: TransformSpec) -> v2.Compose:
 class RandomCropFlip:
     """v2.ToImage + v2.RandomResizedCrop(bicubic, antialiased) + v2.RandomHorizontalFlip, the same
     random draws from the torch RNG and the same kernels, called directly: v2's per-transform
-    dispatch cost more than the work on small images (all three 245 instead of ~470 us a 28 px
-    sample; benchmarks/RESULTS.md, "The demo's loader"). A PIL image or a uint8 [C, H, W] tensor
-    -> uint8 [C, H, W] tensor, bit-identical to the v2 chain (tests/test_transforms.py)."""
+    dispatch cost more than the work on small images (with normalising, ~280-310 instead of
+    ~380-470 us a 28 px sample; benchmarks/crop_flip_speed.py). A PIL image or a uint8 [C, H, W] tensor ->
+    uint8 [C, H, W] tensor, bit-identical to the v2 chain (tests/test_transforms.py)."""
 
     def __init__(self, size: int, scale: tuple[float, float], hflip: bool = True) -> None:
         self.crop = v2.RandomResizedCrop(size, scale=scale, interpolation=v2.InterpolationMode.BICUBIC, antialias=True)

@@ -37,13 +37,14 @@ def _input_format(path: Path) -> str:
     return base + (".gz" if gz else "")
 
 
-def check_url_list(path: Path, url_col: str, caption_col: str | None) -> list[str]:
+def check_url_list(path: Path, url_col: str, caption_col: str | None, split_col: str | None = None) -> list[str]:
     """Fail fast, with one line, on a list img2dataset would choke on deep inside its workers.
     Returns the list's column names."""
     fmt = _input_format(path)
     if fmt.startswith("txt"):
-        if caption_col:
-            raise ConfigError(f"{path}: a .txt URL list has no columns; drop --caption-col")
+        for option, column in (("--caption-col", caption_col), ("--split-col", split_col)):
+            if column:
+                raise ConfigError(f"{path}: a .txt URL list has no columns; drop {option}")
         return ["url"]
     import pandas as pd
 
@@ -56,7 +57,7 @@ def check_url_list(path: Path, url_col: str, caption_col: str | None) -> list[st
             columns = list(pd.read_csv(path, sep="\t" if fmt.startswith("tsv") else ",", nrows=5).columns)
     except Exception as err:  # pandas/pyarrow raise many kinds
         raise ConfigError(f"{path}: cannot read URL list ({str(err).splitlines()[0]})") from None
-    for column in filter(None, (url_col, caption_col)):
+    for column in filter(None, (url_col, caption_col, split_col)):
         if column not in columns:
             raise ConfigError(f"{path}: no column {column!r}; columns: {', '.join(map(str, columns))}")
     return [str(c) for c in columns]
@@ -126,12 +127,10 @@ def img2dataset_kwargs(url_list: Path, output_folder: Path, config: IngestConfig
 
 def download(url_list: Path, work_dir: Path, config: IngestConfig) -> Path:
     """Run img2dataset (resumable) into ``work_dir/img2dataset`` and return that folder."""
-    columns = check_url_list(url_list, config.url_col, config.caption_col)
+    columns = check_url_list(url_list, config.url_col, config.caption_col, config.split_col)
     if ImageColor.getrgb(config.background)[:3] != (255, 255, 255):
         raise ConfigError(f"ingest.background={config.background}: URL lists are resized by img2dataset, which "
                           "composites transparency on white only; ingest a folder for another background")
-    if config.split_col and config.split_col not in columns:
-        raise ConfigError(f"{url_list}: no column {config.split_col!r} (ingest.split_col); columns: {', '.join(columns)}")
     extra = [c for c in (config.label_col, config.split_col) if c and c in columns] or None
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations phones home on import
     from img2dataset import download as i2d_download
