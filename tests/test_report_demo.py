@@ -80,7 +80,7 @@ def test_report_marks_a_pretrained_encoder_worse_than_its_baseline(tmp_path):
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (scripts/setup.sh installs it)")
-def test_demo_end_to_end(tmp_path):
+def test_demo_end_to_end(tmp_path, capsys):
     out = tmp_path / "demo"
     (out / "shards" / "train").mkdir(parents=True)  # an earlier demo's (the old one-ingest-per-split layout)
     (out / "shards" / "train" / "manifest.json").write_text("{}")
@@ -95,6 +95,11 @@ def test_demo_end_to_end(tmp_path):
     timed = [step["command"] for step in headline["steps"]]
     assert timed[0] == "ingest " + str(out / "web" / "images.csv") and "pretrain mae" in timed and timed[-1].startswith("report")
     assert sum(step["seconds"] for step in headline["steps"]) <= headline["seconds"]
+    assert headline["test_images"] == 200 and headline["train_images"] == 600
+    assert isinstance(headline["test_images_with_a_near_copy"], int)
+    summary = capsys.readouterr().out.split("linear probe top-1:")[-1]  # the closing lines say what was measured
+    assert f"on 200 test images ({headline['test_images_with_a_near_copy']} with a near-copy" in summary
+    assert "fit on 600 train images" in summary
     manifest = json.loads((out / "shards" / "manifest.json").read_text())  # one ingest, a split column
     assert manifest["splits"]["train"]["written"] == 600 and manifest["splits"]["test"]["written"] == 200
     assert manifest["source"]["kind"] == "url_list"

@@ -91,6 +91,10 @@ def demo(
     typer.echo(f"k-NN top-1 (k=20):  {headline['knn_top1']:.4f} (random init {headline['knn_top1_random_init']:.4f})")
     typer.echo(f"retrieval recall@1: {headline['retrieval_recall_at_1']:.4f} (random init "
                f"{headline['retrieval_recall_at_1_random_init']:.4f})")
+    copies = headline["test_images_with_a_near_copy"]
+    typer.echo(f"on {headline['test_images']} test images ({'not checked for' if copies is None else copies} "
+               f"with a near-copy in the pretraining or train data, counted in); "
+               f"probe and k-NN fit on {headline['train_images']} train images")
     typer.echo(f"report:  {headline['report']}")
     typer.echo(f"run:     {headline['run']}   shards: {headline['shards']}")
     typer.echo(f"total:   {headline['seconds']:.0f} s")
