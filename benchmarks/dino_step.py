@@ -4,7 +4,7 @@ local 12 px crops, head 2048 / 256 / --out-dim, AdamW, gradient clipping at 3, l
 EMA teacher. The official code is read from --peer-dir (a checkout of facebookresearch/dino:
 main_dino.py, utils.py, vision_transformer.py), never copied into vitpipe.
 
-    python benchmarks/dino_step.py --peer-dir /work/peers/dino --batch 64 --rounds 8
+    python benchmarks/dino_step.py --peer-dir /work/peers/dino --batch 64 --rounds 8 [--compile]
 
 Edits the official code needs on a CPU: none to its files. Its training loop moves images with
 ``.cuda()`` and its loss all-reduces the centre, so this script drives its modules (MultiCropWrapper,
@@ -25,17 +25,21 @@ import torch.distributed as dist
 
 from vitpipe.ssl import registry
 from vitpipe.ssl.engine import optim
-from vitpipe.ssl.engine.precision import synthetic_batch
+from vitpipe.ssl.engine.precision import native_bf16, synthetic_batch
 
 
-def vitpipe_step(args, precision: str):
-    """vitpipe's step as its trainer runs it: the optimizer from engine.optim.build (fused AdamW)."""
+def vitpipe_step(args, precision: str, compiled: bool = False):
+    """vitpipe's step as its trainer runs it: the optimizer from engine.optim.build (fused AdamW);
+    ``compiled``: the student (``trainable_module()``) under torch.compile, the teacher eager, as
+    the trainer wraps it when ``train.compile`` is on."""
     config = registry.pretrain_config("dino", None, [
         "model.size=tiny", "model.patch_size=4", "data.image_size=32", f"dino.out_dim={args.out_dim}",
         "dino.hidden_dim=2048", "dino.bottleneck_dim=256", "dino.local_crops=8", "dino.local_size=12",
         "optim.lr=1e-4", "optim.weight_decay=0.04", "optim.weight_decay_end=0.04"])
     torch.manual_seed(0)
     objective = registry.build_objective(config, {}).train()
+    if compiled:
+        objective.bind_trainable(torch.compile(objective.trainable_module()))
     optimizer = optim.build(objective, config, args.batch)[0]
     batch = synthetic_batch(objective, config.data, args.batch)
 
@@ -89,14 +93,20 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--out-dim", type=int, default=4096)
     parser.add_argument("--rounds", type=int, default=8)
+    parser.add_argument("--compile", action="store_true", help="add vitpipe fp32 + torch.compile (what "
+                        "train.compile=auto turns on for a long run when it pays; compile time not counted)")
     args = parser.parse_args()
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29533")
     dist.init_process_group("gloo", rank=0, world_size=1)
     ours, views = vitpipe_step(args, "fp32")
-    ours_bf16, _ = vitpipe_step(args, "bf16")
-    steps = {"vitpipe fp32": ours, "vitpipe bf16 autocast": ours_bf16, "official fp32": official_step(args, views)}
-    for step in steps.values():  # warm-up
+    steps = {"vitpipe fp32": ours, "official fp32": official_step(args, views)}
+    if native_bf16() is not None:  # emulated bf16 (AVX2 only) ran a step in 131 s against 4.9 at fp32
+        steps["vitpipe bf16 autocast"] = vitpipe_step(args, "bf16")[0]
+    if args.compile:
+        steps["vitpipe fp32 + compile"] = vitpipe_step(args, "fp32", compiled=True)[0]
+    for step in steps.values():  # warm-up (compiling: both crop resolutions)
+        step()
         step()
     times = {name: [] for name in steps}
     for _ in range(args.rounds):
