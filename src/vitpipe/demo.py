@@ -169,7 +169,7 @@ def probe_blocks(run: Path) -> str:
     return ",".join(str(block) for block in range(1, depth)) or "0"
 
 
-def headline_numbers(run: Path) -> dict[str, float]:
+def headline_numbers(run: Path) -> dict[str, float | int | None]:
     """Each headline number of the run's evals beside the same eval of a random-init encoder, and
     what they were measured on: the probe's test and train images and how many of those test images
     have a near-copy in the pretraining or train data (counted in the numbers; None: not checked)."""
@@ -179,7 +179,7 @@ def headline_numbers(run: Path) -> dict[str, float]:
         "test_images": probe["test_samples"],
         "train_images": probe["train_samples"],
         "test_images_with_a_near_copy": (probe.get("contamination") or {}).get("contaminated"),
-        "linear_probe_top1": results["linear-probe.json"]["top1"],
+        "linear_probe_top1": probe["top1"],
         "linear_probe_top1_random_init": results["linear-probe.random.json"]["top1"],
         "knn_top1": results["knn.json"]["top1"],
         "knn_top1_random_init": results["knn.random.json"]["top1"],
