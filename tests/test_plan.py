@@ -31,9 +31,16 @@ def test_plan_cli_and_its_refusals(capsys):
     assert main(["plan", "mae", "--gpus", "8", "--gpu", "h100", "model.size=micro", "data.image_size=32"]) == 0
     out = capsys.readouterr().out
     assert "M parameters" in out and "largest batch per GPU" in out and "MFU" in out
+    assert "train.batch_size=" in out and "fits with: ddp" in out
     assert main(["plan", "clip", "--memory-gb", "24", "model.size=micro", "data.image_size=32"]) == 0
+    capsys.readouterr()
+    # 1 MB holds no batch of anything: the user is told, not shown a row of zeros alone
+    assert main(["plan", "mae", "--memory-gb", "0.001", "model.size=micro", "data.image_size=32"]) == 0
+    assert "fits with none of these" in capsys.readouterr().out
     for args, words in ((["plan", "mae"], "--gpu NAME or --memory-gb"), (["plan", "mae", "--gpu", "tpu"], "unknown --gpu"),
-                        (["plan", "mae", "--gpu", "h100", "--gpus", "0"], "--gpus must be")):
+                        (["plan", "mae", "--gpu", "h100", "--gpus", "0"], "--gpus must be"),
+                        (["plan", "mae", "--memory-gb", "-3"], "--memory-gb must be > 0"),
+                        (["plan", "mae", "--memory-gb", "0"], "--memory-gb must be > 0")):
         capsys.readouterr()
         assert main(args) == 2
         assert words in capsys.readouterr().err

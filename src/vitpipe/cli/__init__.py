@@ -17,7 +17,7 @@ from vitpipe.cli.common import DEBUG_ENV, EXIT_USAGE, error_line, runtime_failur
 from vitpipe.config import ConfigError
 
 HELP = ("vitpipe: self-supervised ViT pretraining from raw images to numbers. ingest shards, pretrain "
-        "mae|clip|igpt|jepa, eval the representation, report, export.")
+        "mae|clip|igpt|jepa|dino (or an installed plugin's objective), eval the representation, report, export.")
 
 app = typer.Typer(help=HELP, no_args_is_help=True, add_completion=False,
                   pretty_exceptions_enable=False, rich_markup_mode="rich")

@@ -13,7 +13,8 @@ from vitpipe.config import ConfigError
 
 @user_errors
 def pretrain(
-    objective: Annotated[str, typer.Argument(help="Objective from the registry: mae, ...")],
+    objective: Annotated[str, typer.Argument(help="Objective: mae, clip, igpt, jepa, dino or one an installed "
+                                                  "package registers (an unknown name lists them all).")],
     data: Annotated[Optional[str], typer.Option("--data", help="Shards: ingest directory, brace pattern or URL.")] = None,
     out: Annotated[Optional[Path], typer.Option("--out", help="Run directory.")] = None,
     config: Annotated[Optional[Path], typer.Option("--config", help="YAML config (see configs/).")] = None,
@@ -174,5 +175,9 @@ def plan(
                f"{found.activations_mb_per_sample['checkpointed']:.1f} MB with train.grad_checkpointing=true; "
                f"per step whatever the batch: {found.activations_mb_per_step['plain']:.1f} MB")
     typer.echo("largest batch per GPU: " + ", ".join(f"{k} {v}" for k, v in found.max_batch_per_gpu.items()))
+    fits = found.fits()
+    typer.echo(f"train.batch_size={found.batch_per_gpu} per GPU fits with: {', '.join(fits)}" if fits else
+               f"train.batch_size={found.batch_per_gpu} per GPU fits with none of these: lower it and raise "
+               "train.grad_accum, or give more memory")
     if found.step_seconds is not None:
-        typer.echo(f"step of global batch {found.global_batch}: ~{found.step_seconds:.3f} s at {found.mfu:.0%} MFU")
+        typer.echo(f"step of global batch {found.global_batch}: ~{found.step_seconds:.3g} s at {found.mfu:.0%} MFU")

@@ -18,7 +18,7 @@ from typing import Any, Callable
 import torch
 from torch.autograd.graph import saved_tensors_hooks
 
-GPUS = {  # memory (GB), dense bf16 peak (TFLOP/s) from the vendors' data sheets
+GPUS = {  # memory (GB), dense bf16 peak (TFLOP/s; V100: fp16, it has no bf16) from the vendors' data sheets
     "h100": (80, 989.0), "a100-80": (80, 312.0), "a100-40": (40, 312.0), "l40s": (48, 362.0),
     "l4": (24, 121.0), "a10g": (24, 125.0), "v100": (32, 125.0),
 }
@@ -48,6 +48,12 @@ class Plan:
     """For the run's global batch at ``mfu`` of the GPUs' peak (None: peak unknown)."""
     mfu: float
     global_batch: int
+    batch_per_gpu: int
+    """The config's train.batch_size: what one GPU holds in a micro-step."""
+
+    def fits(self) -> list[str]:
+        """The modes of ``max_batch_per_gpu`` that hold the config's batch per GPU."""
+        return [mode for mode, largest in self.max_batch_per_gpu.items() if largest >= self.batch_per_gpu]
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -107,7 +113,7 @@ def make_plan(config: Any, build: Callable[[], torch.nn.Module], batch: Callable
     return Plan(config.objective, total, trainable, gpus, memory_gb,
                 {k: round(v / 1e9, 3) for k, v in state.items()},
                 {k: round(v / 1e6, 3) for k, v in activations.items()}, {k: round(v / 1e6, 3) for k, v in fixed.items()},
-                precision, largest, per_sample, seconds, mfu, global_batch)
+                precision, largest, per_sample, seconds, mfu, global_batch, config.train.batch_size)
 
 
 def random_read(data: Any):
@@ -134,6 +140,8 @@ def plan_for(objective: str, config_file, overrides: list[str], gpus: int, gpu: 
         raise ConfigError(f"unknown --gpu {gpu!r}; known: {', '.join(GPUS)} (or give --memory-gb)")
     if memory_gb is None and gpu is None:
         raise ConfigError("give --gpu NAME or --memory-gb N")
+    if memory_gb is not None and not memory_gb > 0:
+        raise ConfigError(f"--memory-gb must be > 0, got {memory_gb:g}")
     config = registry.pretrain_config(objective, config_file, overrides)
     spec = registry.get(objective)
     memory = memory_gb if memory_gb is not None else GPUS[gpu][0]
