@@ -11,9 +11,25 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+
+def pytest_xdist_auto_num_workers(config) -> int:
+    """``-n auto``: a worker per CPU this process may use, at most 4 (the multi-process tests
+    start 2 processes each; more workers only queue them)."""
+    return max(1, min(4, len(os.sched_getaffinity(0))))
+
+
+def pytest_configure(config) -> None:
+    """Under several workers, one thread each (and each CLI run a test starts inherits it):
+    2 workers x torch's default threads oversubscribe 2 cores, and OpenMP spins on a
+    descheduled thread."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        os.environ["OMP_NUM_THREADS"] = "1"
+        torch.set_num_threads(1)
 
 
 def make_image(index: int, size: int = 24, mode: str = "RGB") -> Image.Image:
