@@ -228,3 +228,10 @@ def test_a_curate_killed_after_hashing_is_rerun_without_hashing_again(pool, tmp_
     assert manifest["rows"] == manifest["written"] + sum(manifest["removed"].values()) == 51
     assert {p.name: p.read_bytes() for p in bare.iterdir()} == before  # the input is only read
     assert not list(tmp_path.glob(".curate-fingerprints-*")) and not list(tmp_path.glob(".tmp-curate-*"))
+
+
+def test_a_recipe_that_removes_everything_is_warned(pool, tmp_path, capsys):
+    against = f"decontaminate.against=[{pool / 'train_shards'}]"
+    assert main(["curate", str(pool / "train_shards"), "--out", str(tmp_path / "o"), against]) == 0
+    captured = capsys.readouterr()
+    assert "kept 0" in captured.out and "removed every sample" in captured.err

@@ -32,3 +32,6 @@ def curate(
     typer.echo(f"curated {manifest['rows']} samples: kept {manifest['written']}, {removed}"
                f"{', ' + str(manifest['undecodable']) + ' undecodable (kept)' if manifest['undecodable'] else ''}")
     typer.echo(f"wrote {out} (manifest.json, curation.jsonl lists every removed key)")
+    if manifest["rows"] and not manifest["written"]:  # a pretraining on it would only say "no .tar shards"
+        typer.echo(f"warning: the recipe removed every sample ({removed}); a decontaminate.against naming "
+                   "the input itself, or a threshold set too wide, does this", err=True)
