@@ -87,3 +87,24 @@ def test_eval_precision_is_recorded_cached_apart_and_close_to_fp32(labelled_shar
     capsys.readouterr()
     assert main(["eval", "knn", str(run), *common, "--precision", "fp8"]) == 2
     assert "--precision must be auto, fp32 or bf16" in capsys.readouterr().err
+
+
+def test_bf16_without_a_bf16_unit_is_warned_once_in_training_and_evaluation(tiny_shards, tmp_path, monkeypatch,
+                                                                             capsys):
+    """Emulated bf16 took 131 s a DINO step against 4.9 s at fp32: asking for it is allowed, not silent."""
+    from vitpipe.downstream.features import EncoderSource
+
+    monkeypatch.setattr(precision, "native_bf16", lambda: None)
+    precision.warn_emulated_bf16.cache_clear()
+    run = tmp_path / "run"
+    assert main(["pretrain", "mae", "--data", str(tiny_shards), "--out", str(run), *RUN_ARGS, "train.max_steps=1",
+                 "train.precision=bf16"]) == 0
+    assert info(run)["precision"] == "bf16" and "emulated" in info(run)["precision_reason"]
+    assert capsys.readouterr().err.count("train.precision=bf16: this CPU has no native bf16 matmul") == 1
+    for kind in ("trained", "random", "pixels"):
+        EncoderSource.resolve(run, kind).with_precision("bf16")
+    assert capsys.readouterr().err.count("--precision=bf16: this CPU has no native bf16 matmul") == 1
+    monkeypatch.setattr(precision, "native_bf16", lambda: "AMX")
+    precision.warn_emulated_bf16.cache_clear()
+    EncoderSource.resolve(run, "trained").with_precision("bf16")
+    assert "no native bf16" not in capsys.readouterr().err

@@ -113,6 +113,10 @@ class EncoderSource:
         """This source at ``requested`` (auto | fp32 | bf16); raw pixels are fp32 whatever is asked."""
         if requested not in ("auto", "fp32", "bf16"):
             raise ConfigError(f"--precision must be auto, fp32 or bf16; got {requested!r}")
+        from vitpipe.ssl.engine.precision import emulated_bf16, warn_emulated_bf16
+
+        if self.kind != "pixels" and emulated_bf16(requested):
+            warn_emulated_bf16("--precision")
         return dataclasses.replace(self, precision="fp32" if self.kind == "pixels" else requested)
 
     def resolved(self) -> "EncoderSource":
