@@ -182,6 +182,15 @@ def test_eval_bad_inputs_exit_2(tiny_run, tiny_labelled_shards, tmp_path, capsys
           "--max-contamination", "1"], "no label"),
         (["eval", "knn", str(tiny_run), "--train", train, "--test", train, "--pool", "max"], "--pool"),
         (["eval", "retrieval", str(tiny_run), "--index", train, "--index-type", "lsh"], "index-type"),
+        # refused before any feature is extracted: faiss would fail only at search time, T <= 0 votes nonsense
+        (["eval", "knn", str(tiny_run), "--train", train, "--test", train, "--index-type", "ivf", "--nprobe", "0"],
+         "--nprobe must be >= 1"),
+        (["eval", "retrieval", str(tiny_run), "--index", train, "--index-type", "hnsw", "--hnsw-m", "0"],
+         "--hnsw-m must be >= 2"),
+        (["eval", "knn", str(tiny_run), "--train", train, "--test", train, "--temperature", "0"],
+         "--temperature must be > 0"),
+        (["eval", "knn", str(tiny_run), "--train", train, "--test", train, "--temperature", "-0.1"],
+         "--temperature must be > 0"),
         (["eval", "linear-probe", str(tiny_run), "--train", train, "--test", train, "--layers", "0,5",
           "--workers", "0", "--max-contamination", "1"], "blocks 0..1"),
     ]

@@ -144,6 +144,8 @@ def eval_knn(source: EncoderSource, train: str, test: str, ks: tuple[int, ...] =
              layer: int | None = None, max_skipped: float = 0.01,
              index: IndexSettings = IndexSettings(),
              max_contamination: float = contamination.DEFAULT_MAX) -> tuple[Path | None, dict[str, Any]]:
+    if not temperature > 0:  # 0 makes every vote inf (ties), a negative one weights the farthest most
+        raise ConfigError(f"--temperature must be > 0, got {temperature:g}")
     start = time.monotonic()
     leaks = checked_contamination(source, test, max_contamination, train=train)
     layers = None if layer is None or source.kind == "pixels" else [layer]

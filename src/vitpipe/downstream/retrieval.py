@@ -81,6 +81,10 @@ class IndexSettings:
     def __post_init__(self) -> None:
         if self.kind not in ("flat", "ivf", "ivfpq", "hnsw"):
             raise ConfigError("--index-type must be flat, ivf, ivfpq or hnsw")
+        for name, value, low in (("nlist", self.nlist, 1), ("nprobe", self.nprobe, 1), ("hnsw-m", self.hnsw_m, 2),
+                                 ("ef-search", self.ef_search, 1), ("pq-m", self.pq_m, 1)):
+            if value < low:  # faiss fails on them only at search time, after the features are extracted
+                raise ConfigError(f"--{name} must be >= {low}, got {value}")
 
 
 def build_index(features: np.ndarray, settings: IndexSettings = IndexSettings(),
