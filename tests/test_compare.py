@@ -89,6 +89,13 @@ def test_compare_refuses_test_data_a_run_pretrained_on(two_runs, tmp_path, capsy
     assert code == 2 and len(err) == 1 and "overlap" in err[0] and not (tmp_path / "x").exists()
 
 
+def test_compare_refuses_an_untrainable_probe_before_evaluating(two_runs, tmp_path, capsys):
+    root = two_runs
+    code = main(["compare", str(root / "mae"), "--train", str(root / "shards" / "train"),
+                 "--test", str(root / "shards" / "val"), "--out", str(tmp_path / "x"), *FAST, "--probe-epochs", "0"])
+    assert code == 2 and "--probe-epochs must be >= 1" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
 def test_compare_warns_when_runs_saw_different_data(two_runs, tmp_path):
     from vitpipe.downstream.compare import check_data
 

@@ -74,6 +74,8 @@ class CompareSettings:
             raise ConfigError("--knn-layer probe needs probe in --suite")
         if not 0 < self.label_fraction <= 1:
             raise ConfigError("--label-fraction must be in (0, 1]")
+        if self.probe_epochs < 1:  # refused before the first run is evaluated, not at the probe
+            raise ConfigError(f"--probe-epochs must be >= 1, got {self.probe_epochs}")
 
 
 def shard_identity(spec: str) -> tuple[set[str], set[str]]:

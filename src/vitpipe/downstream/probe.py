@@ -42,6 +42,7 @@ class ProbeSettings:
     weight_decays: tuple[float, ...] = DEFAULT_WDS
     """Weight decays of the sweep (every lr x every wd is one head)."""
     epochs: int = 30
+    """Passes over the probe's train features (0 would score the untrained heads)."""
     batch_size: int = 256
     val_fraction: float = 0.1
     """Held out from train to pick the head (one split); the test split is only used for the report."""
@@ -55,6 +56,11 @@ class ProbeSettings:
     def __post_init__(self) -> None:
         if self.folds < 0 or not 0.0 < self.val_fraction < 1.0:
             raise ConfigError(f"probe folds must be >= 0 (0 = auto) and val_fraction in (0, 1): {self}")
+        if self.epochs < 1 or self.batch_size < 1 or not self.lrs or not self.weight_decays \
+                or min(self.lrs) <= 0 or min(self.weight_decays) < 0:
+            raise ConfigError(f"probe epochs and batch size must be >= 1, learning rates > 0, weight decays >= 0: "
+                              f"epochs {self.epochs}, batch size {self.batch_size}, lrs {list(self.lrs)}, "
+                              f"weight decays {list(self.weight_decays)}")
 
 
 @dataclass
