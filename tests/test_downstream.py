@@ -187,6 +187,8 @@ def test_eval_bad_inputs_exit_2(tiny_run, tiny_labelled_shards, tmp_path, capsys
          "--nprobe must be >= 1"),
         (["eval", "retrieval", str(tiny_run), "--index", train, "--index-type", "hnsw", "--hnsw-m", "0"],
          "--hnsw-m must be >= 2"),
+        (["eval", "knn", str(tiny_run), "--train", train, "--test", train, "--layer", "99", "--workers", "0",
+          "--max-contamination", "1"], "block(s) [99] out of range: the encoder has blocks 0..1"),
         (["eval", "linear-probe", str(tiny_run), "--train", train, "--test", train, "--epochs", "0"],
          "probe epochs and batch size must be >= 1"),
         (["eval", "knn", str(tiny_run), "--train", train, "--test", train, "--temperature", "0"],

@@ -223,7 +223,8 @@ def extract(source: EncoderSource, shard_spec: str, *, layers: list[int] | None 
     names = [PIXELS] if source.kind == "pixels" else layer_names(layers)
     depth = source.depth()
     if source.kind != "pixels" and any(not -depth <= layer < depth for layer in layers or []):
-        raise ConfigError(f"--layers: the encoder has blocks 0..{depth - 1}; got {layers}")
+        raise ConfigError(f"block(s) {layers} out of range: the encoder has blocks 0..{depth - 1} "
+                          f"(-{depth}..-1 count from the last)")  # --layer of knn, --layers of the probe
     source = source.resolved()  # past the refusals: the work starts here
     if cache_dir is None:
         if processes.world > 1:
