@@ -163,3 +163,10 @@ def test_collapse_is_warned_after_the_warm_up(capsys):
     assert "near uniform" not in capsys.readouterr().err
     objective.on_step_end(4 * COLLAPSE_EVERY, 10 * COLLAPSE_EVERY)
     assert f"warning: step {4 * COLLAPSE_EVERY}: DINO's teacher output is near uniform" in capsys.readouterr().err
+
+
+def test_a_local_size_off_the_patch_grid_is_refused_at_build():
+    from vitpipe.config import ConfigError
+
+    with pytest.raises(ConfigError, match="dino.local_size=10 must be a multiple of model.patch_size=4"):
+        build("dino.local_size=10")

@@ -302,6 +302,8 @@ def collapse_warning(health: dict[str, torch.Tensor] | None, out_dim: int) -> st
 
 
 def build(config: PretrainConfig, artifacts: dict[str, bytes]) -> DINO:
+    small, patch = local_size(config.dino, config.data.image_size, config.model.patch_size), config.model.patch_size
+    check(small % patch == 0, f"dino.local_size={small} must be a multiple of model.patch_size={patch}")
     return DINO(VisionTransformer(config.model, config.data.image_size, config.data.channels), config.dino)
 
 
