@@ -63,7 +63,7 @@ def choose(train: Any, build: Callable[[], torch.nn.Module], batch: Callable[[],
     """(precision, reason) for ``train.precision``: ``build`` makes a throwaway objective,
     ``batch`` a synthetic batch for it; ``previous`` is the run's recorded choice when resuming."""
     if train.precision != "auto":
-        return train.precision, "set by train.precision" + (f" ({EMULATED})" if emulated_bf16(train.precision) else "")
+        return train.precision, "set by train.precision"
     if previous is not None:
         return previous, "auto: kept from the run's first session"
     if torch.cuda.is_available():
@@ -156,6 +156,7 @@ def for_run(config: Any, build_objective: Callable, run_dir: Path) -> tuple[str,
     chosen = choose(train, objective, lambda: synthetic_batch(objective(), config.data, train.batch_size), previous)
     if emulated_bf16(chosen[0]):  # asked for, or kept from a first session on another machine
         warn_emulated_bf16("train.precision")
+        return chosen[0], f"{chosen[1]} ({EMULATED})"
     return chosen
 
 
