@@ -62,6 +62,9 @@ def test_bad_requests_are_one_line_4xx(clip_index):
         (client.post("/api/search", files={"image": ("notes.txt", b"not an image at all", "text/plain")}), 400, "not an image"),
         (client.post("/api/search", files={"image": ("big.png", b"\0" * (MAX_UPLOAD + 10), "image/png")}), 413, "larger than"),
         (client.post("/api/search", data={"other": "x"}), 400, "named image"),
+        # what `curl --data-binary @photo.png` sends: a url-encoded body, once parsed as 6 fields
+        (client.post("/api/search", content=b"a=1&b=2&c=3&d=4&e=5&f=6",
+                     headers={"content-type": "application/x-www-form-urlencoded"}), 400, "named image"),
         (client.get("/api/search", params={"text": "x", "k": 0}), 400, "k must be"),
         (client.get("/api/search"), 400, "give one of"),
         (client.get("/api/search", params={"text": "   "}), 400, "empty text"),

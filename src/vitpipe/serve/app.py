@@ -63,6 +63,9 @@ def create_app(index: SearchIndex) -> FastAPI:
         length = int(request.headers.get("content-length") or 0)
         if length > MAX_UPLOAD:
             return error(413, f"upload larger than {MAX_UPLOAD // (1024 * 1024)} MiB")
+        if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+            # a raw or url-encoded body would be parsed as form fields ("Too many fields")
+            return error(400, "POST a multipart form with one file field named image")
         form = await request.form(max_files=1, max_fields=4)
         upload = form.get("image")
         if upload is None or isinstance(upload, str):
