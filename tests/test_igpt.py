@@ -166,6 +166,19 @@ def test_palette_fit_command_and_reuse(tiny_shards, tmp_path, capsys):
     assert "1-channel colours" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("options, words", [
+    (["--size", "1"], "--size must be in 2..4096"), (["--resolution", "0"], "--resolution must be >= 4"),
+    (["--channels", "2"], "--channels must be 1 or 3"), (["--pixels", "5"], "--pixels >= --size"),
+    (["--out-is-a-folder"], "is a directory")])
+def test_palette_fit_refusals_name_its_options(tiny_shards, tmp_path, capsys, options, words):
+    out = tmp_path / "palette.json"
+    if options == ["--out-is-a-folder"]:
+        out, options = tmp_path, []
+    assert main(["palette", "fit", str(tiny_shards), "--out", str(out), *options]) == 2
+    err = capsys.readouterr().err
+    assert words in err and "igpt." not in err and "data." not in err and "Traceback" not in err
+
+
 def test_finetune_layer_drops_the_blocks_after_it():
     from vitpipe.ssl.objectives.classify.objective import Classifier, FinetuneConfig
 

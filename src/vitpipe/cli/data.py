@@ -130,6 +130,11 @@ def _objective_of(data: dict) -> str | None:
     return named[0] if len(named) == 1 else None
 
 
+_PALETTE_OPTIONS = {"igpt.palette_size": "--size", "igpt.palette_images": "--images",
+                    "igpt.palette_pixels": "--pixels", "igpt.resolution": "--resolution",
+                    "data.image_size": "--resolution", "data.channels": "--channels"}
+
+
 @user_errors
 def palette_fit(
     shards: Annotated[str, typer.Argument(help="Shards whose pixels the palette is fitted on.")],
@@ -146,9 +151,17 @@ def palette_fit(
     from vitpipe.ssl.engine.artifacts import read_samples
     from vitpipe.ssl.objectives.igpt.objective import IGPTConfig, palette_from_shards
 
-    data = DataConfig(shards=shards, image_size=resolution, channels=channels)
-    igpt = IGPTConfig(resolution=resolution, palette_size=size, palette_images=images, palette_pixels=pixels,
-                      palette_seed=seed)
+    if out.is_dir():
+        raise ConfigError(f"--out {out} is a directory; name the palette file to write")
+    try:
+        data = DataConfig(shards=shards, image_size=resolution, channels=channels)
+        igpt = IGPTConfig(resolution=resolution, palette_size=size, palette_images=images, palette_pixels=pixels,
+                          palette_seed=seed)
+    except ConfigError as err:  # the configs' checks, said with this command's option names
+        message = str(err)
+        for key, option in _PALETTE_OPTIONS.items():
+            message = message.replace(key, option)
+        raise ConfigError(message) from None
     content = palette_from_shards(data, igpt, lambda fields, limit: read_samples(data, fields, limit))
     write_bytes_atomic(out, content)
     typer.echo(f"wrote {out} ({size} colours, {channels} channel{'s' if channels > 1 else ''})")
