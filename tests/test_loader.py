@@ -150,3 +150,39 @@ def test_label_subset_is_drawn_independently_of_the_val_split():
     for fraction in (0.1, 0.5):
         chosen = sum(in_subset(k, fraction, seed=0) for k in train) / len(train)
         assert abs(chosen - fraction) < 0.02, (fraction, chosen)
+
+
+def cut_shard(shard: Path, keep: float) -> None:
+    """Truncate a tar to ``keep`` of its bytes, as a copy cut short by a full disk would be."""
+    data = shard.read_bytes()
+    shard.write_bytes(data[:int(len(data) * keep)])
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_training_on_a_cut_shard_counts_its_lost_samples(tmp_path, workers):
+    """A shard cut to a few of the samples sizes.json lists: those lost count against
+    max_error_rate, so training stops instead of looping over the few left."""
+    directory = write_shards(tmp_path / "shards", sizes=[60, 60])
+    cut_shard(directory / "00001.tar", 0.1)
+    spec = LoaderSpec(resolve_shards(directory), 4, TransformSpec("eval", 8), train=True, fields=("image",),
+                      max_error_rate=0.05)
+    _, loader = make_loader(spec, workers)
+    lost = r"lost to damaged shards .*00001\.tar: .* of the 60 samples sizes\.json lists"
+    with pytest.raises(Exception, match=lost):
+        list(loader)
+
+
+def test_a_damaged_shard_within_the_error_rate_trains_on_and_is_warned_once(tmp_path, capsys):
+    """1 of 10 shards cut short loses under 5% of the samples: the run finishes (loader workers on)
+    and says so once, not once per pass."""
+    from test_models import TINY
+
+    from vitpipe.cli import main
+
+    directory = write_shards(tmp_path / "shards", sizes=[40] * 10)
+    cut_shard(directory / "00003.tar", 0.7)
+    args = ["pretrain", "mae", "--data", str(directory), "--out", str(tmp_path / "run"), *TINY,
+            "train.batch_size=8", "train.max_steps=60", "data.num_workers=2", "data.shuffle_buffer=0"]
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    assert err.count("warning: damaged shard") == 1 and "00003.tar" in err

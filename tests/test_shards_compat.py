@@ -101,3 +101,7 @@ def test_checksum_mismatch_and_truncation_raise():
         list(iter_tar_members(io.BytesIO(bytes(data[:700]))))
     with pytest.raises(TarFormatError, match="truncated header"):
         list(iter_tar_members(io.BytesIO(bytes(data[:1536 + 100]))))
+    # cut between two members (a 512-byte boundary, as a block-wise copy stops): no end blocks
+    with pytest.raises(TarFormatError, match="end-of-archive"):
+        list(iter_tar_members(io.BytesIO(bytes(data[:1536]))))
+    assert [name for name, _ in iter_tar_members(io.BytesIO(bytes(data)))] == ["a.png", "b.png"]

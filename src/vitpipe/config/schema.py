@@ -162,7 +162,9 @@ class DataConfig:
     resampled: bool = False
     """Draw shards with replacement (infinite stream; for multi-node runs with few shards)."""
     max_error_rate: float = 0.05
-    """Abort when more than this fraction of samples fails to decode (after 100 samples)."""
+    """Abort when more than this fraction of samples fails to decode (after 100 samples), or when
+    the samples a reader loses to damaged shards (those sizes.json lists after the break) in one
+    pass exceed this fraction of the whole set."""
     subset_fraction: float = 1.0
     """Use only this fraction of the samples (a fixed subset chosen by key hash and train.seed)."""
     crop_scale_min: float = 0.2

@@ -18,6 +18,7 @@ import hashlib
 import random
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
@@ -58,7 +59,8 @@ class LoaderSpec:
     subset_fraction: float = 1.0
     """Keep a fixed subset of samples (by hash of seed and key), e.g. 1% of the labels."""
     max_error_rate: float = 0.05
-    """Training: abort when more samples than this fail to decode. Evaluation only counts them."""
+    """Training: abort when more samples than this fail to decode, or are lost to damaged shards
+    (see ``_read_shard``). Evaluation only counts them."""
     rank: int = 0
     world_size: int = 1
     batch_hook: Callable[[dict[str, Any], torch.Generator], dict[str, Any]] | None = None
@@ -147,7 +149,7 @@ class ShardDataset(IterableDataset):
                 raise DataError(f"rank {spec.rank} worker {worker}: its shards hold no samples")
 
     def _round(self, urls: list[str], offset: int, stride: int) -> Iterator[dict[str, bytes]]:
-        index = 0
+        index, self.lost = 0, 0
         for url in urls:
             for sample in self._read_shard(url):
                 if index % stride == offset and self._in_subset(sample["__key__"]):
@@ -158,12 +160,27 @@ class ShardDataset(IterableDataset):
         return in_subset(key, self.spec.subset_fraction, self.spec.seed)
 
     def _read_shard(self, url: str) -> Iterator[dict[str, bytes]]:
+        """The shard's samples; a corrupt or truncated tar ends it, counted, no sleep. In training
+        the samples sizes.json lists after the break are lost: when those of one pass over this
+        reader's shards exceed ``max_error_rate`` of the whole set, training stops (a shard cut to
+        4 of its 80 samples must not train on those 4 in a loop). Losses spread over many readers
+        (ranks x workers) may add up to that many times the rate before one reader stops."""
+        read = 0
         try:
             with open_shard(url) as handle:
-                yield from iter_tar_samples(handle)
-        except Exception as err:  # a corrupt or truncated tar ends that shard, counted, no sleep
-            self.shard_errors.append(f"{url}: {err}")
-            self.last_error = f"{url}: {err}"
+                for sample in iter_tar_samples(handle):
+                    read += 1
+                    yield sample
+        except Exception as err:
+            expected = self.spec.shards.sizes.get(Path(url).name)
+            where = f"{url}: {err}" + (f" ({read} of the {expected} samples sizes.json lists)" if expected else "")
+            self.shard_errors.append(where)
+            self.last_error = where
+            self.lost += max(0, (expected or 0) - read)
+            total = self.spec.shards.total or 0
+            if self.spec.train and total and self.lost > self.spec.max_error_rate * total:
+                raise DataError(f"{self.lost} of the {total} samples are lost to damaged shards (more than "
+                                f"data.max_error_rate={self.spec.max_error_rate}); last: {where}") from None
 
     def _shuffled(self, samples: Iterator, rng: random.Random) -> Iterator:
         size = self.spec.shuffle_buffer if self.spec.train else 0

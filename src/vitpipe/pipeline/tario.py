@@ -110,14 +110,17 @@ def iter_tar_members(fileobj) -> Iterator[tuple[str, bytes]]:
 
     A small streaming reader instead of ``tarfile``: shards are read once per epoch by every
     worker and ``tarfile``'s Python-level header parsing was the ingest's largest cost. It
-    checks header checksums and sizes, so corrupt or truncated shards raise TarFormatError.
+    checks header checksums, sizes and the end-of-archive blocks, so corrupt or truncated shards
+    (cut within a member or between two) raise TarFormatError.
     """
     long_name: str | None = None
     pax: dict[str, str] = {}
     while True:
         header = _read_exact(fileobj, 512)
-        if not header or header == b"\0" * 512:
+        if header == b"\0" * 512:
             return
+        if not header:  # every tar writer ends with zero blocks: a file cut between two members has none
+            raise TarFormatError("truncated: the file ends without tar's end-of-archive blocks")
         if len(header) < 512:
             raise TarFormatError("truncated header")
         if _number(header[148:156]) != sum(header[:148]) + 256 + sum(header[156:]):

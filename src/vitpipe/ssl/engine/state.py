@@ -76,6 +76,7 @@ class Session:
     last_checkpoint: Path | None = None
     last_loss: float | None = None
     decode_errors: int = 0
+    damaged_shards: set[str] = field(default_factory=set)
     sharded: bool = False
     """FSDP2 (``train.fsdp`` on more than one process): the objective's parameters are DTensors."""
     skipped_in_a_row: int = 0
