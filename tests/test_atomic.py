@@ -43,3 +43,29 @@ def test_two_writers_at_once_a_reader_sees_one_whole_file(tmp_path):
         writer.join()
         assert writer.exitcode == 0
     assert not [p for p in tmp_path.iterdir() if p.name != "run.json"]  # no temp file left
+
+
+def test_files_libraries_write_get_the_umasks_mode_runs_included(tmp_path):
+    """safetensors' save_file makes 0600 files: the encoder, a checkpoint's weights and anything
+    written through ``writing`` must be readable as open() would have made them."""
+    import os
+
+    import torch
+    from safetensors.torch import save_file
+    from test_models import TINY
+
+    from vitpipe.cli import main
+    from test_loader import write_shards
+
+    mask = os.umask(0o022)
+    os.umask(mask)
+    ordinary = 0o666 & ~mask
+    with writing(tmp_path / "w.safetensors") as tmp:
+        save_file({"a": torch.zeros(2)}, tmp)
+    run = tmp_path / "run"
+    assert main(["pretrain", "mae", "--data", str(write_shards(tmp_path / "shards", sizes=[16])), "--out", str(run),
+                 *TINY, "train.batch_size=8", "train.max_steps=1", "data.num_workers=0"]) == 0
+    for path in [tmp_path / "w.safetensors", run / "encoder.safetensors",
+                 *run.glob("checkpoints/step_*/model.safetensors"), *run.glob("checkpoints/step_*/optimizer.pt")]:
+        assert os.stat(path).st_mode & 0o777 == ordinary, path
+    assert len(list(run.glob("checkpoints/step_*/model.safetensors"))) == 1

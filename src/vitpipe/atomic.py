@@ -5,10 +5,24 @@ rename wins). The file gets the umask's ordinary mode."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 from pathlib import Path
 from typing import Any, Iterator
+
+
+@functools.cache
+def _umask() -> int:
+    mask = os.umask(0o022)  # the only way to read it is to set it; put it straight back
+    os.umask(mask)
+    return mask
+
+
+def ordinary_mode(path: Path) -> None:
+    """Give a file a library wrote the mode ``open()`` would have (0666 less the umask):
+    safetensors' ``save_file`` makes its files 0600, unreadable to the rest of a team."""
+    os.chmod(path, 0o666 & ~_umask())
 
 
 @contextlib.contextmanager
@@ -22,6 +36,7 @@ def writing(path: Path) -> Iterator[Path]:
         yield tmp
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
+        ordinary_mode(tmp)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

@@ -23,6 +23,7 @@ import torch
 
 from vitpipe.runlayout import RunLayout
 from vitpipe import __version__
+from vitpipe.atomic import ordinary_mode
 from vitpipe.pipeline.tario import sha256_file
 
 PREFIX = "step_"
@@ -155,6 +156,7 @@ def save(accelerator, model, optimizer, scheduler, state: dict[str, Any], run_di
         torch.save(rng_state(), tmp / f"rng_{accelerator.process_index}.pt")
         if accelerator.is_main_process:
             save_file({k: v.contiguous() for k, v in weights.items()}, tmp / "model.safetensors")
+            ordinary_mode(tmp / "model.safetensors")
             torch.save(optimizer_state, tmp / "optimizer.pt")
             torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
             (tmp / "state.json").write_text(json.dumps({**state, "world_size": accelerator.num_processes,
