@@ -197,6 +197,17 @@ def test_eval_bad_inputs_exit_2(tiny_run, tiny_labelled_shards, tmp_path, capsys
          "--temperature must be > 0"),
         (["eval", "linear-probe", str(tiny_run), "--train", train, "--test", train, "--layers", "0,5",
           "--workers", "0", "--max-contamination", "1"], "blocks 0..1"),
+        # -1 passed every eval that lost nothing; 2 let a whole lost set by
+        *[([*command, "--max-skipped", value], "--max-skipped must be a fraction in [0, 1]")
+          for command in (["eval", "knn", str(tiny_run), "--train", train, "--test", train],
+                          ["eval", "linear-probe", str(tiny_run), "--train", train, "--test", train],
+                          ["eval", "retrieval", str(tiny_run), "--index", train],
+                          ["eval", "finetune", str(tiny_run), "--train", train, "--test", train])
+          for value in ("-1", "2")],
+        # --top-k 0 ended in an AssertionError after the index was built; a folder was "not found"
+        (["eval", "retrieval", str(tiny_run), "--index", train, "--query", str(tmp_path / "x.png"), "--top-k", "0"],
+         "--top-k must be >= 1"),
+        (["eval", "retrieval", str(tiny_run), "--index", train, "--query", str(tmp_path)], "is a folder"),
     ]
     for args, message in cases:
         assert main(args) == 2, args

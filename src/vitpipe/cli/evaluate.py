@@ -45,9 +45,12 @@ def print_result(title: str, rows: list[tuple[str, str]], path: Path, result: di
     typer.echo(f"wrote {path}")
 
 
-def _check_pool(pool: Optional[str]) -> None:
+def _check_shared(pool: Optional[str], max_skipped: float = 0.0) -> None:
+    """Options every eval shares, refused before any feature is extracted."""
     if pool is not None and pool not in ("cls", "gap", "map"):
         raise ConfigError("--pool must be cls, gap or map")
+    if not 0 <= max_skipped <= 1:  # -1 passed every eval that lost nothing and failed every other
+        raise ConfigError(f"--max-skipped must be a fraction in [0, 1]; got {max_skipped}")
 
 
 @user_errors
@@ -69,7 +72,7 @@ def eval_linear_probe(
     from vitpipe.downstream.evaluate import eval_linear_probe as run_probe, source_for
     from vitpipe.downstream.probe import ProbeSettings
 
-    _check_pool(pool)
+    _check_shared(pool, max_skipped)
     settings = ProbeSettings(lrs=_floats(lrs), weight_decays=_floats(wds), epochs=epochs, folds=folds)
     source = source_for(run, init, pixels, precision)
     layer_list = _layer_list(layers, source)
@@ -103,7 +106,7 @@ def eval_knn(
     from vitpipe.downstream.evaluate import eval_knn as run_knn, source_for
     from vitpipe.downstream.retrieval import IndexSettings
 
-    _check_pool(pool)
+    _check_shared(pool, max_skipped)
     settings = IndexSettings(kind=index_type, nlist=nlist, nprobe=nprobe, pq_m=pq_m)
     path, result = run_knn(source_for(run, init, pixels, precision), train, test, temperature=temperature, pool=pool,
                            workers=workers, layer=layer, max_skipped=max_skipped, index=settings,
@@ -136,7 +139,12 @@ def eval_retrieval(
     from vitpipe.downstream.retrieval import IndexSettings
     from vitpipe.pipeline.shardset import resolve_shards
 
-    _check_pool(pool)
+    _check_shared(pool, max_skipped)
+    if top_k < 1:
+        raise ConfigError(f"--top-k must be >= 1; got {top_k}")
+    if query is not None and not Path(query).is_file():
+        raise ConfigError(f"query image not found: {query}" if not Path(query).exists()
+                          else f"--query {query} is a folder; give one image file")
     processes = Processes.from_env()
     if processes.world > 1 and (query is not None or text is not None):
         raise ConfigError("--query and --text answer on one process: build the index under torchrun, then query without it")
@@ -222,6 +230,7 @@ def eval_finetune(
     from vitpipe.downstream.finetune import finetune
     from vitpipe.ssl.engine.trainer import EXIT_PREEMPTED, Preempted
 
+    _check_shared(None, max_skipped)
     try:
         path, result = finetune(source_for(run, init, False), train, test, overrides, probe_init, max_skipped,
                                 max_contamination)
