@@ -141,6 +141,22 @@ def test_out_inside_the_input_or_not_empty_is_refused_and_the_input_untouched(po
     assert {p.name: p.read_bytes() for p in (pool / "train_shards").rglob("*") if p.is_file()} == before
 
 
+def test_overwrite_replaces_an_earlier_curate_and_never_a_users_files(pool, tmp_path, capsys):
+    """--overwrite of a folder curate did not write deleted it whole (``--out ~`` would have)."""
+    args = ["curate", str(pool / "train_shards"), "near_dup.radius=4", "--overwrite", "--out"]
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("x")
+    assert main([*args, str(tmp_path / "mine")]) == 2
+    assert "did not write" in capsys.readouterr().err and (tmp_path / "mine" / "notes.txt").read_text() == "x"
+    earlier = tmp_path / "earlier"
+    assert main([*args, str(earlier)]) == 0
+    (earlier / "notes.txt").write_text("y")  # a user's file put beside an earlier curate
+    assert main([*args, str(earlier)]) == 2
+    assert "notes.txt" in capsys.readouterr().err and (earlier / "notes.txt").read_text() == "y"
+    (earlier / "notes.txt").unlink()
+    assert main([*args, str(earlier)]) == 0 and (earlier / "manifest.json").is_file()
+
+
 def test_a_killed_curates_leftovers_go_and_a_file_as_out_is_one_line(pool, tmp_path, capsys):
     stale = tmp_path / ".tmp-curate-out-999999999"  # no such process
     stale.mkdir()

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import shutil
 import time
 from collections import Counter
@@ -53,8 +54,8 @@ def curate(spec: str, out: Path, recipe: Recipe, overwrite: bool = False) -> dic
         raise ConfigError(f"--out {out} holds the input shards; curate writes a new shard set elsewhere")
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file; give a directory")
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise ConfigError(f"{out} is not empty; pass --overwrite to replace it")
+    if out.exists() and any(out.iterdir()):
+        _check_replaceable(out, overwrite)
     sources = {path: encoder_source(path, name) for name, path in _encoders(recipe)}  # bad runs fail first
     for name, step in recipe.steps:
         if name == "clip_score" and registry.get(sources[step.model].config.objective).towers != ("image", "text"):
@@ -86,6 +87,28 @@ def curate(spec: str, out: Path, recipe: Recipe, overwrite: bool = False) -> dic
     os.replace(tmp, out)
     shutil.rmtree(cache, ignore_errors=True)  # the output keeps its own fingerprints
     return manifest
+
+
+OUTPUT_NAME = re.compile(r"\d+\.tar|\d+\.fp\.npz|\d+_stats\.json|sizes\.json|manifest\.json|curation\.jsonl|curation")
+"""Every name a curate writes in its --out (the shards, their fingerprints, the log and the page)."""
+
+
+def _check_replaceable(out: Path, overwrite: bool) -> None:
+    """A non-empty --out is replaced only with ``overwrite`` and only when it is an earlier curate
+    and nothing else: ``--out ~ --overwrite`` must not delete a home folder."""
+    try:
+        kind = json.loads((out / "manifest.json").read_text()).get("kind")
+    except (OSError, ValueError, AttributeError):
+        kind = None
+    if kind != "curate":
+        raise ConfigError(f"{out} holds files vitpipe curate did not write; choose another --out "
+                          "(--overwrite only replaces an earlier curate)")
+    if not overwrite:
+        raise ConfigError(f"{out} holds an earlier curate; pass --overwrite to replace it")
+    foreign = sorted(path.name for path in out.iterdir() if not OUTPUT_NAME.fullmatch(path.name))
+    if foreign:
+        raise ConfigError(f"{out} holds an earlier curate and files it did not write ({', '.join(foreign[:5])}); "
+                          "move them or choose another --out")
 
 
 def _encoders(recipe: Recipe) -> list[tuple[str, str]]:
