@@ -23,7 +23,9 @@ def test_unknown_key_lists_valid_ones():
 
 
 @pytest.mark.parametrize("override", ["train.max_steps=zero", "model.size=huge", "train.batch_size=0",
-                                      "optim.betas=[0.9]", "train", "data=3"])
+                                      "optim.betas=[0.9]", "train", "data=3",
+                                      # the seed reached torch.manual_seed first: a ValueError at build
+                                      "train.seed=-1", "train.seed=4294967296", "optim.warmup_fraction=2"])
 def test_bad_values_are_config_errors(override):
     with pytest.raises(ConfigError):
         load_config(PretrainConfig, None, [override])

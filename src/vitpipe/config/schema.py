@@ -263,7 +263,8 @@ class OptimConfig:
         check(self.base_lr > 0 or self.lr > 0, "optim.base_lr or optim.lr must be > 0")
         check(self.weight_decay >= 0 and self.min_lr >= 0, "optim.weight_decay and optim.min_lr must be >= 0")
         check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "optim.betas needs two values in [0, 1)")
-        check(self.warmup_steps >= 0 and 0 <= self.warmup_fraction < 1, "bad warmup settings")
+        check(self.warmup_steps >= 0 and 0 <= self.warmup_fraction < 1,
+              "optim.warmup_steps must be >= 0 and optim.warmup_fraction in [0, 1)")
         check(self.clip_grad >= 0, "optim.clip_grad must be >= 0")
 
 
@@ -329,6 +330,7 @@ class TrainConfig:
         check(self.keep_checkpoints >= 1, "train.keep_checkpoints must be >= 1")
         check(self.nan_policy in ("error", "skip"), "train.nan_policy must be error|skip")
         check(self.health_every >= 0, "train.health_every must be >= 0")
+        check(0 <= self.seed < 2**32, "train.seed must be in 0..2**32 - 1 (what torch and numpy accept)")
 
 
 @dataclass
