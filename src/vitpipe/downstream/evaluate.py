@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import textwrap
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -22,7 +23,7 @@ from vitpipe.downstream.retrieval import (
     IndexSettings, build_index, knn_classify, load_index, recall_at_k, save_index, search,
 )
 from vitpipe.pipeline.shardset import has_labels, resolve_shards
-from vitpipe.pipeline.manifest import manifest_hash, write_json_atomic
+from vitpipe.pipeline.manifest import label_remap, manifest_hash, write_json_atomic
 from vitpipe.ssl.engine.rundir import git_revision
 
 
@@ -85,6 +86,16 @@ def _features(source: EncoderSource, spec: str, layers: list[int] | None, pool: 
                    need_labels=need_labels, max_skipped=max_skipped, processes=Processes.from_env())
 
 
+def _labels_for(train: str, test: str) -> Callable[[FeatureSet], FeatureSet]:
+    """Refuses (before any extraction) a test set with classes the train set has not; gives what
+    puts the test set's labels in the train set's numbering where the two were ingested apart."""
+    remap = label_remap(resolve_shards(train).directory, resolve_shards(test).directory, train, test)
+    if remap is None:
+        return lambda features: features
+    table = np.asarray(remap, dtype=np.int64)
+    return lambda features: dataclasses.replace(features, labels=table[features.labels])
+
+
 def _read_counts(**sets: FeatureSet) -> dict[str, Any]:
     """Samples expected, read and skipped by reason, per data argument: no eval drops data silently."""
     return {name: features.tally.as_dict() for name, features in sets.items()}
@@ -121,10 +132,12 @@ def eval_linear_probe(source: EncoderSource, train: str, test: str, layers: list
     its last blocks); the validation split picks among all candidates."""
     start = time.monotonic()
     leaks = checked_contamination(source, test, max_contamination, train=train)
+    in_train_labels = _labels_for(train, test)
     train_set = _features(source, train, layers, pool, workers, max_skipped=max_skipped)
     test_set = _features(source, test, layers, pool, workers, max_skipped=max_skipped)
     if train_set is None or test_set is None:
         return None, {}
+    test_set = in_train_labels(test_set)
     per_layer = {name: asdict(result) for name, result in
                  _probe_layers(_names(source, layers), train_set, test_set, settings, concat).items()}
     best_layer = max(per_layer, key=lambda n: per_layer[n]["val_top1"])
@@ -149,10 +162,12 @@ def eval_knn(source: EncoderSource, train: str, test: str, ks: tuple[int, ...] =
     start = time.monotonic()
     leaks = checked_contamination(source, test, max_contamination, train=train)
     layers = None if layer is None or source.kind == "pixels" else [layer]
+    in_train_labels = _labels_for(train, test)
     train_set = _features(source, train, layers, pool, workers, max_skipped=max_skipped)
     test_set = _features(source, test, layers, pool, workers, max_skipped=max_skipped)
     if train_set is None or test_set is None:
         return None, {}
+    test_set = in_train_labels(test_set)
     name = _names(source, layers)[0]
     accuracy = knn_classify(train_set.features[name], train_set.labels, test_set.features[name], test_set.labels,
                             ks, temperature, index)

@@ -25,7 +25,7 @@ from vitpipe.downstream.probe import fit_linear_head
 from vitpipe.pipeline.census import require
 from vitpipe.pipeline.loader import ReadTally, counted, eval_loader, in_subset
 from vitpipe.pipeline.shardset import resolve_shards
-from vitpipe.pipeline.manifest import label_map_of
+from vitpipe.pipeline.manifest import label_map_of, label_remap
 from vitpipe.ssl.objectives.classify.objective import Classifier
 from vitpipe.ssl import registry
 from vitpipe.ssl.engine.checkpoints import list_checkpoints
@@ -118,7 +118,8 @@ def probe_head(source: EncoderSource, train: str, config: PretrainConfig) -> tup
 
 @torch.no_grad()
 def evaluate_classifier(model: Classifier, config: PretrainConfig, test: str, workers: int,
-                        max_skipped: float = 0.01) -> dict[str, Any]:
+                        max_skipped: float = 0.01, remap: list[int] | None = None) -> dict[str, Any]:
+    """Top-1 on ``test``; ``remap`` puts its labels in the train set's numbering (``label_remap``)."""
     model.eval()
     shards = resolve_shards(test)
     require(shards, test, ("label",), "a fine-tune's test")
@@ -127,7 +128,8 @@ def evaluate_classifier(model: Classifier, config: PretrainConfig, test: str, wo
     tally = ReadTally(shards.expected)
     for batch in counted(loader, tally):
         predictions = model.logits(batch["image"]).argmax(dim=-1)
-        correct += (predictions == batch["label"]).sum().item()
+        labels = batch["label"] if remap is None else torch.tensor(remap)[batch["label"]]
+        correct += (predictions == labels).sum().item()
         total += len(predictions)
     if not total:
         raise ConfigError(f"no test samples in {test}")
@@ -150,6 +152,7 @@ def finetune(source: EncoderSource, train: str, test: str, overrides: list[str] 
         raise ConfigError("fine-tuning needs an encoder; use --init random for the from-scratch baseline")
     start = time.monotonic()
     leaks = checked_contamination(source, test, max_contamination, train=train)
+    remap = label_remap(resolve_shards(train).directory, resolve_shards(test).directory, train, test)
     config = finetune_config(source, train, overrides)
     fraction, seed = config.data.subset_fraction, config.train.seed
     # different settings must never resume (and silently reuse) another fine-tune's checkpoints
@@ -163,7 +166,7 @@ def finetune(source: EncoderSource, train: str, test: str, overrides: list[str] 
     from safetensors.torch import load_file
 
     model.load_state_dict(load_file(list_checkpoints(out)[-1] / "model.safetensors"))
-    scores = evaluate_classifier(model, config, test, config.data.num_workers, max_skipped)
+    scores = evaluate_classifier(model, config, test, config.data.num_workers, max_skipped, remap)
     payload = {**scores, "label_fraction": fraction, "steps": summary.steps,
                "train_seconds": round(summary.seconds, 1), "run": str(out), "overrides": list(overrides or []),
                "finetune_config": to_dict(config), "probe_init": probe, "contamination": leaks}
