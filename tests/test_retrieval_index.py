@@ -35,6 +35,20 @@ def test_knn_matches_numpy_brute_force():
         assert result[k] == pytest.approx(expected)
 
 
+def test_knn_at_a_tiny_temperature_votes_like_the_nearest_neighbour():
+    """exp(cos / T) overflowed to inf at T = 0.0005 (tied votes, argmax 0): 0.54 where 1-NN gave 0.62.
+    As T -> 0 the weighted vote must become the nearest neighbour's label."""
+    train_x, train_y = separable(n=400, seed=2)
+    train_x += np.random.default_rng(3).normal(size=train_x.shape).astype(np.float32) * 3
+    test_x, test_y = separable(n=100, seed=4)
+    nearest = knn_classify(train_x, train_y, test_x, test_y, ks=(1,), temperature=0.07)[1]
+    with np.errstate(over="raise", invalid="raise"):
+        tiny = knn_classify(train_x, train_y, test_x, test_y, ks=(10, 200), temperature=0.0005)
+    assert tiny == {10: nearest, 200: nearest}
+    expected = (brute_knn(train_x, train_y, test_x, 10, 0.07, 4) == test_y).mean()  # ratios unchanged at 0.07
+    assert knn_classify(train_x, train_y, test_x, test_y, ks=(10,), temperature=0.07)[10] == pytest.approx(expected)
+
+
 def test_retrieval_index_save_load_and_recall(tmp_path):
     x, y = separable(n=300, seed=6)
     index = build_index(x)

@@ -35,7 +35,10 @@ def knn_classify(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, t
     similarity, neighbours = search(index, test_x, kmax)
     found = neighbours >= 0  # an IVF search may find fewer than k
     neighbour_labels = train_y[np.where(found, neighbours, 0)]
-    weights = np.where(found, np.exp(similarity.astype(np.float64) / temperature), 0.0)
+    # exp(cos / T) relative to each query's nearest: the same votes' ratios, and no overflow to
+    # inf (and tied votes) at a small T (cos 1 / T 0.0005 = exp(2000))
+    nearest = np.where(found[:, :1], similarity[:, :1], 0.0).astype(np.float64)  # searches sort by similarity
+    weights = np.where(found, np.exp(np.where(found, similarity - nearest, 0.0) / temperature), 0.0)
     results = {}
     for k in ks:
         k_eff = min(k, kmax)
