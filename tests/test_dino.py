@@ -170,3 +170,11 @@ def test_a_local_size_off_the_patch_grid_is_refused_at_build():
 
     with pytest.raises(ConfigError, match="dino.local_size=10 must be a multiple of model.patch_size=4"):
         build("dino.local_size=10")
+
+
+def test_one_prototype_is_refused():
+    """dino.out_dim=1 trained with a loss of exactly 0 at every step (a softmax over one value)."""
+    from vitpipe.config import ConfigError
+
+    with pytest.raises(ConfigError, match="dino.out_dim must be >= 2"):
+        build("dino.out_dim=1")
