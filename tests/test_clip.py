@@ -71,6 +71,17 @@ def test_shards_without_captions_are_one_clear_error(tiny_shards, tmp_path, caps
     assert len(err) == 1 and "23 of 23 samples have no caption" in err[0]
 
 
+def test_one_pair_a_step_is_refused_and_two_micro_batches_of_one_train(caption_shards, tmp_path, capsys):
+    """A global batch of one pair trained with a loss of exactly 0 (no negative) and said "done"."""
+    base = ["pretrain", "clip", "--data", str(caption_shards / "train"), *ARGS, "train.max_steps=2"]
+    assert main([*base, "--out", str(tmp_path / "one"), "train.batch_size=1"]) == 2
+    assert "CLIP needs at least 2 image-text pairs per step" in capsys.readouterr().err
+    assert main([*base, "--out", str(tmp_path / "two"), "train.batch_size=1", "train.grad_accum=2"]) == 0
+    records = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    losses = [record["loss"] for record in records if "loss" in record]
+    assert losses and all(loss > 0.1 for loss in losses)
+
+
 def test_long_captions_are_cut_and_counted(caption_shards, tmp_path):
     run = tmp_path / "run"
     assert main(["pretrain", "clip", "--data", str(caption_shards / "train"), "--out", str(run), *ARGS,

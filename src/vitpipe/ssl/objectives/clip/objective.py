@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vitpipe.config import PretrainConfig, check
+from vitpipe.config import ConfigError, PretrainConfig, check
 from vitpipe.ssl.engine.distributed import (
     gather_others,
     gather_with_grad,
@@ -72,7 +72,10 @@ class CLIPConfig:
 def contrastive_loss(image: torch.Tensor, text: torch.Tensor,
                      logit_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """[N, E] unit image and text features, pair i = (image i, text i) -> (symmetric cross-entropy,
-    image-to-text top-1 accuracy)."""
+    image-to-text top-1 accuracy). One pair has no negative: its loss is 0 whatever the weights."""
+    if len(image) < 2:
+        raise ConfigError("CLIP needs at least 2 image-text pairs per step over all processes (each is the "
+                          f"others' negative); this step has {len(image)}: raise train.batch_size")
     logits = logit_scale.exp() * image @ text.T
     labels = torch.arange(len(image), device=image.device)
     loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
