@@ -361,3 +361,18 @@ def test_every_shard_holds_a_mix_of_classes(tmp_path, source):
         assert len(labels_in_shard) == 50 and counts.min() >= 5 and counts.max() <= 22, (shard.name, counts)
     ingest(spec, tmp_path / "again", IngestConfig(shard_size=50), progress=False)
     assert list(read_all(tmp_path / "again")) == list(read_all(tmp_path / "out"))  # seeded: the same order
+
+
+def test_a_second_ingest_into_the_same_out_is_refused_while_the_first_runs(tmp_path, capsys):
+    """Two at once collided on the shards' temp files: one died with FileNotFoundError. The lock
+    lies beside --out (an --out must hold only an ingest) and is gone when the first finishes."""
+    from vitpipe.locks import DirLock
+
+    folder, out = write_image_folder(tmp_path / "imgs"), tmp_path / "out"
+    first = DirLock(tmp_path / ".out.ingest.lock", out, "held by the test")  # the running ingest's lock
+    first.acquire()
+    assert main(["ingest", str(folder), "--out", str(out)]) == 2
+    assert "is being written by pid" in capsys.readouterr().err and not out.exists()
+    first.release()
+    assert main(["ingest", str(folder), "--out", str(out)]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["imgs", "out"]

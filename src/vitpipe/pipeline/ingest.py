@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from vitpipe.config import ConfigError, IngestConfig, to_dict
+from vitpipe.locks import DirLock
 from vitpipe.pipeline import fingerprints, manifest as manifest_io
 from vitpipe.pipeline.sources import (
     FASHION_MNIST_CLASSES, Failure, Record, Sample, Skipped, SourceSpec, folder_label_map, iter_fashion_mnist,
@@ -227,6 +228,18 @@ def ingest(source: str, out: Path, config: IngestConfig, *, overwrite: bool = Fa
         spark.check_can_run(spec)
     settings = {"source": spec.describe(),
                 "ingest": {k: v for k, v in to_dict(config).items() if k not in OUTCOME_ONLY}}
+    # beside --out, not in it (an --out must hold nothing but an ingest); two at once collided on
+    # their shards' temp files and one died with FileNotFoundError
+    lock = DirLock(out.parent / f".{out.name}.ingest.lock", out, "one ingest per --out at a time")
+    lock.acquire()
+    try:
+        return _ingest_into(spec, out, config, settings, overwrite, progress)
+    finally:
+        lock.release()
+
+
+def _ingest_into(spec: SourceSpec, out: Path, config: IngestConfig, settings: dict[str, Any], overwrite: bool,
+                 progress: bool | None) -> dict[str, Any]:
     fingerprint = spec.fingerprint()
     done = _prepare_output(out, settings, fingerprint, overwrite)
     if done is not None:
