@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -93,3 +94,12 @@ class Session:
         else:
             self.objective.bind_trainable(module)
         self.wrapped = module
+
+    def count_losses(self, batch: dict[str, Any]) -> None:
+        """Take the loader's bookkeeping off a batch: samples skipped and damaged shards add to
+        ``decode_errors``; each damaged shard is said on stderr once a run (every pass counts)."""
+        damaged = batch.pop("shard_errors")
+        self.decode_errors += sum(batch.pop("skipped").values()) + len(damaged)
+        for problem in set(damaged) - self.damaged_shards:
+            print(f"warning: damaged shard, its later samples skipped: {problem}", file=sys.stderr)
+        self.damaged_shards.update(damaged)

@@ -232,11 +232,7 @@ class Trainer:
         """Count the loader's skipped samples, audit the keys, move the batch to the device."""
         from accelerate.utils import send_to_device
 
-        damaged = batch.pop("shard_errors")
-        s.decode_errors += sum(batch.pop("skipped").values()) + len(damaged)
-        for problem in set(damaged) - s.damaged_shards:  # said once a run; each pass still counts
-            print(f"warning: damaged shard, its later samples skipped: {problem}", file=sys.stderr)
-        s.damaged_shards.update(damaged)
+        s.count_losses(batch)
         if s.audit is not None:
             keys = batch["key"] if "key" in s.objective.batch_fields else batch.pop("key")
             s.audit.write({"step": s.state.step + 1, "keys": keys})
