@@ -26,11 +26,14 @@ def test_auto_folds_follow_the_held_out_size():
     assert fold_count(int(MIN_JUDGED / auto.val_fraction), auto) == 1  # full Fashion-MNIST: 6,000 held out
     assert fold_count(60000, auto) == 1
     assert fold_count(60000, ProbeSettings(folds=3)) == 3 and fold_count(100, ProbeSettings(folds=1)) == 1
+    # more folds than images: 100 folds of 60 trained 40 sweeps that judged nothing and reported "100 folds"
+    assert fold_count(60, ProbeSettings(folds=100)) == 60
+    assert all(len(val) == 1 for _, val in held_out_splits(60, ProbeSettings(folds=100)))
 
 
 @pytest.mark.parametrize("bad", [dict(folds=-1), dict(val_fraction=0.0), dict(val_fraction=1.0)])
 def test_bad_probe_settings_are_refused(bad):
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match=r"--folds must be >= 0 .*; got folds"):
         ProbeSettings(**bad)
 
 

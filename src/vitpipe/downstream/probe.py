@@ -55,7 +55,8 @@ class ProbeSettings:
 
     def __post_init__(self) -> None:
         if self.folds < 0 or not 0.0 < self.val_fraction < 1.0:
-            raise ConfigError(f"probe folds must be >= 0 (0 = auto) and val_fraction in (0, 1): {self}")
+            raise ConfigError(f"--folds must be >= 0 (0 = auto) and the probe's val_fraction in (0, 1); got folds "
+                              f"{self.folds}, val_fraction {self.val_fraction}")
         if self.epochs < 1 or self.batch_size < 1 or not self.lrs or not self.weight_decays \
                 or min(self.lrs) <= 0 or min(self.weight_decays) < 0:
             raise ConfigError(f"probe epochs and batch size must be >= 1, learning rates > 0, weight decays >= 0: "
@@ -213,8 +214,8 @@ def split_train_val(count: int, fraction: float, seed: int) -> tuple[np.ndarray,
 
 def fold_count(count: int, settings: ProbeSettings) -> int:
     """The folds that judge the pick among ``count`` train images (``settings.folds``, 0 = auto)."""
-    if settings.folds:
-        return settings.folds
+    if settings.folds:  # more folds than images would train sweeps that judge nothing
+        return min(settings.folds, count)
     return 1 if count * settings.val_fraction >= MIN_JUDGED else AUTO_FOLDS
 
 
