@@ -204,6 +204,8 @@ def test_eval_bad_inputs_exit_2(tiny_run, tiny_labelled_shards, tmp_path, capsys
                           ["eval", "retrieval", str(tiny_run), "--index", train],
                           ["eval", "finetune", str(tiny_run), "--train", train, "--test", train])
           for value in ("-1", "2")],
+        (["eval", "linear-probe", str(tiny_run), "--train", train, "--test", train, "--layers", " , "],
+         "--layers: expected comma-separated block numbers"),
         # --top-k 0 ended in an AssertionError after the index was built; a folder was "not found"
         (["eval", "retrieval", str(tiny_run), "--index", train, "--query", str(tmp_path / "x.png"), "--top-k", "0"],
          "--top-k must be >= 1"),

@@ -247,9 +247,12 @@ def _layer_list(layers: Optional[str], source) -> list[int] | None:
     if layers.strip() == "all":
         return list(range(source.depth()))
     try:
-        return [int(x) for x in layers.split(",") if x.strip()]
+        blocks = list(dict.fromkeys(int(x) for x in layers.split(",") if x.strip()))  # "3,3" probes block 3 once
     except ValueError:
-        raise ConfigError(f"--layers: expected comma-separated block numbers or all, got {layers!r}") from None
+        blocks = []
+    if not blocks:  # " , " probed the output as if no --layers were given
+        raise ConfigError(f"--layers: expected comma-separated block numbers or all, got {layers!r}")
+    return blocks
 
 
 def _floats(text: str) -> tuple[float, ...]:
