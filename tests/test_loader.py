@@ -172,6 +172,17 @@ def test_training_on_a_cut_shard_counts_its_lost_samples(tmp_path, workers):
         list(loader)
 
 
+def test_a_resampled_stream_counts_a_damaged_shard_once_a_round(tmp_path):
+    """Shards drawn with replacement: a shard losing 2.5% of the set drawn three times in one round
+    is still 2.5% lost, not 7.5% (which stopped training over the 5% limit at random)."""
+    directory = write_shards(tmp_path / "shards", sizes=[40] * 10)
+    cut_shard(directory / "00003.tar", 0.7)  # 10 of its 40 lost: 2.5% of the 400
+    spec = LoaderSpec(resolve_shards(directory), 8, TransformSpec("eval", 8), train=True, fields=("image",),
+                      max_error_rate=0.05, resampled=True, samples_per_epoch=4000)
+    _, loader = make_loader(spec, 0)
+    assert sum(len(batch["image"]) for batch in loader) == 4000  # 10 rounds of 10 draws, none stopped
+
+
 def test_a_damaged_shard_within_the_error_rate_trains_on_and_is_warned_once(tmp_path, capsys):
     """1 of 10 shards cut short loses under 5% of the samples: the run finishes (loader workers on)
     and says so once, not once per pass."""

@@ -149,7 +149,7 @@ class ShardDataset(IterableDataset):
                 raise DataError(f"rank {spec.rank} worker {worker}: its shards hold no samples")
 
     def _round(self, urls: list[str], offset: int, stride: int) -> Iterator[dict[str, bytes]]:
-        index, self.lost = 0, 0
+        index, self.lost = 0, {}  # per shard: a resampled round may draw one shard twice
         for url in urls:
             for sample in self._read_shard(url):
                 if index % stride == offset and self._in_subset(sample["__key__"]):
@@ -176,10 +176,10 @@ class ShardDataset(IterableDataset):
             where = f"{url}: {err}" + (f" ({read} of the {expected} samples sizes.json lists)" if expected else "")
             self.shard_errors.append(where)
             self.last_error = where
-            self.lost += max(0, (expected or 0) - read)
-            total = self.spec.shards.total or 0
-            if self.spec.train and total and self.lost > self.spec.max_error_rate * total:
-                raise DataError(f"{self.lost} of the {total} samples are lost to damaged shards (more than "
+            self.lost[url] = max(0, (expected or 0) - read)
+            total, lost = self.spec.shards.total or 0, sum(self.lost.values())
+            if self.spec.train and total and lost > self.spec.max_error_rate * total:
+                raise DataError(f"{lost} of the {total} samples are lost to damaged shards (more than "
                                 f"data.max_error_rate={self.spec.max_error_rate}); last: {where}") from None
 
     def _shuffled(self, samples: Iterator, rng: random.Random) -> Iterator:
