@@ -22,8 +22,8 @@ from vitpipe.downstream.probe import ProbeSettings, probe_sets
 from vitpipe.downstream.retrieval import (
     IndexSettings, build_index, knn_classify, load_index, recall_at_k, save_index, search,
 )
-from vitpipe.pipeline.shardset import has_labels, resolve_shards
-from vitpipe.pipeline.manifest import label_remap, manifest_hash, write_json_atomic
+from vitpipe.pipeline.shardset import has_labels, label_remap, resolve_shards
+from vitpipe.pipeline.manifest import manifest_hash, write_json_atomic
 from vitpipe.ssl.engine.rundir import git_revision
 
 
@@ -89,7 +89,7 @@ def _features(source: EncoderSource, spec: str, layers: list[int] | None, pool: 
 def _labels_for(train: str, test: str) -> Callable[[FeatureSet], FeatureSet]:
     """Refuses (before any extraction) a test set with classes the train set has not; gives what
     puts the test set's labels in the train set's numbering where the two were ingested apart."""
-    remap = label_remap(resolve_shards(train).directory, resolve_shards(test).directory, train, test)
+    remap = label_remap(train, test)
     if remap is None:
         return lambda features: features
     table = np.asarray(remap, dtype=np.int64)

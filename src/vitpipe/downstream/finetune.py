@@ -24,8 +24,8 @@ from vitpipe.downstream.featurestore import Processes
 from vitpipe.downstream.probe import fit_linear_head
 from vitpipe.pipeline.census import require
 from vitpipe.pipeline.loader import ReadTally, counted, eval_loader, in_subset
-from vitpipe.pipeline.shardset import resolve_shards
-from vitpipe.pipeline.manifest import label_map_of, label_remap
+from vitpipe.pipeline.shardset import label_remap, resolve_shards
+from vitpipe.pipeline.manifest import label_map_of
 from vitpipe.ssl.objectives.classify.objective import Classifier
 from vitpipe.ssl import registry
 from vitpipe.ssl.engine.checkpoints import list_checkpoints
@@ -126,9 +126,10 @@ def evaluate_classifier(model: Classifier, config: PretrainConfig, test: str, wo
     loader = eval_loader(shards, config.data, ("image", "label"), workers)
     correct = total = 0
     tally = ReadTally(shards.expected)
+    table = None if remap is None else torch.tensor(remap)
     for batch in counted(loader, tally):
         predictions = model.logits(batch["image"]).argmax(dim=-1)
-        labels = batch["label"] if remap is None else torch.tensor(remap)[batch["label"]]
+        labels = batch["label"] if table is None else table[batch["label"]]
         correct += (predictions == labels).sum().item()
         total += len(predictions)
     if not total:
@@ -152,7 +153,7 @@ def finetune(source: EncoderSource, train: str, test: str, overrides: list[str] 
         raise ConfigError("fine-tuning needs an encoder; use --init random for the from-scratch baseline")
     start = time.monotonic()
     leaks = checked_contamination(source, test, max_contamination, train=train)
-    remap = label_remap(resolve_shards(train).directory, resolve_shards(test).directory, train, test)
+    remap = label_remap(train, test)
     config = finetune_config(source, train, overrides)
     fraction, seed = config.data.subset_fraction, config.train.seed
     # different settings must never resume (and silently reuse) another fine-tune's checkpoints

@@ -22,8 +22,7 @@ from vitpipe.config import ConfigError
 from vitpipe.downstream.compare import BaselineMemo, CompareSettings, eval_result, read_back_or_run
 from vitpipe.downstream.features import EncoderSource
 from vitpipe.atomic import write_json_atomic
-from vitpipe.pipeline.manifest import label_remap
-from vitpipe.pipeline.shardset import resolve_shards
+from vitpipe.pipeline.shardset import label_remap
 from vitpipe.ssl import registry
 
 EVALS = ("linear-probe", "knn", "zero-shot", "retrieval")
@@ -113,8 +112,7 @@ def run_suite(datasets: list[SuiteDataset], runs: list[Path], out: Path, setting
         registry.run_config(RunLayout.of(run).config)  # a directory that is not a run: one line, before any work
     for dataset in datasets:  # a test class the train set lacks: refused before any dataset's work
         if set(dataset.evals) & set(FEATURE_EVALS):
-            label_remap(resolve_shards(dataset.train).directory, resolve_shards(dataset.test).directory,
-                        dataset.train, dataset.test)
+            label_remap(dataset.train, dataset.test)
     rows = []
     for dataset in datasets:
         memo = BaselineMemo()  # random init and pixels are shared between runs, per dataset

@@ -81,21 +81,3 @@ def shard_hashes(shard_dir: Path) -> dict[str, str]:
         if split.get("dir", name) == wanted:
             return {entry["file"]: entry["sha256"] for entry in split.get("shards", []) if "sha256" in entry}
     return {}
-
-
-def label_remap(train: Path | None, test: Path | None, train_spec: str, test_spec: str) -> list[int] | None:
-    """The train label of each test label, by class name, when the two shard sets were ingested
-    with different label maps (a test folder with a subset of the classes numbers them from 0):
-    ``remap[test_label]``. None when both agree or either has no names. A test class the train
-    set does not have is refused: nothing trained on ``train`` can name it."""
-    train_map, test_map = label_map_of(train), label_map_of(test)
-    if not train_map or not test_map or all(train_map.get(name) == label for name, label in test_map.items()):
-        return None
-    unknown = sorted(set(test_map) - set(train_map))
-    if unknown:
-        raise ConfigError(f"{test_spec} has classes {train_spec} has not ({', '.join(unknown[:5])}"
-                          f"{', ...' if len(unknown) > 5 else ''}); an eval trained on {train_spec} cannot name them")
-    remap = [-1] * (max(test_map.values()) + 1)
-    for name, label in test_map.items():
-        remap[label] = train_map[name]
-    return remap

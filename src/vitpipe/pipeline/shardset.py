@@ -15,7 +15,7 @@ from PIL import Image
 
 from vitpipe.config import ConfigError
 from vitpipe.pipeline.images import EXTENSIONS, decode_rgb
-from vitpipe.pipeline.manifest import shard_hashes
+from vitpipe.pipeline.manifest import label_map_of, shard_hashes
 from vitpipe.pipeline.tario import iter_tar_samples
 
 
@@ -162,3 +162,21 @@ def has_labels(shard_url: str) -> bool:
         for sample in iter_tar_samples(handle):
             return "cls" in sample
     return False
+
+
+def label_remap(train: str, test: str) -> list[int] | None:
+    """The train label of each test label, by class name, when the two shard sets were ingested
+    with different label maps (a test folder with a subset of the classes numbers them from 0):
+    ``remap[test_label]``. None when both agree or either has no names. A test class the train
+    set does not have is refused: nothing trained on ``train`` can name it."""
+    train_map, test_map = (label_map_of(resolve_shards(spec).directory) for spec in (train, test))
+    if not train_map or not test_map or all(train_map.get(name) == label for name, label in test_map.items()):
+        return None
+    unknown = sorted(set(test_map) - set(train_map))
+    if unknown:
+        raise ConfigError(f"{test} has classes {train} has not ({', '.join(unknown[:5])}"
+                          f"{', ...' if len(unknown) > 5 else ''}); an eval trained on {train} cannot name them")
+    remap = [-1] * (max(test_map.values()) + 1)
+    for name, label in test_map.items():
+        remap[label] = train_map[name]
+    return remap
