@@ -81,7 +81,7 @@ class DINOConfig:
         for name in ("global_scale", "local_scale"):
             low, high = getattr(self, name)
             check(0 < low <= high <= 1, f"dino.{name} must be [low, high] within (0, 1]")
-        check(min(self.out_dim, self.hidden_dim, self.bottleneck_dim) >= 1, "dino head widths must be >= 1")
+        check(min(self.hidden_dim, self.bottleneck_dim) >= 1, "dino.hidden_dim and dino.bottleneck_dim must be >= 1")
         check(self.out_dim >= 2, "dino.out_dim must be >= 2 (over one prototype every loss is 0)")
         check(min(self.student_temp, self.teacher_temp, self.warmup_teacher_temp) > 0, "dino temperatures must be > 0")
         check(0 <= self.warmup_teacher_temp_fraction <= 1 and 0 <= self.freeze_last_layer_fraction <= 1,
